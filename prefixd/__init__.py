@@ -1,0 +1,3 @@
+"""prefixd: per-tenant prefix-tuning on one frozen language model."""
+
+__version__ = "0.1.0"
