@@ -1,0 +1,1 @@
+"""Public datasets shipped with prefixd for the demo, tests and benchmarks."""

@@ -1,0 +1,289 @@
+"""Batched generation where every row may have its own prefix.
+
+One call takes rows ``(prefix, input_ids)`` whose prefixes and inputs have different
+lengths, lays them out as described in :mod:`common.kv_cache` (prefixes padded to the
+longest with masked slots, inputs left-padded, per-row positions starting at the row's
+prefix length) and decodes them together through ``model.forward``: greedy, sampling
+(temperature, top-p) or beam search, up to ``max_new_tokens``, each row stopping at EOS.
+
+We decode with our own loop instead of ``model.generate()``: ``generate`` derives
+``cache_position`` from the cache length and would drop prompt tokens for a virtual prefix
+that has no input ids, extends the cache it is given in place, and assumes one position
+offset for the whole batch. Here a fresh cache is built per call from copies of the
+prefixes (a stored prefix is never mutated), and rows that finish stop costing work: they
+are dropped from the batch between steps.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch.nn import functional as F
+from transformers import PreTrainedModel
+
+from common.architectures import max_positions, prefix_shape
+from common.data import encode_prompt
+from common.errors import IncompatiblePrefixError, InvalidInputError
+from common.kv_cache import prefix_cache, reorder_rows, stack_prefixes
+from common.model_loading import LoadedModel
+from common.prefix_file import PROMPT_FORMAT, Prefix
+
+
+@dataclass(frozen=True)
+class DecodingConfig:
+    max_new_tokens: int = 64
+    num_beams: int = 1
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    length_penalty: float = 1.0
+    seed: int | None = None
+
+    def validate(self) -> None:
+        if self.max_new_tokens < 1:
+            raise InvalidInputError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
+        if self.num_beams < 1:
+            raise InvalidInputError(f"num_beams must be at least 1, got {self.num_beams}")
+        if self.do_sample and self.num_beams > 1:
+            raise InvalidInputError("choose sampling or beam search, not both")
+        if self.temperature <= 0:
+            raise InvalidInputError(f"temperature must be positive, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise InvalidInputError(f"top_p must be in (0, 1], got {self.top_p}")
+
+
+@dataclass(frozen=True)
+class GenerationRow:
+    input_ids: Sequence[int]
+    prefix: torch.Tensor | None  # (layers, 2, kv_heads, P, head_dim), or None: the bare model
+
+
+class _Batch:
+    """Decoding state of the rows still running: cache, mask and next positions."""
+
+    def __init__(self, model: PreTrainedModel, rows: Sequence[GenerationRow], pad_id: int) -> None:
+        self.model = model
+        dtype = next(model.parameters()).dtype
+        key_values, prefix_mask = stack_prefixes(
+            [r.prefix for r in rows], prefix_shape(model.config), dtype=dtype
+        )  # (layers, 2, B, kv, Pmax, hs), (B, Pmax)
+        self.cache = prefix_cache(key_values, model.config)
+        batch, longest = len(rows), max(len(r.input_ids) for r in rows)
+        input_ids = torch.full((batch, longest), pad_id, dtype=torch.long)
+        input_mask = torch.zeros((batch, longest), dtype=torch.long)
+        for row, item in enumerate(rows):
+            if len(item.input_ids) == 0:
+                raise InvalidInputError(f"row {row}: empty input")
+            input_ids[row, longest - len(item.input_ids) :] = torch.tensor(list(item.input_ids))
+            input_mask[row, longest - len(item.input_ids) :] = 1
+        prefix_lengths = prefix_mask.sum(dim=1, keepdim=True)  # (B, 1)
+        # Real tokens of row i sit at positions P_i, P_i + 1, …; padding gets a dummy 0.
+        position_ids = (prefix_lengths + input_mask.cumsum(dim=1) - 1).clamp(min=0) * input_mask
+        self.attention_mask = torch.cat([prefix_mask, input_mask], dim=1)  # (B, Pmax + T)
+        self.next_position = prefix_lengths.squeeze(1) + input_mask.sum(dim=1)  # (B,)
+        self.prefill = (input_ids, position_ids)
+
+    def first_logits(self) -> torch.Tensor:
+        input_ids, position_ids = self.prefill
+        return self._forward(input_ids, position_ids)
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Feed one token per row ``(B,)``; return next-token logits ``(B, vocab)``."""
+        ones = torch.ones((len(tokens), 1), dtype=torch.long)
+        self.attention_mask = torch.cat([self.attention_mask, ones], dim=1)
+        positions = self.next_position.unsqueeze(1)
+        self.next_position = self.next_position + 1
+        return self._forward(tokens.unsqueeze(1), positions)
+
+    def select(self, rows: torch.Tensor) -> None:
+        """Keep (or repeat) only these rows: finished rows leave, beams get reordered."""
+        reorder_rows(self.cache, rows)
+        self.attention_mask = self.attention_mask.index_select(0, rows)
+        self.next_position = self.next_position.index_select(0, rows)
+
+    def _forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        output = self.model(
+            input_ids=input_ids,
+            attention_mask=self.attention_mask,
+            position_ids=position_ids,
+            past_key_values=self.cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        return output.logits[:, -1].float()  # (B, vocab)
+
+
+def _next_tokens(
+    logits: torch.Tensor, decoding: DecodingConfig, generator: torch.Generator | None
+) -> torch.Tensor:
+    if not decoding.do_sample:
+        return logits.argmax(dim=-1)
+    probs = F.softmax(logits / decoding.temperature, dim=-1)  # (B, vocab)
+    if decoding.top_p < 1.0:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        # Keep the smallest set of tokens whose mass reaches top_p (always the first one).
+        drop = sorted_probs.cumsum(dim=-1) - sorted_probs >= decoding.top_p
+        sorted_probs = sorted_probs.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+
+
+def _sample_or_greedy(
+    model: PreTrainedModel,
+    rows: Sequence[GenerationRow],
+    decoding: DecodingConfig,
+    eos_id: int,
+    pad_id: int,
+) -> list[list[int]]:
+    generator = None
+    if decoding.do_sample:
+        generator = torch.Generator().manual_seed(decoding.seed if decoding.seed is not None else 0)
+    state = _Batch(model, rows, pad_id)
+    outputs: list[list[int]] = [[] for _ in rows]
+    running = torch.arange(len(rows))  # original index of each row still in the batch
+    logits = state.first_logits()
+    for step in range(decoding.max_new_tokens):
+        tokens = _next_tokens(logits, decoding, generator)  # (b,)
+        for row, token in zip(running.tolist(), tokens.tolist(), strict=True):
+            if token != eos_id:
+                outputs[row].append(token)
+        keep = tokens != eos_id
+        if step + 1 == decoding.max_new_tokens or not keep.any():
+            break
+        if not keep.all():
+            kept = keep.nonzero().squeeze(1)
+            state.select(kept)
+            running, tokens = running[kept], tokens[kept]
+        logits = state.step(tokens)
+    return outputs
+
+
+def _beam_search(
+    model: PreTrainedModel,
+    rows: Sequence[GenerationRow],
+    decoding: DecodingConfig,
+    eos_id: int,
+    pad_id: int,
+) -> list[list[int]]:
+    beams, batch = decoding.num_beams, len(rows)
+    state = _Batch(model, [row for row in rows for _ in range(beams)], pad_id)  # B·K rows
+    scores = torch.zeros((batch, beams))
+    scores[:, 1:] = float("-inf")  # all beams start identical: expand only the first
+    sequences = torch.zeros((batch * beams, 0), dtype=torch.long)
+    finished: list[list[tuple[float, list[int]]]] = [[] for _ in rows]
+    done = [False] * batch
+
+    def normalized(score: float, length: int) -> float:
+        return score / (length**decoding.length_penalty)
+
+    logits = state.first_logits()
+    for step in range(decoding.max_new_tokens):
+        log_probs = F.log_softmax(logits, dim=-1)  # (B·K, vocab)
+        vocab = log_probs.shape[-1]
+        candidates = (scores.view(-1, 1) + log_probs).view(batch, beams * vocab)
+        top_scores, top_index = candidates.topk(min(2 * beams, beams * vocab), dim=1)
+        next_scores = torch.full((batch, beams), float("-inf"))
+        next_tokens = torch.full((batch, beams), pad_id, dtype=torch.long)
+        origins = torch.arange(batch * beams).view(batch, beams).clone()
+        for b in range(batch):
+            if done[b]:
+                continue
+            slot = 0
+            for score, index in zip(top_scores[b].tolist(), top_index[b].tolist(), strict=True):
+                origin, token = divmod(index, vocab)
+                if token == eos_id:
+                    # An EOS ranked outside the top K beams is not a finished hypothesis.
+                    if slot < beams and score > float("-inf"):
+                        tokens = sequences[b * beams + origin].tolist()
+                        finished[b].append((normalized(score, step + 1), tokens))
+                else:
+                    next_scores[b, slot], next_tokens[b, slot] = score, token
+                    origins[b, slot] = b * beams + origin
+                    slot += 1
+                if slot == beams:
+                    break
+            finished[b] = sorted(finished[b], key=lambda h: h[0], reverse=True)[:beams]
+            best_running = normalized(float(next_scores[b].max()), step + 1)
+            if len(finished[b]) == beams and finished[b][-1][0] >= best_running:
+                done[b] = True
+        if all(done) or step + 1 == decoding.max_new_tokens:
+            sequences = torch.cat([sequences[origins.view(-1)], next_tokens.view(-1, 1)], dim=1)
+            scores = next_scores
+            break
+        flat_origins = origins.view(-1)
+        sequences = torch.cat([sequences[flat_origins], next_tokens.view(-1, 1)], dim=1)
+        scores = next_scores
+        state.select(flat_origins)
+        logits = state.step(next_tokens.view(-1))
+
+    results = []
+    for b in range(batch):
+        hypotheses = list(finished[b])
+        if not done[b]:
+            for k in range(beams):
+                if scores[b, k] > float("-inf"):
+                    length = sequences.shape[1]
+                    hypotheses.append(
+                        (normalized(float(scores[b, k]), length), sequences[b * beams + k].tolist())
+                    )
+        best = max(hypotheses, key=lambda h: h[0]) if hypotheses else (0.0, [])
+        results.append(best[1])
+    return results
+
+
+@torch.no_grad()
+def generate(
+    model: PreTrainedModel,
+    rows: Sequence[GenerationRow],
+    decoding: DecodingConfig,
+    *,
+    eos_token_id: int,
+    pad_token_id: int,
+) -> list[list[int]]:
+    """Generated token ids per row (EOS not included)."""
+    decoding.validate()
+    if not rows:
+        return []
+    if decoding.num_beams > 1:
+        return _beam_search(model, rows, decoding, eos_token_id, pad_token_id)
+    return _sample_or_greedy(model, rows, decoding, eos_token_id, pad_token_id)
+
+
+def generate_texts(
+    loaded: LoadedModel,
+    requests: Sequence[tuple[Prefix | None, str]],
+    decoding: DecodingConfig,
+) -> list[str]:
+    """Text in, text out: each request is ``(prefix or None, input text)``, formatted the way
+    training formats inputs. Prefixes must have been loaded against ``loaded`` (fingerprint
+    checked); an input that does not fit the context is refused before any work."""
+    tokenizer, context = loaded.tokenizer, max_positions(loaded.model.config)
+    rows = []
+    for number, (prefix, text) in enumerate(requests, start=1):
+        if prefix is not None and prefix.prompt_format != PROMPT_FORMAT:
+            raise IncompatiblePrefixError(
+                f"input {number}: prefix prompt format {prefix.prompt_format!r} is not {PROMPT_FORMAT!r}"
+            )
+        if prefix is not None and prefix.base_model_fingerprint != loaded.fingerprint:
+            raise IncompatiblePrefixError(
+                f"input {number}: the prefix was trained for another base model"
+            )
+        ids = encode_prompt(tokenizer, text)
+        prefix_length = 0 if prefix is None else prefix.prefix_length
+        needed = prefix_length + len(ids) + decoding.max_new_tokens
+        if needed > context:
+            raise InvalidInputError(
+                f"input {number} is too long: {len(ids)} tokens + prefix {prefix_length} + "
+                f"max_new_tokens {decoding.max_new_tokens} = {needed} > context {context}"
+            )
+        rows.append(GenerationRow(ids, None if prefix is None else prefix.key_values))
+    outputs = generate(
+        loaded.model,
+        rows,
+        decoding,
+        eos_token_id=int(tokenizer.eos_token_id),
+        pad_token_id=int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0),
+    )
+    return [str(tokenizer.decode(ids, skip_special_tokens=True)).strip() for ids in outputs]

@@ -1,0 +1,210 @@
+"""The prefix artifact and its file format: one safetensors file per prefix version.
+
+The file holds one tensor, ``self_attn.key_values`` of shape
+``(layers, 2, kv_heads, prefix_length, head_dim)`` in float32, float16 or bfloat16 — the
+materialized prefix ``P`` only, never ``P'`` or the reparameterization MLP — and string
+metadata: format version, base-model fingerprint, architecture, prefix length, dtype,
+dimensions, prompt format, training hyperparameters and metrics (JSON), creation time.
+
+Loading checks everything it can before a prefix reaches a model: exactly the expected
+tensor, its shape against the metadata and against the model, an allowed dtype, and the
+base-model fingerprint — a prefix trained for another model is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import tempfile
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+
+from common.architectures import PrefixShape
+from common.errors import IncompatiblePrefixError
+
+FORMAT_VERSION = "1"
+TENSOR_NAME = "self_attn.key_values"
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# How an example becomes tokens (common/data.py); stored so generation formats inputs the
+# same way training did.
+PROMPT_FORMAT = "input-sep-output-eos-v1"
+
+
+@dataclass
+class Prefix:
+    """A trained prefix: ``key_values`` ``(layers, 2, kv_heads, P, head_dim)`` plus metadata."""
+
+    key_values: torch.Tensor
+    base_model_fingerprint: str
+    architecture: str
+    prompt_format: str = PROMPT_FORMAT
+    hyperparameters: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    created_at: str = field(default_factory=lambda: datetime.now(UTC).isoformat())
+
+    @property
+    def prefix_length(self) -> int:
+        return int(self.key_values.shape[3])
+
+    @property
+    def dtype_name(self) -> str:
+        return str(self.key_values.dtype).removeprefix("torch.")
+
+    @property
+    def shape(self) -> PrefixShape:
+        layers, _, kv_heads, _, head_dim = self.key_values.shape
+        return PrefixShape(layers=layers, kv_heads=kv_heads, head_dim=head_dim)
+
+
+def prefix_to_bytes(prefix: Prefix) -> bytes:
+    if prefix.dtype_name not in DTYPES:
+        raise IncompatiblePrefixError(
+            f"prefix dtype must be one of {', '.join(DTYPES)}, got {prefix.dtype_name}"
+        )
+    shape = prefix.shape
+    metadata = {
+        "format_version": FORMAT_VERSION,
+        "base_model_fingerprint": prefix.base_model_fingerprint,
+        "architecture": prefix.architecture,
+        "prefix_length": str(prefix.prefix_length),
+        "dtype": prefix.dtype_name,
+        "layers": str(shape.layers),
+        "kv_heads": str(shape.kv_heads),
+        "head_dim": str(shape.head_dim),
+        "prompt_format": prefix.prompt_format,
+        "hyperparameters": json.dumps(prefix.hyperparameters, sort_keys=True, default=str),
+        "metrics": json.dumps(prefix.metrics, sort_keys=True, default=str),
+        "created_at": prefix.created_at,
+    }
+    return save_safetensors({TENSOR_NAME: prefix.key_values.detach().contiguous()}, metadata)
+
+
+def _read_metadata(data: bytes, source: str) -> dict[str, str]:
+    # safetensors layout: 8-byte little-endian header size, then a JSON header.
+    if len(data) < 8:
+        raise IncompatiblePrefixError(f"{source}: not a prefix file (truncated header)")
+    (size,) = struct.unpack("<Q", data[:8])
+    if size > len(data) - 8:
+        raise IncompatiblePrefixError(f"{source}: not a prefix file (truncated header)")
+    try:
+        header = json.loads(data[8 : 8 + size])
+    except ValueError as error:
+        raise IncompatiblePrefixError(f"{source}: not a prefix file ({error})") from error
+    metadata = header.get("__metadata__") if isinstance(header, dict) else None
+    if not isinstance(metadata, dict):
+        raise IncompatiblePrefixError(f"{source}: no prefixd metadata in the file")
+    return metadata
+
+
+def prefix_from_bytes(
+    data: bytes,
+    *,
+    source: str = "prefix",
+    expected_fingerprint: str | None = None,
+    expected_shape: PrefixShape | None = None,
+) -> Prefix:
+    """Parse and validate a prefix file. ``source`` names it in error messages."""
+    metadata = _read_metadata(data, source)
+    if metadata.get("format_version") != FORMAT_VERSION:
+        raise IncompatiblePrefixError(
+            f"{source}: prefix format version {metadata.get('format_version')!r} is not "
+            f"supported (expected {FORMAT_VERSION!r})"
+        )
+    try:
+        tensors = load_safetensors(data)
+    except (SafetensorError, ValueError, RuntimeError) as error:
+        raise IncompatiblePrefixError(f"{source}: corrupt prefix file ({error})") from error
+    if set(tensors) != {TENSOR_NAME}:
+        raise IncompatiblePrefixError(
+            f"{source}: expected exactly one tensor {TENSOR_NAME!r}, got {sorted(tensors)}"
+        )
+    key_values = tensors[TENSOR_NAME]
+    try:
+        declared = (
+            int(metadata["layers"]),
+            2,
+            int(metadata["kv_heads"]),
+            int(metadata["prefix_length"]),
+            int(metadata["head_dim"]),
+        )
+        hyperparameters = json.loads(metadata.get("hyperparameters", "{}"))
+        metrics = json.loads(metadata.get("metrics", "{}"))
+        fingerprint = metadata["base_model_fingerprint"]
+        architecture = metadata["architecture"]
+    except (KeyError, ValueError) as error:
+        raise IncompatiblePrefixError(f"{source}: invalid metadata ({error})") from error
+    if tuple(key_values.shape) != declared:
+        raise IncompatiblePrefixError(
+            f"{source}: tensor shape {tuple(key_values.shape)} does not match the metadata {declared}"
+        )
+    dtype = str(key_values.dtype).removeprefix("torch.")
+    if dtype not in DTYPES or metadata.get("dtype") != dtype:
+        raise IncompatiblePrefixError(
+            f"{source}: dtype must be one of {', '.join(DTYPES)} and match the metadata; "
+            f"got {dtype} (metadata says {metadata.get('dtype')!r})"
+        )
+    if expected_fingerprint is not None and fingerprint != expected_fingerprint:
+        raise IncompatiblePrefixError(
+            f"{source}: this prefix was trained for another base model "
+            f"(fingerprint {fingerprint[:12]}…, the loaded model is {expected_fingerprint[:12]}…)"
+        )
+    if expected_shape is not None:
+        expected = expected_shape.tensor_shape(declared[3])
+        if declared != expected:
+            raise IncompatiblePrefixError(
+                f"{source}: prefix shape {declared} does not fit the model (expected {expected})"
+            )
+    return Prefix(
+        key_values=key_values,
+        base_model_fingerprint=fingerprint,
+        architecture=architecture,
+        prompt_format=metadata.get("prompt_format", PROMPT_FORMAT),
+        hyperparameters=hyperparameters,
+        metrics=metrics,
+        created_at=metadata.get("created_at", ""),
+    )
+
+
+def save_prefix(prefix: Prefix, path: str | Path) -> Path:
+    """Write atomically (temp file + rename): a reader never sees a half-written prefix."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = prefix_to_bytes(prefix)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load_prefix(
+    path: str | Path,
+    *,
+    expected_fingerprint: str | None = None,
+    expected_shape: PrefixShape | None = None,
+) -> Prefix:
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as error:
+        raise IncompatiblePrefixError(
+            f"cannot read prefix file {path}: {error.strerror}"
+        ) from error
+    return prefix_from_bytes(
+        data,
+        source=str(path),
+        expected_fingerprint=expected_fingerprint,
+        expected_shape=expected_shape,
+    )

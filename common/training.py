@@ -1,0 +1,285 @@
+"""The prefix-tuning training loop: a plain loop over the frozen model.
+
+Only the :class:`~common.prefix_encoder.PrefixEncoder` (``P'`` and the MLP) trains; the base
+model runs in eval mode with ``requires_grad=False``, so it gets no gradients and no
+optimizer state. The objective is ``log p(y | x, P)``: loss on output tokens only.
+
+    loss_reduction="sequence_sum": sum of token losses per sequence, averaged over the batch
+                                   (the paper's code)
+    loss_reduction="token_mean":   mean over every output token of the batch
+
+AdamW, linear warmup then linear decay (warmup matters in low-data runs), gradient clipping,
+a seed, and an optional validation set evaluated after every epoch with early stopping: the
+returned prefix is the one with the best validation loss.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Literal
+
+import torch
+from torch.nn import functional as F
+from transformers import PreTrainedModel, get_linear_schedule_with_warmup
+
+from common.architectures import max_positions
+from common.data import IGNORE_INDEX, Batch, EncodedExample, Example, collate, encode_examples
+from common.errors import InvalidInputError
+from common.kv_cache import expand_prefix, prefix_cache
+from common.model_loading import LoadedModel
+from common.prefix_file import Prefix
+from common.prefix_init import build_prefix_encoder
+
+
+@dataclass
+class TrainingConfig:
+    prefix_length: int = 10
+    mid_dim: int = 512
+    reparameterize: bool = True
+    init: str = "random"  # or "text:WORDS"
+    epochs: int = 5
+    learning_rate: float = 5e-4
+    batch_size: int = 8
+    warmup_ratio: float = 0.1
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    seed: int = 0
+    loss_reduction: Literal["sequence_sum", "token_mean"] = "token_mean"
+    patience: int | None = None  # epochs without validation improvement before stopping
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"  # of the stored prefix
+
+    def validate(self) -> None:
+        checks = [
+            (
+                self.prefix_length >= 1,
+                f"prefix length must be at least 1, got {self.prefix_length}",
+            ),
+            (self.epochs >= 1, f"epochs must be at least 1, got {self.epochs}"),
+            (self.batch_size >= 1, f"batch size must be at least 1, got {self.batch_size}"),
+            (self.learning_rate > 0, f"learning rate must be positive, got {self.learning_rate}"),
+            (
+                0 <= self.warmup_ratio < 1,
+                f"warmup ratio must be in [0, 1), got {self.warmup_ratio}",
+            ),
+            (self.mid_dim >= 1, f"mid dim must be at least 1, got {self.mid_dim}"),
+            (
+                self.loss_reduction in ("sequence_sum", "token_mean"),
+                f"loss reduction must be sequence_sum or token_mean, got {self.loss_reduction!r}",
+            ),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise InvalidInputError(message)
+
+
+@dataclass(frozen=True)
+class Progress:
+    step: int
+    total_steps: int
+    epoch: int
+    loss: float
+    validation_loss: float | None
+    tokens_per_second: float
+    elapsed_seconds: float
+
+
+@dataclass
+class TrainingResult:
+    prefix: Prefix
+    history: list[Progress] = field(default_factory=list)
+
+
+def _prefix_inputs(key_values: torch.Tensor, batch: Batch, config) -> dict:
+    batch_size, length = batch.input_ids.shape
+    prefix_length = key_values.shape[-2]
+    attention_mask = torch.cat(
+        [torch.ones((batch_size, prefix_length), dtype=torch.long), batch.attention_mask], dim=1
+    )  # (B, P + T)
+    position_ids = torch.arange(prefix_length, prefix_length + length).expand(batch_size, -1)
+    return dict(
+        input_ids=batch.input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        past_key_values=prefix_cache(key_values, config),
+        use_cache=True,
+    )
+
+
+def prefix_logits(model: PreTrainedModel, key_values: torch.Tensor, batch: Batch) -> torch.Tensor:
+    """Logits ``(B, T, vocab)`` of a right-padded batch behind a prefix
+    ``key_values`` ``(layers, 2, B, kv_heads, P, head_dim)``: real tokens sit at positions
+    ``P …``, and the attention mask covers the ``P`` prefix slots."""
+    return model(**_prefix_inputs(key_values, batch, model.config)).logits
+
+
+def output_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str) -> torch.Tensor:
+    """Loss of full logits ``(B, T, vocab)`` against ``labels`` ``(B, T)``."""
+    token_losses = F.cross_entropy(
+        logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="none"
+    ).view(labels.shape)  # (B, T), zero where no loss
+    if reduction == "sequence_sum":
+        return token_losses.sum(dim=1).mean()
+    return token_losses.sum() / (labels != IGNORE_INDEX).sum().clamp(min=1)
+
+
+def prefix_output_loss(
+    model: PreTrainedModel, key_values: torch.Tensor, batch: Batch, reduction: str
+) -> torch.Tensor:
+    """The training loss, equal to ``output_loss(prefix_logits(...))`` but cheaper: the
+    output projection (vocabulary-sized, ~20% of a small model's compute) runs only at the
+    positions that carry a loss — output tokens — not at input or padding positions."""
+    hidden = model.base_model(**_prefix_inputs(key_values, batch, model.config)).last_hidden_state
+    has_loss = batch.labels != IGNORE_INDEX  # (B, T)
+    logits = model.get_output_embeddings()(hidden[has_loss])  # (N, vocab), N output tokens
+    token_losses = F.cross_entropy(logits.float(), batch.labels[has_loss], reduction="none")  # (N,)
+    if reduction == "sequence_sum":
+        rows = has_loss.nonzero()[:, 0]  # batch row of each output token
+        per_row = torch.zeros(len(batch.labels), dtype=token_losses.dtype).index_add(
+            0, rows, token_losses
+        )
+        return per_row.mean()
+    return token_losses.mean()
+
+
+@torch.no_grad()
+def evaluate_loss(
+    model: PreTrainedModel,
+    prefix: torch.Tensor,
+    examples: Sequence[EncodedExample],
+    *,
+    batch_size: int,
+    pad_id: int,
+) -> float:
+    """Mean loss per output token of ``examples`` under ``prefix`` ``(layers, 2, kv, P, hs)``."""
+    total, tokens = 0.0, 0
+    for start in range(0, len(examples), batch_size):
+        batch = collate(examples[start : start + batch_size], pad_id=pad_id)
+        loss = prefix_output_loss(
+            model, expand_prefix(prefix, len(batch.labels)), batch, "token_mean"
+        )
+        total += float(loss) * batch.target_tokens
+        tokens += batch.target_tokens
+    return total / max(tokens, 1)
+
+
+def train_prefix(
+    loaded: LoadedModel,
+    examples: Sequence[Example],
+    config: TrainingConfig,
+    *,
+    validation: Sequence[Example] | None = None,
+    on_progress: Callable[[Progress], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> TrainingResult:
+    """Train a prefix on ``examples``; return it materialized (no ``P'``, no MLP).
+
+    ``on_progress`` is called after every optimizer step; ``should_stop`` is polled between
+    steps (cancellation) and ends training early with the prefix trained so far."""
+    config.validate()
+    model, tokenizer = loaded.model, loaded.tokenizer
+    random.seed(config.seed)
+    torch.manual_seed(config.seed)
+    encoder = build_prefix_encoder(
+        model,
+        tokenizer,
+        init=config.init,
+        prefix_length=config.prefix_length,
+        mid_dim=config.mid_dim,
+        reparameterize=config.reparameterize,
+    )
+    prefix_length = encoder.prefix_length
+    limit = max_positions(model.config) - prefix_length
+    train_set = encode_examples(tokenizer, examples, max_tokens=limit, source="training data")
+    dev_set = (
+        encode_examples(tokenizer, validation, max_tokens=limit, source="validation data")
+        if validation
+        else []
+    )
+    pad_id = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
+
+    steps_per_epoch = math.ceil(len(train_set) / config.batch_size)
+    total_steps = steps_per_epoch * config.epochs
+    optimizer = torch.optim.AdamW(
+        encoder.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay
+    )
+    scheduler = get_linear_schedule_with_warmup(
+        optimizer, int(config.warmup_ratio * total_steps), total_steps
+    )
+    order = random.Random(config.seed)
+    history: list[Progress] = []
+    best: tuple[float, torch.Tensor] | None = None
+    epochs_without_improvement, step, tokens_seen = 0, 0, 0
+    started = time.perf_counter()
+    stopped = False
+    for epoch in range(1, config.epochs + 1):
+        indices = list(range(len(train_set)))
+        order.shuffle(indices)
+        for start in range(0, len(indices), config.batch_size):
+            if should_stop is not None and should_stop():
+                stopped = True
+                break
+            batch = collate(
+                [train_set[i] for i in indices[start : start + config.batch_size]], pad_id=pad_id
+            )
+            key_values = expand_prefix(encoder(), len(batch.labels))  # (layers, 2, B, kv, P, hs)
+            loss = prefix_output_loss(model, key_values, batch, config.loss_reduction)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(encoder.parameters(), config.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            tokens_seen += int(batch.attention_mask.sum())
+            elapsed = time.perf_counter() - started
+            validation_loss = None
+            if dev_set and start + config.batch_size >= len(indices):  # end of epoch
+                validation_loss = evaluate_loss(
+                    model,
+                    encoder.materialize(),
+                    dev_set,
+                    batch_size=config.batch_size,
+                    pad_id=pad_id,
+                )
+            report = Progress(
+                step, total_steps, epoch, float(loss.detach()), validation_loss,
+                tokens_seen / max(elapsed, 1e-9), elapsed,
+            )  # fmt: skip
+            history.append(report)
+            if on_progress is not None:
+                on_progress(report)
+        if stopped:
+            break
+        if dev_set:
+            validation_loss = history[-1].validation_loss
+            assert validation_loss is not None
+            if best is None or validation_loss < best[0]:
+                best = (validation_loss, encoder.materialize())
+                epochs_without_improvement = 0
+            else:
+                epochs_without_improvement += 1
+                if config.patience is not None and epochs_without_improvement >= config.patience:
+                    break
+
+    key_values = best[1] if best is not None else encoder.materialize()
+    metrics: dict[str, float | int | bool] = {
+        "steps": step,
+        "train_loss": history[-1].loss if history else float("nan"),
+        "tokens_per_second": history[-1].tokens_per_second if history else 0.0,
+        "examples": len(train_set),
+        "stopped_early": stopped,
+    }
+    if best is not None:
+        metrics["validation_loss"] = best[0]
+    hyperparameters = asdict(config) | {"prefix_length": prefix_length}
+    prefix = Prefix(
+        key_values=key_values.to(getattr(torch, config.dtype)),
+        base_model_fingerprint=loaded.fingerprint,
+        architecture=loaded.architecture,
+        hyperparameters=hyperparameters,
+        metrics=metrics,
+    )
+    return TrainingResult(prefix, history)

@@ -1,0 +1,169 @@
+import pytest
+import torch
+
+from common.architectures import prefix_shape
+from common.errors import InvalidInputError
+from common.generation import DecodingConfig, GenerationRow, generate, generate_texts
+from common.kv_cache import prefix_cache
+from common.prefix_file import Prefix
+
+GREEDY = DecodingConfig(max_new_tokens=10)
+
+
+def random_prefix(loaded, length: int, seed: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    shape = prefix_shape(loaded.model.config).tensor_shape(length)
+    return torch.randn(shape, generator=generator)  # (layers, 2, kv_heads, P, hs)
+
+
+def mixed_rows(loaded) -> list[GenerationRow]:
+    # Different prefixes, prefix lengths (1, 4, 9 and none) and input lengths (1 to 6).
+    return [
+        GenerationRow([10, 11, 12], random_prefix(loaded, 4, seed=1)),
+        GenerationRow([13, 14, 15, 16, 17, 18], random_prefix(loaded, 9, seed=2)),
+        GenerationRow([19], random_prefix(loaded, 1, seed=3)),
+        GenerationRow([20, 21], None),
+        GenerationRow([22, 23, 24, 25], random_prefix(loaded, 4, seed=4)),
+    ]
+
+
+def run(loaded, rows, decoding=GREEDY):
+    tokenizer = loaded.tokenizer
+    return generate(
+        loaded.model,
+        rows,
+        decoding,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+
+
+def test_mixed_batch_gives_each_row_its_solo_output(tiny_model):
+    rows = mixed_rows(tiny_model)
+    batched = run(tiny_model, rows)
+    solo = [run(tiny_model, [row])[0] for row in rows]
+    assert batched == solo
+    assert len({tuple(o) for o in solo}) > 1  # the rows really differ
+
+
+def reference_greedy(
+    model, prefix: torch.Tensor, input_ids: list[int], steps: int, eos: int
+) -> list[int]:
+    """Hand-written decode: each step re-runs forward() over the whole sequence behind a fresh
+    prefix cache (no incremental caching, no generate()) and takes the argmax."""
+    prefix_length = prefix.shape[3]
+    sequence, output = list(input_ids), []
+    for _ in range(steps):
+        ids = torch.tensor([sequence])
+        cache = prefix_cache(prefix.unsqueeze(2).clone(), model.config)  # (layers, 2, 1, kv, P, hs)
+        logits = model(
+            input_ids=ids,
+            attention_mask=torch.ones((1, prefix_length + len(sequence)), dtype=torch.long),
+            position_ids=torch.arange(prefix_length, prefix_length + len(sequence)).unsqueeze(0),
+            past_key_values=cache,
+        ).logits
+        token = int(logits[0, -1].argmax())
+        if token == eos:
+            break
+        output.append(token)
+        sequence.append(token)
+    return output
+
+
+def test_greedy_equals_step_by_step_forward_and_leaves_the_prefix_unchanged(tiny_model):
+    prefix = random_prefix(tiny_model, 5, seed=7)
+    snapshot = prefix.clone()
+    input_ids = [30, 31, 32]
+    ours = run(tiny_model, [GenerationRow(input_ids, prefix)])[0]
+    with torch.no_grad():
+        expected = reference_greedy(
+            tiny_model.model, prefix, input_ids, 10, tiny_model.tokenizer.eos_token_id
+        )
+    assert ours == expected and len(ours) > 0
+    assert torch.equal(prefix, snapshot)  # decoding never mutates a cached prefix
+    assert run(tiny_model, [GenerationRow(input_ids, prefix)])[0] == ours  # and can be reused
+
+
+def test_beam_search_runs_on_a_mixed_batch(tiny_model):
+    rows = mixed_rows(tiny_model)
+    beams = run(tiny_model, rows, DecodingConfig(max_new_tokens=8, num_beams=4))
+    assert len(beams) == len(rows) and all(0 < len(b) <= 8 for b in beams)
+    # Rows are independent in beam search too: the batched result equals the solo one.
+    assert beams == [
+        run(tiny_model, [r], DecodingConfig(max_new_tokens=8, num_beams=4))[0] for r in rows
+    ]
+    # One beam is greedy decoding.
+    assert run(tiny_model, rows, DecodingConfig(max_new_tokens=8, num_beams=1)) == run(
+        tiny_model, rows, DecodingConfig(max_new_tokens=8)
+    )
+
+
+def test_beam_search_finds_a_sequence_at_least_as_likely_as_greedy(tiny_llama):
+    row = mixed_rows(tiny_llama)[0]
+
+    def log_prob(tokens):
+        prefix = row.prefix
+        ids = torch.tensor([list(row.input_ids) + tokens])
+        length = prefix.shape[3]
+        with torch.no_grad():
+            logits = tiny_llama.model(
+                input_ids=ids,
+                attention_mask=torch.ones((1, length + ids.shape[1]), dtype=torch.long),
+                position_ids=torch.arange(length, length + ids.shape[1]).unsqueeze(0),
+                past_key_values=prefix_cache(prefix.unsqueeze(2).clone(), tiny_llama.model.config),
+            ).logits.log_softmax(-1)
+        start = len(row.input_ids) - 1
+        return sum(float(logits[0, start + i, t]) for i, t in enumerate(tokens))
+
+    greedy = run(tiny_llama, [row], DecodingConfig(max_new_tokens=6))[0]
+    beam = run(
+        tiny_llama, [row], DecodingConfig(max_new_tokens=6, num_beams=5, length_penalty=0.0)
+    )[0]
+    eos = tiny_llama.tokenizer.eos_token_id
+    finished = lambda tokens: [*tokens, eos] if len(tokens) < 6 else tokens  # noqa: E731
+    assert log_prob(finished(beam)) >= log_prob(finished(greedy)) - 1e-5
+
+
+def test_sampling_is_seeded_and_top_p_near_zero_is_greedy(tiny_model):
+    rows = mixed_rows(tiny_model)
+    sample = DecodingConfig(max_new_tokens=8, do_sample=True, temperature=1.5, seed=3)
+    first, second = run(tiny_model, rows, sample), run(tiny_model, rows, sample)
+    assert first == second
+    assert first != run(
+        tiny_model, rows, DecodingConfig(max_new_tokens=8, do_sample=True, temperature=1.5, seed=4)
+    )
+    nucleus = DecodingConfig(max_new_tokens=8, do_sample=True, top_p=1e-6, seed=5)
+    assert run(tiny_model, rows, nucleus) == run(tiny_model, rows, DecodingConfig(max_new_tokens=8))
+
+
+def test_generation_stops_at_eos_and_max_new_tokens(tiny_llama):
+    rows = mixed_rows(tiny_llama)
+    outputs = run(tiny_llama, rows, DecodingConfig(max_new_tokens=3))
+    assert all(len(o) <= 3 for o in outputs)
+    eos = tiny_llama.tokenizer.eos_token_id
+    assert all(eos not in o for o in run(tiny_llama, rows, DecodingConfig(max_new_tokens=30)))
+
+
+@pytest.mark.parametrize(
+    ("decoding", "message"),
+    [
+        (DecodingConfig(max_new_tokens=0), "max_new_tokens must be at least 1"),
+        (DecodingConfig(num_beams=0), "num_beams must be at least 1"),
+        (DecodingConfig(do_sample=True, num_beams=2), "sampling or beam search"),
+        (DecodingConfig(do_sample=True, temperature=0), "temperature must be positive"),
+        (DecodingConfig(do_sample=True, top_p=1.5), r"top_p must be in \(0, 1\]"),
+    ],
+)
+def test_bad_decoding_settings_are_refused(tiny_llama, decoding, message):
+    with pytest.raises(InvalidInputError, match=message):
+        run(tiny_llama, mixed_rows(tiny_llama), decoding)
+
+
+def test_input_longer_than_context_is_refused_before_any_work(tiny_llama):
+    prefix = Prefix(random_prefix(tiny_llama, 20, seed=1), tiny_llama.fingerprint, "llama")
+    text = "alpha " * 100
+    with pytest.raises(
+        InvalidInputError,
+        match=r"input 2 is too long: 101 tokens \+ prefix 20 \+ max_new_tokens 10 = 131 > context 128",
+    ):
+        generate_texts(tiny_llama, [(prefix, "beta"), (prefix, text)], GREEDY)
