@@ -1,0 +1,714 @@
+"""Data-layer functions, in the style of fastapi/full-stack-fastapi-template's ``crud.py``.
+
+Every function is keyword-only and takes ``session=``. Each function that changes rows is
+one transaction and commits it itself (and rolls back on error), so API handlers, the
+scheduler and the trainer never commit: they call one of these. Functions that read only
+never commit.
+
+Tenant isolation: every lookup a tenant can reach takes the ``tenant_id`` and filters by it;
+a row of another tenant is reported exactly like a missing one.
+
+Job leases: :func:`claim_next_job` hands a queued job to ``owner`` for ``lease_seconds``;
+the owner keeps it with :func:`heartbeat_job` and ends it with :func:`finish_job` or
+:func:`publish_prefix`. ``owner`` must be unique per worker attempt (e.g.
+``f"{hostname}:{pid}:{uuid4()}"``): a job whose lease expired is handed to someone else.
+``attempts`` counts the claims so far (1 while the first attempt runs).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+import uuid
+from collections.abc import Sequence
+from datetime import datetime, timedelta
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.exc import IntegrityError
+from sqlmodel import Session, col, func, select
+
+from common.blobstore.keys import key_belongs_to_tenant
+from common.db.errors import ConflictError, LeaseLostError, NotFoundError, TenantNotActiveError
+from common.db.models import (
+    TERMINAL_JOB_STATES,
+    ApiKey,
+    ApiKeyCreate,
+    Dataset,
+    DatasetCreate,
+    DeletionAudit,
+    JobEvent,
+    JobEventCreate,
+    JobPriority,
+    JobState,
+    Prefix,
+    PrefixCreate,
+    Tenant,
+    TenantCreate,
+    TenantStatus,
+    TrainingJob,
+    TrainingJobCreate,
+)
+from common.db.types import UTCDateTime, utcnow
+from common.errors import InvalidInputError
+
+API_KEY_PREFIX = "pfx_"
+
+# interactive (0) before batch (1); then oldest first.
+_PRIORITY_RANK = sa.case((col(TrainingJob.priority) == JobPriority.interactive, 0), else_=1)
+_CLAIM_TRIES = 5
+
+
+def _commit(session: Session) -> None:
+    try:
+        session.commit()
+    except BaseException:
+        session.rollback()
+        raise
+
+
+def _ts(value: datetime) -> sa.ColumnElement[datetime]:
+    return sa.literal(value, UTCDateTime())
+
+
+# --- tenants ------------------------------------------------------------------------------
+
+
+def create_tenant(*, session: Session, tenant_in: TenantCreate) -> Tenant:
+    tenant = Tenant.model_validate(tenant_in)
+    session.add(tenant)
+    try:
+        session.commit()
+    except IntegrityError:
+        session.rollback()
+        raise ConflictError(f"a tenant named {tenant_in.name!r} already exists") from None
+    session.refresh(tenant)
+    return tenant
+
+
+def get_tenant(*, session: Session, tenant_id: uuid.UUID) -> Tenant | None:
+    return session.get(Tenant, tenant_id)
+
+
+def get_tenant_by_name(*, session: Session, name: str) -> Tenant | None:
+    return session.exec(select(Tenant).where(col(Tenant.name) == name)).first()
+
+
+def list_tenants(*, session: Session, offset: int = 0, limit: int = 100) -> list[Tenant]:
+    stmt = select(Tenant).order_by(col(Tenant.created_at), col(Tenant.id))
+    return list(session.exec(stmt.offset(offset).limit(limit)).all())
+
+
+def _lock_tenant(session: Session, tenant_id: uuid.UUID) -> Tenant | None:
+    """The tenant row, locked until the transaction ends (PostgreSQL ``FOR UPDATE``; SQLite
+    serializes writers anyway). Publishing and deletion serialize on this lock."""
+    stmt = select(Tenant).where(col(Tenant.id) == tenant_id).with_for_update()
+    return session.exec(stmt.execution_options(populate_existing=True)).first()
+
+
+def _require_active_tenant(session: Session, tenant_id: uuid.UUID, *, lock: bool) -> Tenant:
+    tenant = (
+        _lock_tenant(session, tenant_id)
+        if lock
+        else session.get(Tenant, tenant_id, populate_existing=True)
+    )
+    if tenant is None:
+        raise NotFoundError(f"tenant {tenant_id} not found")
+    if tenant.status != TenantStatus.active:
+        raise TenantNotActiveError(f"tenant {tenant_id} is being deleted")
+    return tenant
+
+
+def mark_tenant_deleting(*, session: Session, tenant_id: uuid.UUID) -> Tenant:
+    """Flag the tenant as being deleted (idempotent). From the commit on, nothing can be
+    added to it: no dataset, job, key or prefix version."""
+    tenant = _lock_tenant(session, tenant_id)
+    if tenant is None:
+        session.rollback()
+        raise NotFoundError(f"tenant {tenant_id} not found")
+    tenant.status = TenantStatus.deleting
+    session.add(tenant)
+    _commit(session)
+    session.refresh(tenant)
+    return tenant
+
+
+# --- API keys -------------------------------------------------------------------------------
+
+
+def hash_api_key(api_key: str) -> str:
+    """SHA-256 (hex) of a key. Keys are 256-bit random, so a fast hash is enough."""
+    return hashlib.sha256(api_key.encode("utf-8")).hexdigest()
+
+
+def create_api_key(
+    *, session: Session, tenant_id: uuid.UUID, key_in: ApiKeyCreate | None = None
+) -> tuple[ApiKey, str]:
+    """Make a key for the tenant. Returns the row and the plaintext key — the only time the
+    plaintext exists; only its hash is stored."""
+    _require_active_tenant(session, tenant_id, lock=False)
+    plaintext = API_KEY_PREFIX + secrets.token_urlsafe(32)
+    key = ApiKey.model_validate(
+        key_in or ApiKeyCreate(),
+        update={"tenant_id": tenant_id, "key_hash": hash_api_key(plaintext)},
+    )
+    session.add(key)
+    _commit(session)
+    session.refresh(key)
+    return key, plaintext
+
+
+def get_tenant_by_api_key(*, session: Session, api_key: str) -> Tenant | None:
+    """The active tenant a key belongs to; ``None`` for an unknown or revoked key, or a
+    tenant that is being deleted."""
+    if not api_key:
+        return None
+    stmt = (
+        select(Tenant)
+        .join(ApiKey, col(ApiKey.tenant_id) == col(Tenant.id))
+        .where(
+            col(ApiKey.key_hash) == hash_api_key(api_key),
+            col(ApiKey.revoked_at).is_(None),
+            col(Tenant.status) == TenantStatus.active,
+        )
+    )
+    return session.exec(stmt).first()
+
+
+def list_api_keys(*, session: Session, tenant_id: uuid.UUID) -> list[ApiKey]:
+    stmt = select(ApiKey).where(col(ApiKey.tenant_id) == tenant_id).order_by(col(ApiKey.created_at))
+    return list(session.exec(stmt).all())
+
+
+def revoke_api_key(*, session: Session, tenant_id: uuid.UUID, key_id: uuid.UUID) -> ApiKey:
+    key = session.get(ApiKey, key_id)
+    if key is None or key.tenant_id != tenant_id:
+        raise NotFoundError(f"API key {key_id} not found")
+    if key.revoked_at is None:
+        key.revoked_at = utcnow()
+        session.add(key)
+        _commit(session)
+        session.refresh(key)
+    return key
+
+
+# --- datasets -------------------------------------------------------------------------------
+
+
+def add_dataset(*, session: Session, tenant_id: uuid.UUID, dataset_in: DatasetCreate) -> Dataset:
+    """Record a dataset whose blob is already written (under the tenant's key prefix)."""
+    if not key_belongs_to_tenant(dataset_in.object_key, tenant_id):
+        raise InvalidInputError(
+            f"dataset object key {dataset_in.object_key!r} is outside tenant {tenant_id}'s prefix"
+        )
+    _require_active_tenant(session, tenant_id, lock=False)
+    dataset = Dataset.model_validate(dataset_in, update={"tenant_id": tenant_id})
+    session.add(dataset)
+    _commit(session)
+    session.refresh(dataset)
+    return dataset
+
+
+def get_dataset(*, session: Session, tenant_id: uuid.UUID, dataset_id: uuid.UUID) -> Dataset | None:
+    dataset = session.get(Dataset, dataset_id)
+    return dataset if dataset is not None and dataset.tenant_id == tenant_id else None
+
+
+def list_datasets(
+    *, session: Session, tenant_id: uuid.UUID, offset: int = 0, limit: int = 100
+) -> list[Dataset]:
+    stmt = (
+        select(Dataset)
+        .where(col(Dataset.tenant_id) == tenant_id)
+        .order_by(col(Dataset.created_at).desc(), col(Dataset.id))
+        .offset(offset)
+        .limit(limit)
+    )
+    return list(session.exec(stmt).all())
+
+
+# --- training jobs --------------------------------------------------------------------------
+
+
+def _job_by_idempotency_key(session: Session, tenant_id: uuid.UUID, key: str) -> TrainingJob | None:
+    stmt = select(TrainingJob).where(
+        col(TrainingJob.tenant_id) == tenant_id, col(TrainingJob.idempotency_key) == key
+    )
+    return session.exec(stmt).first()
+
+
+def enqueue_job(
+    *, session: Session, tenant_id: uuid.UUID, job_in: TrainingJobCreate
+) -> tuple[TrainingJob, bool]:
+    """Queue a training job. Returns ``(job, created)``: a resubmission with an idempotency
+    key the tenant already used returns the existing job and ``created=False``."""
+    if job_in.idempotency_key is not None:
+        existing = _job_by_idempotency_key(session, tenant_id, job_in.idempotency_key)
+        if existing is not None:
+            return existing, False
+    _require_active_tenant(session, tenant_id, lock=False)
+    dataset_ids = list(dict.fromkeys(job_in.dataset_ids))
+    found = set(
+        session.exec(
+            select(Dataset.id).where(
+                col(Dataset.tenant_id) == tenant_id, col(Dataset.id).in_(dataset_ids)
+            )
+        ).all()
+    )
+    missing = [str(d) for d in dataset_ids if d not in found]
+    if missing:
+        raise NotFoundError(f"dataset(s) not found: {', '.join(missing)}")
+    job = TrainingJob.model_validate(
+        job_in, update={"tenant_id": tenant_id, "dataset_ids": [str(d) for d in dataset_ids]}
+    )
+    session.add(job)
+    try:
+        session.commit()
+    except IntegrityError:
+        # A concurrent submission with the same idempotency key won the race.
+        session.rollback()
+        if job_in.idempotency_key is not None:
+            existing = _job_by_idempotency_key(session, tenant_id, job_in.idempotency_key)
+            if existing is not None:
+                return existing, False
+        raise
+    session.refresh(job)
+    return job, True
+
+
+def get_job(
+    *, session: Session, job_id: uuid.UUID, tenant_id: uuid.UUID | None = None
+) -> TrainingJob | None:
+    """A job by id; with ``tenant_id``, only if it belongs to that tenant."""
+    job = session.get(TrainingJob, job_id, populate_existing=True)
+    if job is None or (tenant_id is not None and job.tenant_id != tenant_id):
+        return None
+    return job
+
+
+def list_jobs(
+    *,
+    session: Session,
+    tenant_id: uuid.UUID,
+    state: JobState | None = None,
+    offset: int = 0,
+    limit: int = 100,
+) -> list[TrainingJob]:
+    stmt = select(TrainingJob).where(col(TrainingJob.tenant_id) == tenant_id)
+    if state is not None:
+        stmt = stmt.where(col(TrainingJob.state) == state)
+    stmt = stmt.order_by(col(TrainingJob.created_at).desc(), col(TrainingJob.id))
+    return list(session.exec(stmt.offset(offset).limit(limit)).all())
+
+
+def cancel_job(
+    *, session: Session, job_id: uuid.UUID, tenant_id: uuid.UUID | None = None
+) -> TrainingJob:
+    """Cancel a queued or running job (a running job's owner learns it from its next
+    heartbeat, which returns False). A finished job is returned unchanged."""
+    now = utcnow()
+    stmt = select(TrainingJob).where(col(TrainingJob.id) == job_id).with_for_update()
+    job = session.exec(stmt.execution_options(populate_existing=True)).first()
+    if job is None or (tenant_id is not None and job.tenant_id != tenant_id):
+        session.rollback()
+        raise NotFoundError(f"job {job_id} not found")
+    if job.state not in TERMINAL_JOB_STATES:
+        job.state = JobState.cancelled
+        job.lease_owner = None
+        job.lease_expires_at = None
+        job.finished_at = now
+        job.updated_at = now
+        session.add(job)
+        _commit(session)
+        session.refresh(job)
+    else:
+        session.rollback()
+    return job
+
+
+def _reclaim_expired(session: Session, now: datetime) -> int:
+    """Running jobs whose lease expired go back to ``queued``, or to ``failed`` once they
+    have used ``max_attempts`` attempts. Does not commit."""
+    stmt = (
+        select(
+            TrainingJob.id, TrainingJob.attempts, TrainingJob.max_attempts, TrainingJob.lease_owner
+        )
+        .where(
+            col(TrainingJob.state) == JobState.running,
+            col(TrainingJob.lease_expires_at) < now,
+        )
+        .order_by(col(TrainingJob.lease_expires_at))
+        .limit(100)
+        .with_for_update(skip_locked=True)
+    )
+    changed = 0
+    for job_id, attempts, max_attempts, owner in session.exec(stmt).all():
+        values: dict[str, Any] = {
+            "lease_owner": None,
+            "lease_expires_at": None,
+            "updated_at": now,
+        }
+        if attempts >= max_attempts:
+            values |= {
+                "state": JobState.failed,
+                "finished_at": now,
+                "error": (
+                    f"failed after {attempts} attempt(s): the lease of attempt {attempts} "
+                    f"expired (worker {owner} stopped heartbeating); max_attempts is "
+                    f"{max_attempts}"
+                ),
+            }
+        else:
+            values |= {
+                "state": JobState.queued,
+                "error": f"attempt {attempts} lost its lease (worker {owner}); retrying",
+            }
+        result = session.exec(
+            sa.update(TrainingJob)
+            .where(
+                col(TrainingJob.id) == job_id,
+                col(TrainingJob.state) == JobState.running,
+                col(TrainingJob.lease_expires_at) < now,
+            )
+            .values(**values)
+        )
+        changed += result.rowcount
+    return changed
+
+
+def reclaim_expired_jobs(*, session: Session, now: datetime | None = None) -> int:
+    """Run the expired-lease sweep on its own (``claim_next_job`` also runs it). Returns
+    how many jobs changed state."""
+    try:
+        changed = _reclaim_expired(session, now or utcnow())
+    except BaseException:
+        session.rollback()
+        raise
+    _commit(session)
+    return changed
+
+
+def claim_next_job(
+    *, session: Session, owner: str, lease_seconds: float, now: datetime | None = None
+) -> TrainingJob | None:
+    """Take the next queued job: interactive before batch, then oldest first. The job turns
+    ``running`` with ``owner`` holding a lease of ``lease_seconds``; ``attempts`` grows by
+    one. Expired leases are reclaimed first. On PostgreSQL the row is picked with
+    ``SELECT … FOR UPDATE SKIP LOCKED``, so parallel claimers never take the same job nor
+    wait for each other; on SQLite (one writer at a time) a compare-and-set update makes
+    the same guarantee. Returns ``None`` when nothing is claimable."""
+    if not owner:
+        raise ValueError("owner must be a non-empty string")
+    if lease_seconds <= 0:
+        raise ValueError("lease_seconds must be positive")
+    for _ in range(_CLAIM_TRIES):
+        at = now or utcnow()
+        try:
+            _reclaim_expired(session, at)
+            candidate = session.exec(
+                select(TrainingJob.id)
+                .where(col(TrainingJob.state) == JobState.queued)
+                .order_by(_PRIORITY_RANK, col(TrainingJob.created_at), col(TrainingJob.id))
+                .limit(1)
+                .with_for_update(skip_locked=True)
+            ).first()
+            if candidate is None:
+                _commit(session)
+                return None
+            result = session.exec(
+                sa.update(TrainingJob)
+                .where(
+                    col(TrainingJob.id) == candidate,
+                    col(TrainingJob.state) == JobState.queued,
+                )
+                .values(
+                    state=JobState.running,
+                    lease_owner=owner,
+                    lease_expires_at=at + timedelta(seconds=lease_seconds),
+                    heartbeat_at=at,
+                    attempts=col(TrainingJob.attempts) + 1,
+                    started_at=func.coalesce(col(TrainingJob.started_at), _ts(at)),
+                    updated_at=at,
+                )
+            )
+        except BaseException:
+            session.rollback()
+            raise
+        if result.rowcount == 1:
+            _commit(session)
+            return session.get(TrainingJob, candidate, populate_existing=True)
+        session.rollback()  # another claimer took it first (SQLite); try the next one
+    return None
+
+
+def _owned_running(owner: str) -> list[sa.ColumnElement[bool]]:
+    return [
+        col(TrainingJob.state) == JobState.running,
+        col(TrainingJob.lease_owner) == owner,
+    ]
+
+
+def heartbeat_job(
+    *,
+    session: Session,
+    job_id: uuid.UUID,
+    owner: str,
+    lease_seconds: float,
+    now: datetime | None = None,
+) -> bool:
+    """Extend the lease, only while ``owner`` still holds it. False means: stop working on
+    this job (it was cancelled, reclaimed after the lease expired, or finished)."""
+    at = now or utcnow()
+    result = session.exec(
+        sa.update(TrainingJob)
+        .where(col(TrainingJob.id) == job_id, *_owned_running(owner))
+        .values(
+            lease_expires_at=at + timedelta(seconds=lease_seconds), heartbeat_at=at, updated_at=at
+        )
+    )
+    _commit(session)
+    return result.rowcount == 1
+
+
+def finish_job(
+    *,
+    session: Session,
+    job_id: uuid.UUID,
+    owner: str,
+    state: JobState,
+    error: str | None = None,
+    retry: bool = False,
+    now: datetime | None = None,
+) -> bool:
+    """End the owner's attempt: ``failed`` (with ``error``), ``cancelled`` or ``succeeded``
+    (a job that produces a prefix ends through :func:`publish_prefix` instead). With
+    ``retry=True`` a failure goes back to ``queued`` while attempts remain. Returns False,
+    changing nothing, when ``owner`` no longer holds the lease."""
+    if state not in TERMINAL_JOB_STATES:
+        raise ValueError(f"finish_job needs a final state, not {state}")
+    at = now or utcnow()
+    values: dict[str, Any] = {
+        "lease_owner": None,
+        "lease_expires_at": None,
+        "updated_at": at,
+        "error": error,
+    }
+    stmt = sa.update(TrainingJob).where(col(TrainingJob.id) == job_id, *_owned_running(owner))
+    if state == JobState.failed and retry:
+        stmt = stmt.values(
+            state=sa.case(
+                (col(TrainingJob.attempts) < col(TrainingJob.max_attempts), JobState.queued.value),
+                else_=JobState.failed.value,
+            ),
+            finished_at=sa.case(
+                (col(TrainingJob.attempts) < col(TrainingJob.max_attempts), None),
+                else_=_ts(at),
+            ),
+            **values,
+        )
+    else:
+        stmt = stmt.values(state=state, finished_at=at, **values)
+    result = session.exec(stmt)
+    _commit(session)
+    return result.rowcount == 1
+
+
+def record_job_event(
+    *, session: Session, job_id: uuid.UUID, event_in: JobEventCreate, now: datetime | None = None
+) -> JobEvent:
+    """Append a progress row (step, total steps, loss, validation loss, tokens/s)."""
+    event = JobEvent.model_validate(
+        event_in, update={"job_id": job_id, "created_at": now or utcnow()}
+    )
+    session.add(event)
+    _commit(session)
+    session.refresh(event)
+    return event
+
+
+def list_job_events(
+    *, session: Session, job_id: uuid.UUID, after_id: int | None = None, limit: int = 1000
+) -> list[JobEvent]:
+    """Progress rows of a job in order; ``after_id`` returns only newer rows (polling)."""
+    stmt = select(JobEvent).where(col(JobEvent.job_id) == job_id)
+    if after_id is not None:
+        stmt = stmt.where(col(JobEvent.id) > after_id)
+    return list(session.exec(stmt.order_by(col(JobEvent.id)).limit(limit)).all())
+
+
+# --- prefixes -------------------------------------------------------------------------------
+
+
+def _deactivate_all(session: Session, tenant_id: uuid.UUID) -> None:
+    session.exec(
+        sa.update(Prefix)
+        .where(col(Prefix.tenant_id) == tenant_id, col(Prefix.active).is_(True))
+        .values(active=False)
+    )
+
+
+def publish_prefix(
+    *,
+    session: Session,
+    job_id: uuid.UUID,
+    owner: str,
+    prefix_in: PrefixCreate,
+    activate: bool = True,
+    now: datetime | None = None,
+) -> Prefix:
+    """Make a trained prefix visible, in one transaction: check that the tenant exists and
+    is not being deleted and that ``owner`` still holds the job's (unexpired) lease; insert
+    the next prefix version; make it the tenant's active prefix (deactivating the previous
+    one); mark the job succeeded. Call it only after the blob is completely written.
+
+    Raises :class:`NotFoundError` (job or tenant gone), :class:`TenantNotActiveError` or
+    :class:`LeaseLostError`; then nothing was changed and the caller deletes its blob."""
+    at = now or utcnow()
+    try:
+        tenant_id = session.exec(
+            select(TrainingJob.tenant_id).where(col(TrainingJob.id) == job_id)
+        ).first()
+        if tenant_id is None:
+            raise NotFoundError(f"job {job_id} not found")
+        if not key_belongs_to_tenant(prefix_in.object_key, tenant_id):
+            raise InvalidInputError(
+                f"prefix object key {prefix_in.object_key!r} is outside tenant {tenant_id}'s prefix"
+            )
+        # Lock order: tenant, then job (tenant deletion takes the tenant lock first too).
+        _require_active_tenant(session, tenant_id, lock=True)
+        job = session.exec(
+            select(TrainingJob)
+            .where(col(TrainingJob.id) == job_id)
+            .with_for_update()
+            .execution_options(populate_existing=True)
+        ).one()
+        if (
+            job.state != JobState.running
+            or job.lease_owner != owner
+            or job.lease_expires_at is None
+            or job.lease_expires_at <= at
+        ):
+            raise LeaseLostError(
+                f"job {job_id} is no longer leased to {owner} (state {job.state}); "
+                "the prefix was not published"
+            )
+        latest = session.exec(
+            select(func.max(Prefix.version)).where(col(Prefix.tenant_id) == tenant_id)
+        ).one()
+        if activate:
+            _deactivate_all(session, tenant_id)
+        prefix = Prefix.model_validate(
+            prefix_in,
+            update={
+                "tenant_id": tenant_id,
+                "job_id": job_id,
+                "version": (latest or 0) + 1,
+                "active": activate,
+                "created_at": at,
+                "activated_at": at if activate else None,
+            },
+        )
+        session.add(prefix)
+        job.state = JobState.succeeded
+        job.lease_owner = None
+        job.lease_expires_at = None
+        job.error = None
+        job.finished_at = at
+        job.updated_at = at
+        session.add(job)
+        session.commit()
+    except IntegrityError:
+        session.rollback()
+        raise ConflictError(
+            f"a concurrent change to tenant prefixes of job {job_id} won; retry the publish"
+        ) from None
+    except BaseException:
+        session.rollback()
+        raise
+    session.refresh(prefix)
+    return prefix
+
+
+def activate_prefix(
+    *, session: Session, tenant_id: uuid.UUID, version: int, now: datetime | None = None
+) -> Prefix:
+    """Make ``version`` the tenant's active prefix (a rollback to an older version, or
+    forward again). The database guarantees at most one active prefix per tenant."""
+    at = now or utcnow()
+    try:
+        _require_active_tenant(session, tenant_id, lock=True)
+        prefix = session.exec(
+            select(Prefix)
+            .where(col(Prefix.tenant_id) == tenant_id, col(Prefix.version) == version)
+            .execution_options(populate_existing=True)
+        ).first()
+        if prefix is None:
+            raise NotFoundError(f"prefix version {version} of tenant {tenant_id} not found")
+        if not prefix.active:
+            _deactivate_all(session, tenant_id)
+            prefix.active = True
+            prefix.activated_at = at
+            session.add(prefix)
+        session.commit()
+    except BaseException:
+        session.rollback()
+        raise
+    session.refresh(prefix)
+    return prefix
+
+
+def get_active_prefix(*, session: Session, tenant_id: uuid.UUID) -> Prefix | None:
+    stmt = select(Prefix).where(col(Prefix.tenant_id) == tenant_id, col(Prefix.active).is_(True))
+    return session.exec(stmt).first()
+
+
+def get_prefix(*, session: Session, tenant_id: uuid.UUID, version: int) -> Prefix | None:
+    stmt = select(Prefix).where(col(Prefix.tenant_id) == tenant_id, col(Prefix.version) == version)
+    return session.exec(stmt).first()
+
+
+def list_prefixes(*, session: Session, tenant_id: uuid.UUID) -> list[Prefix]:
+    stmt = select(Prefix).where(col(Prefix.tenant_id) == tenant_id).order_by(col(Prefix.version))
+    return list(session.exec(stmt).all())
+
+
+# --- deletion audit -------------------------------------------------------------------------
+
+
+def start_deletion_audit(
+    *, session: Session, tenant_id: uuid.UUID, now: datetime | None = None
+) -> DeletionAudit:
+    audit = DeletionAudit(tenant_id=tenant_id, requested_at=now or utcnow())
+    session.add(audit)
+    _commit(session)
+    session.refresh(audit)
+    return audit
+
+
+def complete_deletion_audit(
+    *,
+    session: Session,
+    audit_id: uuid.UUID,
+    objects_erased: int,
+    rows_erased: int,
+    now: datetime | None = None,
+) -> DeletionAudit:
+    audit = session.get(DeletionAudit, audit_id)
+    if audit is None:
+        raise NotFoundError(f"deletion audit {audit_id} not found")
+    audit.objects_erased = objects_erased
+    audit.rows_erased = rows_erased
+    audit.completed_at = now or utcnow()
+    session.add(audit)
+    _commit(session)
+    session.refresh(audit)
+    return audit
+
+
+def list_deletion_audits(
+    *, session: Session, tenant_id: uuid.UUID | None = None
+) -> Sequence[DeletionAudit]:
+    stmt = select(DeletionAudit)
+    if tenant_id is not None:
+        stmt = stmt.where(col(DeletionAudit.tenant_id) == tenant_id)
+    return session.exec(stmt.order_by(col(DeletionAudit.requested_at))).all()

@@ -1,0 +1,1 @@
+"""Alembic migrations of the prefixd schema (shipped inside the package)."""

@@ -1,0 +1,343 @@
+"""The tables, as SQLModel model families (``FooBase`` → ``FooCreate`` / ``Foo`` (the table) /
+``FooPublic``), in the style of fastapi/full-stack-fastapi-template.
+
+Every lookup the API and the scheduler make has an index; the schema itself lives in the
+Alembic migrations (``common/db/migrations``), and a test proves the two agree.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from enum import StrEnum
+from typing import Any, cast
+
+import sqlalchemy as sa
+from sqlmodel import Field, SQLModel
+
+from common.db.types import UTCDateTime, big_int_pk_type, json_type, utcnow
+
+# Stable constraint names on every backend, so migrations can name what they alter.
+SQLModel.metadata.naming_convention = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+class TenantStatus(StrEnum):
+    active = "active"
+    deleting = "deleting"
+
+
+class JobState(StrEnum):
+    queued = "queued"
+    running = "running"
+    succeeded = "succeeded"
+    failed = "failed"
+    cancelled = "cancelled"
+
+
+TERMINAL_JOB_STATES = frozenset({JobState.succeeded, JobState.failed, JobState.cancelled})
+
+
+class JobPriority(StrEnum):
+    """``interactive`` jobs are always claimed before ``batch`` (nightly) jobs."""
+
+    interactive = "interactive"
+    batch = "batch"
+
+
+def _enum(cls: type[StrEnum]) -> type[Any]:
+    # Stored as VARCHAR (no native PostgreSQL enum type: adding a value needs no migration
+    # dance); SQLAlchemy converts to and from the Python enum.
+    return cast(
+        type[Any],
+        sa.Enum(
+            cls,
+            native_enum=False,
+            create_constraint=False,
+            length=16,
+            validate_strings=True,
+            values_callable=lambda e: [m.value for m in e],
+        ),
+    )
+
+
+def _t(type_: sa.types.TypeEngine[Any]) -> type[Any]:
+    return cast(type[Any], type_)
+
+
+_DT = _t(UTCDateTime())
+_JSON = _t(json_type())
+_BIGINT = _t(sa.BigInteger())
+
+SHA256_PATTERN = r"^[0-9a-f]{64}$"
+
+
+# --- tenants ------------------------------------------------------------------------------
+
+
+class TenantBase(SQLModel):
+    name: str = Field(min_length=1, max_length=100)
+
+
+class TenantCreate(TenantBase):
+    pass
+
+
+class Tenant(TenantBase, table=True):
+    __tablename__ = "tenants"
+    __table_args__ = (sa.UniqueConstraint("name", name="uq_tenants_name"),)
+
+    id: uuid.UUID = Field(default_factory=uuid.uuid4, primary_key=True)
+    status: TenantStatus = Field(default=TenantStatus.active, sa_type=_enum(TenantStatus))
+    created_at: datetime = Field(default_factory=utcnow, sa_type=_DT)
+
+
+class TenantPublic(TenantBase):
+    id: uuid.UUID
+    status: TenantStatus
+    created_at: datetime
+
+
+# --- API keys (only a SHA-256 hash of the key is stored) -------------------------------------
+
+
+class ApiKeyBase(SQLModel):
+    name: str | None = Field(default=None, max_length=100)
+
+
+class ApiKeyCreate(ApiKeyBase):
+    pass
+
+
+class ApiKey(ApiKeyBase, table=True):
+    __tablename__ = "api_keys"
+    __table_args__ = (
+        sa.UniqueConstraint("key_hash", name="uq_api_keys_key_hash"),
+        sa.Index("ix_api_keys_tenant_id", "tenant_id"),
+    )
+
+    id: uuid.UUID = Field(default_factory=uuid.uuid4, primary_key=True)
+    tenant_id: uuid.UUID = Field(foreign_key="tenants.id", ondelete="CASCADE")
+    key_hash: str = Field(max_length=64)
+    created_at: datetime = Field(default_factory=utcnow, sa_type=_DT)
+    revoked_at: datetime | None = Field(default=None, sa_type=_DT)
+
+
+class ApiKeyPublic(ApiKeyBase):
+    id: uuid.UUID
+    tenant_id: uuid.UUID
+    created_at: datetime
+    revoked_at: datetime | None
+
+
+class ApiKeyCreated(ApiKeyPublic):
+    """Returned once, when the key is made: the only time the plaintext key is shown."""
+
+    key: str
+
+
+# --- datasets ------------------------------------------------------------------------------
+
+
+class DatasetBase(SQLModel):
+    sha256: str = Field(min_length=64, max_length=64, schema_extra={"pattern": SHA256_PATTERN})
+    size_bytes: int = Field(ge=0, sa_type=_BIGINT)
+    example_count: int = Field(ge=0)
+
+
+class DatasetCreate(DatasetBase):
+    """The blob is written first (at ``dataset_key(tenant_id, id)``), then the row added."""
+
+    id: uuid.UUID = Field(default_factory=uuid.uuid4)
+    object_key: str = Field(min_length=1, max_length=1024)
+
+
+class Dataset(DatasetBase, table=True):
+    __tablename__ = "datasets"
+    __table_args__ = (sa.Index("ix_datasets_tenant_id_created_at", "tenant_id", "created_at"),)
+
+    id: uuid.UUID = Field(default_factory=uuid.uuid4, primary_key=True)
+    tenant_id: uuid.UUID = Field(foreign_key="tenants.id", ondelete="CASCADE")
+    object_key: str = Field(max_length=1024)
+    created_at: datetime = Field(default_factory=utcnow, sa_type=_DT)
+
+
+class DatasetPublic(DatasetBase):
+    id: uuid.UUID
+    tenant_id: uuid.UUID
+    created_at: datetime
+
+
+# --- training jobs -------------------------------------------------------------------------
+
+
+class TrainingJobBase(SQLModel):
+    priority: JobPriority = Field(default=JobPriority.interactive, sa_type=_enum(JobPriority))
+    hyperparameters: dict[str, Any] = Field(default_factory=dict, sa_type=_JSON)
+    max_attempts: int = Field(default=3, ge=1, le=100)
+
+
+class TrainingJobCreate(TrainingJobBase):
+    dataset_ids: list[uuid.UUID] = Field(min_length=1, max_length=1000)
+    idempotency_key: str | None = Field(default=None, min_length=1, max_length=200)
+
+
+class TrainingJob(TrainingJobBase, table=True):
+    __tablename__ = "training_jobs"
+    __table_args__ = (
+        # Resubmitting with the same key returns the existing job (NULL keys never collide).
+        sa.UniqueConstraint(
+            "tenant_id", "idempotency_key", name="uq_training_jobs_tenant_id_idempotency_key"
+        ),
+        sa.Index("ix_training_jobs_tenant_id_created_at", "tenant_id", "created_at"),
+        # The scheduler's claim: queued jobs by priority, oldest first.
+        sa.Index("ix_training_jobs_state_priority_created_at", "state", "priority", "created_at"),
+        # Reclaiming expired leases: running jobs by lease expiry.
+        sa.Index("ix_training_jobs_state_lease_expires_at", "state", "lease_expires_at"),
+    )
+
+    id: uuid.UUID = Field(default_factory=uuid.uuid4, primary_key=True)
+    tenant_id: uuid.UUID = Field(foreign_key="tenants.id", ondelete="CASCADE")
+    dataset_ids: list[str] = Field(default_factory=list, sa_type=_JSON)
+    idempotency_key: str | None = Field(default=None, max_length=200)
+    state: JobState = Field(default=JobState.queued, sa_type=_enum(JobState))
+    attempts: int = Field(default=0)
+    lease_owner: str | None = Field(default=None, max_length=200)
+    lease_expires_at: datetime | None = Field(default=None, sa_type=_DT)
+    heartbeat_at: datetime | None = Field(default=None, sa_type=_DT)
+    error: str | None = Field(default=None, sa_type=_t(sa.Text()))
+    created_at: datetime = Field(default_factory=utcnow, sa_type=_DT)
+    updated_at: datetime = Field(default_factory=utcnow, sa_type=_DT)
+    started_at: datetime | None = Field(default=None, sa_type=_DT)
+    finished_at: datetime | None = Field(default=None, sa_type=_DT)
+
+
+class TrainingJobPublic(TrainingJobBase):
+    id: uuid.UUID
+    tenant_id: uuid.UUID
+    dataset_ids: list[uuid.UUID]
+    idempotency_key: str | None
+    state: JobState
+    attempts: int
+    error: str | None
+    created_at: datetime
+    updated_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+
+
+# --- job events (progress) -----------------------------------------------------------------
+
+
+class JobEventBase(SQLModel):
+    step: int = Field(ge=0)
+    total_steps: int | None = Field(default=None, ge=0)
+    loss: float | None = None
+    val_loss: float | None = None
+    tokens_per_second: float | None = Field(default=None, ge=0)
+
+
+class JobEventCreate(JobEventBase):
+    pass
+
+
+class JobEvent(JobEventBase, table=True):
+    __tablename__ = "job_events"
+    __table_args__ = (sa.Index("ix_job_events_job_id_id", "job_id", "id"),)
+
+    id: int | None = Field(default=None, primary_key=True, sa_type=_t(big_int_pk_type()))
+    job_id: uuid.UUID = Field(foreign_key="training_jobs.id", ondelete="CASCADE")
+    created_at: datetime = Field(default_factory=utcnow, sa_type=_DT)
+
+
+class JobEventPublic(JobEventBase):
+    id: int
+    job_id: uuid.UUID
+    created_at: datetime
+
+
+# --- prefixes (one row per immutable prefix version) ---------------------------------------
+
+
+class PrefixBase(SQLModel):
+    base_model_fingerprint: str = Field(min_length=1, max_length=128)
+    prefix_length: int = Field(ge=1)
+    dtype: str = Field(max_length=16, schema_extra={"pattern": r"^(float16|bfloat16|float32)$"})
+    size_bytes: int = Field(ge=0, sa_type=_BIGINT)
+    sha256: str = Field(min_length=64, max_length=64, schema_extra={"pattern": SHA256_PATTERN})
+    metrics: dict[str, Any] = Field(default_factory=dict, sa_type=_JSON)
+
+
+class PrefixCreate(PrefixBase):
+    """The blob is written first (at ``prefix_key(tenant_id, id)``), then published."""
+
+    id: uuid.UUID = Field(default_factory=uuid.uuid4)
+    object_key: str = Field(min_length=1, max_length=1024)
+
+
+class Prefix(PrefixBase, table=True):
+    __tablename__ = "prefixes"
+    __table_args__ = (
+        sa.UniqueConstraint("tenant_id", "version", name="uq_prefixes_tenant_id_version"),
+        sa.Index("ix_prefixes_job_id", "job_id"),
+        # At most one active prefix per tenant, enforced by the database.
+        sa.Index(
+            "uq_prefixes_one_active_per_tenant",
+            "tenant_id",
+            unique=True,
+            postgresql_where=sa.text("active"),
+            sqlite_where=sa.text("active"),
+        ),
+    )
+
+    id: uuid.UUID = Field(default_factory=uuid.uuid4, primary_key=True)
+    tenant_id: uuid.UUID = Field(foreign_key="tenants.id", ondelete="CASCADE")
+    job_id: uuid.UUID | None = Field(
+        default=None, foreign_key="training_jobs.id", ondelete="SET NULL"
+    )
+    version: int = Field(ge=1)
+    object_key: str = Field(max_length=1024)
+    active: bool = Field(default=False)
+    created_at: datetime = Field(default_factory=utcnow, sa_type=_DT)
+    activated_at: datetime | None = Field(default=None, sa_type=_DT)
+
+
+class PrefixPublic(PrefixBase):
+    id: uuid.UUID
+    tenant_id: uuid.UUID
+    job_id: uuid.UUID | None
+    version: int
+    active: bool
+    created_at: datetime
+    activated_at: datetime | None
+
+
+# --- tenant deletion audit (no personal data: ids, times and counts only) ------------------
+
+
+class DeletionAuditBase(SQLModel):
+    tenant_id: uuid.UUID
+    requested_at: datetime = Field(default_factory=utcnow, sa_type=_DT)
+    completed_at: datetime | None = Field(default=None, sa_type=_DT)
+    objects_erased: int = Field(default=0, ge=0)
+    rows_erased: int = Field(default=0, ge=0)
+
+
+class DeletionAudit(DeletionAuditBase, table=True):
+    # No foreign key: the audit row outlives the tenant it describes.
+    __tablename__ = "deletion_audits"
+    __table_args__ = (
+        sa.Index("ix_deletion_audits_tenant_id", "tenant_id"),
+        sa.Index("ix_deletion_audits_requested_at", "requested_at"),
+    )
+
+    id: uuid.UUID = Field(default_factory=uuid.uuid4, primary_key=True)
+
+
+class DeletionAuditPublic(DeletionAuditBase):
+    id: uuid.UUID
