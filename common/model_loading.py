@@ -49,6 +49,7 @@ class LoadedModel:
     tokenizer: PreTrainedTokenizerBase
     fingerprint: str
     source: str
+    zero_copy: bool = False  # weights mapped from the Ray object store (common/shared_weights.py)
 
     @property
     def architecture(self) -> str:
