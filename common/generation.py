@@ -21,12 +21,19 @@ from dataclasses import dataclass
 
 import torch
 from torch.nn import functional as F
-from transformers import PreTrainedModel
+from transformers import DynamicCache, PreTrainedModel
 
 from common.architectures import max_positions, prefix_shape
 from common.data import encode_prompt
 from common.errors import IncompatiblePrefixError, InvalidInputError
-from common.kv_cache import prefix_cache, reorder_rows, stack_prefixes
+from common.kv_cache import (
+    concat_rows,
+    pad_left,
+    prefix_cache,
+    reorder_rows,
+    stack_prefixes,
+    trim_left,
+)
 from common.model_loading import LoadedModel
 from common.prefix_file import PROMPT_FORMAT, Prefix
 
@@ -60,74 +67,126 @@ class GenerationRow:
     prefix: torch.Tensor | None  # (layers, 2, kv_heads, P, head_dim), or None: the bare model
 
 
-class _Batch:
-    """Decoding state of the rows still running: cache, mask and next positions."""
+class DecodeBatch:
+    """Decoding state of a set of rows: one cache, a 2-D mask and each row's next position.
 
-    def __init__(self, model: PreTrainedModel, rows: Sequence[GenerationRow], pad_id: int) -> None:
-        self.model = model
-        dtype = next(model.parameters()).dtype
+    Rows can join between steps (:meth:`add`: their prompts are prefilled together, then
+    merged by left-padding whichever cache is shorter with masked slots) and leave
+    (:meth:`select`), which is what continuous batching needs; every row keeps its own
+    positions, so joining or leaving never changes another row's result."""
+
+    def __init__(self, model: PreTrainedModel, pad_id: int) -> None:
+        self.model, self.pad_id = model, pad_id
+        self.dtype = next(model.parameters()).dtype
+        self.cache: DynamicCache | None = None
+        self.attention_mask = torch.zeros((0, 0), dtype=torch.long)  # (B, cache length + 1)
+        self.next_position = torch.zeros((0,), dtype=torch.long)  # (B,)
+        self.forward_passes = 0
+
+    def __len__(self) -> int:
+        return int(self.next_position.shape[0])
+
+    def add(self, rows: Sequence[GenerationRow]) -> torch.Tensor:
+        """Prefill ``rows`` and append them; return their next-token logits ``(n, vocab)``."""
         key_values, prefix_mask = stack_prefixes(
-            [r.prefix for r in rows], prefix_shape(model.config), dtype=dtype
-        )  # (layers, 2, B, kv, Pmax, hs), (B, Pmax)
-        self.cache = prefix_cache(key_values, model.config)
+            [r.prefix for r in rows], prefix_shape(self.model.config), dtype=self.dtype
+        )  # (layers, 2, n, kv, Pmax, hs), (n, Pmax)
+        cache = prefix_cache(key_values, self.model.config)
         batch, longest = len(rows), max(len(r.input_ids) for r in rows)
-        input_ids = torch.full((batch, longest), pad_id, dtype=torch.long)
+        input_ids = torch.full((batch, longest), self.pad_id, dtype=torch.long)
         input_mask = torch.zeros((batch, longest), dtype=torch.long)
         for row, item in enumerate(rows):
             if len(item.input_ids) == 0:
                 raise InvalidInputError(f"row {row}: empty input")
             input_ids[row, longest - len(item.input_ids) :] = torch.tensor(list(item.input_ids))
             input_mask[row, longest - len(item.input_ids) :] = 1
-        prefix_lengths = prefix_mask.sum(dim=1, keepdim=True)  # (B, 1)
+        prefix_lengths = prefix_mask.sum(dim=1, keepdim=True)  # (n, 1)
         # Real tokens of row i sit at positions P_i, P_i + 1, …; padding gets a dummy 0.
         position_ids = (prefix_lengths + input_mask.cumsum(dim=1) - 1).clamp(min=0) * input_mask
-        self.attention_mask = torch.cat([prefix_mask, input_mask], dim=1)  # (B, Pmax + T)
-        self.next_position = prefix_lengths.squeeze(1) + input_mask.sum(dim=1)  # (B,)
-        self.prefill = (input_ids, position_ids)
-
-    def first_logits(self) -> torch.Tensor:
-        input_ids, position_ids = self.prefill
-        return self._forward(input_ids, position_ids)
+        mask = torch.cat([prefix_mask, input_mask], dim=1)  # (n, Pmax + T)
+        logits = self._forward(cache, mask, input_ids, position_ids)
+        next_position = prefix_lengths.squeeze(1) + input_mask.sum(dim=1)  # (n,)
+        if self.cache is None or len(self) == 0:
+            self.cache, self.attention_mask, self.next_position = cache, mask, next_position
+            return logits
+        # Equalize cache lengths with masked slots on the left, then stack the rows.
+        mine, theirs = self.attention_mask.shape[1], mask.shape[1]
+        pad_left(self.cache, theirs - mine)
+        pad_left(cache, mine - theirs)
+        width = max(mine, theirs)
+        self.attention_mask = torch.cat(
+            [F.pad(self.attention_mask, (width - mine, 0)), F.pad(mask, (width - theirs, 0))]
+        )
+        self.cache = concat_rows(self.cache, cache)
+        self.next_position = torch.cat([self.next_position, next_position])
+        return logits
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """Feed one token per row ``(B,)``; return next-token logits ``(B, vocab)``."""
+        assert self.cache is not None
         ones = torch.ones((len(tokens), 1), dtype=torch.long)
         self.attention_mask = torch.cat([self.attention_mask, ones], dim=1)
         positions = self.next_position.unsqueeze(1)
         self.next_position = self.next_position + 1
-        return self._forward(tokens.unsqueeze(1), positions)
+        return self._forward(self.cache, self.attention_mask, tokens.unsqueeze(1), positions)
 
     def select(self, rows: torch.Tensor) -> None:
-        """Keep (or repeat) only these rows: finished rows leave, beams get reordered."""
+        """Keep (or repeat) only these rows: finished rows leave, beams get reordered. Slots
+        that no remaining row attends to are dropped."""
+        assert self.cache is not None
         reorder_rows(self.cache, rows)
         self.attention_mask = self.attention_mask.index_select(0, rows)
         self.next_position = self.next_position.index_select(0, rows)
+        if len(rows):
+            unused = int(self.attention_mask.any(dim=0).long().argmax())  # leading all-zero columns
+            trim_left(self.cache, unused)
+            self.attention_mask = self.attention_mask[:, unused:]
 
-    def _forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+    def _forward(
+        self,
+        cache: DynamicCache,
+        attention_mask: torch.Tensor,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor,
+    ) -> torch.Tensor:
+        self.forward_passes += 1
         output = self.model(
             input_ids=input_ids,
-            attention_mask=self.attention_mask,
+            attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=self.cache,
+            past_key_values=cache,
             use_cache=True,
             logits_to_keep=1,
         )
         return output.logits[:, -1].float()  # (B, vocab)
 
 
-def _next_tokens(
-    logits: torch.Tensor, decoding: DecodingConfig, generator: torch.Generator | None
-) -> torch.Tensor:
+def row_generator(decoding: DecodingConfig) -> torch.Generator | None:
+    """One generator per sampled row, so a row's samples do not depend on its batch."""
     if not decoding.do_sample:
-        return logits.argmax(dim=-1)
-    probs = F.softmax(logits / decoding.temperature, dim=-1)  # (B, vocab)
-    if decoding.top_p < 1.0:
-        sorted_probs, order = probs.sort(dim=-1, descending=True)
-        # Keep the smallest set of tokens whose mass reaches top_p (always the first one).
-        drop = sorted_probs.cumsum(dim=-1) - sorted_probs >= decoding.top_p
-        sorted_probs = sorted_probs.masked_fill(drop, 0.0)
-        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+        return None
+    return torch.Generator().manual_seed(decoding.seed if decoding.seed is not None else 0)
+
+
+def choose_tokens(
+    logits: torch.Tensor,
+    decodings: Sequence[DecodingConfig],
+    generators: Sequence[torch.Generator | None],
+) -> torch.Tensor:
+    """Next token per row ``(B,)`` from logits ``(B, vocab)``: argmax for greedy rows,
+    temperature and top-p sampling for sampled rows (each with its own generator)."""
+    tokens = logits.argmax(dim=-1)
+    for row, (decoding, generator) in enumerate(zip(decodings, generators, strict=True)):
+        if not decoding.do_sample:
+            continue
+        probs = F.softmax(logits[row] / decoding.temperature, dim=-1)  # (vocab,)
+        if decoding.top_p < 1.0:
+            sorted_probs, order = probs.sort(descending=True)
+            # Keep the smallest set of tokens whose mass reaches top_p (always the first one).
+            drop = sorted_probs.cumsum(dim=-1) - sorted_probs >= decoding.top_p
+            probs = torch.zeros_like(probs).scatter(0, order, sorted_probs.masked_fill(drop, 0.0))
+        tokens[row] = torch.multinomial(probs, 1, generator=generator)[0]
+    return tokens
 
 
 def _sample_or_greedy(
@@ -137,15 +196,13 @@ def _sample_or_greedy(
     eos_id: int,
     pad_id: int,
 ) -> list[list[int]]:
-    generator = None
-    if decoding.do_sample:
-        generator = torch.Generator().manual_seed(decoding.seed if decoding.seed is not None else 0)
-    state = _Batch(model, rows, pad_id)
+    generators = [row_generator(decoding) for _ in rows]
+    state = DecodeBatch(model, pad_id)
     outputs: list[list[int]] = [[] for _ in rows]
     running = torch.arange(len(rows))  # original index of each row still in the batch
-    logits = state.first_logits()
+    logits = state.add(rows)
     for step in range(decoding.max_new_tokens):
-        tokens = _next_tokens(logits, decoding, generator)  # (b,)
+        tokens = choose_tokens(logits, [decoding] * len(running), [generators[i] for i in running])
         for row, token in zip(running.tolist(), tokens.tolist(), strict=True):
             if token != eos_id:
                 outputs[row].append(token)
@@ -168,7 +225,7 @@ def _beam_search(
     pad_id: int,
 ) -> list[list[int]]:
     beams, batch = decoding.num_beams, len(rows)
-    state = _Batch(model, [row for row in rows for _ in range(beams)], pad_id)  # B·K rows
+    state = DecodeBatch(model, pad_id)
     scores = torch.zeros((batch, beams))
     scores[:, 1:] = float("-inf")  # all beams start identical: expand only the first
     sequences = torch.zeros((batch * beams, 0), dtype=torch.long)
@@ -178,7 +235,7 @@ def _beam_search(
     def normalized(score: float, length: int) -> float:
         return score / (length**decoding.length_penalty)
 
-    logits = state.first_logits()
+    logits = state.add([row for row in rows for _ in range(beams)])  # B·K rows
     for step in range(decoding.max_new_tokens):
         log_probs = F.log_softmax(logits, dim=-1)  # (B·K, vocab)
         vocab = log_probs.shape[-1]

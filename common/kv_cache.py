@@ -66,6 +66,41 @@ def prefix_cache(key_values: torch.Tensor | None, config: PretrainedConfig) -> D
     return DynamicCache(layers, config=config)
 
 
+def _layers(cache: DynamicCache) -> list:
+    for layer in cache.layers:
+        if type(layer).__name__ != "DynamicLayer":
+            # Sliding-window layers drop old positions themselves; merging batches of them
+            # would misalign rows. No supported family uses them by default.
+            raise NotImplementedError(f"cannot merge caches with {type(layer).__name__} layers")
+    return list(cache.layers)
+
+
+def pad_left(cache: DynamicCache, slots: int) -> None:
+    """Insert ``slots`` empty (to-be-masked) positions before every row's cached positions."""
+    if slots <= 0:
+        return
+    for layer in _layers(cache):
+        layer.keys = torch.nn.functional.pad(layer.keys, (0, 0, slots, 0))  # (B, kv, slots+L, hs)
+        layer.values = torch.nn.functional.pad(layer.values, (0, 0, slots, 0))
+
+
+def trim_left(cache: DynamicCache, slots: int) -> None:
+    """Drop the first ``slots`` positions (when they are masked in every row)."""
+    if slots <= 0:
+        return
+    for layer in _layers(cache):
+        layer.keys = layer.keys[:, :, slots:]
+        layer.values = layer.values[:, :, slots:]
+
+
+def concat_rows(first: DynamicCache, second: DynamicCache) -> DynamicCache:
+    """Rows of ``second`` appended to ``first`` (same cache length: pad the shorter first)."""
+    for mine, theirs in zip(_layers(first), _layers(second), strict=True):
+        mine.keys = torch.cat([mine.keys, theirs.keys], dim=0)  # (B1 + B2, kv, L, hs)
+        mine.values = torch.cat([mine.values, theirs.values], dim=0)
+    return first
+
+
 def reorder_rows(cache: DynamicCache, rows: torch.Tensor) -> None:
     """Select (and repeat) batch rows of the cache in place: beam reordering, or dropping
     rows that finished decoding."""

@@ -167,3 +167,39 @@ def test_input_longer_than_context_is_refused_before_any_work(tiny_llama):
         match=r"input 2 is too long: 101 tokens \+ prefix 20 \+ max_new_tokens 10 = 131 > context 128",
     ):
         generate_texts(tiny_llama, [(prefix, "beta"), (prefix, text)], GREEDY)
+
+
+def test_rows_joining_and_leaving_mid_decode_match_their_solo_outputs(tiny_model):
+    """Continuous batching: rows join a running batch between steps (caches of different
+    lengths merged with masked slots) and leave when done; no row's output changes."""
+    from common.generation import DecodeBatch
+
+    rows = mixed_rows(tiny_model)
+    solo = [run(tiny_model, [row], DecodingConfig(max_new_tokens=6))[0] for row in rows]
+    eos, pad = tiny_model.tokenizer.eos_token_id, tiny_model.tokenizer.pad_token_id
+    batch = DecodeBatch(tiny_model.model, pad)
+    outputs: dict[int, list[int]] = {}
+    running: list[int] = []
+    logits = torch.zeros((0, tiny_model.model.config.vocab_size))
+    arrivals = {0: [0, 1], 2: [2], 3: [3, 4]}  # step -> rows that join before it
+    for step in range(12):
+        if step in arrivals:
+            new = arrivals[step]
+            logits = torch.cat([logits, batch.add([rows[i] for i in new])])
+            running += new
+            outputs.update({i: [] for i in new})
+        if not running:
+            break
+        tokens = logits.argmax(dim=-1)
+        keep = []
+        for position, (row, token) in enumerate(zip(running, tokens.tolist(), strict=True)):
+            if token != eos:
+                outputs[row].append(token)
+            if token != eos and len(outputs[row]) < 6:
+                keep.append(position)
+        kept = torch.tensor(keep, dtype=torch.long)
+        batch.select(kept)
+        running = [running[i] for i in keep]
+        logits = batch.step(tokens[kept]) if running else torch.zeros((0, logits.shape[1]))
+    assert [outputs[i] for i in range(len(rows))] == solo
+    assert batch.forward_passes < sum(len(o) + 1 for o in solo)  # shared forward passes
