@@ -48,6 +48,68 @@ class Settings(BaseSettings):
         description="Address of an existing Ray cluster; default a local Ray.",
     )
 
+    # --- Inference (services/inference) -------------------------------------------------
+    inference_replicas: int = Field(default=1, ge=1, description="Inference replicas (Ray Serve).")
+    inference_num_cpus: float = Field(default=1.0, gt=0, description="CPUs per inference replica.")
+    inference_num_gpus: float = Field(default=0.0, ge=0, description="GPUs per inference replica.")
+    inference_max_ongoing_requests: int = Field(
+        default=64, ge=1, description="Requests one inference replica accepts at once."
+    )
+    max_batch_size: int = Field(
+        default=16, ge=1, description="Rows decoded together by one replica (continuous batching)."
+    )
+    batch_wait_ms: float = Field(
+        default=5.0, ge=0, description="How long an idle replica waits to fill its first batch."
+    )
+    prefix_cache_bytes: int = Field(
+        default=256 * 1024 * 1024, ge=0, description="Bytes of prefixes one replica keeps (LRU)."
+    )
+    prefix_cache_sweep_seconds: float = Field(
+        default=2.0,
+        gt=0,
+        description="How often a replica drops cached prefixes that were deleted.",
+    )
+    max_new_tokens_limit: int = Field(
+        default=256, ge=1, description="Largest max_new_tokens a request may ask for."
+    )
+
+    # --- Training workers (workers/) ----------------------------------------------------
+    scheduler_namespace: str = Field(
+        default="prefixd",
+        min_length=1,
+        description="Ray namespace of the scheduler actor (named `prefixd-scheduler`, one per cluster and namespace).",
+    )
+    trainer_slots: int | None = Field(
+        default=None,
+        ge=1,
+        description="Trainers running at once; default as many as the cluster's CPUs/GPUs allow.",
+    )
+    trainer_num_cpus: float = Field(default=1.0, gt=0, description="CPUs per trainer process.")
+    trainer_num_gpus: float = Field(default=0.0, ge=0, description="GPUs per trainer process.")
+    job_lease_seconds: float = Field(
+        default=60.0,
+        gt=0,
+        description="A running job's lease: a trainer that stops heartbeating this long loses its job (retried).",
+    )
+    job_heartbeat_seconds: float = Field(
+        default=5.0,
+        gt=0,
+        description="How often a trainer renews its lease and looks for cancellation (less than the lease).",
+    )
+    trainer_start_timeout_seconds: float = Field(
+        default=600.0,
+        gt=0,
+        description="Lease of a claimed job until its trainer process has started and heartbeats.",
+    )
+    progress_event_seconds: float = Field(
+        default=2.0,
+        ge=0,
+        description="Least time between two progress events of a job written to the database.",
+    )
+    scheduler_poll_seconds: float = Field(
+        default=1.0, gt=0, description="How often the scheduler looks for queued jobs."
+    )
+
     @property
     def home_dir(self) -> Path:
         return self.home.expanduser()

@@ -5,4 +5,5 @@ pytest_plugins = [
     "tests.fixtures.models",
     "tests.fixtures.services",
     "tests.fixtures.ray_cluster",
+    "tests.fixtures.stack",
 ]

@@ -1,0 +1,256 @@
+"""``POST /v1/generate`` and the OpenAI-compatible ``POST /v1/completions``.
+
+The tenant comes from its API key; its *active* prefix is resolved from the database on
+every request, so a new version, a rollback or a deletion takes effect for the very next
+request. The request then goes to the inference deployment, where it shares forward passes
+with other tenants' requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Annotated, Any
+
+from fastapi import APIRouter
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from starlette.concurrency import run_in_threadpool
+
+from common.db import crud
+from common.generation import DecodingConfig
+from services.api.deps import ContextDep, CurrentTenant, SessionDep
+from services.api.errors import ApiError, error_body, to_api_error
+from services.inference.deployment import InferenceRequest, InferenceResult
+
+router = APIRouter(prefix="/v1", tags=["generate"])
+
+MAX_INPUTS = 64
+
+
+class GenerateRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    input: str | None = Field(default=None, min_length=1, max_length=100_000)
+    inputs: (
+        Annotated[
+            list[Annotated[str, Field(min_length=1, max_length=100_000)]],
+            Field(min_length=1, max_length=MAX_INPUTS),
+        ]
+        | None
+    ) = None
+    max_new_tokens: int = Field(default=64, ge=1)
+    temperature: float | None = Field(default=None, ge=0, le=10, description="0 or absent: greedy")
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    num_beams: int = Field(default=1, ge=1, le=16)
+    seed: int | None = Field(default=None, ge=0)
+    stream: bool = False
+
+    @model_validator(mode="after")
+    def one_of_input_or_inputs(self) -> GenerateRequest:
+        if (self.input is None) == (self.inputs is None):
+            raise ValueError("give exactly one of 'input' or 'inputs'")
+        if self.stream and self.inputs is not None and len(self.inputs) > 1:
+            raise ValueError("stream works with a single input")
+        return self
+
+    def texts(self) -> list[str]:
+        return [self.input] if self.input is not None else list(self.inputs or [])
+
+    def decoding(self) -> DecodingConfig:
+        return decoding_config(
+            self.max_new_tokens, self.temperature, self.top_p, self.num_beams, self.seed
+        )
+
+
+def decoding_config(
+    max_new_tokens: int,
+    temperature: float | None,
+    top_p: float | None,
+    num_beams: int,
+    seed: int | None,
+) -> DecodingConfig:
+    sample = (temperature or 0) > 0 or (top_p is not None and top_p < 1)
+    if sample and num_beams > 1:
+        raise ApiError(
+            422, "invalid_request", "choose sampling (temperature/top_p) or num_beams > 1, not both"
+        )
+    return DecodingConfig(
+        max_new_tokens=max_new_tokens,
+        num_beams=num_beams,
+        do_sample=sample,
+        temperature=temperature if temperature else 1.0,
+        top_p=top_p if top_p is not None else 1.0,
+        seed=seed,
+    )
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class GenerateResponse(BaseModel):
+    outputs: list[str]
+    prefix_id: uuid.UUID
+    prefix_version: int
+    usage: Usage
+
+
+def _active_prefix(context: Any, session: Any, tenant_id: uuid.UUID) -> Any:
+    prefix = crud.get_active_prefix(session=session, tenant_id=tenant_id)
+    if prefix is None:
+        raise ApiError(
+            409,
+            "no_active_prefix",
+            "this tenant has no trained prefix yet: submit a training job first",
+        )
+    if prefix.base_model_fingerprint != context.model_fingerprint:
+        raise ApiError(
+            409, "incompatible_prefix", "the active prefix was trained for another base model"
+        )
+    return prefix
+
+
+async def _run(context: Any, request: InferenceRequest) -> InferenceResult:
+    try:
+        return await context.inference.generate.remote(request)
+    except Exception as error:
+        mapped = to_api_error(error)
+        if mapped is None:
+            raise
+        raise mapped from None
+
+
+def _sse(payload: Any) -> str:
+    return f"data: {json.dumps(payload) if not isinstance(payload, str) else payload}\n\n"
+
+
+def _stream(
+    context: Any, request: InferenceRequest, head: dict[str, Any], shape: str
+) -> StreamingResponse:
+    async def events() -> AsyncIterator[str]:
+        handle = context.inference.options(stream=True)
+        try:
+            async for delta in handle.stream.remote(request):
+                if shape == "openai":
+                    yield _sse(
+                        {**head, "choices": [{"text": delta, "index": 0, "finish_reason": None}]}
+                    )
+                else:
+                    yield _sse({"delta": delta, **head})
+        except Exception as error:
+            mapped = to_api_error(error) or ApiError(500, "internal", "generation failed")
+            yield _sse(error_body(mapped.code, mapped.message))
+        yield _sse("[DONE]")
+
+    return StreamingResponse(events(), media_type="text/event-stream")
+
+
+@router.post(
+    "/generate",
+    response_model=GenerateResponse,
+    responses={409: {"description": "no active prefix"}},
+)
+async def generate(
+    body: GenerateRequest, tenant: CurrentTenant, session: SessionDep, context: ContextDep
+) -> Any:
+    """Generate with the calling tenant's active prefix."""
+    prefix = await run_in_threadpool(_active_prefix, context, session, tenant.id)
+    request = InferenceRequest(str(prefix.id), prefix.object_key, body.texts(), body.decoding())
+    if body.stream:
+        return _stream(context, request, {"prefix_id": str(prefix.id)}, shape="prefixd")
+    result = await _run(context, request)
+    return GenerateResponse(
+        outputs=result.outputs,
+        prefix_id=prefix.id,
+        prefix_version=prefix.version,
+        usage=Usage(prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens),
+    )
+
+
+class CompletionRequest(BaseModel):
+    """The OpenAI completions request; ``model`` is accepted and ignored (the tenant's
+    active prefix is the model)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    prompt: str | Annotated[list[str], Field(min_length=1, max_length=MAX_INPUTS)]
+    max_tokens: int = Field(default=16, ge=1)
+    temperature: float = Field(default=1.0, ge=0, le=10)
+    top_p: float = Field(default=1.0, gt=0, le=1)
+    n: int = Field(default=1, ge=1, le=16)
+    stream: bool = False
+    seed: int | None = Field(default=None, ge=0)
+
+    @model_validator(mode="after")
+    def bounded(self) -> CompletionRequest:
+        prompts = [self.prompt] if isinstance(self.prompt, str) else self.prompt
+        if any(not p for p in prompts):
+            raise ValueError("prompt must not be empty")
+        if len(prompts) * self.n > MAX_INPUTS:
+            raise ValueError(f"prompts × n must be at most {MAX_INPUTS}")
+        if self.stream and (len(prompts) > 1 or self.n > 1):
+            raise ValueError("stream works with one prompt and n = 1")
+        return self
+
+
+@router.post("/completions")
+async def completions(
+    body: CompletionRequest, tenant: CurrentTenant, session: SessionDep, context: ContextDep
+) -> Any:
+    """OpenAI-compatible completions; the tenant is chosen by its API key."""
+    prefix = await run_in_threadpool(_active_prefix, context, session, tenant.id)
+    prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+    head = {
+        "id": f"cmpl-{uuid.uuid4().hex}",
+        "object": "text_completion",
+        "created": int(time.time()),
+        "model": f"prefix-{prefix.id}",
+    }
+    choices: list[dict[str, Any]] = []
+    prompt_tokens = completion_tokens = 0
+    if body.stream:
+        decoding = decoding_config(body.max_tokens, body.temperature, body.top_p, 1, body.seed)
+        return _stream(
+            context,
+            InferenceRequest(str(prefix.id), prefix.object_key, prompts, decoding),
+            head,
+            shape="openai",
+        )
+    # n samples: the same prompts with different seeds, decoded concurrently (one batch).
+    requests = [
+        InferenceRequest(
+            str(prefix.id),
+            prefix.object_key,
+            prompts,
+            decoding_config(
+                body.max_tokens, body.temperature, body.top_p, 1, (body.seed or 0) + sample
+            ),
+        )
+        for sample in range(body.n)
+    ]
+    results = await asyncio.gather(*(_run(context, r) for r in requests))
+    for sample, result in enumerate(results):
+        prompt_tokens += result.prompt_tokens if sample == 0 else 0
+        completion_tokens += result.completion_tokens
+        for index, text in enumerate(result.outputs):
+            choices.append(
+                {
+                    "text": text,
+                    "index": index * body.n + sample,
+                    "logprobs": None,
+                    "finish_reason": "stop",
+                }
+            )
+    choices.sort(key=lambda c: c["index"])
+    usage = {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+    return {**head, "choices": choices, "usage": usage}

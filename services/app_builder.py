@@ -1,0 +1,42 @@
+"""Typed builder of the Serve application (API ingress + inference), named by
+``deploy/serve_config.yaml`` as ``services.app_builder:build_app``.
+
+    serve run services.app_builder:build_app          # or `prefixd up`
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel
+from ray.serve import Application
+
+from common.config import Settings
+from common.shared_weights import get_shared_model
+from services.api.ingress import ApiIngress
+from services.inference.deployment import InferenceDeployment
+
+
+class AppArgs(BaseModel):
+    """Overrides on top of the environment's settings (``serve deploy`` args)."""
+
+    settings: dict[str, Any] = {}
+
+
+def build_app_from_settings(settings: Settings) -> Application:
+    shared = get_shared_model(settings)
+    inference = InferenceDeployment.options(
+        num_replicas=settings.inference_replicas,
+        max_ongoing_requests=settings.inference_max_ongoing_requests,
+        ray_actor_options={
+            "num_cpus": settings.inference_num_cpus,
+            "num_gpus": settings.inference_num_gpus,
+        },
+    ).bind(shared, settings)
+    return ApiIngress.options(ray_actor_options={"num_cpus": 0}).bind(
+        inference, settings, shared.fingerprint
+    )
+
+
+def build_app(args: AppArgs) -> Application:
+    return build_app_from_settings(Settings(**args.settings))

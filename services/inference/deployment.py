@@ -1,0 +1,184 @@
+"""The inference deployment: frozen model + prefix cache + continuous batching.
+
+Every replica can serve every tenant: the ingress resolves the tenant's active prefix
+*version* per request (so activation, rollback and deletion take effect on the very next
+request) and the replica fetches that immutable version from its cache or the blob store.
+Requests are not multiplexed by tenant — Ray Serve splits batches by multiplexed model id,
+which would undo cross-tenant batching; rows of all tenants share one decode loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import asdict, dataclass
+
+import torch
+from ray import serve
+
+from common.architectures import max_positions, prefix_shape
+from common.blobstore import build_blob_store
+from common.config import Settings
+from common.data import encode_prompt
+from common.db.engine import create_db_engine, session_scope
+from common.errors import IncompatiblePrefixError, InvalidInputError
+from common.generation import DecodingConfig, GenerationRow
+from common.prefix_file import PROMPT_FORMAT, Prefix, prefix_from_bytes
+from common.shared_weights import SharedModel, materialize_model
+from services.inference.engine import ContinuousBatcher
+from services.inference.prefix_cache import PrefixCache
+
+
+@dataclass(frozen=True)
+class InferenceRequest:
+    prefix_id: str
+    object_key: str
+    inputs: list[str]
+    decoding: DecodingConfig
+
+
+@dataclass(frozen=True)
+class InferenceResult:
+    outputs: list[str]
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class InferenceServer:
+    """Deployed by :func:`services.app_builder.build_app` with resources from settings."""
+
+    def __init__(self, shared: SharedModel, settings: Settings) -> None:
+        torch.set_num_threads(max(1, int(settings.inference_num_cpus)))
+        self.settings = settings
+        self.loaded = materialize_model(shared)  # zero-copy from the object store
+        self.shape = prefix_shape(self.loaded.model.config)
+        self.context = max_positions(self.loaded.model.config)
+        self.blobs = build_blob_store(settings)
+        self.db = create_db_engine(settings)
+        self.cache = PrefixCache(settings.prefix_cache_bytes, self._load_prefix)
+        self.batcher = ContinuousBatcher(
+            self.loaded,
+            max_batch_size=settings.max_batch_size,
+            batch_wait_s=settings.batch_wait_ms / 1000,
+        )
+        self.replica_id = uuid.uuid4().hex[:8]
+        self.blob_reads = 0
+        self._sweeper: asyncio.Task | None = None
+
+    # --- prefixes ------------------------------------------------------------------------
+
+    async def _load_prefix(self, prefix_id: str, object_key: str) -> Prefix:
+        self.blob_reads += 1
+        data = await asyncio.to_thread(self.blobs.get_bytes, object_key)
+        return prefix_from_bytes(
+            data,
+            source=f"prefix {prefix_id}",
+            expected_fingerprint=self.loaded.fingerprint,
+            expected_shape=self.shape,
+        )
+
+    def _ensure_sweeper(self) -> None:
+        if self._sweeper is None or self._sweeper.done():
+            self._sweeper = asyncio.get_running_loop().create_task(self._sweep_deleted())
+
+    async def _sweep_deleted(self) -> None:
+        """Drop cached prefixes whose rows are gone (tenant or version deleted), so no
+        replica keeps a deleted tenant's prefix in memory for long."""
+        from common.db.crud import existing_prefix_ids
+
+        while True:
+            await asyncio.sleep(self.settings.prefix_cache_sweep_seconds)
+            cached = self.cache.keys()
+            if not cached:
+                continue
+            ids = [uuid.UUID(k) for k in cached]
+
+            def existing(ids: list[uuid.UUID] = ids) -> set[str]:
+                with session_scope(self.db) as session:
+                    return {str(i) for i in existing_prefix_ids(session=session, prefix_ids=ids)}
+
+            try:
+                alive = await asyncio.to_thread(existing)
+            except Exception:  # database briefly unreachable: try again next round
+                continue
+            self.cache.evict(k for k in cached if k not in alive)
+
+    # --- requests ------------------------------------------------------------------------
+
+    async def _rows(self, request: InferenceRequest) -> list[GenerationRow]:
+        """Validate before anything is queued: a bad request fails alone, never its batch."""
+        request.decoding.validate()
+        limit = self.settings.max_new_tokens_limit
+        if request.decoding.max_new_tokens > limit:
+            raise InvalidInputError(
+                f"max_new_tokens is {request.decoding.max_new_tokens}; the limit is {limit}"
+            )
+        if not request.inputs:
+            raise InvalidInputError("no inputs")
+        self._ensure_sweeper()
+        prefix = await self.cache.get(request.prefix_id, request.object_key)
+        if prefix.prompt_format != PROMPT_FORMAT:
+            raise IncompatiblePrefixError(
+                f"prefix {request.prefix_id} has an unknown prompt format"
+            )
+        rows = []
+        for number, text in enumerate(request.inputs, start=1):
+            ids = encode_prompt(self.loaded.tokenizer, text)
+            needed = prefix.prefix_length + len(ids) + request.decoding.max_new_tokens
+            if needed > self.context:
+                raise InvalidInputError(
+                    f"input {number} is too long: {len(ids)} tokens + prefix {prefix.prefix_length}"
+                    f" + max_new_tokens {request.decoding.max_new_tokens} = {needed} > context {self.context}"
+                )
+            rows.append(GenerationRow(ids, prefix.key_values))
+        return rows
+
+    def _text(self, ids: list[int]) -> str:
+        return str(self.loaded.tokenizer.decode(ids, skip_special_tokens=True)).strip()
+
+    async def generate(self, request: InferenceRequest) -> InferenceResult:
+        rows = await self._rows(request)
+        outputs = await asyncio.gather(
+            *(self.batcher.generate(row, request.decoding) for row in rows)
+        )
+        return InferenceResult(
+            outputs=[self._text(ids) for ids in outputs],
+            prompt_tokens=sum(len(r.input_ids) for r in rows),
+            completion_tokens=sum(len(ids) for ids in outputs),
+        )
+
+    async def stream(self, request: InferenceRequest) -> AsyncIterator[str]:
+        """Text deltas of the first input, token by token."""
+        (row,) = (await self._rows(request))[:1]
+        ids: list[int] = []
+        sent = ""
+        async for token in self.batcher.stream(row, request.decoding):
+            ids.append(token)
+            text = str(self.loaded.tokenizer.decode(ids, skip_special_tokens=True))
+            # Hold back a trailing replacement character: the next token may complete it.
+            if text.endswith("\ufffd"):
+                continue
+            if len(text) > len(sent):
+                yield text[len(sent) :]
+                sent = text
+
+    async def evict(self, prefix_ids: list[str]) -> int:
+        return self.cache.evict(prefix_ids)
+
+    async def stats(self) -> dict:
+        return {
+            "replica": self.replica_id,
+            "engine": asdict(self.batcher.stats),
+            "cache": asdict(self.cache.stats),
+            "cached_prefixes": self.cache.keys(),
+            "blob_reads": self.blob_reads,
+            "zero_copy": self.loaded.zero_copy,
+        }
+
+    async def check_health(self) -> None:
+        if not self.batcher._thread.is_alive():
+            raise RuntimeError("the decode loop stopped")
+
+
+InferenceDeployment = serve.deployment(name="inference")(InferenceServer)

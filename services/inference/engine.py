@@ -1,0 +1,224 @@
+"""Continuous batching: one decode loop per replica serving every tenant's requests.
+
+Requests arrive on the event loop (:meth:`ContinuousBatcher.stream`); a decode thread admits
+them into the running :class:`~common.generation.DecodeBatch` between steps — each row with
+its own prefix, input, position offset and decoding settings — and hands tokens back as they
+are produced. Finished rows leave the batch at once, so short requests never wait for long
+ones and new requests never wait for a whole batch to drain.
+
+Beam-search requests decode as their own batch (beams need reordering that a shared batch
+of unrelated rows cannot do); they run in the same thread between steps of the shared batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import torch
+
+from common.generation import (
+    DecodeBatch,
+    DecodingConfig,
+    GenerationRow,
+    choose_tokens,
+    generate,
+    row_generator,
+)
+from common.model_loading import LoadedModel
+
+_DONE = object()
+
+
+@dataclass
+class EngineStats:
+    forward_passes: int = 0  # prefill and decode passes of the shared batch (beams excluded)
+    prefill_passes: int = 0  # one per group of requests admitted together
+    decode_steps: int = 0
+    requests: int = 0
+    max_rows_in_batch: int = 0
+    tokens: int = 0
+
+
+@dataclass
+class _Request:
+    row: GenerationRow
+    decoding: DecodingConfig
+    loop: asyncio.AbstractEventLoop
+    out: asyncio.Queue
+    generator: torch.Generator | None = None
+    produced: int = 0
+    cancelled: bool = False
+
+    def emit(self, item: object) -> None:
+        self.loop.call_soon_threadsafe(self.out.put_nowait, item)
+
+
+@dataclass
+class _Running:
+    requests: list[_Request] = field(default_factory=list)
+    logits: torch.Tensor | None = None  # (B, vocab): next-token logits of each running row
+
+
+class ContinuousBatcher:
+    def __init__(
+        self, loaded: LoadedModel, *, max_batch_size: int = 16, batch_wait_s: float = 0.005
+    ) -> None:
+        self.loaded = loaded
+        self.max_batch_size = max_batch_size
+        self.batch_wait_s = batch_wait_s
+        self.eos_id = int(loaded.tokenizer.eos_token_id)
+        pad = loaded.tokenizer.pad_token_id
+        self.pad_id = int(pad if pad is not None else self.eos_id)
+        self.stats = EngineStats()
+        self._batch = DecodeBatch(loaded.model, self.pad_id)  # touched by the decode thread only
+        self._incoming: queue.Queue[_Request | None] = queue.Queue()
+        self._thread = threading.Thread(target=self._run, name="decode-loop", daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        self._incoming.put(None)
+        self._thread.join(timeout=10)
+
+    async def stream(self, row: GenerationRow, decoding: DecodingConfig) -> AsyncIterator[int]:
+        """Token ids as they are decoded (EOS not included)."""
+        decoding.validate()
+        request = _Request(row, decoding, asyncio.get_running_loop(), asyncio.Queue())
+        request.generator = row_generator(decoding)
+        self._incoming.put(request)
+        try:
+            while True:
+                item = await request.out.get()
+                if item is _DONE:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield int(item)  # type: ignore[call-overload]
+        finally:
+            request.cancelled = True  # a client that went away stops costing work
+
+    async def generate(self, row: GenerationRow, decoding: DecodingConfig) -> list[int]:
+        return [token async for token in self.stream(row, decoding)]
+
+    # --- the decode thread -------------------------------------------------------------
+
+    def _run(self) -> None:
+        torch.set_grad_enabled(False)
+        running = _Running()
+        while True:
+            arrivals = self._admit(wait=not running.requests)
+            if arrivals is None:
+                return
+            shared = [r for r in arrivals if r.decoding.num_beams == 1 and not r.cancelled]
+            for request in arrivals:
+                if request.decoding.num_beams > 1 and not request.cancelled:
+                    self._beam_search(request)
+            if shared:
+                self._join(running, shared)
+            if running.requests:
+                self._step(running)
+
+    def _admit(self, *, wait: bool) -> list[_Request] | None:
+        """New requests, up to the free rows. Idle: block for the first, then wait a moment
+        for others so a burst starts as one batch."""
+        arrivals: list[_Request] = []
+        if wait:
+            first = self._incoming.get()
+            if first is None:
+                return None
+            arrivals.append(first)
+            deadline = time.monotonic() + self.batch_wait_s
+            while len(arrivals) < self.max_batch_size:
+                try:
+                    item = self._incoming.get(timeout=max(0.0, deadline - time.monotonic()))
+                except queue.Empty:
+                    break
+                if item is None:
+                    return None
+                arrivals.append(item)
+            return arrivals
+        while True:
+            try:
+                item = self._incoming.get_nowait()
+            except queue.Empty:
+                return arrivals
+            if item is None:
+                return None
+            arrivals.append(item)
+
+    def _join(self, running: _Running, requests: list[_Request]) -> None:
+        room = self.max_batch_size - len(running.requests)
+        if room <= 0 or len(requests) > room:  # over capacity: the rest waits its turn
+            for request in requests[max(room, 0) :]:
+                self._incoming.put(request)
+            requests = requests[: max(room, 0)]
+        if not requests:
+            return
+        try:
+            logits = self._batch.add([r.row for r in requests])
+        except Exception as error:  # e.g. out of memory: fail these rows, not the others
+            for request in requests:
+                request.emit(error)
+            return
+        self.stats.requests += len(requests)
+        self.stats.forward_passes += 1
+        self.stats.prefill_passes += 1
+        running.requests += requests
+        running.logits = logits if running.logits is None else torch.cat([running.logits, logits])
+        self.stats.max_rows_in_batch = max(self.stats.max_rows_in_batch, len(running.requests))
+
+    def _step(self, running: _Running) -> None:
+        assert running.logits is not None
+        batch = self._batch
+        requests = running.requests
+        try:
+            tokens = choose_tokens(
+                running.logits, [r.decoding for r in requests], [r.generator for r in requests]
+            )
+            keep = []
+            for index, (request, token) in enumerate(zip(requests, tokens.tolist(), strict=True)):
+                finished = token == self.eos_id or request.cancelled
+                if not finished:
+                    request.produced += 1
+                    self.stats.tokens += 1
+                    request.emit(token)
+                    finished = request.produced >= request.decoding.max_new_tokens
+                if finished:
+                    request.emit(_DONE)
+                else:
+                    keep.append(index)
+            kept = torch.tensor(keep, dtype=torch.long)
+            batch.select(kept)
+            running.requests = [requests[i] for i in keep]
+            if running.requests:
+                running.logits = batch.step(tokens[kept])
+                self.stats.forward_passes += 1
+                self.stats.decode_steps += 1
+            else:
+                running.logits = None
+        except Exception as error:  # the shared forward failed: every row in it fails
+            for request in running.requests:
+                request.emit(error)
+            running.requests, running.logits = [], None
+            self._batch = DecodeBatch(self.loaded.model, self.pad_id)
+
+    def _beam_search(self, request: _Request) -> None:
+        try:
+            (tokens,) = generate(
+                self.loaded.model,
+                [request.row],
+                request.decoding,
+                eos_token_id=self.eos_id,
+                pad_token_id=self.pad_id,
+            )
+        except Exception as error:
+            request.emit(error)
+            return
+        self.stats.requests += 1
+        for token in tokens:
+            request.emit(token)
+        request.emit(_DONE)

@@ -1,0 +1,171 @@
+"""The continuous-batching engine and the prefix cache, on a tiny model, without Ray."""
+
+import asyncio
+
+import pytest
+import torch
+
+from common.architectures import prefix_shape
+from common.generation import DecodingConfig, GenerationRow, generate
+from common.prefix_file import Prefix
+from services.inference.engine import ContinuousBatcher
+from services.inference.prefix_cache import PrefixCache, prefix_bytes
+
+
+def random_prefix(loaded, length, seed):
+    shape = prefix_shape(loaded.model.config).tensor_shape(length)
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+
+
+def solo(loaded, row, decoding):
+    tok = loaded.tokenizer
+    return generate(
+        loaded.model, [row], decoding, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id
+    )[0]
+
+
+@pytest.fixture
+def batcher(tiny_llama):
+    engine = ContinuousBatcher(tiny_llama, max_batch_size=8, batch_wait_s=0.05)
+    yield engine
+    engine.close()
+
+
+def test_eight_tenants_share_forward_passes_and_get_their_solo_outputs(tiny_llama, batcher):
+    rows = [
+        GenerationRow(list(range(10, 10 + 1 + i % 4)), random_prefix(tiny_llama, 1 + i, seed=i))
+        for i in range(8)
+    ]
+    greedy = DecodingConfig(max_new_tokens=8)
+
+    async def main():
+        return await asyncio.gather(*(batcher.generate(row, greedy) for row in rows))
+
+    outputs = asyncio.run(main())
+    assert outputs == [solo(tiny_llama, row, greedy) for row in rows]
+    total_tokens = sum(len(o) for o in outputs)
+    assert batcher.stats.requests == 8
+    assert batcher.stats.max_rows_in_batch > 1
+    assert batcher.stats.forward_passes < total_tokens  # rows shared forward passes
+
+
+def test_late_arrivals_join_the_running_batch(tiny_llama, batcher):
+    rows = [
+        GenerationRow([10 + i, 11], random_prefix(tiny_llama, 2 + i, seed=20 + i)) for i in range(4)
+    ]
+    decoding = DecodingConfig(max_new_tokens=12)
+
+    async def main():
+        first = asyncio.create_task(batcher.generate(rows[0], decoding))
+        await asyncio.sleep(0.2)  # the first request is decoding by now
+        rest = await asyncio.gather(*(batcher.generate(row, decoding) for row in rows[1:]))
+        return [await first, *rest]
+
+    assert asyncio.run(main()) == [solo(tiny_llama, row, decoding) for row in rows]
+
+
+def test_mixed_decoding_settings_in_one_batch(tiny_llama, batcher):
+    prefix = random_prefix(tiny_llama, 3, seed=1)
+    row = GenerationRow([12, 13, 14], prefix)
+    settings = [
+        DecodingConfig(max_new_tokens=6),
+        DecodingConfig(max_new_tokens=6, do_sample=True, temperature=1.3, seed=7),
+        DecodingConfig(max_new_tokens=3, do_sample=True, top_p=0.5, seed=8),
+        DecodingConfig(max_new_tokens=6, num_beams=3),
+    ]
+
+    async def main():
+        return await asyncio.gather(*(batcher.generate(row, d) for d in settings))
+
+    outputs = asyncio.run(main())
+    # Per-row generators: a sampled row gives what it gives alone, whatever its batch.
+    assert outputs == [solo(tiny_llama, row, d) for d in settings]
+
+
+def test_streaming_yields_the_same_tokens(tiny_llama, batcher):
+    row = GenerationRow([15, 16], random_prefix(tiny_llama, 4, seed=3))
+    decoding = DecodingConfig(max_new_tokens=7)
+
+    async def main():
+        return [token async for token in batcher.stream(row, decoding)]
+
+    assert asyncio.run(main()) == solo(tiny_llama, row, decoding)
+
+
+def test_invalid_decoding_fails_alone(tiny_llama, batcher):
+    from common.errors import InvalidInputError
+
+    row = GenerationRow([15, 16], None)
+
+    async def main():
+        good = asyncio.create_task(batcher.generate(row, DecodingConfig(max_new_tokens=4)))
+        with pytest.raises(InvalidInputError):
+            await batcher.generate(row, DecodingConfig(max_new_tokens=0))
+        return await good
+
+    assert asyncio.run(main()) == solo(tiny_llama, row, DecodingConfig(max_new_tokens=4))
+
+
+def make_prefix(loaded, length, seed=0):
+    return Prefix(random_prefix(loaded, length, seed), loaded.fingerprint, "llama")
+
+
+def test_prefix_cache_hits_misses_and_single_flight(tiny_llama):
+    loads: list[str] = []
+
+    async def load(prefix_id):
+        loads.append(prefix_id)
+        await asyncio.sleep(0.05)
+        return make_prefix(tiny_llama, 4)
+
+    async def main():
+        cache = PrefixCache(10**9, load)
+        first = await asyncio.gather(*(cache.get("a") for _ in range(5)))  # concurrent misses
+        again = await cache.get("a")
+        return cache, first, again
+
+    cache, first, again = asyncio.run(main())
+    assert loads == ["a"]  # five concurrent misses, one load
+    assert all(p is first[0] for p in first) and again is first[0]
+    assert cache.stats.loads == 1 and cache.stats.hits == 1
+
+
+def test_prefix_cache_is_bounded_by_bytes_lru(tiny_llama):
+    size = prefix_bytes(make_prefix(tiny_llama, 4))
+
+    async def load(prefix_id):
+        return make_prefix(tiny_llama, 4)
+
+    async def main():
+        cache = PrefixCache(3 * size, load)
+        for key in "abc":
+            await cache.get(key)
+        await cache.get("a")  # a is now the most recent
+        await cache.get("d")  # evicts b, the least recent
+        return cache
+
+    cache = asyncio.run(main())
+    assert cache.keys() == ["c", "a", "d"]
+    assert cache.stats.bytes == 3 * size <= cache.max_bytes
+    assert cache.stats.evictions == 1
+    assert cache.evict(["a", "zzz"]) == 1 and "a" not in cache
+
+
+def test_failed_load_is_not_cached_and_reaches_every_waiter(tiny_llama):
+    attempts = []
+
+    async def load(prefix_id):
+        attempts.append(prefix_id)
+        await asyncio.sleep(0.02)
+        if len(attempts) == 1:
+            raise OSError("blob store down")
+        return make_prefix(tiny_llama, 2)
+
+    async def main():
+        cache = PrefixCache(10**9, load)
+        results = await asyncio.gather(cache.get("x"), cache.get("x"), return_exceptions=True)
+        return results, await cache.get("x")
+
+    results, later = asyncio.run(main())
+    assert all(isinstance(r, OSError) for r in results)
+    assert later.prefix_length == 2 and len(attempts) == 2
