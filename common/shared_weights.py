@@ -16,7 +16,7 @@ Example::
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import ray
@@ -157,5 +157,4 @@ def get_shared_model(settings: Any, *, namespace: str | None = None) -> SharedMo
         )
         .remote(settings)
     )
-    shared: SharedModel = ray.get(holder.get.remote())  # type: ignore[attr-defined]
-    return shared
+    return cast(SharedModel, ray.get(holder.get.remote()))  # type: ignore[attr-defined]

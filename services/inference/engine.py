@@ -66,14 +66,19 @@ class _Running:
 
 class ContinuousBatcher:
     def __init__(
-        self, loaded: LoadedModel, *, max_batch_size: int = 16, batch_wait_s: float = 0.005
+        self,
+        loaded: LoadedModel,
+        *,
+        max_batch_size: int = 16,
+        batch_wait_s: float = 0.005,
+        stop_at_eos: bool = True,  # benchmarks turn it off to decode a fixed length
     ) -> None:
         self.loaded = loaded
         self.max_batch_size = max_batch_size
         self.batch_wait_s = batch_wait_s
-        self.eos_id = int(loaded.tokenizer.eos_token_id)
+        self.eos_id = int(loaded.tokenizer.eos_token_id) if stop_at_eos else -1
         pad = loaded.tokenizer.pad_token_id
-        self.pad_id = int(pad if pad is not None else self.eos_id)
+        self.pad_id = int(pad if pad is not None else loaded.tokenizer.eos_token_id)
         self.stats = EngineStats()
         self._batch = DecodeBatch(loaded.model, self.pad_id)  # touched by the decode thread only
         self._incoming: queue.Queue[_Request | None] = queue.Queue()
