@@ -110,6 +110,42 @@ class Settings(BaseSettings):
         default=1.0, gt=0, description="How often the scheduler looks for queued jobs."
     )
 
+    # --- API limits (services/api; exceeding one gives 413 or 429 naming it) ------------
+    max_request_bytes: int = Field(
+        default=1024 * 1024,
+        ge=1,
+        description="Largest request body of a JSON route, in bytes (413 beyond; checked from Content-Length before reading, and counted while streaming).",
+    )
+    max_dataset_bytes: int = Field(
+        default=100 * 1024 * 1024,
+        ge=1,
+        description="Largest dataset upload, in bytes (413 beyond).",
+    )
+    max_dataset_examples: int = Field(
+        default=100_000, ge=1, description="Most examples in one dataset (413 beyond)."
+    )
+    max_prefix_length: int = Field(
+        default=200,
+        ge=1,
+        description="Longest prefix a job may ask for (at most half the model's context); every uploaded example must fit in the model's context minus it.",
+    )
+    tenant_dataset_bytes_quota: int = Field(
+        default=1024 * 1024 * 1024,
+        ge=0,
+        description="Total bytes of datasets one tenant may keep (413 beyond).",
+    )
+    tenant_unfinished_jobs_quota: int = Field(
+        default=10, ge=1, description="Queued plus running jobs one tenant may have (429 beyond)."
+    )
+    generate_rate_per_second: float = Field(
+        default=10.0,
+        gt=0,
+        description="Generate requests per second one tenant may make, per API replica (token bucket; 429 beyond).",
+    )
+    generate_burst: int = Field(
+        default=20, ge=1, description="Generate requests one tenant may make at once (bucket size)."
+    )
+
     @property
     def home_dir(self) -> Path:
         return self.home.expanduser()
@@ -131,3 +167,24 @@ class Settings(BaseSettings):
 def get_settings() -> Settings:
     """Read the settings from the environment now (not at import time)."""
     return Settings()
+
+
+def env_name(field: str) -> str:
+    """The environment variable that sets a field (``PREFIXD_<FIELD>``, or its alias)."""
+    info = Settings.model_fields[field]
+    alias = info.validation_alias
+    if isinstance(alias, AliasChoices):
+        return str(alias.choices[0])
+    return f"PREFIXD_{field.upper()}"
+
+
+def settings_table() -> str:
+    """Every setting as a Markdown table (docs/SETTINGS.md is generated from it, and a test
+    keeps the two equal, so documentation and code cannot drift)."""
+    lines = ["| variable | default | meaning |", "|---|---|---|"]
+    for field, info in Settings.model_fields.items():
+        default = info.default
+        shown = "(unset)" if default is None else f"`{default}`"
+        description = (info.description or "").replace("|", "\\|")
+        lines.append(f"| `{env_name(field)}` | {shown} | {description} |")
+    return "\n".join(lines) + "\n"

