@@ -146,6 +146,9 @@ def cold_prefix_penalty(loaded, prefixes, samples: int = 20) -> dict[str, float]
     with socket.socket() as probe:  # a free loopback port for the S3 server
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
+    import logging
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # the S3 server's request log
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     try:

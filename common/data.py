@@ -36,35 +36,42 @@ class EncodedExample:
         return len(self.prompt_ids) + len(self.target_ids)
 
 
+def parse_jsonl_line(raw: str | bytes, *, where: str) -> Example | None:
+    """One JSONL line → an :class:`Example`, or ``None`` for a blank line; an error names
+    ``where`` (e.g. ``data.jsonl:3``)."""
+    try:
+        line = raw.decode("utf-8") if isinstance(raw, bytes) else raw
+    except UnicodeDecodeError as error:
+        raise InvalidInputError(f"{where}: not valid UTF-8 ({error.reason})") from None
+    if not line.strip():
+        return None
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as error:
+        raise InvalidInputError(f"{where}: invalid JSON ({error.msg})") from None
+    if not isinstance(record, dict):
+        raise InvalidInputError(
+            f'{where}: expected an object {{"input": ..., "output": ...}}, got {type(record).__name__}'
+        )
+    for name in ("input", "output"):
+        if name not in record:
+            raise InvalidInputError(f"{where}: missing field {name!r}")
+        if not isinstance(record[name], str):
+            raise InvalidInputError(
+                f"{where}: field {name!r} must be a string, got {type(record[name]).__name__}"
+            )
+        if not record[name].strip():
+            raise InvalidInputError(f"{where}: field {name!r} is empty")
+    return Example(record["input"], record["output"])
+
+
 def parse_jsonl(lines: Iterable[str | bytes], *, source: str) -> list[Example]:
     """Parse JSONL lines; every error names ``source`` and the 1-based line number."""
     examples: list[Example] = []
     for number, raw in enumerate(lines, start=1):
-        where = f"{source}:{number}"
-        try:
-            line = raw.decode("utf-8") if isinstance(raw, bytes) else raw
-        except UnicodeDecodeError as error:
-            raise InvalidInputError(f"{where}: not valid UTF-8 ({error.reason})") from None
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise InvalidInputError(f"{where}: invalid JSON ({error.msg})") from None
-        if not isinstance(record, dict):
-            raise InvalidInputError(
-                f'{where}: expected an object {{"input": ..., "output": ...}}, got {type(record).__name__}'
-            )
-        for name in ("input", "output"):
-            if name not in record:
-                raise InvalidInputError(f"{where}: missing field {name!r}")
-            if not isinstance(record[name], str):
-                raise InvalidInputError(
-                    f"{where}: field {name!r} must be a string, got {type(record[name]).__name__}"
-                )
-            if not record[name].strip():
-                raise InvalidInputError(f"{where}: field {name!r} is empty")
-        examples.append(Example(record["input"], record["output"]))
+        example = parse_jsonl_line(raw, where=f"{source}:{number}")
+        if example is not None:
+            examples.append(example)
     if not examples:
         raise InvalidInputError(f"{source}: no examples (the file is empty)")
     return examples
@@ -92,6 +99,17 @@ def encode_prompt(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
     return [*tokenizer.encode(text, add_special_tokens=False), separator_id(tokenizer)]
 
 
+def encode_example(tokenizer: PreTrainedTokenizerBase, example: Example) -> EncodedExample:
+    """``input <sep>`` as the prompt, ``output <eos>`` as the target."""
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise InvalidInputError("the tokenizer has no EOS token")
+    return EncodedExample(
+        encode_prompt(tokenizer, example.input),
+        [*tokenizer.encode(example.output, add_special_tokens=False), int(eos)],
+    )
+
+
 def encode_examples(
     tokenizer: PreTrainedTokenizerBase,
     examples: Sequence[Example],
@@ -106,10 +124,7 @@ def encode_examples(
         raise InvalidInputError("the tokenizer has no EOS token")
     encoded = []
     for number, example in enumerate(examples, start=1):
-        item = EncodedExample(
-            encode_prompt(tokenizer, example.input),
-            [*tokenizer.encode(example.output, add_special_tokens=False), int(eos)],
-        )
+        item = encode_example(tokenizer, example)
         if len(item) > max_tokens:
             raise InvalidInputError(
                 f"{source}: example {number} has {len(item)} tokens; the limit is {max_tokens} "

@@ -26,10 +26,17 @@ from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import aliased
 from sqlmodel import Session, col, func, select
 
 from common.blobstore.keys import key_belongs_to_tenant
-from common.db.errors import ConflictError, LeaseLostError, NotFoundError, TenantNotActiveError
+from common.db.errors import (
+    ConflictError,
+    LeaseLostError,
+    NotFoundError,
+    QuotaExceededError,
+    TenantNotActiveError,
+)
 from common.db.models import (
     TERMINAL_JOB_STATES,
     ApiKey,
@@ -195,13 +202,35 @@ def revoke_api_key(*, session: Session, tenant_id: uuid.UUID, key_id: uuid.UUID)
 # --- datasets -------------------------------------------------------------------------------
 
 
-def add_dataset(*, session: Session, tenant_id: uuid.UUID, dataset_in: DatasetCreate) -> Dataset:
-    """Record a dataset whose blob is already written (under the tenant's key prefix)."""
+def add_dataset(
+    *,
+    session: Session,
+    tenant_id: uuid.UUID,
+    dataset_in: DatasetCreate,
+    max_total_bytes: int | None = None,
+) -> Dataset:
+    """Record a dataset whose blob is already written (under the tenant's key prefix).
+    With ``max_total_bytes``, the tenant's datasets including this one must fit in it (checked
+    under the tenant's row lock, so concurrent uploads cannot overshoot together); else
+    :class:`QuotaExceededError` and nothing is recorded."""
     if not key_belongs_to_tenant(dataset_in.object_key, tenant_id):
         raise InvalidInputError(
             f"dataset object key {dataset_in.object_key!r} is outside tenant {tenant_id}'s prefix"
         )
-    _require_active_tenant(session, tenant_id, lock=False)
+    try:
+        _require_active_tenant(session, tenant_id, lock=max_total_bytes is not None)
+        if max_total_bytes is not None:
+            used = tenant_dataset_bytes(session=session, tenant_id=tenant_id)
+            if used + dataset_in.size_bytes > max_total_bytes:
+                raise QuotaExceededError(
+                    f"dataset storage quota exceeded: {used} bytes stored + "
+                    f"{dataset_in.size_bytes} uploaded > tenant_dataset_bytes_quota "
+                    f"{max_total_bytes}",
+                    limit="tenant_dataset_bytes_quota",
+                )
+    except BaseException:
+        session.rollback()
+        raise
     dataset = Dataset.model_validate(dataset_in, update={"tenant_id": tenant_id})
     session.add(dataset)
     _commit(session)
@@ -227,6 +256,46 @@ def list_datasets(
     return list(session.exec(stmt).all())
 
 
+def tenant_dataset_bytes(*, session: Session, tenant_id: uuid.UUID) -> int:
+    """Total size of the tenant's datasets (its storage quota counts these)."""
+    stmt = select(func.coalesce(func.sum(Dataset.size_bytes), 0)).where(
+        col(Dataset.tenant_id) == tenant_id
+    )
+    return int(session.exec(stmt).one())
+
+
+def delete_dataset(*, session: Session, tenant_id: uuid.UUID, dataset_id: uuid.UUID) -> Dataset:
+    """Delete the dataset's row and return it (the caller then deletes its blob). A dataset
+    that a queued or running job of the tenant reads is kept: :class:`ConflictError`."""
+    try:
+        # The tenant's row lock serializes this with job submissions (enqueue_job with a
+        # quota takes it too), so no new job can start reading the dataset meanwhile.
+        _lock_tenant(session, tenant_id)
+        dataset = session.get(Dataset, dataset_id, populate_existing=True)
+        if dataset is None or dataset.tenant_id != tenant_id:
+            raise NotFoundError(f"dataset {dataset_id} not found")
+        unfinished = session.exec(
+            select(
+                TrainingJob.id, TrainingJob.dataset_ids, TrainingJob.validation_dataset_id
+            ).where(
+                col(TrainingJob.tenant_id) == tenant_id,
+                col(TrainingJob.state).not_in(list(TERMINAL_JOB_STATES)),
+            )
+        ).all()
+        for job_id, dataset_ids, validation_id in unfinished:
+            if str(dataset_id) in dataset_ids or validation_id == dataset_id:
+                raise ConflictError(
+                    f"dataset {dataset_id} is used by job {job_id}, which has not finished: "
+                    "cancel the job or wait for it"
+                )
+        session.delete(dataset)
+        session.commit()
+    except BaseException:
+        session.rollback()
+        raise
+    return dataset
+
+
 # --- training jobs --------------------------------------------------------------------------
 
 
@@ -238,26 +307,49 @@ def _job_by_idempotency_key(session: Session, tenant_id: uuid.UUID, key: str) ->
 
 
 def enqueue_job(
-    *, session: Session, tenant_id: uuid.UUID, job_in: TrainingJobCreate
+    *,
+    session: Session,
+    tenant_id: uuid.UUID,
+    job_in: TrainingJobCreate,
+    max_unfinished_jobs: int | None = None,
 ) -> tuple[TrainingJob, bool]:
     """Queue a training job. Returns ``(job, created)``: a resubmission with an idempotency
-    key the tenant already used returns the existing job and ``created=False``."""
+    key the tenant already used returns the existing job and ``created=False``. Every
+    dataset (and the validation dataset) must be the tenant's, else :class:`NotFoundError`.
+    With ``max_unfinished_jobs``, a tenant that already has that many queued or running jobs
+    gets :class:`QuotaExceededError` (checked under the tenant's row lock)."""
     if job_in.idempotency_key is not None:
         existing = _job_by_idempotency_key(session, tenant_id, job_in.idempotency_key)
         if existing is not None:
             return existing, False
-    _require_active_tenant(session, tenant_id, lock=False)
-    dataset_ids = list(dict.fromkeys(job_in.dataset_ids))
-    found = set(
-        session.exec(
-            select(Dataset.id).where(
-                col(Dataset.tenant_id) == tenant_id, col(Dataset.id).in_(dataset_ids)
-            )
-        ).all()
-    )
-    missing = [str(d) for d in dataset_ids if d not in found]
-    if missing:
-        raise NotFoundError(f"dataset(s) not found: {', '.join(missing)}")
+    try:
+        _require_active_tenant(session, tenant_id, lock=max_unfinished_jobs is not None)
+        dataset_ids = list(dict.fromkeys(job_in.dataset_ids))
+        wanted = [*dataset_ids]
+        if job_in.validation_dataset_id is not None:
+            wanted.append(job_in.validation_dataset_id)
+        found = set(
+            session.exec(
+                select(Dataset.id).where(
+                    col(Dataset.tenant_id) == tenant_id, col(Dataset.id).in_(wanted)
+                )
+            ).all()
+        )
+        missing = [str(d) for d in dict.fromkeys(wanted) if d not in found]
+        if missing:
+            raise NotFoundError(f"dataset(s) not found: {', '.join(missing)}")
+        if max_unfinished_jobs is not None:
+            unfinished = count_unfinished_jobs(session=session, tenant_id=tenant_id)
+            if unfinished >= max_unfinished_jobs:
+                raise QuotaExceededError(
+                    f"job quota exceeded: {unfinished} queued or running job(s), "
+                    f"tenant_unfinished_jobs_quota is {max_unfinished_jobs}; wait for one to "
+                    "finish or cancel one",
+                    limit="tenant_unfinished_jobs_quota",
+                )
+    except BaseException:
+        session.rollback()
+        raise
     job = TrainingJob.model_validate(
         job_in, update={"tenant_id": tenant_id, "dataset_ids": [str(d) for d in dataset_ids]}
     )
@@ -274,6 +366,24 @@ def enqueue_job(
         raise
     session.refresh(job)
     return job, True
+
+
+def count_unfinished_jobs(*, session: Session, tenant_id: uuid.UUID) -> int:
+    """The tenant's queued and running jobs."""
+    stmt = select(func.count()).where(
+        col(TrainingJob.tenant_id) == tenant_id,
+        col(TrainingJob.state).not_in(list(TERMINAL_JOB_STATES)),
+    )
+    return int(session.exec(stmt).one())
+
+
+def count_jobs_by_state(*, session: Session) -> dict[JobState, int]:
+    """Jobs of every tenant per state (every state present, zeros included)."""
+    stmt = select(TrainingJob.state, func.count()).group_by(col(TrainingJob.state))
+    counts = {state: 0 for state in JobState}
+    for state, count in session.exec(stmt).all():
+        counts[JobState(state)] = int(count)
+    return counts
 
 
 def get_job(
@@ -441,6 +551,165 @@ def claim_next_job(
     return None
 
 
+def claim_next_fair_job(
+    *, session: Session, owner: str, lease_seconds: float, now: datetime | None = None
+) -> TrainingJob | None:
+    """The scheduler's claim: like :func:`claim_next_job`, but fair between tenants.
+
+    - a tenant with a running job gets no second one (at most one running job per tenant);
+    - a tenant being deleted gets nothing;
+    - among the claimable jobs: interactive before batch, then round-robin across tenants
+      (the tenant whose most recent job start is oldest goes first, a tenant that never
+      started a job before everyone), then oldest job first.
+
+    So a tenant with many queued jobs cannot starve the others: after each of its starts,
+    every other tenant with a queued job of the same priority comes first.
+
+    Concurrency: on PostgreSQL the candidate's tenant row is locked with ``FOR NO KEY UPDATE
+    SKIP LOCKED`` (claimers of one tenant serialize, others pass by; inserts that reference
+    the tenant are not blocked), and the job turns ``running`` by a compare-and-set update
+    that also requires no running job of the tenant — which on SQLite (one writer at a
+    time) is what makes the per-tenant limit hold."""
+    if not owner:
+        raise ValueError("owner must be a non-empty string")
+    if lease_seconds <= 0:
+        raise ValueError("lease_seconds must be positive")
+    sibling = aliased(TrainingJob)
+    skipped: set[uuid.UUID] = set()
+    for _ in range(_CLAIM_TRIES * 2):
+        at = now or utcnow()
+        try:
+            _reclaim_expired(session, at)
+            tenant_busy = (
+                sa.exists()
+                .where(
+                    col(sibling.tenant_id) == col(TrainingJob.tenant_id),
+                    col(sibling.state) == JobState.running,
+                )
+                .correlate(TrainingJob)
+            )
+            last_start = (
+                select(func.max(sibling.started_at))
+                .where(col(sibling.tenant_id) == col(TrainingJob.tenant_id))
+                .correlate(TrainingJob)
+                .scalar_subquery()
+            )
+            stmt = (
+                select(TrainingJob.id, TrainingJob.tenant_id)
+                .join(Tenant, col(Tenant.id) == col(TrainingJob.tenant_id))
+                .where(
+                    col(TrainingJob.state) == JobState.queued,
+                    col(Tenant.status) == TenantStatus.active,
+                    ~tenant_busy,
+                )
+                .order_by(
+                    _PRIORITY_RANK,
+                    last_start.asc().nulls_first(),
+                    col(TrainingJob.created_at),
+                    col(TrainingJob.id),
+                )
+                .limit(1)
+            )
+            if skipped:
+                stmt = stmt.where(col(TrainingJob.tenant_id).not_in(skipped))
+            row = session.exec(stmt).first()
+            if row is None:
+                _commit(session)
+                return None
+            candidate, tenant_id = row
+            locked = session.exec(
+                select(Tenant.id)
+                .where(col(Tenant.id) == tenant_id, col(Tenant.status) == TenantStatus.active)
+                .with_for_update(skip_locked=True, key_share=True)
+            ).first()
+            if locked is None:  # another claimer, a publish or a deletion holds the tenant
+                session.rollback()
+                skipped.add(tenant_id)
+                continue
+            busy_now = (
+                sa.exists()
+                .where(
+                    col(sibling.tenant_id) == tenant_id,
+                    col(sibling.state) == JobState.running,
+                )
+                .correlate_except(sibling)
+            )
+            result = session.exec(
+                sa.update(TrainingJob)
+                .where(
+                    col(TrainingJob.id) == candidate,
+                    col(TrainingJob.state) == JobState.queued,
+                    ~busy_now,
+                )
+                .values(
+                    state=JobState.running,
+                    lease_owner=owner,
+                    lease_expires_at=at + timedelta(seconds=lease_seconds),
+                    heartbeat_at=at,
+                    attempts=col(TrainingJob.attempts) + 1,
+                    started_at=func.coalesce(col(TrainingJob.started_at), _ts(at)),
+                    updated_at=at,
+                )
+            )
+        except BaseException:
+            session.rollback()
+            raise
+        if result.rowcount == 1:
+            _commit(session)
+            return session.get(TrainingJob, candidate, populate_existing=True)
+        session.rollback()  # taken, cancelled, or the tenant got a running job meanwhile
+    return None
+
+
+def release_job(
+    *,
+    session: Session,
+    job_id: uuid.UUID,
+    owner: str,
+    reason: str,
+    now: datetime | None = None,
+) -> bool:
+    """Give a running job back to the queue without counting the attempt: the owner stops
+    for a reason that is not the job's fault (a graceful worker shutdown). Returns False,
+    changing nothing, when ``owner`` no longer holds the lease."""
+    at = now or utcnow()
+    result = session.exec(
+        sa.update(TrainingJob)
+        .where(col(TrainingJob.id) == job_id, *_owned_running(owner))
+        .values(
+            state=JobState.queued,
+            attempts=sa.case(
+                (col(TrainingJob.attempts) > 0, col(TrainingJob.attempts) - 1), else_=0
+            ),
+            lease_owner=None,
+            lease_expires_at=None,
+            error=reason,
+            updated_at=at,
+        )
+    )
+    _commit(session)
+    return result.rowcount == 1
+
+
+def list_all_jobs(
+    *,
+    session: Session,
+    tenant_id: uuid.UUID | None = None,
+    state: JobState | None = None,
+    offset: int = 0,
+    limit: int = 100,
+) -> list[TrainingJob]:
+    """Jobs of every tenant, newest first (operators only: ``prefixd jobs list``; tenant
+    requests go through :func:`list_jobs`, which requires the tenant)."""
+    stmt = select(TrainingJob)
+    if tenant_id is not None:
+        stmt = stmt.where(col(TrainingJob.tenant_id) == tenant_id)
+    if state is not None:
+        stmt = stmt.where(col(TrainingJob.state) == state)
+    stmt = stmt.order_by(col(TrainingJob.created_at).desc(), col(TrainingJob.id))
+    return list(session.exec(stmt.offset(offset).limit(limit)).all())
+
+
 def _owned_running(owner: str) -> list[sa.ColumnElement[bool]]:
     return [
         col(TrainingJob.state) == JobState.running,
@@ -534,6 +803,21 @@ def list_job_events(
     if after_id is not None:
         stmt = stmt.where(col(JobEvent.id) > after_id)
     return list(session.exec(stmt.order_by(col(JobEvent.id)).limit(limit)).all())
+
+
+def latest_job_events(
+    *, session: Session, job_ids: Sequence[uuid.UUID]
+) -> dict[uuid.UUID, JobEvent]:
+    """The newest progress row of each of these jobs (jobs without one are left out)."""
+    if not job_ids:
+        return {}
+    newest = (
+        select(func.max(JobEvent.id))
+        .where(col(JobEvent.job_id).in_(list(job_ids)))
+        .group_by(col(JobEvent.job_id))
+    )
+    rows = session.exec(select(JobEvent).where(col(JobEvent.id).in_(newest))).all()
+    return {row.job_id: row for row in rows}
 
 
 # --- prefixes -------------------------------------------------------------------------------
@@ -667,6 +951,24 @@ def get_prefix(*, session: Session, tenant_id: uuid.UUID, version: int) -> Prefi
     return session.exec(stmt).first()
 
 
+def get_prefix_by_id(
+    *, session: Session, tenant_id: uuid.UUID, prefix_id: uuid.UUID
+) -> Prefix | None:
+    """A prefix version by its id, only if it belongs to the tenant."""
+    prefix = session.get(Prefix, prefix_id, populate_existing=True)
+    return prefix if prefix is not None and prefix.tenant_id == tenant_id else None
+
+
+def prefix_ids_of_jobs(
+    *, session: Session, job_ids: Sequence[uuid.UUID]
+) -> dict[uuid.UUID, uuid.UUID]:
+    """The prefix version each of these jobs published (jobs without one are left out)."""
+    if not job_ids:
+        return {}
+    stmt = select(Prefix.job_id, Prefix.id).where(col(Prefix.job_id).in_(list(job_ids)))
+    return {job_id: prefix_id for job_id, prefix_id in session.exec(stmt).all() if job_id}
+
+
 def list_prefixes(*, session: Session, tenant_id: uuid.UUID) -> list[Prefix]:
     stmt = select(Prefix).where(col(Prefix.tenant_id) == tenant_id).order_by(col(Prefix.version))
     return list(session.exec(stmt).all())
@@ -712,3 +1014,11 @@ def list_deletion_audits(
     if tenant_id is not None:
         stmt = stmt.where(col(DeletionAudit.tenant_id) == tenant_id)
     return session.exec(stmt.order_by(col(DeletionAudit.requested_at))).all()
+
+
+def existing_prefix_ids(*, session: Session, prefix_ids: list[uuid.UUID]) -> set[uuid.UUID]:
+    """Which of these prefix ids still have a row (inference replicas drop the others)."""
+    if not prefix_ids:
+        return set()
+    rows = session.exec(select(Prefix.id).where(col(Prefix.id).in_(prefix_ids)))
+    return set(rows.all())

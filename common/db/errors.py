@@ -36,3 +36,11 @@ class TenantNotActiveError(ConflictError):
 
 class LeaseLostError(ConflictError):
     """The caller no longer owns the job's lease (expired, reclaimed, cancelled or finished)."""
+
+
+class QuotaExceededError(DatabaseError):
+    """A per-tenant quota would be exceeded; the message names the quota and its value."""
+
+    def __init__(self, message: str, *, limit: str) -> None:
+        super().__init__(message)
+        self.limit = limit  # the setting's name, e.g. "tenant_dataset_bytes_quota"

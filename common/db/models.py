@@ -180,6 +180,9 @@ class TrainingJobBase(SQLModel):
     priority: JobPriority = Field(default=JobPriority.interactive, sa_type=_enum(JobPriority))
     hyperparameters: dict[str, Any] = Field(default_factory=dict, sa_type=_JSON)
     max_attempts: int = Field(default=3, ge=1, le=100)
+    # A dataset of the same tenant whose examples are the validation set (validation loss,
+    # early stopping) instead of a split of the training data; None: no such dataset.
+    validation_dataset_id: uuid.UUID | None = Field(default=None)
 
 
 class TrainingJobCreate(TrainingJobBase):

@@ -2,22 +2,46 @@
 
 from __future__ import annotations
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 
 import prefixd
 from services.api.context import ApiContext
+from services.api.deps import enforce_generate_rate
 from services.api.errors import install_error_handlers
-from services.api.routes import generate, health
+from services.api.limits import BodyLimit, BodySizeLimitMiddleware
+from services.api.metrics import ApiMetrics, MetricsMiddleware
+from services.api.routes import datasets, generate, health, jobs, metrics, prefixes, tenants
+from services.api.uploads import MULTIPART_OVERHEAD_BYTES
 
 
 def create_app(context: ApiContext) -> FastAPI:
+    settings = context.settings
     app = FastAPI(
         title="prefixd",
         version=prefixd.__version__,
-        description="Per-tenant prefix-tuning on one frozen language model.",
+        description="Per-tenant prefix-tuning on one frozen language model. Authenticate "
+        "with `Authorization: Bearer <key>`: a tenant's API key, or the admin token for "
+        'tenant management. Every error is `{"error": {"code": "...", "message": "..."}}`.',
     )
     app.state.context = context
+    app.state.metrics = ApiMetrics(context.db)
     install_error_handlers(app)
+    # Added innermost first: metrics is outermost, so it also counts the 413s.
+    app.add_middleware(
+        BodySizeLimitMiddleware,
+        default=BodyLimit("max_request_bytes", settings.max_request_bytes),
+        per_route={
+            ("POST", "/v1/datasets"): BodyLimit(
+                "max_dataset_bytes", settings.max_dataset_bytes + MULTIPART_OVERHEAD_BYTES
+            )
+        },
+    )
+    app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
     app.include_router(health.router)
-    app.include_router(generate.router)
+    app.include_router(metrics.router)
+    app.include_router(tenants.router)
+    app.include_router(datasets.router)
+    app.include_router(jobs.router)
+    app.include_router(prefixes.router)
+    app.include_router(generate.router, dependencies=[Depends(enforce_generate_rate)])
     return app

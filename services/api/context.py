@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.engine import Engine
 
 from common.blobstore import BlobStore
 from common.config import Settings
+from services.api.limits import TokenBucket
+
+if TYPE_CHECKING:
+    from services.api.uploads import ExampleChecker
 
 
 @dataclass
@@ -18,3 +24,24 @@ class ApiContext:
     blobs: BlobStore
     inference: Any  # DeploymentHandle of services.inference.deployment.InferenceServer
     model_fingerprint: str
+    # Per-tenant token buckets of the generate routes (per replica).
+    generate_limiter: TokenBucket = field(init=False)
+    # Work that outlives its request (tenant erasure), off the event loop.
+    background: ThreadPoolExecutor = field(init=False)
+    _checker: ExampleChecker | None = field(default=None, init=False, repr=False)
+    _checker_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.generate_limiter = TokenBucket(
+            self.settings.generate_rate_per_second, self.settings.generate_burst
+        )
+        self.background = ThreadPoolExecutor(max_workers=2, thread_name_prefix="prefixd-api-bg")
+
+    def example_checker(self) -> ExampleChecker:
+        """The base model's tokenizer and context length, loaded on first use."""
+        with self._checker_lock:
+            if self._checker is None:
+                from services.api.uploads import ExampleChecker
+
+                self._checker = ExampleChecker.load(self.settings)
+            return self._checker

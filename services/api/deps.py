@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import hmac
+import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import Depends, Request
@@ -14,6 +16,7 @@ from common.db import crud
 from common.db.models import Tenant
 from services.api.context import ApiContext
 from services.api.errors import ApiError
+from services.api.limits import retry_after_header
 
 bearer = HTTPBearer(auto_error=False, description="A tenant API key, or the admin token.")
 
@@ -66,3 +69,40 @@ def require_admin(context: ContextDep, credentials: Credentials) -> None:
 
 
 AdminDep = Annotated[None, Depends(require_admin)]
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who calls a route open to the admin and to tenants: ``tenant`` is None for the admin."""
+
+    tenant: Tenant | None
+
+    def may_act_on(self, tenant_id: uuid.UUID) -> bool:
+        """The admin acts on every tenant; a tenant's key only on that tenant."""
+        return self.tenant is None or self.tenant.id == tenant_id
+
+
+def current_caller(context: ContextDep, session: SessionDep, credentials: Credentials) -> Caller:
+    if credentials is None:
+        raise _unauthorized("missing API key: send 'Authorization: Bearer <key>'")
+    if is_admin(context, credentials):
+        return Caller(tenant=None)
+    return Caller(tenant=current_tenant(session, credentials))
+
+
+CallerDep = Annotated[Caller, Depends(current_caller)]
+
+
+def enforce_generate_rate(tenant: CurrentTenant, context: ContextDep) -> None:
+    """The per-tenant token bucket of the generate routes (429 naming the limit)."""
+    wait = context.generate_limiter.acquire(tenant.id)
+    if wait > 0:
+        settings = context.settings
+        raise ApiError(
+            429,
+            "rate_limited",
+            f"generate rate limit exceeded: generate_rate_per_second is "
+            f"{settings.generate_rate_per_second}, generate_burst {settings.generate_burst}; "
+            f"retry in {wait:.1f} s",
+            headers=retry_after_header(wait),
+        )

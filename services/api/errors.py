@@ -4,6 +4,8 @@ they come back from another deployment wrapped in a Ray error) map to 4xx, never
 
 from __future__ import annotations
 
+import logging
+
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -11,11 +13,28 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from common.errors import IncompatiblePrefixError, InvalidInputError, PrefixdError
 
+log = logging.getLogger(__name__)
+
+# The error code of each status that Starlette/FastAPI or a middleware raises by itself.
+HTTP_ERROR_CODES = {
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "payload_too_large",
+    415: "unsupported_media_type",
+    429: "rate_limited",
+}
+
 
 class ApiError(Exception):
-    def __init__(self, status: int, code: str, message: str) -> None:
+    def __init__(
+        self, status: int, code: str, message: str, *, headers: dict[str, str] | None = None
+    ) -> None:
         super().__init__(message)
         self.status, self.code, self.message = status, code, message
+        self.headers = headers
 
 
 def error_body(code: str, message: str) -> dict:
@@ -35,11 +54,13 @@ def _status_of(error: PrefixdError) -> tuple[int, str]:
         ConflictError,
         DatabaseUnavailableError,
         NotFoundError,
+        QuotaExceededError,
     )
 
     table: list[tuple[type[PrefixdError], int, str]] = [
         (NotFoundError, 404, "not_found"),
         (ConflictError, 409, "conflict"),
+        (QuotaExceededError, 429, "quota_exceeded"),
         (IncompatiblePrefixError, 409, "incompatible_prefix"),
         (InvalidInputError, 422, "invalid_input"),
         (DatabaseUnavailableError, 503, "database_unavailable"),
@@ -64,7 +85,9 @@ def to_api_error(error: BaseException) -> ApiError | None:
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def api_error(request: Request, error: ApiError) -> JSONResponse:
-        return JSONResponse(error_body(error.code, error.message), status_code=error.status)
+        return JSONResponse(
+            error_body(error.code, error.message), status_code=error.status, headers=error.headers
+        )
 
     @app.exception_handler(PrefixdError)
     async def user_error(request: Request, error: PrefixdError) -> JSONResponse:
@@ -83,9 +106,21 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
-        code = {401: "unauthorized", 403: "forbidden", 404: "not_found", 405: "method_not_allowed"}
         return JSONResponse(
-            error_body(code.get(error.status_code, "http_error"), str(error.detail)),
+            error_body(HTTP_ERROR_CODES.get(error.status_code, "http_error"), str(error.detail)),
             status_code=error.status_code,
             headers=getattr(error, "headers", None),
         )
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, error: Exception) -> JSONResponse:
+        # The traceback goes to the replica's log (no request body, no headers: no secrets);
+        # the client learns only that it was our fault.
+        log.error(
+            "unhandled %s on %s %s",
+            type(error).__name__,
+            request.method,
+            request.url.path,
+            exc_info=error,
+        )
+        return JSONResponse(error_body("internal", "internal server error"), status_code=500)

@@ -27,6 +27,8 @@ class ApiIngress:
             inference=inference,
             model_fingerprint=model_fingerprint,
         )
+        # The tokenizer (not the weights) validates uploads: load it now, not on first use.
+        self.context.example_checker()
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         return create_app(self.context)

@@ -8,7 +8,9 @@ DOCS = Path(__file__).resolve().parents[2] / "docs"
 def test_settings_doc_is_generated_from_the_settings_class():
     """docs/SETTINGS.md is regenerated with `python docs/generate_settings.py`."""
     text = (DOCS / "SETTINGS.md").read_text()
-    assert text.endswith(settings_table()), "docs/SETTINGS.md is stale: run python docs/generate_settings.py"
+    assert text.endswith(settings_table()), (
+        "docs/SETTINGS.md is stale: run python docs/generate_settings.py"
+    )
 
 
 def test_every_setting_reads_its_documented_variable(monkeypatch, tmp_path):
@@ -26,4 +28,7 @@ def test_admin_token_is_never_shown(monkeypatch):
     monkeypatch.setenv("PREFIXD_ADMIN_TOKEN", "s3cret-token")
     settings = Settings()
     assert "s3cret-token" not in repr(settings) and "s3cret-token" not in str(settings.model_dump())
-    assert settings.admin_token is not None and settings.admin_token.get_secret_value() == "s3cret-token"
+    assert (
+        settings.admin_token is not None
+        and settings.admin_token.get_secret_value() == "s3cret-token"
+    )

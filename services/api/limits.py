@@ -1,0 +1,160 @@
+"""Request limits of the API: the body size (checked from ``Content-Length`` before anything
+is read, then counted while the body streams in) and a per-tenant token bucket on generate.
+
+Both answer with the error body of every other error and name the setting that was hit:
+413 ``payload_too_large`` and 429 ``rate_limited`` (with ``Retry-After``).
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass
+
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from services.api.errors import error_body
+
+
+@dataclass(frozen=True)
+class BodyLimit:
+    setting: str  # the Settings field that sets it, named in the error
+    max_bytes: int
+
+
+class BodyTooLargeError(StarletteHTTPException):
+    """Raised from ``receive`` once the body outgrows its limit: FastAPI's body parsing and
+    our streaming upload both let an ``HTTPException`` through, so it becomes a 413."""
+
+    def __init__(self, limit: BodyLimit) -> None:
+        super().__init__(413, detail=body_too_large_message(limit))
+
+
+def body_too_large_message(limit: BodyLimit) -> str:
+    return f"request body larger than {limit.setting} ({limit.max_bytes} bytes)"
+
+
+class BodySizeLimitMiddleware:
+    """Refuse a request whose body is larger than its route's limit, without reading it
+    when ``Content-Length`` already says so, and otherwise as soon as the bytes received
+    pass it (a chunked body has no ``Content-Length``)."""
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        default: BodyLimit,
+        per_route: dict[tuple[str, str], BodyLimit] | None = None,
+    ) -> None:
+        self.app = app
+        self.default = default
+        self.per_route = per_route or {}
+
+    def limit_for(self, scope: Scope) -> BodyLimit:
+        path: str = scope.get("path", "")
+        root: str = scope.get("root_path", "")
+        if root and path.startswith(root):
+            path = path[len(root) :] or "/"
+        return self.per_route.get((scope.get("method", ""), path.rstrip("/") or "/"), self.default)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        limit = self.limit_for(scope)
+        declared = _content_length(scope)
+        if declared is not None and declared > limit.max_bytes:
+            await _too_large(limit)(scope, receive, send)
+            return
+
+        received = 0
+
+        async def counting_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit.max_bytes:
+                    raise BodyTooLargeError(limit)
+            return message
+
+        started = False
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, counting_receive, tracking_send)
+        except BodyTooLargeError:
+            if started:
+                raise
+            await _too_large(limit)(scope, receive, send)
+
+
+def _content_length(scope: Scope) -> int | None:
+    for name, value in scope.get("headers", []):
+        if name == b"content-length":
+            try:
+                return int(value)
+            except ValueError:
+                return None
+    return None
+
+
+def _too_large(limit: BodyLimit) -> JSONResponse:
+    # The client may still be sending: closing after the answer is the server's business.
+    return JSONResponse(
+        error_body("payload_too_large", body_too_large_message(limit)),
+        status_code=413,
+        headers={"Connection": "close"},
+    )
+
+
+class TokenBucket:
+    """Per-key token buckets: ``burst`` requests at once, refilled at ``rate`` per second.
+    Thread-safe (dependencies run in a thread pool). Full, idle buckets are forgotten once
+    more than ``max_keys`` keys are tracked, so memory stays bounded."""
+
+    def __init__(
+        self,
+        rate: float,
+        burst: int,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        max_keys: int = 100_000,
+    ) -> None:
+        if rate <= 0 or burst < 1:
+            raise ValueError("rate must be positive and burst at least 1")
+        self.rate, self.burst, self.clock, self.max_keys = rate, burst, clock, max_keys
+        self._buckets: dict[Hashable, tuple[float, float]] = {}  # key -> (tokens, at)
+        self._lock = threading.Lock()
+
+    def acquire(self, key: Hashable) -> float:
+        """Take one token for ``key``: 0.0 when granted, else the seconds until one frees."""
+        with self._lock:
+            now = self.clock()
+            tokens, at = self._buckets.get(key, (float(self.burst), now))
+            tokens = min(float(self.burst), tokens + (now - at) * self.rate)
+            if tokens >= 1.0:
+                self._buckets[key] = (tokens - 1.0, now)
+                if len(self._buckets) > self.max_keys:
+                    self._forget_full(now)
+                return 0.0
+            self._buckets[key] = (tokens, now)
+            return (1.0 - tokens) / self.rate
+
+    def _forget_full(self, now: float) -> None:
+        for key, (tokens, at) in list(self._buckets.items()):
+            if tokens + (now - at) * self.rate >= self.burst:
+                del self._buckets[key]
+
+
+def retry_after_header(seconds: float) -> dict[str, str]:
+    return {"Retry-After": str(max(1, math.ceil(seconds)))}

@@ -1,0 +1,21 @@
+"""``GET /metrics``: Prometheus text format (see ``services/api/metrics.py``)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.concurrency import run_in_threadpool
+
+router = APIRouter(tags=["metrics"])
+
+
+@router.get(
+    "/metrics",
+    response_class=Response,
+    responses={200: {"content": {CONTENT_TYPE_LATEST: {}}, "description": "Prometheus text"}},
+)
+async def metrics(request: Request) -> Response:
+    """Requests by route and status, request latency, and training jobs by state."""
+    registry = request.app.state.metrics.registry
+    body = await run_in_threadpool(generate_latest, registry)  # the job gauge reads the database
+    return Response(body, media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,143 @@
+"""Tenants and their API keys.
+
+The admin token creates and lists tenants; a tenant's own key may read and delete that
+tenant and manage its keys. A tenant key used with another tenant's id gets the same 404
+as an id that does not exist.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from fastapi import APIRouter, Query
+
+from common.db import crud
+from common.db.errors import NotFoundError
+from common.db.models import (
+    ApiKeyCreate,
+    ApiKeyCreated,
+    ApiKeyPublic,
+    Tenant,
+    TenantCreate,
+    TenantPublic,
+)
+from services.api.deps import AdminDep, Caller, CallerDep, ContextDep, SessionDep
+from services.api.schemas import (
+    ApiKeyCreateRequest,
+    Page,
+    TenantCreated,
+    TenantCreateRequest,
+    TenantDeletion,
+)
+from services.api.tenant_erasure import start_tenant_erasure
+
+router = APIRouter(prefix="/v1/tenants", tags=["tenants"])
+
+NOT_FOUND: dict[int | str, dict[str, Any]] = {
+    404: {"description": "no such tenant (or not the caller's)"}
+}
+
+
+def _tenant_for(session: Any, caller: Caller, tenant_id: uuid.UUID) -> Tenant:
+    tenant = None
+    if caller.may_act_on(tenant_id):
+        tenant = crud.get_tenant(session=session, tenant_id=tenant_id)
+    if tenant is None:
+        raise NotFoundError(f"tenant {tenant_id} not found")
+    return tenant
+
+
+@router.post("", status_code=201, response_model=TenantCreated)
+def create_tenant(_: AdminDep, session: SessionDep, body: TenantCreateRequest | None = None) -> Any:
+    """Create a tenant and its first API key (admin token). The key is shown only here."""
+    name = (body.name if body else None) or f"tenant-{uuid.uuid4().hex[:12]}"
+    tenant = crud.create_tenant(session=session, tenant_in=TenantCreate(name=name))
+    key, plaintext = crud.create_api_key(
+        session=session, tenant_id=tenant.id, key_in=ApiKeyCreate(name="initial")
+    )
+    return TenantCreated(
+        id=tenant.id,
+        name=tenant.name,
+        status=tenant.status.value,
+        created_at=tenant.created_at,
+        api_key=plaintext,
+        api_key_id=key.id,
+    )
+
+
+@router.get("", response_model=Page[TenantPublic])
+def list_tenants(
+    _: AdminDep,
+    session: SessionDep,
+    offset: int = Query(default=0, ge=0, le=1_000_000),
+    limit: int = Query(default=100, ge=1, le=1000),
+) -> Any:
+    """Every tenant, oldest first (admin token)."""
+    return Page[TenantPublic](
+        data=[
+            TenantPublic.model_validate(t)
+            for t in crud.list_tenants(session=session, offset=offset, limit=limit)
+        ]
+    )
+
+
+@router.get("/{tenant_id}", response_model=TenantPublic, responses=NOT_FOUND)
+def get_tenant(tenant_id: uuid.UUID, caller: CallerDep, session: SessionDep) -> Any:
+    """A tenant: `status` is `active`, or `deleting` while its erasure runs (then 404).
+    A deleting tenant's own keys no longer work: the admin follows the deletion."""
+    return _tenant_for(session, caller, tenant_id)
+
+
+@router.delete(
+    "/{tenant_id}",
+    status_code=202,
+    response_model=TenantDeletion,
+    responses=NOT_FOUND,
+)
+def delete_tenant(
+    tenant_id: uuid.UUID, caller: CallerDep, session: SessionDep, context: ContextDep
+) -> Any:
+    """Delete a tenant with everything it owns (admin token, or the tenant's own key).
+    Answers 202 at once: the tenant is `deleting` (its keys stop working now) until its
+    prefixes, datasets, jobs and keys are erased, then `GET` gives 404. Deleting again
+    resumes an interrupted erasure."""
+    _tenant_for(session, caller, tenant_id)
+    tenant = start_tenant_erasure(context=context, tenant_id=tenant_id)
+    return TenantDeletion(id=tenant.id, status=tenant.status.value)
+
+
+@router.get("/{tenant_id}/keys", response_model=Page[ApiKeyPublic], responses=NOT_FOUND)
+def list_keys(tenant_id: uuid.UUID, caller: CallerDep, session: SessionDep) -> Any:
+    """The tenant's API keys (hashes are never shown; revoked keys have `revoked_at`)."""
+    _tenant_for(session, caller, tenant_id)
+    keys = crud.list_api_keys(session=session, tenant_id=tenant_id)
+    return Page[ApiKeyPublic](data=[ApiKeyPublic.model_validate(k) for k in keys])
+
+
+@router.post(
+    "/{tenant_id}/keys", status_code=201, response_model=ApiKeyCreated, responses=NOT_FOUND
+)
+def create_key(
+    tenant_id: uuid.UUID,
+    caller: CallerDep,
+    session: SessionDep,
+    body: ApiKeyCreateRequest | None = None,
+) -> Any:
+    """A new API key for the tenant; `key` is shown only in this answer."""
+    _tenant_for(session, caller, tenant_id)
+    key, plaintext = crud.create_api_key(
+        session=session,
+        tenant_id=tenant_id,
+        key_in=ApiKeyCreate(name=body.name if body else None),
+    )
+    return ApiKeyCreated.model_validate(key, update={"key": plaintext})
+
+
+@router.delete("/{tenant_id}/keys/{key_id}", response_model=ApiKeyPublic, responses=NOT_FOUND)
+def revoke_key(
+    tenant_id: uuid.UUID, key_id: uuid.UUID, caller: CallerDep, session: SessionDep
+) -> Any:
+    """Revoke a key: it stops working at once (revoking again changes nothing)."""
+    _tenant_for(session, caller, tenant_id)
+    return crud.revoke_api_key(session=session, tenant_id=tenant_id, key_id=key_id)

@@ -1,0 +1,200 @@
+"""Request and response bodies of the API (beyond the database's ``*Public`` models).
+
+Text that reaches the database is refused when PostgreSQL could not store it (a NUL
+character, a lone surrogate), so such input is a 422, never a 500.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Annotated, Any, Generic, TypeVar
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+
+from common.db.models import Dataset, JobEvent, JobPriority, JobState, TrainingJob
+from common.training import TrainingConfig
+
+
+def _storable(text: str) -> str:
+    if "\x00" in text:
+        raise ValueError("must not contain NUL characters")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("must be valid Unicode (no lone surrogates)") from None
+    return text
+
+
+Name = Annotated[str, Field(min_length=1, max_length=100), AfterValidator(_storable)]
+IdempotencyKey = Annotated[str, Field(min_length=1, max_length=200), AfterValidator(_storable)]
+InitText = Annotated[str, Field(min_length=1, max_length=1000), AfterValidator(_storable)]
+
+
+T = TypeVar("T")
+
+
+class Page(BaseModel, Generic[T]):
+    """A list answer: ``data`` in the route's documented order."""
+
+    data: list[T]
+
+
+# --- tenants and keys -----------------------------------------------------------------------
+
+
+class TenantCreateRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: Name | None = Field(default=None, description="Unique name; default `tenant-<random>`.")
+
+
+class TenantCreated(BaseModel):
+    """The tenant and its first API key — the only time the key is shown."""
+
+    id: uuid.UUID
+    name: str
+    status: str
+    created_at: datetime
+    api_key: str
+    api_key_id: uuid.UUID
+
+
+class TenantDeletion(BaseModel):
+    id: uuid.UUID
+    status: str = Field(description="`deleting` until the tenant is gone (then 404).")
+
+
+class ApiKeyCreateRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: Name | None = None
+
+
+# --- datasets -------------------------------------------------------------------------------
+
+
+class DatasetOut(BaseModel):
+    id: uuid.UUID
+    examples: int
+    bytes: int
+    sha256: str
+    created_at: datetime
+
+    @classmethod
+    def of(cls, dataset: Dataset) -> DatasetOut:
+        return cls(
+            id=dataset.id,
+            examples=dataset.example_count,
+            bytes=dataset.size_bytes,
+            sha256=dataset.sha256,
+            created_at=dataset.created_at,
+        )
+
+
+# --- jobs -----------------------------------------------------------------------------------
+
+_DEFAULTS = TrainingConfig()
+
+
+class Hyperparameters(BaseModel):
+    """Training hyperparameters; ranges are checked by ``TrainingConfig.validate`` and the
+    API limits. Types are strict: ``"3"`` is not a number, ``true`` is not 1."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    prefix_length: int = Field(
+        default=_DEFAULTS.prefix_length,
+        description="Virtual tokens per layer (at most the service's longest prefix); "
+        "ignored with `text:` init, where the text's token count is the length.",
+    )
+    epochs: int = Field(default=_DEFAULTS.epochs, le=1000)
+    learning_rate: float = Field(default=_DEFAULTS.learning_rate, le=10, allow_inf_nan=False)
+    batch_size: int = Field(default=_DEFAULTS.batch_size, le=1024)
+    init: InitText = Field(
+        default=_DEFAULTS.init,
+        description="`random`, or `text:WORDS`: start from the frozen model's own "
+        "activations for WORDS (the paper's better low-data init).",
+    )
+    seed: int = Field(default=_DEFAULTS.seed, ge=0, le=2**32 - 1)
+    validation_split: float = Field(
+        default=0.0,
+        ge=0,
+        lt=1,
+        allow_inf_nan=False,
+        description="Fraction of the examples held out for validation loss and early "
+        "stopping (0: none); not together with `validation_dataset_id`.",
+    )
+
+
+class JobSubmit(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    dataset_ids: list[uuid.UUID] = Field(min_length=1, max_length=100)
+    validation_dataset_id: uuid.UUID | None = None
+    hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
+    idempotency_key: IdempotencyKey | None = Field(
+        default=None,
+        description="Submitting again with a key this tenant already used returns that "
+        "job (200) instead of queuing another (201).",
+    )
+
+
+class JobProgress(BaseModel):
+    step: int
+    total_steps: int | None
+    loss: float | None
+    val_loss: float | None
+    tokens_per_second: float | None
+    at: datetime
+
+    @classmethod
+    def of(cls, event: JobEvent) -> JobProgress:
+        return cls(
+            step=event.step,
+            total_steps=event.total_steps,
+            loss=event.loss,
+            val_loss=event.val_loss,
+            tokens_per_second=event.tokens_per_second,
+            at=event.created_at,
+        )
+
+
+class JobOut(BaseModel):
+    id: uuid.UUID
+    status: JobState
+    priority: JobPriority
+    dataset_ids: list[uuid.UUID]
+    validation_dataset_id: uuid.UUID | None
+    hyperparameters: dict[str, Any]
+    idempotency_key: str | None
+    attempts: int
+    max_attempts: int
+    progress: JobProgress | None = Field(description="The latest progress event, if any.")
+    prefix_id: uuid.UUID | None = Field(description="The prefix version the job produced.")
+    error: str | None
+    created_at: datetime
+    updated_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+
+    @classmethod
+    def of(cls, job: TrainingJob, *, event: JobEvent | None, prefix_id: uuid.UUID | None) -> JobOut:
+        return cls(
+            id=job.id,
+            status=job.state,
+            priority=job.priority,
+            dataset_ids=[uuid.UUID(str(d)) for d in job.dataset_ids],
+            validation_dataset_id=job.validation_dataset_id,
+            hyperparameters=job.hyperparameters,
+            idempotency_key=job.idempotency_key,
+            attempts=job.attempts,
+            max_attempts=job.max_attempts,
+            progress=JobProgress.of(event) if event is not None else None,
+            prefix_id=prefix_id,
+            error=job.error,
+            created_at=job.created_at,
+            updated_at=job.updated_at,
+            started_at=job.started_at,
+            finished_at=job.finished_at,
+        )

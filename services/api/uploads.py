@@ -1,0 +1,221 @@
+"""Dataset uploads: the body streams to a temporary file (hashed with SHA-256 on the way,
+never held whole in memory), is validated line by line, then written to the blob store
+under ``tenants/<tenant>/datasets/<id>.jsonl`` and recorded. A rejected upload leaves
+nothing behind: no blob, no row (the temporary file is always removed)."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import tempfile
+import threading
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fastapi import Request
+from sqlmodel import Session
+from starlette.datastructures import UploadFile
+
+from common.architectures import max_positions
+from common.blobstore import dataset_key
+from common.config import Settings
+from common.data import encode_example, parse_jsonl_line
+from common.db import crud
+from common.db.errors import QuotaExceededError
+from common.db.models import Dataset, DatasetCreate
+from common.errors import InvalidInputError
+from services.api.errors import ApiError
+
+log = logging.getLogger(__name__)
+
+JSONL_MEDIA_TYPES = ("application/jsonl", "application/x-ndjson")
+MULTIPART_MEDIA_TYPE = "multipart/form-data"
+MULTIPART_FIELD = "file"
+MULTIPART_OVERHEAD_BYTES = 64 * 1024  # boundaries and part headers around the file
+MAX_LINE_BYTES = 1024 * 1024  # far beyond any example that fits a model's context
+CHUNK = 256 * 1024
+
+
+class ExampleChecker:
+    """The base model's tokenizer and context length (no weights), loaded once per API
+    replica: an example must fit in the context minus the longest prefix a job may ask for."""
+
+    def __init__(self, tokenizer: Any, context_length: int, settings: Settings) -> None:
+        self.tokenizer = tokenizer
+        self.context_length = context_length
+        # At most half the context, so a small model keeps room for examples.
+        self.max_prefix_length = max(1, min(settings.max_prefix_length, context_length // 2))
+        self.max_example_tokens = context_length - self.max_prefix_length
+        self._lock = threading.Lock()  # a fast tokenizer is not safe to share between threads
+
+    @classmethod
+    def load(cls, settings: Settings) -> ExampleChecker:
+        from transformers import AutoConfig, AutoTokenizer
+
+        from common.errors import ModelNotFoundError
+        from common.model_loading import resolve_model_dir
+
+        directory = resolve_model_dir(settings.model, settings)
+        try:
+            config = AutoConfig.from_pretrained(directory, local_files_only=True)
+            tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
+        except (OSError, ValueError) as error:
+            raise ModelNotFoundError(f"Cannot load the tokenizer in {directory}: {error}") from None
+        return cls(tokenizer, max_positions(config), settings)
+
+    def example_tokens(self, example: Any) -> int:
+        with self._lock:
+            return len(encode_example(self.tokenizer, example))
+
+    def text_tokens(self, text: str) -> int:
+        with self._lock:
+            return len(self.tokenizer.encode(text, add_special_tokens=False))
+
+
+@dataclass
+class Spooled:
+    path: Path
+    size: int
+    sha256: str
+
+
+def media_type(request: Request) -> str:
+    return request.headers.get("content-type", "").split(";")[0].strip().lower()
+
+
+async def body_chunks(request: Request) -> AsyncIterator[bytes]:
+    """The dataset's bytes: the raw body for JSONL, the ``file`` part for multipart."""
+    kind = media_type(request)
+    if kind in JSONL_MEDIA_TYPES:
+        async for chunk in request.stream():
+            if chunk:
+                yield chunk
+        return
+    if kind == MULTIPART_MEDIA_TYPE:
+        # Starlette spools the part to a temporary file (in memory only up to 1 MiB).
+        form = await request.form(max_files=1, max_fields=8)
+        try:
+            upload = form.get(MULTIPART_FIELD)
+            if not isinstance(upload, UploadFile):
+                raise ApiError(
+                    422,
+                    "invalid_request",
+                    f"a multipart upload needs the dataset as a file field named "
+                    f"{MULTIPART_FIELD!r}",
+                )
+            while chunk := await upload.read(CHUNK):
+                yield chunk
+        finally:
+            await form.close()
+        return
+    raise ApiError(
+        415,
+        "unsupported_media_type",
+        f"send the dataset as {' or '.join(JSONL_MEDIA_TYPES)}, or as {MULTIPART_MEDIA_TYPE} "
+        f"with a file field named {MULTIPART_FIELD!r} (got {kind or 'no content type'!r})",
+    )
+
+
+async def spool(
+    chunks: AsyncIterator[bytes], *, max_bytes: int, too_large: Callable[[], ApiError]
+) -> Spooled:
+    """Write the chunks to a temporary file, counting and hashing them; ``too_large()`` is
+    raised past ``max_bytes`` (the temporary file is removed on any error)."""
+    fd, name = tempfile.mkstemp(prefix="prefixd-upload-", suffix=".jsonl")
+    path = Path(name)
+    digest = hashlib.sha256()
+    size = 0
+    try:
+        with os.fdopen(fd, "wb") as out:
+            async for chunk in chunks:
+                size += len(chunk)
+                if size > max_bytes:
+                    raise too_large()
+                digest.update(chunk)
+                out.write(chunk)
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
+    return Spooled(path, size, digest.hexdigest())
+
+
+def count_valid_examples(path: Path, checker: ExampleChecker, *, max_examples: int) -> int:
+    """Validate every line (UTF-8, a JSON object with non-empty ``input`` and ``output``
+    strings, within the token limit); the first bad line's number is in the error."""
+    count = 0
+    with path.open("rb") as lines:
+        number = 0
+        while raw := lines.readline(MAX_LINE_BYTES + 1):
+            number += 1
+            if len(raw) > MAX_LINE_BYTES:
+                raise InvalidInputError(f"line {number}: longer than {MAX_LINE_BYTES} bytes")
+            example = parse_jsonl_line(raw, where=f"line {number}")
+            if example is None:
+                continue
+            tokens = checker.example_tokens(example)
+            if tokens > checker.max_example_tokens:
+                raise InvalidInputError(
+                    f"line {number}: the example has {tokens} tokens; the limit is "
+                    f"{checker.max_example_tokens} (the model's context of "
+                    f"{checker.context_length} tokens minus the longest prefix, "
+                    f"{checker.max_prefix_length})"
+                )
+            count += 1
+            if count > max_examples:
+                raise ApiError(
+                    413,
+                    "payload_too_large",
+                    f"line {number}: more examples than max_dataset_examples ({max_examples})",
+                )
+    if count == 0:
+        raise InvalidInputError('no examples: send one {"input": ..., "output": ...} a line')
+    return count
+
+
+def store_dataset(
+    *,
+    engine: Any,
+    blobs: Any,
+    tenant_id: uuid.UUID,
+    spooled: Spooled,
+    examples: int,
+    quota_bytes: int,
+) -> Dataset:
+    """Blob first, then the row (which checks the storage quota under the tenant's lock);
+    if the row cannot be added, the blob is deleted again."""
+    dataset_id = uuid.uuid4()
+    key = dataset_key(tenant_id, dataset_id)  # from ids only, never from a user's name
+    blobs.put_file(key, spooled.path)
+    try:
+        with Session(engine) as session:
+            return crud.add_dataset(
+                session=session,
+                tenant_id=tenant_id,
+                dataset_in=DatasetCreate(
+                    id=dataset_id,
+                    object_key=key,
+                    sha256=spooled.sha256,
+                    size_bytes=spooled.size,
+                    example_count=examples,
+                ),
+                max_total_bytes=quota_bytes,
+            )
+    except BaseException as error:
+        try:
+            blobs.delete(key)
+        except Exception:  # the upload failed anyway; tenant erasure sweeps the prefix
+            log.warning("could not delete the blob of rejected dataset %s", dataset_id)
+        if isinstance(error, QuotaExceededError):
+            raise ApiError(413, "quota_exceeded", str(error)) from None
+        raise
+
+
+def remove_spooled(spooled: Spooled | None) -> None:
+    if spooled is not None:
+        with contextlib.suppress(OSError):
+            spooled.path.unlink(missing_ok=True)

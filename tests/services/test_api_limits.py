@@ -1,0 +1,163 @@
+"""The API's building blocks without Ray Serve: the body-size middleware, the token bucket,
+and upload validation (fast; the HTTP behaviour end to end is in test_api_routes.py)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from fastapi import FastAPI, Request
+from fastapi.testclient import TestClient
+
+from common.config import Settings
+from common.errors import InvalidInputError
+from services.api.errors import ApiError, install_error_handlers
+from services.api.limits import BodyLimit, BodySizeLimitMiddleware, TokenBucket
+from services.api.uploads import MAX_LINE_BYTES, ExampleChecker, count_valid_examples
+from tests.fixtures.models import tiny_tokenizer
+
+# --- body size ------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def limited_client() -> TestClient:
+    app = FastAPI()
+    install_error_handlers(app)
+    app.add_middleware(
+        BodySizeLimitMiddleware,
+        default=BodyLimit("max_request_bytes", 100),
+        per_route={("POST", "/upload"): BodyLimit("max_dataset_bytes", 1000)},
+    )
+    app.state.read = 0
+
+    @app.post("/echo")
+    async def echo(body: dict) -> dict:
+        return body
+
+    @app.post("/upload")
+    async def upload(request: Request) -> dict:
+        size = 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            app.state.read += len(chunk)
+        return {"size": size}
+
+    return TestClient(app)
+
+
+def test_a_body_within_its_limit_passes(limited_client: TestClient) -> None:
+    assert limited_client.post("/echo", json={"a": "x" * 50}).json() == {"a": "x" * 50}
+    assert limited_client.post("/upload", content=b"y" * 900).json() == {"size": 900}
+
+
+def test_content_length_over_the_limit_is_refused_before_reading(
+    limited_client: TestClient,
+) -> None:
+    response = limited_client.post("/upload", content=b"y" * 1001)
+    assert response.status_code == 413
+    assert response.json() == {
+        "error": {
+            "code": "payload_too_large",
+            "message": "request body larger than max_dataset_bytes (1000 bytes)",
+        }
+    }
+    assert limited_client.app.state.read == 0  # type: ignore[attr-defined]
+    json_route = limited_client.post("/echo", json={"a": "x" * 200})
+    assert json_route.status_code == 413
+    assert "max_request_bytes (100 bytes)" in json_route.json()["error"]["message"]
+
+
+def test_a_chunked_body_is_counted_while_it_streams(limited_client: TestClient) -> None:
+    chunks = iter([b"z" * 300] * 10)  # no Content-Length: chunked transfer
+    response = limited_client.post("/upload", content=chunks)
+    assert response.status_code == 413
+    assert response.json()["error"]["code"] == "payload_too_large"
+    assert limited_client.app.state.read <= 1000  # type: ignore[attr-defined]
+    json_chunks = iter([b'{"a": "', b"x" * 200, b'"}'])
+    response = limited_client.post(
+        "/echo", content=json_chunks, headers={"content-type": "application/json"}
+    )
+    assert response.status_code == 413
+
+
+# --- token bucket ---------------------------------------------------------------------------
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_token_bucket_allows_a_burst_then_the_rate() -> None:
+    clock = Clock()
+    bucket = TokenBucket(rate=2.0, burst=3, clock=clock)
+    assert [bucket.acquire("a") for _ in range(3)] == [0.0, 0.0, 0.0]
+    assert bucket.acquire("a") == pytest.approx(0.5)  # one token every 0.5 s
+    assert bucket.acquire("b") == 0.0  # another key has its own bucket
+    clock.now += 0.5
+    assert bucket.acquire("a") == 0.0
+    assert bucket.acquire("a") > 0
+    clock.now += 60  # refills up to the burst, not beyond
+    assert [bucket.acquire("a") for _ in range(4)][-1] > 0
+
+
+def test_token_bucket_forgets_idle_full_buckets() -> None:
+    clock = Clock()
+    bucket = TokenBucket(rate=1.0, burst=1, clock=clock, max_keys=10)
+    for key in range(20):
+        bucket.acquire(key)
+        clock.now += 2  # every earlier bucket is full again
+    assert len(bucket._buckets) <= 11
+
+
+# --- upload validation ----------------------------------------------------------------------
+
+
+@pytest.fixture
+def checker() -> ExampleChecker:
+    return ExampleChecker(tiny_tokenizer(), 32, Settings(max_prefix_length=12))
+
+
+def write(tmp_path: Path, content: bytes) -> Path:
+    path = tmp_path / "upload.jsonl"
+    path.write_bytes(content)
+    return path
+
+
+def test_blank_lines_count_in_the_line_numbers(tmp_path: Path, checker: ExampleChecker) -> None:
+    row = json.dumps({"input": "alpha", "output": "beta"}).encode()
+    assert count_valid_examples(write(tmp_path, row + b"\n\n" + row), checker, max_examples=5) == 2
+    with pytest.raises(InvalidInputError, match=r"^line 3: invalid JSON"):
+        count_valid_examples(write(tmp_path, row + b"\n\n{\n" + row), checker, max_examples=5)
+
+
+def test_the_token_limit_is_the_context_minus_the_longest_prefix(
+    tmp_path: Path, checker: ExampleChecker
+) -> None:
+    assert (checker.max_prefix_length, checker.max_example_tokens) == (12, 20)
+    fits = {"input": " ".join(["alpha"] * 17), "output": "beta"}  # 17 + sep + 1 + eos = 20
+    too_long = {"input": " ".join(["alpha"] * 18), "output": "beta"}
+    assert count_valid_examples(write(tmp_path, json.dumps(fits).encode()), checker, max_examples=1)
+    with pytest.raises(
+        InvalidInputError, match=r"line 1: the example has 21 tokens; the limit is 20"
+    ):
+        count_valid_examples(
+            write(tmp_path, json.dumps(too_long).encode()), checker, max_examples=1
+        )
+    # A small model keeps half its context for examples whatever max_prefix_length says.
+    small = ExampleChecker(tiny_tokenizer(), 32, Settings(max_prefix_length=200))
+    assert (small.max_prefix_length, small.max_example_tokens) == (16, 16)
+
+
+def test_huge_lines_and_too_many_examples_are_refused(
+    tmp_path: Path, checker: ExampleChecker
+) -> None:
+    with pytest.raises(InvalidInputError, match=r"^line 1: longer than"):
+        count_valid_examples(write(tmp_path, b"x" * (MAX_LINE_BYTES + 1)), checker, max_examples=1)
+    row = json.dumps({"input": "alpha", "output": "beta"}).encode() + b"\n"
+    with pytest.raises(ApiError, match=r"line 3: more examples than max_dataset_examples \(2\)"):
+        count_valid_examples(write(tmp_path, row * 3), checker, max_examples=2)
