@@ -16,6 +16,7 @@ from typing import Annotated, Any, TypeVar
 import typer
 
 from common.errors import PrefixdError
+from prefixd import cli_up, cli_workers
 from prefixd.cli_db import db_app
 
 app = typer.Typer(
@@ -213,6 +214,9 @@ def demo(
 
 
 app.add_typer(db_app, name="db", help="Database migrations.")
+app.command("worker")(cli_workers.worker)
+app.command("up")(user_errors(cli_up.up))
+app.add_typer(cli_workers.jobs_app, name="jobs", help="Training jobs (operators).")
 
 
 def main() -> None:

@@ -261,3 +261,118 @@ def test_one_active_prefix_holds_under_concurrent_activation(pg_engine: Engine) 
     assert sum(isinstance(o, IntegrityError) for o in outcomes) == 1
     with Session(pg_engine) as session:
         assert sum(p.active for p in crud.list_prefixes(session=session, tenant_id=tenant.id)) == 1
+
+
+# --- the scheduler's fair claim (claim_next_fair_job) --------------------------------------
+
+
+def fair_claim(session: Session, owner: str, at: datetime) -> Any:
+    return crud.claim_next_fair_job(session=session, owner=owner, lease_seconds=600, now=at)
+
+
+def test_fair_claim_runs_at_most_one_job_per_tenant(session: Session) -> None:
+    a, b = make_tenant(session), make_tenant(session)
+    for minute in range(3):
+        make_job(session, a, created_at=T0 + timedelta(minutes=minute))
+    make_job(session, b, created_at=T0 + timedelta(minutes=10))
+    first = fair_claim(session, "w1", T0 + timedelta(hours=1))
+    second = fair_claim(session, "w2", T0 + timedelta(hours=1))
+    assert first is not None and first.tenant_id == a.id
+    assert second is not None and second.tenant_id == b.id  # a is busy, so b's newer job
+    assert fair_claim(session, "w3", T0 + timedelta(hours=1)) is None  # both tenants busy
+    assert crud.finish_job(session=session, job_id=first.id, owner="w1", state=JobState.failed)
+    third = fair_claim(session, "w3", T0 + timedelta(hours=2))
+    assert third is not None and third.tenant_id == a.id
+
+
+def test_fair_claim_round_robins_across_tenants(session: Session) -> None:
+    """A tenant with ten queued jobs and one with a single, later job: the single job runs
+    right after the first job of the busy tenant, not after all ten."""
+    a, b, c = make_tenant(session), make_tenant(session), make_tenant(session)
+    a_jobs = [make_job(session, a, created_at=T0 + timedelta(seconds=i)) for i in range(10)]
+    b_job = make_job(session, b, created_at=T0 + timedelta(minutes=5))
+    c_jobs = [make_job(session, c, created_at=T0 + timedelta(minutes=6 + i)) for i in range(2)]
+    order: list[uuid.UUID] = []
+    at = T0 + timedelta(hours=1)
+    while (job := fair_claim(session, "w", at)) is not None:  # one slot: claim, finish, repeat
+        order.append(job.id)
+        assert crud.finish_job(session=session, job_id=job.id, owner="w", state=JobState.failed)
+        at += timedelta(seconds=1)
+    expected = [a_jobs[0].id, b_job.id, c_jobs[0].id, a_jobs[1].id, c_jobs[1].id]
+    expected += [j.id for j in a_jobs[2:]]
+    assert order == expected
+
+
+def test_fair_claim_puts_interactive_before_batch_of_any_tenant(session: Session) -> None:
+    a, b = make_tenant(session), make_tenant(session)
+    old = make_job(session, a, created_at=T0)  # a has started a job before
+    assert fair_claim(session, "w", T0) is not None
+    crud.finish_job(session=session, job_id=old.id, owner="w", state=JobState.failed)
+    batch = make_job(session, b, priority=JobPriority.batch, created_at=T0)
+    interactive = make_job(session, a, created_at=T0 + timedelta(minutes=1))
+    got = fair_claim(session, "w", T0 + timedelta(minutes=2))
+    assert got is not None and got.id == interactive.id
+    got = fair_claim(session, "w", T0 + timedelta(minutes=2))
+    assert got is not None and got.id == batch.id
+
+
+def test_fair_claim_skips_tenants_being_deleted(session: Session) -> None:
+    gone, kept = make_tenant(session), make_tenant(session)
+    make_job(session, gone, created_at=T0)
+    kept_job = make_job(session, kept, created_at=T0 + timedelta(minutes=1))
+    crud.mark_tenant_deleting(session=session, tenant_id=gone.id)
+    got = fair_claim(session, "w", T0 + timedelta(hours=1))
+    assert got is not None and got.id == kept_job.id
+    assert fair_claim(session, "w2", T0 + timedelta(hours=1)) is None
+
+
+def test_fair_claim_reclaims_expired_leases_and_counts_attempts(session: Session) -> None:
+    job = make_job(session, make_tenant(session), max_attempts=2)
+    first = crud.claim_next_fair_job(session=session, owner="dead", lease_seconds=10, now=T0)
+    assert first is not None and first.attempts == 1
+    # While the lease holds the tenant is busy; once it expires the job is claimable again.
+    assert fair_claim(session, "w", T0 + timedelta(seconds=5)) is None
+    second = fair_claim(session, "w", T0 + timedelta(seconds=11))
+    assert second is not None and second.id == job.id and second.attempts == 2
+
+
+def test_parallel_fair_claimers_keep_one_running_job_per_tenant(db_engine: Engine) -> None:
+    with Session(db_engine) as session:
+        tenants = [make_tenant(session) for _ in range(4)]
+        tenant_ids = [t.id for t in tenants]
+        for i in range(16):
+            make_job(session, tenants[i % 4])
+
+    def claim_all(session: Session, worker: int) -> list[uuid.UUID]:
+        got = []
+        while (
+            job := crud.claim_next_fair_job(session=session, owner=f"w{worker}", lease_seconds=60)
+        ) is not None:
+            got.append(job.tenant_id)
+        return got
+
+    claimed = [t for got in in_parallel(db_engine, 6, claim_all) for t in got]
+    assert sorted(claimed) == sorted(tenant_ids)  # one job per tenant, no more
+
+
+def test_release_job_requeues_without_counting_the_attempt(session: Session) -> None:
+    job = make_job(session, make_tenant(session), max_attempts=1)
+    assert fair_claim(session, "w", T0) is not None
+    assert not crud.release_job(session=session, job_id=job.id, owner="other", reason="x")
+    assert crud.release_job(session=session, job_id=job.id, owner="w", reason="shutdown")
+    session.refresh(job)
+    assert job.state == JobState.queued and job.attempts == 0 and job.lease_owner is None
+    assert job.error == "shutdown"
+    again = fair_claim(session, "w2", T0 + timedelta(seconds=1))
+    assert again is not None and again.attempts == 1  # max_attempts=1 still allows this one
+
+
+def test_list_all_jobs_filters_by_tenant_and_state(session: Session) -> None:
+    a, b = make_tenant(session), make_tenant(session)
+    a_job = make_job(session, a, created_at=T0)
+    b_job = make_job(session, b, created_at=T0 + timedelta(minutes=1))
+    assert [j.id for j in crud.list_all_jobs(session=session)] == [b_job.id, a_job.id]
+    assert [j.id for j in crud.list_all_jobs(session=session, tenant_id=a.id)] == [a_job.id]
+    crud.cancel_job(session=session, job_id=a_job.id)
+    cancelled = crud.list_all_jobs(session=session, state=JobState.cancelled)
+    assert [j.id for j in cancelled] == [a_job.id]

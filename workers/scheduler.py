@@ -1,0 +1,510 @@
+"""The scheduler: one named Ray actor per cluster (and namespace) that runs the durable job
+queue on trainer processes.
+
+    handle, created = start_scheduler(settings)     # a second start finds the running one
+    wait_until_ready(handle)                        # model shared, database and store checked
+    ...
+    stop_scheduler(handle)                          # running jobs go back to the queue
+
+At start the actor checks the database schema and the blob store and gets the base model's
+frozen weights from the Ray object store (:func:`get_shared_model`: loaded once per cluster
+by a holder actor, the same copy the inference replicas map); it hands that
+:class:`SharedModel` to every trainer, which maps the weights zero-copy. Then a loop, every ``scheduler_poll_seconds``:
+
+1. collects finished trainers. A trainer finishes its own job (published, failed, cancelled);
+   a trainer whose process died (killed, out of memory, node lost: ``WorkerCrashedError``,
+   ``NodeDiedError``, …) or that raised is failed here *with retry*: its orphan blob, if any,
+   is swept and the job goes back to the queue while attempts remain;
+2. returns expired leases to the queue (``attempts`` + 1; failed after ``max_attempts``) —
+   that is how jobs of a dead scheduler come back: its trainers die with it (Ray kills the
+   tasks of a dead owner), their leases stop being renewed and run out;
+3. force-stops trainers whose job is no longer theirs (cancelled, reclaimed, erased) and
+   did not stop by themselves within a grace period;
+4. claims jobs (:func:`crud.claim_next_fair_job`: interactive first, one running job per
+   tenant, round-robin across tenants) while trainer slots are free, fails at once a job
+   whose hyperparameters are invalid (a user error), and starts one trainer task per job (``max_calls=1``: a fresh worker process that exits afterwards;
+   ``max_retries=0``: retries go through the queue with a new lease owner).
+
+A claimed job's first lease is ``trainer_start_timeout_seconds`` (a trainer process takes a
+while to start); the trainer's first heartbeat shortens it to ``job_lease_seconds``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from collections import deque
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import ray
+from ray.exceptions import (
+    GetTimeoutError,
+    NodeDiedError,
+    RayActorError,
+    RayTaskError,
+    TaskCancelledError,
+    WorkerCrashedError,
+)
+from sqlmodel import col, select
+
+from common.blobstore import BlobStore, build_blob_store
+from common.config import Settings
+from common.db import crud
+from common.db.engine import create_db_engine, require_migrated, session_scope
+from common.db.models import JobState, TrainingJob
+from common.db.types import utcnow
+from common.errors import InvalidInputError, PrefixdError
+from common.shared_weights import SharedModel, get_shared_model
+from workers.hyperparameters import parse_hyperparameters
+from workers.trainer import TrainerReport, delete_orphan_prefix_blobs, run_training_job
+
+log = logging.getLogger(__name__)
+
+SCHEDULER_NAME = "prefixd-scheduler"
+_REPORTS_KEPT = 200
+
+
+def _trainer(
+    settings: Settings, shared: SharedModel, job_id: str, owner: str, scheduler: Any
+) -> TrainerReport:
+    def on_start(info: dict[str, Any]) -> None:
+        if scheduler is not None:  # fire and forget: the scheduler may be gone
+            scheduler.trainer_started.remote(info)
+
+    return run_training_job(settings, shared, job_id, owner, on_start=on_start)
+
+
+# A fresh worker process per job that exits after it (nothing of the job stays behind);
+# Ray itself never re-runs it: a new attempt is a new claim with a new lease owner.
+trainer_task = ray.remote(max_calls=1, max_retries=0)(_trainer)
+
+
+@dataclass
+class _Running:
+    job_id: uuid.UUID
+    tenant_id: uuid.UUID
+    owner: str
+    attempt: int
+    ref: Any  # ray.ObjectRef of the trainer task
+    claimed_at: str
+    pid: int | None = None
+    node_id: str | None = None
+    lost_since: float | None = None
+    force_stopped: bool = False
+
+    def public(self) -> dict[str, Any]:
+        return {
+            "job_id": str(self.job_id),
+            "tenant_id": str(self.tenant_id),
+            "owner": self.owner,
+            "attempt": self.attempt,
+            "claimed_at": self.claimed_at,
+            "pid": self.pid,
+            "node_id": self.node_id,
+            "lease_lost": self.lost_since is not None,
+        }
+
+
+def describe_trainer_error(error: BaseException) -> str:
+    """One line saying how a trainer task ended abnormally."""
+    if isinstance(error, WorkerCrashedError):
+        return "the trainer process died (killed, out of memory, or its node was lost)"
+    if isinstance(error, NodeDiedError):
+        return "the node running the trainer died"
+    if isinstance(error, TaskCancelledError):
+        return "the trainer was stopped"
+    if isinstance(error, RayTaskError):
+        cause = error.cause
+        if cause is not None:
+            return f"the trainer raised {type(cause).__name__}: {cause}"
+    first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    return f"the trainer failed: {type(error).__name__}: {first_line}"
+
+
+class Scheduler:
+    """The actor's class (see the module docstring). Its methods are called through Ray;
+    the claiming loop runs in a thread of the actor process."""
+
+    def __init__(self, settings: Settings, creator_token: str) -> None:
+        self.settings = settings
+        self.creator_token = creator_token
+        self.host = socket.gethostname()
+        self.pid = os.getpid()
+        self.incarnation = uuid.uuid4().hex[:8]
+        self.shared: SharedModel | None = None
+        self._lock = threading.RLock()
+        self._running: dict[uuid.UUID, _Running] = {}
+        self._reports: deque[dict[str, Any]] = deque(maxlen=_REPORTS_KEPT)
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._stopping = threading.Event()
+        self._started_at = utcnow().isoformat()
+        self._self_handle: Any = None
+        self._thread = threading.Thread(target=self._main, name="prefixd-scheduler", daemon=True)
+        self._thread.start()
+
+    # --- methods called through Ray -------------------------------------------------------
+
+    def token(self) -> str:
+        return self.creator_token
+
+    def wait_ready(self, timeout: float | None = None) -> dict[str, Any]:
+        """Block until the scheduler is set up; re-raise what made the setup fail."""
+        if not self._ready.wait(timeout):
+            raise TimeoutError(f"the scheduler was not ready after {timeout} s")
+        if self._error is not None:
+            raise self._error
+        return self.status()
+
+    def status(self) -> dict[str, Any]:
+        with self._lock:
+            return {
+                "name": SCHEDULER_NAME,
+                "namespace": self.settings.scheduler_namespace,
+                "host": self.host,
+                "pid": self.pid,
+                "incarnation": self.incarnation,
+                "started_at": self._started_at,
+                "ready": self._ready.is_set() and self._error is None,
+                "error": None if self._error is None else str(self._error),
+                "stopping": self._stopping.is_set(),
+                "slots": self._slots_or_none(),
+                "weights_object_id": None if self.shared is None else self.shared.weights.hex(),
+                "running": [r.public() for r in self._running.values()],
+                "reports": list(self._reports),
+            }
+
+    def trainer_started(self, info: dict[str, Any]) -> None:
+        """A trainer reports its process id and node (operators, tests)."""
+        with self._lock:
+            entry = self._running.get(uuid.UUID(info["job_id"]))
+            if entry is not None and entry.owner == info.get("owner"):
+                entry.pid = info.get("pid")
+                entry.node_id = info.get("node_id")
+
+    def shutdown(self, release: bool = True, timeout: float = 60.0) -> dict[str, int]:
+        """Stop claiming, stop the running trainers and (``release``) give their jobs back
+        to the queue without counting the interrupted attempt."""
+        self._stopping.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+        with self._lock:
+            entries = list(self._running.values())
+            self._running.clear()
+        for entry in entries:
+            ray.cancel(entry.ref, force=True)
+        if entries:
+            ray.wait([e.ref for e in entries], num_returns=len(entries), timeout=timeout)
+        released = 0
+        if release and entries:
+            engine = self._engine
+            for entry in entries:
+                try:
+                    with session_scope(engine) as session:
+                        released += crud.release_job(
+                            session=session,
+                            job_id=entry.job_id,
+                            owner=entry.owner,
+                            reason="the worker was stopped during this attempt; requeued",
+                        )
+                except Exception as error:  # the lease runs out instead
+                    log.warning("could not release job %s: %s", entry.job_id, error)
+        return {"stopped": len(entries), "released": released}
+
+    # --- the loop ---------------------------------------------------------------------------
+
+    def _main(self) -> None:
+        try:
+            self._setup()
+        except BaseException as error:
+            log.exception("the scheduler could not start")
+            self._error = error
+            self._ready.set()
+            return
+        self._ready.set()
+        log.info(
+            "scheduler %s ready (slots %s, weights %s)",
+            self.incarnation,
+            self._slots_or_none(),
+            self.shared.weights.hex() if self.shared else None,
+        )
+        while not self._stopping.is_set():
+            try:
+                self._tick()
+            except Exception:  # the database or the store hiccuped: try again next round
+                log.exception("scheduler round failed")
+            self._stopping.wait(self.settings.scheduler_poll_seconds)
+
+    def _setup(self) -> None:
+        s = self.settings
+        if s.job_heartbeat_seconds >= s.job_lease_seconds:
+            raise InvalidInputError(
+                f"PREFIXD_JOB_HEARTBEAT_SECONDS ({s.job_heartbeat_seconds}) must be less than "
+                f"PREFIXD_JOB_LEASE_SECONDS ({s.job_lease_seconds})"
+            )
+        self._engine = create_db_engine(s)
+        require_migrated(self._engine)
+        self._store: BlobStore = build_blob_store(s)
+        self._store.check()
+        # The same object-store copy as the inference replicas': one per cluster, owned by
+        # a detached holder actor, mapped zero-copy by every trainer.
+        self.shared = get_shared_model(s)
+        self._self_handle = ray.get_runtime_context().current_actor
+
+    def _tick(self) -> None:
+        self._collect_finished()
+        with session_scope(self._engine) as session:
+            crud.reclaim_expired_jobs(session=session)
+        self._watch_leases()
+        self._claim()
+
+    def _collect_finished(self) -> None:
+        with self._lock:
+            entries = list(self._running.values())
+        if not entries:
+            return
+        done, _ = ray.wait([e.ref for e in entries], num_returns=len(entries), timeout=0)
+        done_ids = {ref.hex() for ref in done}
+        for entry in entries:
+            if entry.ref.hex() not in done_ids:
+                continue
+            try:
+                report = asdict(ray.get(entry.ref, timeout=10))
+            except GetTimeoutError:
+                continue
+            except Exception as error:
+                report = self._trainer_died(entry, error)
+            report["attempt"] = entry.attempt
+            report["finished_at"] = utcnow().isoformat()
+            with self._lock:
+                self._running.pop(entry.job_id, None)
+                self._reports.append(report)
+            log.info(
+                "job %s attempt %d: %s%s",
+                entry.job_id,
+                entry.attempt,
+                report["outcome"],
+                f" ({report['error']})" if report.get("error") else "",
+            )
+
+    def _trainer_died(self, entry: _Running, error: BaseException) -> dict[str, Any]:
+        reason = describe_trainer_error(error)
+        base = {
+            "job_id": str(entry.job_id),
+            "owner": entry.owner,
+            "pid": entry.pid or 0,
+            "node_id": entry.node_id,
+            "error": reason,
+        }
+        if entry.force_stopped:  # its job was no longer its own: nothing to finish
+            return base | {"outcome": "stopped"}
+        try:
+            delete_orphan_prefix_blobs(self._engine, self._store, entry.tenant_id)
+        except Exception as sweep_error:
+            log.warning("orphan sweep for tenant %s failed: %s", entry.tenant_id, sweep_error)
+        with session_scope(self._engine) as session:
+            crud.finish_job(
+                session=session,
+                job_id=entry.job_id,
+                owner=entry.owner,
+                state=JobState.failed,
+                error=f"attempt {entry.attempt}: {reason}",
+                retry=True,
+            )
+        return base | {"outcome": "retrying", "crashed": True}
+
+    def _watch_leases(self) -> None:
+        with self._lock:
+            entries = list(self._running.values())
+        if not entries:
+            return
+        with session_scope(self._engine) as session:
+            rows = session.exec(
+                select(TrainingJob.id, TrainingJob.state, TrainingJob.lease_owner).where(
+                    col(TrainingJob.id).in_([e.job_id for e in entries])
+                )
+            ).all()
+        owners = {job_id: (state, owner) for job_id, state, owner in rows}
+        grace = 30.0 + 3 * self.settings.job_heartbeat_seconds
+        now = time.monotonic()
+        for entry in entries:
+            state, owner = owners.get(entry.job_id, (None, None))
+            if state == JobState.running and owner == entry.owner:
+                entry.lost_since = None
+                continue
+            if entry.lost_since is None:
+                entry.lost_since = now
+            elif now - entry.lost_since > grace and not entry.force_stopped:
+                log.warning(
+                    "stopping the trainer of job %s: the job is no longer its own", entry.job_id
+                )
+                entry.force_stopped = True
+                ray.cancel(entry.ref, force=True)
+
+    def _slots_or_none(self) -> int | None:
+        try:
+            return self._slots()
+        except Exception:
+            return None
+
+    def _slots(self) -> int:
+        s = self.settings
+        if s.trainer_slots is not None:
+            return s.trainer_slots
+        resources = ray.cluster_resources()
+        slots = int(resources.get("CPU", 0) // s.trainer_num_cpus)
+        if s.trainer_num_gpus > 0:
+            slots = min(slots, int(resources.get("GPU", 0) // s.trainer_num_gpus))
+        return max(slots, 0)
+
+    def _new_owner(self) -> str:
+        return f"scheduler@{self.host}:{self.pid}:{self.incarnation}:{uuid.uuid4().hex[:12]}"
+
+    def _claim(self) -> None:
+        slots = self._slots()
+        while not self._stopping.is_set():
+            with self._lock:
+                if len(self._running) >= slots:
+                    return
+            owner = self._new_owner()
+            with session_scope(self._engine) as session:
+                job = crud.claim_next_fair_job(
+                    session=session,
+                    owner=owner,
+                    lease_seconds=self.settings.trainer_start_timeout_seconds,
+                )
+            if job is None:
+                return
+            if self._refuse_bad_hyperparameters(job, owner):
+                continue
+            self._launch(job, owner)
+
+    def _refuse_bad_hyperparameters(self, job: TrainingJob, owner: str) -> bool:
+        """Fail a job with invalid hyperparameters at once (a user error: no retry) rather
+        than start a trainer process for it; the trainer checks them again anyway."""
+        try:
+            parse_hyperparameters(job.hyperparameters)
+        except InvalidInputError as error:
+            with session_scope(self._engine) as session:
+                crud.finish_job(
+                    session=session,
+                    job_id=job.id,
+                    owner=owner,
+                    state=JobState.failed,
+                    error=str(error),
+                    retry=False,
+                )
+            report = asdict(TrainerReport(job_id=str(job.id), owner=owner, outcome="failed"))
+            report |= {"error": str(error), "attempt": job.attempts}
+            with self._lock:
+                self._reports.append(report | {"finished_at": utcnow().isoformat()})
+            return True
+        return False
+
+    def _launch(self, job: TrainingJob, owner: str) -> None:
+        assert self.shared is not None
+        s = self.settings
+        ref = trainer_task.options(
+            num_cpus=s.trainer_num_cpus,
+            num_gpus=s.trainer_num_gpus,
+            name=f"prefixd-train-{job.id}",
+        ).remote(s, self.shared, str(job.id), owner, self._self_handle)
+        entry = _Running(
+            job_id=job.id,
+            tenant_id=job.tenant_id,
+            owner=owner,
+            attempt=job.attempts,
+            ref=ref,
+            claimed_at=utcnow().isoformat(),
+        )
+        with self._lock:
+            self._running[job.id] = entry
+        log.info("job %s (tenant %s) attempt %d started", job.id, job.tenant_id, job.attempts)
+
+
+SchedulerActor = ray.remote(Scheduler)
+
+
+# --- driver-side helpers --------------------------------------------------------------------
+
+
+def start_scheduler(
+    settings: Settings, *, runtime_env: dict[str, Any] | None = None
+) -> tuple[Any, bool]:
+    """Start the scheduler actor, or find the one already running under the fixed name in
+    ``settings.scheduler_namespace``. Returns ``(handle, created)``: ``created`` is False
+    when another start made it. Ray must be initialized. The actor lives as long as the
+    process that created it (and is restarted by Ray if its process dies)."""
+    token = uuid.uuid4().hex
+    handle: Any = SchedulerActor.options(  # type: ignore[attr-defined]
+        name=SCHEDULER_NAME,
+        namespace=settings.scheduler_namespace,
+        get_if_exists=True,
+        max_restarts=-1,
+        max_concurrency=16,
+        num_cpus=0,
+        runtime_env=runtime_env,
+    ).remote(settings, token)
+    created = ray.get(handle.token.remote()) == token
+    return handle, created
+
+
+def find_scheduler(settings: Settings) -> Any | None:
+    try:
+        return ray.get_actor(SCHEDULER_NAME, namespace=settings.scheduler_namespace)
+    except ValueError:
+        return None
+
+
+def _unwrap(error: BaseException) -> BaseException:
+    cause = getattr(error, "cause", None)
+    if isinstance(error, RayTaskError) and isinstance(cause, PrefixdError):
+        return cause
+    return error
+
+
+def wait_until_ready(handle: Any, timeout: float = 600.0) -> dict[str, Any]:
+    """Wait for the actor's setup; a setup failure a user can fix (database not migrated,
+    missing model, bucket not found) is raised as that :class:`PrefixdError`."""
+    try:
+        return dict(ray.get(handle.wait_ready.remote(timeout)))
+    except RayTaskError as error:
+        unwrapped = _unwrap(error)
+        if unwrapped is not error:
+            raise unwrapped from None
+        raise
+
+
+def scheduler_status(handle: Any, timeout: float = 30.0) -> dict[str, Any]:
+    return dict(ray.get(handle.status.remote(), timeout=timeout))
+
+
+def stop_scheduler(handle: Any, *, release: bool = True, timeout: float = 60.0) -> dict[str, int]:
+    """Stop the running trainers (their jobs go back to the queue when ``release``), then
+    end the actor for good."""
+    result: dict[str, int] = {}
+    try:
+        result = dict(ray.get(handle.shutdown.remote(release, timeout), timeout=timeout + 30))
+    except (RayActorError, GetTimeoutError) as error:
+        log.warning("scheduler shutdown incomplete: %s", error)
+    ray.kill(handle, no_restart=True)
+    return result
+
+
+__all__ = [
+    "SCHEDULER_NAME",
+    "Scheduler",
+    "SchedulerActor",
+    "describe_trainer_error",
+    "find_scheduler",
+    "scheduler_status",
+    "start_scheduler",
+    "stop_scheduler",
+    "trainer_task",
+    "wait_until_ready",
+]

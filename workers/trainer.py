@@ -1,0 +1,460 @@
+"""The trainer: one training job in its own Ray worker process.
+
+The scheduler claims a job (it holds the lease as ``owner``) and runs
+:func:`run_training_job` as a Ray task with ``max_calls=1`` (the worker process exits after
+the job, keeping nothing) and ``max_retries=0`` (retries are the queue's business: a new
+attempt gets a new owner). The trainer:
+
+1. renews the lease from a background thread every ``job_heartbeat_seconds`` (the first
+   renewal replaces the scheduler's start-up lease with ``job_lease_seconds``); a renewal
+   that fails means the job was cancelled, reclaimed or erased, and training stops between
+   two steps (``should_stop``);
+2. validates the hyperparameters (:mod:`workers.hyperparameters`) and reads the job's
+   datasets (and its validation dataset, if any) — looked up with the job's tenant id, so
+   only that tenant's objects — from the blob store into memory (never to local disk);
+3. maps the frozen base weights from the object store (:func:`materialize_model`: zero-copy,
+   no disk read, no private copy) and trains with the core's loop, writing progress events
+   at most every ``progress_event_seconds``;
+4. writes the prefix blob under a fresh prefix id, then calls :func:`crud.publish_prefix`
+   (one transaction: tenant still active, lease still ours, new version made active, job
+   succeeded). When publishing fails the blob it just wrote is deleted.
+
+User errors (bad hyperparameters, bad data, a dataset that is gone) fail the job with the
+message and no retry; anything else fails the attempt with a retry while attempts remain.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import math
+import os
+import random
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import SQLAlchemyError
+
+from common.blobstore import BlobNotFoundError, BlobStore, build_blob_store
+from common.blobstore.base import sha256_hex
+from common.blobstore.keys import key_belongs_to_tenant, prefix_key, prefixes_prefix
+from common.config import Settings
+from common.data import Example, parse_jsonl
+from common.db import crud
+from common.db.engine import create_db_engine, session_scope
+from common.db.errors import ConflictError, LeaseLostError, NotFoundError, TenantNotActiveError
+from common.db.models import JobEventCreate, JobState, PrefixCreate, TrainingJob
+from common.errors import IncompatiblePrefixError, InvalidInputError
+from common.prefix_file import Prefix, prefix_to_bytes
+from common.shared_weights import SharedModel, materialize_model
+from common.training import Progress, train_prefix
+from workers.hyperparameters import JobTrainingSpec, parse_hyperparameters
+
+log = logging.getLogger(__name__)
+
+# Errors a retry cannot fix: the job fails at once with the message.
+USER_ERRORS: tuple[type[Exception], ...] = (
+    InvalidInputError,
+    NotFoundError,
+    BlobNotFoundError,
+    IncompatiblePrefixError,
+)
+_PUBLISH_TRIES = 3
+
+
+class Outcome:
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"  # a user error: the job failed for good
+    RETRYING = "retrying"  # the attempt failed; the job is queued again (or failed when out)
+    CANCELLED = "cancelled"
+    LEASE_LOST = "lease_lost"  # the lease expired and the job went to someone else
+    ERASED = "erased"  # the tenant (and the job with it) is being deleted or is gone
+
+
+@dataclass(frozen=True)
+class TrainerReport:
+    """What a trainer returns to the scheduler (small; no data, no tensors)."""
+
+    job_id: str
+    owner: str
+    outcome: str
+    error: str | None = None
+    pid: int = 0
+    node_id: str | None = None
+    weights_object_id: str | None = None
+    zero_copy: bool | None = None
+    steps: int = 0
+    total_steps: int | None = None
+    prefix_id: str | None = None
+    seconds: float = 0.0
+
+
+class LeaseKeeper:
+    """Renews the job's lease from a background thread; ``lost`` is set once a renewal
+    says the lease is gone (cancelled, reclaimed, erased)."""
+
+    def __init__(
+        self, engine: Engine, job_id: uuid.UUID, owner: str, *, lease_seconds: float, every: float
+    ) -> None:
+        self.engine, self.job_id, self.owner = engine, job_id, owner
+        self.lease_seconds, self.every = lease_seconds, every
+        self.lost = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="lease-keeper", daemon=True)
+
+    def renew(self) -> bool:
+        try:
+            with session_scope(self.engine) as session:
+                held = crud.heartbeat_job(
+                    session=session,
+                    job_id=self.job_id,
+                    owner=self.owner,
+                    lease_seconds=self.lease_seconds,
+                )
+        except SQLAlchemyError as error:  # the database decides once the lease runs out
+            log.warning("heartbeat of job %s failed: %s", self.job_id, error)
+            return True
+        if not held:
+            self.lost.set()
+        return held
+
+    def start(self) -> bool:
+        held = self.renew()
+        if held:
+            self._thread.start()
+        return held
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every):
+            if not self.renew():
+                return
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=30)
+
+
+class ProgressWriter:
+    """``on_progress`` for the training loop: a job event on the first step, then at most
+    one every ``every`` seconds, and on the last step. An event carries the newest
+    validation loss computed since the previous event."""
+
+    def __init__(self, engine: Engine, job_id: uuid.UUID, *, every: float) -> None:
+        self.engine, self.job_id, self.every = engine, job_id, every
+        self._last_time = -math.inf
+        self.last_step = 0
+        self._validation_loss: float | None = None
+
+    def __call__(self, progress: Progress) -> None:
+        if progress.validation_loss is not None:
+            self._validation_loss = progress.validation_loss
+        now = time.monotonic()
+        if (
+            progress.step == 1
+            or progress.step >= progress.total_steps
+            or now - self._last_time >= self.every
+        ):
+            self.write(progress)
+            self._last_time = now
+
+    def finish(self, last: Progress | None) -> None:
+        """Record the final step when training ended early (patience) between events."""
+        if last is not None and last.step != self.last_step:
+            self.write(last)
+
+    def write(self, progress: Progress) -> None:
+        event = JobEventCreate(
+            step=progress.step,
+            total_steps=progress.total_steps,
+            loss=progress.loss,
+            val_loss=self._validation_loss,
+            tokens_per_second=max(progress.tokens_per_second, 0.0),
+        )
+        try:
+            with session_scope(self.engine) as session:
+                crud.record_job_event(session=session, job_id=self.job_id, event_in=event)
+        except SQLAlchemyError as error:  # progress is informative; training goes on
+            log.warning("progress event of job %s not written: %s", self.job_id, error)
+            return
+        self.last_step = progress.step
+        self._validation_loss = None
+
+
+def delete_orphan_prefix_blobs(engine: Engine, store: BlobStore, tenant_id: uuid.UUID) -> int:
+    """Delete prefix blobs of the tenant that have no prefix row: left by an attempt that
+    died between writing its blob and publishing it. Safe only while the caller holds the
+    lease of the tenant's job, because the scheduler runs at most one job per tenant."""
+    blobs = store.list_objects(prefixes_prefix(tenant_id))  # listed before the rows
+    if not blobs:
+        return 0
+    with session_scope(engine) as session:
+        known = {p.object_key for p in crud.list_prefixes(session=session, tenant_id=tenant_id)}
+    orphans = [b.key for b in blobs if b.key not in known]
+    for key in orphans:
+        store.delete(key)
+    if orphans:
+        log.info("deleted %d orphan prefix blob(s) of tenant %s", len(orphans), tenant_id)
+    return len(orphans)
+
+
+def load_examples(
+    engine: Engine, store: BlobStore, tenant_id: uuid.UUID, dataset_ids: list[Any]
+) -> list[Example]:
+    """Examples of the datasets, looked up with the job's tenant id: a dataset of another
+    tenant is reported like a missing one and never read."""
+    examples: list[Example] = []
+    for raw_id in dataset_ids:
+        dataset_id = uuid.UUID(str(raw_id))
+        with session_scope(engine) as session:
+            dataset = crud.get_dataset(session=session, tenant_id=tenant_id, dataset_id=dataset_id)
+        if dataset is None:
+            raise NotFoundError(f"dataset {dataset_id} of the job no longer exists")
+        if not key_belongs_to_tenant(dataset.object_key, tenant_id):
+            raise InvalidInputError(f"dataset {dataset_id} is stored outside its tenant's prefix")
+        try:
+            data = store.get_bytes(dataset.object_key)
+        except BlobNotFoundError:
+            raise BlobNotFoundError(
+                f"the data of dataset {dataset_id} is missing from object storage"
+            ) from None
+        if sha256_hex(data) != dataset.sha256:
+            raise InvalidInputError(
+                f"dataset {dataset_id}: the stored data does not match its recorded SHA-256"
+            )
+        examples.extend(parse_jsonl(data.splitlines(), source=f"dataset {dataset_id}"))
+        del data
+    return examples
+
+
+def job_examples(
+    engine: Engine, store: BlobStore, job: TrainingJob, spec: JobTrainingSpec
+) -> tuple[list[Example], list[Example] | None]:
+    """The job's training and validation examples: validation from its
+    ``validation_dataset_id``, or a seeded ``validation_split`` of the training data, or
+    none."""
+    train = load_examples(engine, store, job.tenant_id, list(job.dataset_ids))
+    if job.validation_dataset_id is None:
+        return split_validation(train, spec.validation_split, spec.config.seed)
+    if spec.validation_split > 0:
+        raise InvalidInputError(
+            "give either validation_dataset_id or hyperparameters.validation_split, not both"
+        )
+    return train, load_examples(engine, store, job.tenant_id, [job.validation_dataset_id])
+
+
+def split_validation(
+    examples: list[Example], fraction: float, seed: int
+) -> tuple[list[Example], list[Example] | None]:
+    if fraction <= 0:
+        return examples, None
+    held_out = max(1, round(len(examples) * fraction))
+    if held_out >= len(examples):
+        raise InvalidInputError(
+            f"validation_split {fraction} of {len(examples)} example(s) leaves nothing to train on"
+        )
+    shuffled = list(examples)
+    random.Random(seed).shuffle(shuffled)
+    return shuffled[held_out:], shuffled[:held_out]
+
+
+def _json_safe(metrics: dict[str, Any]) -> dict[str, Any]:
+    return {
+        k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+        for k, v in metrics.items()
+    }
+
+
+def publish_trained_prefix(
+    engine: Engine, store: BlobStore, *, job_id: uuid.UUID, tenant_id: uuid.UUID, owner: str,
+    prefix: Prefix,
+) -> uuid.UUID:  # fmt: skip
+    """Write the blob under a fresh prefix id, then publish it (one transaction). If the
+    publish fails for any reason — tenant gone or being deleted, lease lost, database down —
+    the blob is deleted again and the error raised. Returns the new prefix id."""
+    prefix_id = uuid.uuid4()
+    key = prefix_key(tenant_id, prefix_id)
+    data = prefix_to_bytes(prefix)
+    info = store.put_bytes(key, data)
+    prefix_in = PrefixCreate(
+        id=prefix_id,
+        object_key=key,
+        base_model_fingerprint=prefix.base_model_fingerprint,
+        prefix_length=prefix.prefix_length,
+        dtype=prefix.dtype_name,
+        size_bytes=info.size,
+        sha256=info.sha256 or sha256_hex(data),
+        metrics=_json_safe(prefix.metrics),
+    )
+    try:
+        for attempt in range(1, _PUBLISH_TRIES + 1):
+            try:
+                with session_scope(engine) as session:
+                    crud.publish_prefix(
+                        session=session, job_id=job_id, owner=owner, prefix_in=prefix_in
+                    )
+                return prefix_id
+            except (TenantNotActiveError, LeaseLostError):
+                raise
+            except ConflictError:  # a concurrent activation won the race: publish again
+                if attempt == _PUBLISH_TRIES:
+                    raise
+    except BaseException:
+        try:
+            store.delete(key)
+        except Exception as error:  # the next job of the tenant sweeps it
+            log.warning("could not delete unpublished prefix blob %s: %s", key, error)
+        raise
+    raise AssertionError("unreachable")
+
+
+def _job_state(engine: Engine, job_id: uuid.UUID) -> JobState | None:
+    with session_scope(engine) as session:
+        job = crud.get_job(session=session, job_id=job_id)
+        return None if job is None else job.state
+
+
+def _lost_outcome(engine: Engine, job_id: uuid.UUID) -> str:
+    """Why a lease is no longer ours, from the job's row."""
+    try:
+        state = _job_state(engine, job_id)
+    except SQLAlchemyError:
+        return Outcome.LEASE_LOST
+    if state is None:
+        return Outcome.ERASED
+    if state == JobState.cancelled:
+        return Outcome.CANCELLED
+    return Outcome.LEASE_LOST
+
+
+def _finish(
+    engine: Engine, job_id: uuid.UUID, owner: str, state: JobState, error: str | None, retry: bool
+) -> None:
+    try:
+        with session_scope(engine) as session:
+            crud.finish_job(
+                session=session, job_id=job_id, owner=owner, state=state, error=error, retry=retry
+            )
+    except SQLAlchemyError as db_error:  # the lease runs out and the job is retried
+        log.warning("could not finish job %s: %s", job_id, db_error)
+
+
+def _current_node_id() -> str | None:
+    try:
+        import ray
+
+        if ray.is_initialized():
+            return str(ray.get_runtime_context().get_node_id())
+    except Exception:
+        pass
+    return None
+
+
+def run_training_job(
+    settings: Settings,
+    shared: SharedModel,
+    job_id: str,
+    owner: str,
+    *,
+    on_start: Callable[[dict[str, Any]], None] | None = None,
+) -> TrainerReport:
+    """Run one claimed job to its end (see the module docstring). ``owner`` holds the
+    lease. Returns a report; it raises only when it cannot even reach the database, and
+    then the scheduler fails the attempt with a retry."""
+    started = time.monotonic()
+    job_uuid = uuid.UUID(job_id)
+    info: dict[str, Any] = {
+        "job_id": job_id,
+        "owner": owner,
+        "pid": os.getpid(),
+        "node_id": _current_node_id(),
+        "weights_object_id": shared.weights.hex(),
+    }
+    if on_start is not None:
+        on_start(dict(info))
+
+    def report(outcome: str, **fields: Any) -> TrainerReport:
+        return TrainerReport(outcome=outcome, seconds=time.monotonic() - started, **(info | fields))
+
+    import torch
+
+    torch.set_num_threads(max(1, int(settings.trainer_num_cpus)))
+    engine = create_db_engine(settings, pool_size=2, max_overflow=2)
+    lease = LeaseKeeper(
+        engine,
+        job_uuid,
+        owner,
+        lease_seconds=settings.job_lease_seconds,
+        every=settings.job_heartbeat_seconds,
+    )
+    try:
+        if not lease.start():
+            return report(_lost_outcome(engine, job_uuid))
+        try:
+            return _train_and_publish(settings, shared, engine, job_uuid, owner, lease, report)
+        except USER_ERRORS as error:
+            _finish(engine, job_uuid, owner, JobState.failed, str(error), retry=False)
+            return report(Outcome.FAILED, error=str(error))
+        except Exception as error:
+            message = f"attempt failed: {type(error).__name__}: {error}"
+            log.exception("job %s: %s", job_id, message)
+            _finish(engine, job_uuid, owner, JobState.failed, message, retry=True)
+            return report(Outcome.RETRYING, error=message)
+    finally:
+        lease.stop()
+        engine.dispose()
+        gc.collect()
+
+
+def _train_and_publish(
+    settings: Settings,
+    shared: SharedModel,
+    engine: Engine,
+    job_id: uuid.UUID,
+    owner: str,
+    lease: LeaseKeeper,
+    report: Callable[..., TrainerReport],
+) -> TrainerReport:
+    with session_scope(engine) as session:
+        job = crud.get_job(session=session, job_id=job_id)
+    if job is None:
+        return report(Outcome.ERASED)
+    tenant_id = job.tenant_id
+    spec = parse_hyperparameters(job.hyperparameters)  # before any data or weights
+    store = build_blob_store(settings)
+    delete_orphan_prefix_blobs(engine, store, tenant_id)
+    train, validation = job_examples(engine, store, job, spec)
+    loaded = materialize_model(shared)
+    zero_copy = loaded.zero_copy
+    progress = ProgressWriter(engine, job_id, every=settings.progress_event_seconds)
+    result = train_prefix(
+        loaded,
+        train,
+        spec.config,
+        validation=validation,
+        on_progress=progress,
+        should_stop=lease.lost.is_set,
+    )
+    del train, validation, loaded
+    last = result.history[-1] if result.history else None
+    steps = {"steps": last.step if last else 0, "total_steps": last.total_steps if last else None}
+    if lease.lost.is_set():  # cancelled, reclaimed or erased: nothing is published
+        return report(_lost_outcome(engine, job_id), zero_copy=zero_copy, **steps)
+    progress.finish(last)
+    try:
+        prefix_id = publish_trained_prefix(
+            engine, store, job_id=job_id, tenant_id=tenant_id, owner=owner, prefix=result.prefix
+        )
+    except TenantNotActiveError as error:
+        _finish(engine, job_id, owner, JobState.cancelled, str(error), retry=False)
+        return report(Outcome.ERASED, error=str(error), zero_copy=zero_copy, **steps)
+    except LeaseLostError as error:
+        return report(_lost_outcome(engine, job_id), error=str(error), zero_copy=zero_copy, **steps)
+    except NotFoundError as error:  # the job or tenant row is gone: erased
+        return report(Outcome.ERASED, error=str(error), zero_copy=zero_copy, **steps)
+    return report(Outcome.SUCCEEDED, prefix_id=str(prefix_id), zero_copy=zero_copy, **steps)
