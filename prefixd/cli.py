@@ -6,18 +6,16 @@ line ``error: …`` on stderr and exit with code 2 — never a traceback.
 
 from __future__ import annotations
 
-import functools
 import json
 import sys
-from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated
 
 import typer
 
-from common.errors import PrefixdError
 from prefixd import cli_up, cli_workers
 from prefixd.cli_db import db_app
+from prefixd.cli_support import quiet_libraries, user_errors
 
 app = typer.Typer(
     name="prefixd",
@@ -26,28 +24,6 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-
-F = TypeVar("F", bound=Callable[..., Any])
-
-
-def user_errors(command: F) -> F:
-    @functools.wraps(command)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return command(*args, **kwargs)
-        except PrefixdError as error:
-            typer.echo(f"error: {error}", err=True)
-            raise typer.Exit(error.exit_code) from None
-
-    return wrapper  # type: ignore[return-value]
-
-
-def quiet_libraries() -> None:
-    """transformers' own progress bars and warnings would drown ours."""
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
 
 
 def _load(model: str | None):

@@ -7,33 +7,19 @@ something that does not exist) — never a traceback.
 
 from __future__ import annotations
 
-import functools
 import json
 import signal
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any
 
 import typer
 
-from common.errors import InvalidInputError, PrefixdError
-
-F = TypeVar("F", bound=Callable[..., Any])
-
-
-def _user_errors(command: F) -> F:
-    @functools.wraps(command)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return command(*args, **kwargs)
-        except PrefixdError as error:
-            typer.echo(f"error: {error}", err=True)
-            raise typer.Exit(error.exit_code) from None
-
-    return wrapper  # type: ignore[return-value]
+from common.errors import InvalidInputError
+from prefixd.cli_support import user_errors
 
 
 @contextmanager
@@ -78,7 +64,7 @@ def _print_report(report: dict[str, Any]) -> None:
     )
 
 
-@_user_errors
+@user_errors
 def worker(
     poll: Annotated[
         float, typer.Option("--poll", help="Seconds between two looks at the scheduler.")
@@ -180,7 +166,7 @@ def _job_summary(job: Any) -> dict[str, Any]:
 
 
 @jobs_app.command("list")
-@_user_errors
+@user_errors
 def list_jobs(
     tenant: Annotated[str | None, typer.Option("--tenant", help="Only this tenant's jobs.")] = None,
     state: Annotated[
@@ -247,7 +233,7 @@ def _progress(events: list[Any]) -> dict[str, Any] | None:
 
 
 @jobs_app.command("show")
-@_user_errors
+@user_errors
 def show_job(
     job_id: Annotated[str, typer.Argument(help="The job's id.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
@@ -309,7 +295,7 @@ def show_job(
 
 
 @jobs_app.command("cancel")
-@_user_errors
+@user_errors
 def cancel_job(job_id: Annotated[str, typer.Argument(help="The job's id.")]) -> None:
     """Cancel a queued or running job (a running trainer stops within a heartbeat)."""
     from common.db import crud
