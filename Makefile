@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
 
-.PHONY: install test test-fast lint bench demo services clean
+.PHONY: install test test-fast lint bench demo up services clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -36,11 +36,15 @@ test-fast: install services
 	$(BIN)/pytest -q -ra -m "not slow"
 
 bench: install
-	$(BIN)/python bench/train_throughput.py
-	$(BIN)/python bench/e2e_quality.py --n 50
+	$(BIN)/python -m bench.train_throughput
+	$(BIN)/python -m bench.serving
+	$(BIN)/python -m bench.e2e_quality --n 50
 
 demo: install
 	$(BIN)/prefixd demo
+
+up: install
+	$(BIN)/prefixd up
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
