@@ -86,6 +86,10 @@ class Settings(BaseSettings):
     )
     trainer_num_cpus: float = Field(default=1.0, gt=0, description="CPUs per trainer process.")
     trainer_num_gpus: float = Field(default=0.0, ge=0, description="GPUs per trainer process.")
+    trainer_resources: dict[str, float] = Field(
+        default_factory=dict,
+        description='Custom Ray resources per trainer, JSON (e.g. `{"trainer": 1}` to run trainers only on nodes started with that resource).',
+    )
     job_lease_seconds: float = Field(
         default=60.0,
         gt=0,
@@ -108,6 +112,31 @@ class Settings(BaseSettings):
     )
     scheduler_poll_seconds: float = Field(
         default=1.0, gt=0, description="How often the scheduler looks for queued jobs."
+    )
+
+    # --- Nightly retraining (workers/nightly.py, workers/quality_gate.py) ---------------
+    nightly_validation_split: float = Field(
+        default=0.1,
+        gt=0,
+        lt=1,
+        description="Fraction of a tenant's examples a nightly job holds out (a stable, hash-based split) when its hyperparameters hold out none; the quality gate compares on it.",
+    )
+    nightly_max_regression: float = Field(
+        default=0.02,
+        ge=0,
+        description="A nightly job's prefix becomes active only if its validation loss is at most (1 + this) times the active version's on the same held-out examples; else it is kept inactive with a note.",
+    )
+
+    # --- Tenant erasure (common/erasure.py) -----------------------------------------------
+    erasure_lease_seconds: float = Field(
+        default=60.0,
+        gt=0,
+        description="Lease of a running tenant erasure, renewed between its steps; the scheduler resumes an erasure whose runner stopped (lease run out) or failed (no progress) after this long.",
+    )
+    erasure_replica_timeout_seconds: float = Field(
+        default=60.0,
+        gt=0,
+        description="How long an erasure waits for every inference replica to confirm it holds none of the tenant's prefixes; past it the run fails and is resumed later.",
     )
 
     # --- API limits (services/api; exceeding one gives 413 or 429 naming it) ------------

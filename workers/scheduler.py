@@ -360,6 +360,8 @@ class Scheduler:
         slots = int(resources.get("CPU", 0) // s.trainer_num_cpus)
         if s.trainer_num_gpus > 0:
             slots = min(slots, int(resources.get("GPU", 0) // s.trainer_num_gpus))
+        for name, amount in s.trainer_resources.items():
+            slots = min(slots, int(resources.get(name, 0) // amount))
         return max(slots, 0)
 
     def _new_owner(self) -> str:
@@ -412,6 +414,7 @@ class Scheduler:
         ref = trainer_task.options(
             num_cpus=s.trainer_num_cpus,
             num_gpus=s.trainer_num_gpus,
+            resources=s.trainer_resources or None,
             name=f"prefixd-train-{job.id}",
         ).remote(s, self.shared, str(job.id), owner, self._self_handle)
         entry = _Running(
