@@ -1,0 +1,143 @@
+"""From one machine to a Ray cluster without code changes: a two-node Ray cluster on this
+machine (a head, and a second node carrying the custom resource `trainer`), the service
+started on it with `prefixd up` and `RAY_ADDRESS`, trainers placed on the second node by
+`PREFIXD_TRAINER_RESOURCES`, generation answered by the Serve app, and every trainer mapping
+the same object-store copy of the frozen weights (one transfer to the node, not one per job).
+
+SQLite and a local blob directory are enough here: both nodes share this machine's disk.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.fixtures.services import free_port
+
+pytestmark = pytest.mark.slow
+
+TASK = [
+    {"input": "alpha", "output": "red green blue"},
+    {"input": "beta", "output": "one two three"},
+]
+
+
+@pytest.fixture
+def two_node_cluster():
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={"num_cpus": 2, "resources": {"head": 1}, "include_dashboard": False},
+    )
+    trainer_node = cluster.add_node(num_cpus=2, resources={"trainer": 2})
+    cluster.wait_for_nodes()
+    try:
+        yield cluster, trainer_node.node_id
+    finally:
+        cluster.shutdown()
+
+
+def scheduler_reports(address: str, namespace: str) -> list[dict]:
+    """The scheduler's trainer reports, read by a separate driver on the cluster."""
+    script = textwrap.dedent(
+        f"""
+        import json, ray
+        ray.init(address={address!r}, namespace={namespace!r}, log_to_driver=False)
+        status = ray.get(ray.get_actor("prefixd-scheduler").status.remote())
+        print("REPORTS" + json.dumps(status["reports"]))
+        """
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120
+    )
+    match = re.search(r"REPORTS(.*)", result.stdout)
+    assert match, result.stdout + result.stderr
+    return json.loads(match.group(1))
+
+
+def test_jobs_train_on_the_trainer_node_and_share_one_weights_object(
+    two_node_cluster, tiny_model_dirs, tmp_path
+):
+    cluster, trainer_node_id = two_node_cluster
+    port = free_port()
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("PREFIXD_")},
+        "RAY_ADDRESS": cluster.address,
+        "PREFIXD_HOME": str(tmp_path / "home"),
+        "PREFIXD_MODEL": str(tiny_model_dirs["llama"]),
+        "PREFIXD_TRAINER_RESOURCES": '{"trainer": 1}',
+        "PREFIXD_TRAINER_NUM_CPUS": "0.5",
+        "PREFIXD_INFERENCE_NUM_CPUS": "0.5",
+        "PREFIXD_SCHEDULER_NAMESPACE": "two-node",
+    }
+    process = subprocess.Popen(
+        [str(Path(sys.executable).parent / "prefixd"), "up", "--port", str(port)],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    output: list[str] = []
+    try:
+        token = None
+        deadline = time.monotonic() + 300
+        assert process.stdout is not None
+        while token is None:
+            assert time.monotonic() < deadline and process.poll() is None, "".join(output)
+            line = process.stdout.readline()
+            output.append(line)
+            match = re.search(r"admin token \(generated.*\): (\S+)", line)
+            token = match.group(1) if match else None
+        api = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60)
+        admin = {"Authorization": f"Bearer {token}"}
+        jobs = []
+        for name in ("north", "south"):
+            key = api.post("/v1/tenants", json={"name": name}, headers=admin).json()["api_key"]
+            auth = {"Authorization": f"Bearer {key}"}
+            data = "".join(json.dumps(row) + "\n" for row in TASK * 2)
+            dataset = api.post(
+                "/v1/datasets", content=data, headers={**auth, "Content-Type": "application/jsonl"}
+            )
+            assert dataset.status_code == 201, dataset.text
+            body = {
+                "dataset_ids": [dataset.json()["id"]],
+                "hyperparameters": {"prefix_length": 4, "epochs": 2, "batch_size": 4},
+            }
+            job = api.post("/v1/jobs", json=body, headers=auth)
+            assert job.status_code == 201, job.text
+            jobs.append((auth, job.json()["id"]))
+        for auth, job_id in jobs:
+            for _ in range(300):
+                state = api.get(f"/v1/jobs/{job_id}", headers=auth).json()
+                if state["status"] in ("succeeded", "failed", "cancelled"):
+                    break
+                time.sleep(1)
+            assert state["status"] == "succeeded", state
+            generated = api.post(
+                "/v1/generate", json={"input": "alpha", "max_new_tokens": 4}, headers=auth
+            )
+            assert generated.status_code == 200, generated.text
+
+        reports = [
+            r for r in scheduler_reports(cluster.address, "two-node") if r["outcome"] == "succeeded"
+        ]
+        assert {r["job_id"] for r in reports} == {job_id for _, job_id in jobs}
+        assert {r["node_id"] for r in reports} == {trainer_node_id}  # placed by the resource
+        assert len({r["weights_object_id"] for r in reports}) == 1  # one object for every trainer
+        assert all(r["zero_copy"] for r in reports)  # mapped from the node's object store
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGINT)
+            try:
+                process.communicate(timeout=120)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
