@@ -4,8 +4,8 @@
     serve run services.app_builder:build_app          # or `prefixd up`
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations` here: Ray Serve reads build_app's annotation at
+# run time to validate `args` into AppArgs; a string annotation would hand it a plain dict.
 from typing import Any
 
 from pydantic import BaseModel

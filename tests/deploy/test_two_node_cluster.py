@@ -32,13 +32,18 @@ TASK = [
 ]
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def two_node_cluster():
     from ray.cluster_utils import Cluster
 
     cluster = Cluster(
         initialize_head=True,
-        head_node_args={"num_cpus": 2, "resources": {"head": 1}, "include_dashboard": False},
+        head_node_args={
+            "num_cpus": 2,
+            "resources": {"head": 1},
+            "include_dashboard": True,  # `serve deploy` talks to the dashboard's REST API
+            "dashboard_port": free_port(),
+        },
     )
     trainer_node = cluster.add_node(num_cpus=2, resources={"trainer": 2})
     cluster.wait_for_nodes()
@@ -46,6 +51,78 @@ def two_node_cluster():
         yield cluster, trainer_node.node_id
     finally:
         cluster.shutdown()
+
+
+def test_serve_config_deploys_with_serve_deploy_and_answers(
+    two_node_cluster, tiny_model_dirs, tmp_path
+):
+    """deploy/serve_config.yaml as operators use it; the nodes' settings come through the
+    application's runtime_env (here: a tiny model, SQLite and blobs under tmp_path)."""
+    import yaml
+
+    cluster, _ = two_node_cluster
+    from common.config import Settings
+    from common.db.engine import create_db_engine, upgrade_database
+
+    home = tmp_path / "home"
+    settings = Settings(home=home)
+    home.mkdir()
+    engine = create_db_engine(settings)
+    upgrade_database(engine)
+    engine.dispose()
+    config = yaml.safe_load(
+        (Path(__file__).resolve().parents[2] / "deploy" / "serve_config.yaml").read_text()
+    )
+    port = free_port()
+    config["http_options"]["port"] = port
+    (application,) = config["applications"]
+    application["runtime_env"] = {
+        "env_vars": {
+            "PREFIXD_HOME": str(home),
+            "PREFIXD_MODEL": str(tiny_model_dirs["llama"]),
+            "PREFIXD_INFERENCE_NUM_CPUS": "0.5",
+            "PREFIXD_ADMIN_TOKEN": "serve-deploy-admin",
+        }
+    }
+    path = tmp_path / "serve_config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    dashboard = f"http://{cluster.head_node.address_info['webui_url']}"
+    serve_cli = str(Path(sys.executable).parent / "serve")
+    deployed = subprocess.run(
+        [serve_cli, "deploy", str(path), "--address", dashboard],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert deployed.returncode == 0, deployed.stdout + deployed.stderr
+    try:
+        deadline = time.monotonic() + 240
+        while True:
+            try:
+                response = httpx.post(
+                    f"http://127.0.0.1:{port}/v1/tenants", json={"name": "deployed"},
+                    headers={"Authorization": "Bearer serve-deploy-admin"}, timeout=10,
+                )  # fmt: skip
+                if response.status_code == 201:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "the deployed application never answered"
+            time.sleep(1)
+        key = response.json()["api_key"]
+        answer = httpx.post(
+            f"http://127.0.0.1:{port}/v1/generate",
+            json={"input": "alpha"},
+            headers={"Authorization": f"Bearer {key}"},
+            timeout=30,
+        )
+        assert answer.status_code == 409 and answer.json()["error"]["code"] == "no_active_prefix"
+    finally:
+        subprocess.run(
+            [serve_cli, "shutdown", "--address", dashboard, "--yes"],
+            capture_output=True,
+            timeout=120,
+        )
 
 
 def scheduler_reports(address: str, namespace: str) -> list[dict]:
