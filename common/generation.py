@@ -77,7 +77,8 @@ class DecodeBatch:
 
     def __init__(self, model: PreTrainedModel, pad_id: int) -> None:
         self.model, self.pad_id = model, pad_id
-        self.dtype = next(model.parameters()).dtype
+        first = next(model.parameters())
+        self.dtype, self.device = first.dtype, first.device
         self.cache: DynamicCache | None = None
         self.attention_mask = torch.zeros((0, 0), dtype=torch.long)  # (B, cache length + 1)
         self.next_position = torch.zeros((0,), dtype=torch.long)  # (B,)
@@ -89,8 +90,12 @@ class DecodeBatch:
     def add(self, rows: Sequence[GenerationRow]) -> torch.Tensor:
         """Prefill ``rows`` and append them; return their next-token logits ``(n, vocab)``."""
         key_values, prefix_mask = stack_prefixes(
-            [r.prefix for r in rows], prefix_shape(self.model.config), dtype=self.dtype
-        )  # (layers, 2, n, kv, Pmax, hs), (n, Pmax)
+            [r.prefix for r in rows],
+            prefix_shape(self.model.config),
+            dtype=self.dtype,
+            device=self.device,
+        )  # (layers, 2, n, kv, Pmax, hs) on the model's device, (n, Pmax)
+        prefix_mask = prefix_mask.cpu()  # masks and positions are kept on the CPU
         cache = prefix_cache(key_values, self.model.config)
         batch, longest = len(rows), max(len(r.input_ids) for r in rows)
         input_ids = torch.full((batch, longest), self.pad_id, dtype=torch.long)
@@ -151,14 +156,14 @@ class DecodeBatch:
     ) -> torch.Tensor:
         self.forward_passes += 1
         output = self.model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
+            input_ids=input_ids.to(self.device),
+            attention_mask=attention_mask.to(self.device),
+            position_ids=position_ids.to(self.device),
             past_key_values=cache,
             use_cache=True,
             logits_to_keep=1,
         )
-        return output.logits[:, -1].float()  # (B, vocab)
+        return output.logits[:, -1].float().cpu()  # (B, vocab); token choice on the CPU
 
 
 def row_generator(decoding: DecodingConfig) -> torch.Generator | None:

@@ -25,7 +25,11 @@ from common.architectures import PrefixShape
 
 
 def stack_prefixes(
-    prefixes: Sequence[torch.Tensor | None], shape: PrefixShape, *, dtype: torch.dtype
+    prefixes: Sequence[torch.Tensor | None],
+    shape: PrefixShape,
+    *,
+    dtype: torch.dtype,
+    device: torch.device | str = "cpu",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Pad per-row prefixes to the longest one.
 
@@ -38,13 +42,17 @@ def stack_prefixes(
     lengths = [0 if p is None else p.shape[3] for p in prefixes]
     batch, longest = len(prefixes), max(lengths, default=0)
     key_values = torch.zeros(
-        (shape.layers, 2, batch, shape.kv_heads, longest, shape.head_dim), dtype=dtype
+        (shape.layers, 2, batch, shape.kv_heads, longest, shape.head_dim),
+        dtype=dtype,
+        device=device,
     )
     prefix_mask = torch.zeros((batch, longest), dtype=torch.long)
     for row, (prefix, length) in enumerate(zip(prefixes, lengths, strict=True)):
         if prefix is None or length == 0:
             continue
-        key_values[:, :, row, :, :length] = prefix.to(dtype)  # (layers, 2, kv_heads, P_i, hs)
+        key_values[:, :, row, :, :length] = prefix.to(
+            device=device, dtype=dtype
+        )  # (layers, 2, kv, P_i, hs)
         prefix_mask[row, :length] = 1
     return key_values, prefix_mask
 
@@ -104,7 +112,9 @@ def concat_rows(first: DynamicCache, second: DynamicCache) -> DynamicCache:
 def reorder_rows(cache: DynamicCache, rows: torch.Tensor) -> None:
     """Select (and repeat) batch rows of the cache in place: beam reordering, or dropping
     rows that finished decoding."""
-    cache.reorder_cache(rows)  # type: ignore[arg-type]  # LongTensor is not a real type
+    keys = getattr(cache.layers[0], "keys", None) if cache.layers else None
+    device = keys.device if isinstance(keys, torch.Tensor) else rows.device
+    cache.reorder_cache(rows.to(device))  # type: ignore[arg-type]  # LongTensor is not a real type
 
 
 def cache_key_values(cache: DynamicCache) -> torch.Tensor:

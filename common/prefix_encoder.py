@@ -96,5 +96,5 @@ class PrefixEncoder(nn.Module):
 
     @torch.no_grad()
     def materialize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """``P`` computed once, detached and contiguous: the only thing a prefix file stores."""
-        return self().detach().to(dtype).contiguous()
+        """``P`` computed once, detached, contiguous, on the CPU: what a prefix file stores."""
+        return self().detach().to(device="cpu", dtype=dtype).contiguous()

@@ -30,7 +30,7 @@ def text_key_values(
     if not ids:
         raise InvalidInputError(f"--init text:{text!r} has no tokens")
     cache = prefix_cache(None, model.config)
-    model(torch.tensor([ids]), past_key_values=cache, use_cache=True)
+    model(torch.tensor([ids], device=model.device), past_key_values=cache, use_cache=True)
     return cache_key_values(cache)[:, :, 0].contiguous()  # (layers, 2, kv_heads, L, hs)
 
 
@@ -47,12 +47,14 @@ def build_prefix_encoder(
     """A :class:`PrefixEncoder` initialized as ``init`` says: ``random`` or ``text:WORDS``."""
     shape = prefix_shape(model.config)
     if init == "random":
-        return PrefixEncoder(shape, prefix_length, mid_dim=mid_dim, reparameterize=reparameterize)
+        return PrefixEncoder(
+            shape, prefix_length, mid_dim=mid_dim, reparameterize=reparameterize
+        ).to(model.device)
     if init.startswith(TEXT_INIT):
         target = text_key_values(model, tokenizer, init.removeprefix(TEXT_INIT))
         encoder = PrefixEncoder(
             shape, target.shape[3], mid_dim=mid_dim, reparameterize=reparameterize
-        )
+        ).to(model.device)
         encoder.fit_to(target, steps=fit_steps)
         return encoder
     raise InvalidInputError(f"--init must be 'random' or 'text:WORDS', got {init!r}")

@@ -95,15 +95,15 @@ class TrainingResult:
 
 def _prefix_inputs(key_values: torch.Tensor, batch: Batch, config) -> dict:
     batch_size, length = batch.input_ids.shape
-    prefix_length = key_values.shape[-2]
+    prefix_length, device = key_values.shape[-2], key_values.device
     attention_mask = torch.cat(
         [torch.ones((batch_size, prefix_length), dtype=torch.long), batch.attention_mask], dim=1
     )  # (B, P + T)
     position_ids = torch.arange(prefix_length, prefix_length + length).expand(batch_size, -1)
     return dict(
-        input_ids=batch.input_ids,
-        attention_mask=attention_mask,
-        position_ids=position_ids,
+        input_ids=batch.input_ids.to(device),
+        attention_mask=attention_mask.to(device),
+        position_ids=position_ids.to(device),
         past_key_values=prefix_cache(key_values, config),
         use_cache=True,
     )
@@ -118,6 +118,7 @@ def prefix_logits(model: PreTrainedModel, key_values: torch.Tensor, batch: Batch
 
 def output_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str) -> torch.Tensor:
     """Loss of full logits ``(B, T, vocab)`` against ``labels`` ``(B, T)``."""
+    labels = labels.to(logits.device)
     token_losses = F.cross_entropy(
         logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="none"
     ).view(labels.shape)  # (B, T), zero where no loss
@@ -133,14 +134,15 @@ def prefix_output_loss(
     output projection (vocabulary-sized, ~20% of a small model's compute) runs only at the
     positions that carry a loss — output tokens — not at input or padding positions."""
     hidden = model.base_model(**_prefix_inputs(key_values, batch, model.config)).last_hidden_state
-    has_loss = batch.labels != IGNORE_INDEX  # (B, T)
+    labels = batch.labels.to(hidden.device)
+    has_loss = labels != IGNORE_INDEX  # (B, T)
     logits = model.get_output_embeddings()(hidden[has_loss])  # (N, vocab), N output tokens
-    token_losses = F.cross_entropy(logits.float(), batch.labels[has_loss], reduction="none")  # (N,)
+    token_losses = F.cross_entropy(logits.float(), labels[has_loss], reduction="none")  # (N,)
     if reduction == "sequence_sum":
         rows = has_loss.nonzero()[:, 0]  # batch row of each output token
-        per_row = torch.zeros(len(batch.labels), dtype=token_losses.dtype).index_add(
-            0, rows, token_losses
-        )
+        per_row = torch.zeros(
+            len(labels), dtype=token_losses.dtype, device=labels.device
+        ).index_add(0, rows, token_losses)
         return per_row.mean()
     return token_losses.mean()
 
@@ -181,8 +183,7 @@ def train_prefix(
     steps (cancellation) and ends training early with the prefix trained so far."""
     config.validate()
     model, tokenizer = loaded.model, loaded.tokenizer
-    random.seed(config.seed)
-    torch.manual_seed(config.seed)
+    torch.manual_seed(config.seed)  # the prefix encoder's initialization
     encoder = build_prefix_encoder(
         model,
         tokenizer,
@@ -214,6 +215,7 @@ def train_prefix(
     best: tuple[float, torch.Tensor] | None = None
     epochs_without_improvement, step, tokens_seen = 0, 0, 0
     started = time.perf_counter()
+    evaluating_seconds = 0.0
     stopped = False
     for epoch in range(1, config.epochs + 1):
         indices = list(range(len(train_set)))
@@ -235,8 +237,10 @@ def train_prefix(
             step += 1
             tokens_seen += int(batch.attention_mask.sum())
             elapsed = time.perf_counter() - started
+            training_seconds = elapsed - evaluating_seconds  # tokens/s of training alone
             validation_loss = None
             if dev_set and start + config.batch_size >= len(indices):  # end of epoch
+                evaluation_started = time.perf_counter()
                 validation_loss = evaluate_loss(
                     model,
                     encoder.materialize(),
@@ -244,9 +248,10 @@ def train_prefix(
                     batch_size=config.batch_size,
                     pad_id=pad_id,
                 )
+                evaluating_seconds += time.perf_counter() - evaluation_started
             report = Progress(
                 step, total_steps, epoch, float(loss.detach()), validation_loss,
-                tokens_seen / max(elapsed, 1e-9), elapsed,
+                tokens_seen / max(training_seconds, 1e-9), elapsed,
             )  # fmt: skip
             history.append(report)
             if on_progress is not None:
