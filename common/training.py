@@ -113,6 +113,7 @@ def prefix_logits(model: PreTrainedModel, key_values: torch.Tensor, batch: Batch
     """Logits ``(B, T, vocab)`` of a right-padded batch behind a prefix
     ``key_values`` ``(layers, 2, B, kv_heads, P, head_dim)``: real tokens sit at positions
     ``P …``, and the attention mask covers the ``P`` prefix slots."""
+    key_values = key_values.to(device=model.device, dtype=model.dtype)  # e.g. bfloat16 on a GPU
     return model(**_prefix_inputs(key_values, batch, model.config)).logits
 
 
@@ -133,6 +134,7 @@ def prefix_output_loss(
     """The training loss, equal to ``output_loss(prefix_logits(...))`` but cheaper: the
     output projection (vocabulary-sized, ~20% of a small model's compute) runs only at the
     positions that carry a loss — output tokens — not at input or padding positions."""
+    key_values = key_values.to(device=model.device, dtype=model.dtype)  # e.g. bfloat16 on a GPU
     hidden = model.base_model(**_prefix_inputs(key_values, batch, model.config)).last_hidden_state
     labels = batch.labels.to(hidden.device)
     has_loss = labels != IGNORE_INDEX  # (B, T)
