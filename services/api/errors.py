@@ -49,16 +49,20 @@ def unwrap(error: BaseException) -> BaseException:
 
 def _status_of(error: PrefixdError) -> tuple[int, str]:
     # Imported here: the storage layer's errors are optional for the error mapping.
-    from common.blobstore.base import BlobStoreUnavailableError
+    from common.blobstore.base import BlobNotFoundError, BlobStoreUnavailableError
     from common.db.errors import (
         ConflictError,
         DatabaseUnavailableError,
         NotFoundError,
         QuotaExceededError,
+        TenantNotActiveError,
     )
 
     table: list[tuple[type[PrefixdError], int, str]] = [
         (NotFoundError, 404, "not_found"),
+        (TenantNotActiveError, 410, "tenant_deleting"),
+        # A prefix whose blob was deleted (its version or tenant erased) while in flight.
+        (BlobNotFoundError, 404, "not_found"),
         (ConflictError, 409, "conflict"),
         (QuotaExceededError, 429, "quota_exceeded"),
         (IncompatiblePrefixError, 409, "incompatible_prefix"),

@@ -65,6 +65,34 @@ class TenantDeletion(BaseModel):
     status: str = Field(description="`deleting` until the tenant is gone (then 404).")
 
 
+class ErasureProgress(BaseModel):
+    """Where a tenant's erasure stands (ids, times and counts only)."""
+
+    step: str = Field(
+        description="The step under way or next: cancel_jobs, delete_objects, delete_rows, "
+        "evict_replicas, verify (then the audit record is written and the tenant is gone)."
+    )
+    requested_at: datetime
+    updated_at: datetime
+    runs: int = Field(description="How many times a runner took the erasure up.")
+    jobs_cancelled: int
+    objects_erased: int
+    rows_erased: int
+    last_error: str | None = Field(
+        default=None, description="Why the latest run stopped, if it failed (it is resumed)."
+    )
+
+
+class TenantOut(BaseModel):
+    id: uuid.UUID
+    name: str | None = Field(description="null once the erasure deleted the tenant's row.")
+    status: str = Field(description="`active`, or `deleting` until the erasure ends (then 404).")
+    created_at: datetime | None
+    deletion: ErasureProgress | None = Field(
+        default=None, description="The erasure's progress while the tenant is `deleting`."
+    )
+
+
 class ApiKeyCreateRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -173,6 +201,11 @@ class JobOut(BaseModel):
     progress: JobProgress | None = Field(description="The latest progress event, if any.")
     prefix_id: uuid.UUID | None = Field(description="The prefix version the job produced.")
     error: str | None
+    note: str | None = Field(
+        default=None,
+        description="Why the job's prefix was published inactive (the nightly quality gate); "
+        "null when it was made active.",
+    )
     created_at: datetime
     updated_at: datetime
     started_at: datetime | None
@@ -193,6 +226,7 @@ class JobOut(BaseModel):
             progress=JobProgress.of(event) if event is not None else None,
             prefix_id=prefix_id,
             error=job.error,
+            note=job.note,
             created_at=job.created_at,
             updated_at=job.updated_at,
             started_at=job.started_at,

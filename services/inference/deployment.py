@@ -22,6 +22,7 @@ from common.blobstore import build_blob_store
 from common.config import Settings
 from common.data import encode_prompt
 from common.db.engine import create_db_engine, session_scope
+from common.devices import choose_placement, place
 from common.errors import IncompatiblePrefixError, InvalidInputError
 from common.generation import DecodingConfig, GenerationRow
 from common.prefix_file import PROMPT_FORMAT, Prefix, prefix_from_bytes
@@ -51,7 +52,10 @@ class InferenceServer:
     def __init__(self, shared: SharedModel, settings: Settings) -> None:
         torch.set_num_threads(max(1, int(settings.inference_num_cpus)))
         self.settings = settings
-        self.loaded = materialize_model(shared)  # zero-copy from the object store
+        # Zero-copy from the object store on the CPU; on a GPU replica, a copy in GPU memory.
+        self.loaded = place(
+            materialize_model(shared), choose_placement(settings.inference_num_gpus)
+        )
         self.shape = prefix_shape(self.loaded.model.config)
         self.context = max_positions(self.loaded.model.config)
         self.blobs = build_blob_store(settings)
@@ -64,6 +68,7 @@ class InferenceServer:
         )
         self.replica_id = uuid.uuid4().hex[:8]
         self.blob_reads = 0
+        self.forget_calls = 0
         self._sweeper: asyncio.Task | None = None
 
     # --- prefixes ------------------------------------------------------------------------
@@ -166,6 +171,15 @@ class InferenceServer:
     async def evict(self, prefix_ids: list[str]) -> int:
         return self.cache.evict(prefix_ids)
 
+    async def forget(self, prefix_ids: list[str]) -> dict:
+        """Drop these prefixes (an erased tenant's) and say which of them this replica still
+        holds: none, unless a load of one is in flight (then ask again; with its blob gone,
+        no new load can succeed). ``common.erasure.ServeReplicaEvictor`` asks every replica."""
+        self.forget_calls += 1
+        self.cache.evict(prefix_ids)
+        held = [p for p in prefix_ids if p in self.cache or self.cache.loading(p)]
+        return {"replica": self.replica_id, "held": held}
+
     async def stats(self) -> dict:
         return {
             "replica": self.replica_id,
@@ -173,6 +187,7 @@ class InferenceServer:
             "cache": asdict(self.cache.stats),
             "cached_prefixes": self.cache.keys(),
             "blob_reads": self.blob_reads,
+            "forget_calls": self.forget_calls,
             "zero_copy": self.loaded.zero_copy,
         }
 

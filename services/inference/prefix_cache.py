@@ -47,6 +47,10 @@ class PrefixCache:
     def keys(self) -> list[str]:
         return list(self._entries)
 
+    def loading(self, prefix_id: str) -> bool:
+        """A load of this id is in flight (it will be cached when it succeeds)."""
+        return prefix_id in self._inflight
+
     async def get(self, prefix_id: str, *args: object) -> Prefix:
         if prefix_id in self._entries:
             self._entries.move_to_end(prefix_id)

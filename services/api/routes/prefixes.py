@@ -1,13 +1,16 @@
-"""Prefix versions: one immutable row (and blob) per successful training job; exactly one
+"""Prefix versions: one immutable row (and blob) per successful training job; at most one
 is the tenant's active prefix, the one generate uses. Activating an older version is a
-rollback, effective from the next generate request."""
+rollback, effective from the next generate request; deleting a version removes its row and
+blob (the active one falls back to the highest remaining version)."""
 
 from __future__ import annotations
 
+import logging
 import uuid
 from typing import Any
 
 from fastapi import APIRouter
+from pydantic import BaseModel, Field
 
 from common.db import crud
 from common.db.errors import NotFoundError
@@ -16,7 +19,18 @@ from services.api.deps import ContextDep, CurrentTenant, SessionDep
 from services.api.errors import ApiError
 from services.api.schemas import Page
 
+log = logging.getLogger(__name__)
+
 router = APIRouter(prefix="/v1/prefixes", tags=["prefixes"])
+
+
+class PrefixDeleted(BaseModel):
+    id: uuid.UUID
+    version: int
+    active: PrefixPublic | None = Field(
+        description="The tenant's active version now (the fallback), or null if none is left."
+    )
+
 
 NOT_FOUND: dict[int | str, dict[str, Any]] = {
     404: {"description": "no such prefix version (or not the caller's)"}
@@ -59,3 +73,29 @@ def activate_prefix(
             f"prefix {prefix_id} was trained for another base model than the one served",
         )
     return crud.activate_prefix(session=session, tenant_id=tenant.id, version=prefix.version)
+
+
+@router.delete("/{prefix_id}", response_model=PrefixDeleted, responses=NOT_FOUND)
+def delete_prefix(
+    prefix_id: uuid.UUID, tenant: CurrentTenant, session: SessionDep, context: ContextDep
+) -> Any:
+    """Delete one prefix version: its row, then its blob (every stored version of it).
+
+    If it was the **active** version, the tenant falls back to its highest remaining
+    version (`active` in the answer), or to none when it was the last one — then generate
+    answers 409 `no_active_prefix` until a job publishes a new version. Other versions keep
+    their numbers (versions are never renumbered or reused). Effective from the next
+    generate request; the inference replicas drop the cached copy within
+    `PREFIXD_PREFIX_CACHE_SWEEP_SECONDS`."""
+    deleted, active = crud.delete_prefix_version(
+        session=session, tenant_id=tenant.id, prefix_id=prefix_id
+    )
+    try:
+        context.blobs.delete(deleted.object_key)
+    except Exception as error:  # the row is gone; the tenant's next job sweeps the orphan
+        log.warning("could not delete the blob of prefix %s: %s", prefix_id, error)
+    return PrefixDeleted(
+        id=deleted.id,
+        version=deleted.version,
+        active=PrefixPublic.model_validate(active) if active is not None else None,
+    )

@@ -13,22 +13,26 @@ from typing import Any
 from fastapi import APIRouter, Query
 
 from common.db import crud
-from common.db.errors import NotFoundError
+from common.db.errors import NotFoundError, TenantNotActiveError
 from common.db.models import (
     ApiKeyCreate,
     ApiKeyCreated,
     ApiKeyPublic,
     Tenant,
     TenantCreate,
+    TenantErasure,
     TenantPublic,
+    TenantStatus,
 )
 from services.api.deps import AdminDep, Caller, CallerDep, ContextDep, SessionDep
 from services.api.schemas import (
     ApiKeyCreateRequest,
+    ErasureProgress,
     Page,
     TenantCreated,
     TenantCreateRequest,
     TenantDeletion,
+    TenantOut,
 )
 from services.api.tenant_erasure import start_tenant_erasure
 
@@ -36,6 +40,9 @@ router = APIRouter(prefix="/v1/tenants", tags=["tenants"])
 
 NOT_FOUND: dict[int | str, dict[str, Any]] = {
     404: {"description": "no such tenant (or not the caller's)"}
+}
+GONE: dict[int | str, dict[str, Any]] = {
+    410: {"description": "the tenant is being deleted (admin token; its own keys get 401)"}
 }
 
 
@@ -46,6 +53,34 @@ def _tenant_for(session: Any, caller: Caller, tenant_id: uuid.UUID) -> Tenant:
     if tenant is None:
         raise NotFoundError(f"tenant {tenant_id} not found")
     return tenant
+
+
+def _active_tenant_for(session: Any, caller: Caller, tenant_id: uuid.UUID) -> Tenant:
+    """A tenant whose keys may be managed: being deleted gives 410."""
+    tenant = _tenant_for(session, caller, tenant_id)
+    if tenant.status != TenantStatus.active:
+        raise TenantNotActiveError(f"tenant {tenant_id} is being deleted")
+    return tenant
+
+
+def _erasure_for(session: Any, caller: Caller, tenant_id: uuid.UUID) -> TenantErasure | None:
+    """The erasure under way, for the admin (a tenant's own key stops working with it)."""
+    if caller.tenant is not None:
+        return None
+    return crud.get_tenant_erasure(session=session, tenant_id=tenant_id)
+
+
+def _progress(erasure: TenantErasure) -> ErasureProgress:
+    return ErasureProgress(
+        step=erasure.step.value,
+        requested_at=erasure.requested_at,
+        updated_at=erasure.updated_at,
+        runs=erasure.runs,
+        jobs_cancelled=erasure.jobs_cancelled,
+        objects_erased=erasure.objects_erased,
+        rows_erased=erasure.rows_erased,
+        last_error=erasure.last_error,
+    )
 
 
 @router.post("", status_code=201, response_model=TenantCreated)
@@ -82,11 +117,24 @@ def list_tenants(
     )
 
 
-@router.get("/{tenant_id}", response_model=TenantPublic, responses=NOT_FOUND)
+@router.get("/{tenant_id}", response_model=TenantOut, responses=NOT_FOUND)
 def get_tenant(tenant_id: uuid.UUID, caller: CallerDep, session: SessionDep) -> Any:
-    """A tenant: `status` is `active`, or `deleting` while its erasure runs (then 404).
-    A deleting tenant's own keys no longer work: the admin follows the deletion."""
-    return _tenant_for(session, caller, tenant_id)
+    """A tenant: `status` is `active`, or `deleting` while its erasure runs, with
+    `deletion` saying which step it is at (then 404). A deleting tenant's own keys no longer
+    work: the admin follows the deletion. Once the erasure deleted the tenant's rows,
+    `name` and `created_at` are null until the erasure ends."""
+    erasure = _erasure_for(session, caller, tenant_id)
+    tenant = crud.get_tenant(session=session, tenant_id=tenant_id)
+    if tenant is None and erasure is not None:
+        return TenantOut(
+            id=tenant_id, name=None, status=TenantStatus.deleting.value, created_at=None,
+            deletion=_progress(erasure),
+        )  # fmt: skip
+    tenant = _tenant_for(session, caller, tenant_id)
+    return TenantOut(
+        id=tenant.id, name=tenant.name, status=tenant.status.value, created_at=tenant.created_at,
+        deletion=_progress(erasure) if erasure is not None else None,
+    )  # fmt: skip
 
 
 @router.delete(
@@ -100,23 +148,26 @@ def delete_tenant(
 ) -> Any:
     """Delete a tenant with everything it owns (admin token, or the tenant's own key).
     Answers 202 at once: the tenant is `deleting` (its keys stop working now) until its
-    prefixes, datasets, jobs and keys are erased, then `GET` gives 404. Deleting again
-    resumes an interrupted erasure."""
-    _tenant_for(session, caller, tenant_id)
-    tenant = start_tenant_erasure(context=context, tenant_id=tenant_id)
-    return TenantDeletion(id=tenant.id, status=tenant.status.value)
+    jobs are cancelled, its objects (every version), rows and the inference replicas'
+    cached prefixes are erased and a final check found nothing; then an audit record
+    (ids, times, counts) is kept and `GET` gives 404. Deleting again (admin) resumes an
+    interrupted erasure; deleting a tenant that is gone gives 404."""
+    if _erasure_for(session, caller, tenant_id) is None:
+        _tenant_for(session, caller, tenant_id)
+    start_tenant_erasure(context=context, tenant_id=tenant_id)
+    return TenantDeletion(id=tenant_id, status=TenantStatus.deleting.value)
 
 
-@router.get("/{tenant_id}/keys", response_model=Page[ApiKeyPublic], responses=NOT_FOUND)
+@router.get("/{tenant_id}/keys", response_model=Page[ApiKeyPublic], responses=NOT_FOUND | GONE)
 def list_keys(tenant_id: uuid.UUID, caller: CallerDep, session: SessionDep) -> Any:
     """The tenant's API keys (hashes are never shown; revoked keys have `revoked_at`)."""
-    _tenant_for(session, caller, tenant_id)
+    _active_tenant_for(session, caller, tenant_id)
     keys = crud.list_api_keys(session=session, tenant_id=tenant_id)
     return Page[ApiKeyPublic](data=[ApiKeyPublic.model_validate(k) for k in keys])
 
 
 @router.post(
-    "/{tenant_id}/keys", status_code=201, response_model=ApiKeyCreated, responses=NOT_FOUND
+    "/{tenant_id}/keys", status_code=201, response_model=ApiKeyCreated, responses=NOT_FOUND | GONE
 )
 def create_key(
     tenant_id: uuid.UUID,
@@ -125,7 +176,7 @@ def create_key(
     body: ApiKeyCreateRequest | None = None,
 ) -> Any:
     """A new API key for the tenant; `key` is shown only in this answer."""
-    _tenant_for(session, caller, tenant_id)
+    _active_tenant_for(session, caller, tenant_id)
     key, plaintext = crud.create_api_key(
         session=session,
         tenant_id=tenant_id,
@@ -134,10 +185,12 @@ def create_key(
     return ApiKeyCreated.model_validate(key, update={"key": plaintext})
 
 
-@router.delete("/{tenant_id}/keys/{key_id}", response_model=ApiKeyPublic, responses=NOT_FOUND)
+@router.delete(
+    "/{tenant_id}/keys/{key_id}", response_model=ApiKeyPublic, responses=NOT_FOUND | GONE
+)
 def revoke_key(
     tenant_id: uuid.UUID, key_id: uuid.UUID, caller: CallerDep, session: SessionDep
 ) -> Any:
     """Revoke a key: it stops working at once (revoking again changes nothing)."""
-    _tenant_for(session, caller, tenant_id)
+    _active_tenant_for(session, caller, tenant_id)
     return crud.revoke_api_key(session=session, tenant_id=tenant_id, key_id=key_id)
