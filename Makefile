@@ -39,6 +39,7 @@ bench: install
 	$(BIN)/python -m bench.train_throughput
 	$(BIN)/python -m bench.serving
 	$(BIN)/python -m bench.e2e_quality --n 50
+	$(BIN)/python -m bench.nightly
 
 demo: install
 	$(BIN)/prefixd demo

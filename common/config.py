@@ -8,6 +8,7 @@ describe the embedded single-machine mode (SQLite and a blob directory under
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from pydantic import AliasChoices, Field, SecretStr
@@ -212,8 +213,12 @@ def settings_table() -> str:
     keeps the two equal, so documentation and code cannot drift)."""
     lines = ["| variable | default | meaning |", "|---|---|---|"]
     for field, info in Settings.model_fields.items():
-        default = info.default
-        shown = "(unset)" if default is None else f"`{default}`"
+        default = info.get_default(call_default_factory=True)
+        shown = (
+            "(unset)"
+            if default is None
+            else f"`{json.dumps(default) if isinstance(default, dict) else default}`"
+        )
         description = (info.description or "").replace("|", "\\|")
         lines.append(f"| `{env_name(field)}` | {shown} | {description} |")
     return "\n".join(lines) + "\n"

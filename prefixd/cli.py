@@ -13,9 +13,10 @@ from typing import Annotated
 
 import typer
 
-from prefixd import cli_up, cli_workers
+from prefixd import cli_nightly, cli_up, cli_workers
 from prefixd.cli_db import db_app
 from prefixd.cli_support import quiet_libraries, user_errors
+from prefixd.cli_tenants import tenants_app
 
 app = typer.Typer(
     name="prefixd",
@@ -193,6 +194,8 @@ app.add_typer(db_app, name="db", help="Database migrations.")
 app.command("worker")(cli_workers.worker)
 app.command("up")(user_errors(cli_up.up))
 app.add_typer(cli_workers.jobs_app, name="jobs", help="Training jobs (operators).")
+app.add_typer(tenants_app, name="tenants", help="Tenants (operators): erase, verify.")
+app.command("nightly")(cli_nightly.nightly)
 
 
 def main() -> None:

@@ -130,7 +130,9 @@ def up(
         where = settings.ray_address or "a local Ray"
         typer.echo(f"starting on {where}; database {database}; blobs {store.url}", err=True)
         ray.init(
-            address=settings.ray_address,
+            # RAY_ADDRESS names a cluster; without it, always a new local Ray (never one that
+            # happens to run on this machine, which a bare ray.init() would attach to).
+            address=settings.ray_address or "local",
             namespace=settings.scheduler_namespace,
             log_to_driver=False,
             configure_logging=False,

@@ -69,18 +69,32 @@ def worker(
     poll: Annotated[
         float, typer.Option("--poll", help="Seconds between two looks at the scheduler.")
     ] = 2.0,
+    nightly_at: Annotated[
+        str | None,
+        typer.Option(
+            "--nightly-at",
+            help="Also run the nightly retraining planner every day at this local time "
+            "(HH:MM), as `prefixd nightly` would; at once when started after it.",
+        ),
+    ] = None,
 ) -> None:
     """Run the training scheduler on Ray and block until Ctrl-C.
 
     The scheduler runs on RAY_ADDRESS (or a local Ray) against the configured database and
     blob store. Ctrl-C (or SIGTERM) stops it cleanly: running jobs go back to the queue. If
     a scheduler already runs on the cluster, this command watches it and takes over when it
-    goes away."""
+    goes away. With --nightly-at, this process also plans the nightly retraining (a restart
+    the same night enqueues nothing new: the jobs' idempotency keys are per night)."""
     from common.blobstore import build_blob_store
     from common.config import get_settings
     from common.db.engine import masked_url
 
     settings = get_settings()
+    nightly_time = None
+    if nightly_at is not None:
+        from workers.nightly import parse_time_of_day
+
+        nightly_time = parse_time_of_day(nightly_at)
     with _database() as engine:  # refuse to start on a database that is down or not migrated
         where = masked_url(engine)
     store = build_blob_store(settings)
@@ -100,9 +114,12 @@ def worker(
     previous = signal.signal(signal.SIGTERM, _raise_stop)
     handle: Any = None
     created = False
+    nightly: Any = None
     try:
         ray.init(
-            address=settings.ray_address,
+            # RAY_ADDRESS names a cluster; without it, always a new local Ray (never one that
+            # happens to run on this machine, which a bare ray.init() would attach to).
+            address=settings.ray_address or "local",
             namespace=settings.scheduler_namespace,
             log_to_driver=False,
             configure_logging=False,
@@ -134,6 +151,19 @@ def worker(
                 if key not in seen:
                     seen.add(key)
                     _print_report(report)
+            if nightly_time is not None and nightly is None:
+                from common.db.engine import create_db_engine
+                from workers.nightly import NightlyRunner
+
+                nightly = NightlyRunner(
+                    create_db_engine(settings),
+                    nightly_time,
+                    validation_split=settings.nightly_validation_split,
+                )
+                typer.echo(f"nightly retraining planned every day at {nightly_at} (local time)")
+            if nightly is not None:
+                for line in nightly.poll(datetime.now()):
+                    typer.echo(line)
             time.sleep(poll)
     except (KeyboardInterrupt, _Stop):
         if handle is not None and created:
@@ -147,6 +177,8 @@ def worker(
             typer.echo("leaving the other process's scheduler running", err=True)
     finally:
         signal.signal(signal.SIGTERM, previous)
+        if nightly is not None:
+            nightly.engine.dispose()
         if ray.is_initialized():
             ray.shutdown()
 
@@ -269,7 +301,7 @@ def show_job(
     for name in (
         "id", "tenant_id", "state", "priority", "attempts", "max_attempts", "dataset_ids",
         "hyperparameters", "created_at", "started_at", "finished_at", "lease_owner",
-        "lease_expires_at", "error",
+        "lease_expires_at", "error", "note",
     ):  # fmt: skip
         value = summary.get(name)
         if name == "attempts":

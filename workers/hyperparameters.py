@@ -2,7 +2,11 @@
 
 Every field of :class:`~common.training.TrainingConfig` may be given, with its type checked,
 plus ``validation_split`` (the fraction of the job's examples held out for validation
-losses and early stopping; 0 means none). Unknown names, wrong types and out-of-range values
+losses and early stopping; 0 means none) and ``validation_split_method``: ``shuffle`` (a
+seeded shuffle, the default) or ``hash`` (an example is held out when a hash of the seed and
+its text falls under the fraction: the same example stays on the same side as a tenant's
+data grows, which nightly jobs use so that successive versions are compared on examples
+neither trained on). Unknown names, wrong types and out-of-range values
 raise :class:`InvalidInputError` with one readable message: a user error, so the job fails
 at once and is not retried. The API can call :func:`parse_hyperparameters` at submission to
 refuse a bad job before it is queued.
@@ -13,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import typing
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
@@ -22,6 +26,7 @@ from common.training import TrainingConfig
 
 EXTRA_FIELDS: dict[str, Any] = {
     "validation_split": (float, Field(default=0.0, ge=0.0, lt=1.0)),
+    "validation_split_method": (Literal["shuffle", "hash"], Field(default="shuffle")),
 }
 
 
@@ -29,6 +34,7 @@ EXTRA_FIELDS: dict[str, Any] = {
 class JobTrainingSpec:
     config: TrainingConfig
     validation_split: float = 0.0
+    validation_split_method: str = "shuffle"
 
 
 @functools.cache
@@ -80,9 +86,10 @@ def parse_hyperparameters(raw: Any) -> JobTrainingSpec:
         raise InvalidInputError(message) from None
     values = parsed.model_dump()
     validation_split = float(values.pop("validation_split"))
+    method = str(values.pop("validation_split_method"))
     config = TrainingConfig(**values)
     try:
         config.validate()
     except InvalidInputError as error:
         raise InvalidInputError(f"invalid hyperparameters: {error}") from None
-    return JobTrainingSpec(config, validation_split)
+    return JobTrainingSpec(config, validation_split, method)

@@ -23,7 +23,9 @@ by a holder actor, the same copy the inference replicas map); it hands that
 4. claims jobs (:func:`crud.claim_next_fair_job`: interactive first, one running job per
    tenant, round-robin across tenants) while trainer slots are free, fails at once a job
    whose hyperparameters are invalid (a user error), and starts one trainer task per job (``max_calls=1``: a fresh worker process that exits afterwards;
-   ``max_retries=0``: retries go through the queue with a new lease owner).
+   ``max_retries=0``: retries go through the queue with a new lease owner);
+5. resumes unfinished tenant erasures (``common/erasure.py``: a runner died or failed), on
+   a thread of its own — the one place that does.
 
 A claimed job's first lease is ``trainer_start_timeout_seconds`` (a trainer process takes a
 while to start); the trainer's first heartbeat shortens it to ``job_lease_seconds``.
@@ -58,6 +60,7 @@ from common.db import crud
 from common.db.engine import create_db_engine, require_migrated, session_scope
 from common.db.models import JobState, TrainingJob
 from common.db.types import utcnow
+from common.erasure import ErasureOptions, resume_pending_erasures, serve_evictor_if_running
 from common.errors import InvalidInputError, PrefixdError
 from common.shared_weights import SharedModel, get_shared_model
 from workers.hyperparameters import parse_hyperparameters
@@ -145,6 +148,8 @@ class Scheduler:
         self._stopping = threading.Event()
         self._started_at = utcnow().isoformat()
         self._self_handle: Any = None
+        self._erasures: threading.Thread | None = None
+        self._erasures_checked = -float("inf")
         self._thread = threading.Thread(target=self._main, name="prefixd-scheduler", daemon=True)
         self._thread.start()
 
@@ -262,6 +267,36 @@ class Scheduler:
             crud.reclaim_expired_jobs(session=session)
         self._watch_leases()
         self._claim()
+        self._resume_erasures()
+
+    def _resume_erasures(self) -> None:
+        """The one place that resumes unfinished tenant erasures (``common/erasure.py``):
+        those whose runner died (lease run out) or failed (no progress for
+        ``erasure_lease_seconds``), on a thread of their own so claiming goes on."""
+        now = time.monotonic()
+        every = min(5.0, self.settings.erasure_lease_seconds / 4)
+        if now - self._erasures_checked < every:
+            return
+        if self._erasures is not None and self._erasures.is_alive():
+            return
+        self._erasures_checked = now
+        self._erasures = threading.Thread(
+            target=self._run_erasures, name="prefixd-erasures", daemon=True
+        )
+        self._erasures.start()
+
+    def _run_erasures(self) -> None:
+        try:
+            for tenant_id in resume_pending_erasures(
+                engine=self._engine,
+                store=self._store,
+                options=ErasureOptions.from_settings(self.settings),
+                evictor=serve_evictor_if_running,
+                owner_role=f"scheduler-{self.incarnation}",
+            ):
+                log.info("resumed and finished the erasure of tenant %s", tenant_id)
+        except Exception:
+            log.exception("resuming tenant erasures failed")
 
     def _collect_finished(self) -> None:
         with self._lock:

@@ -15,9 +15,13 @@ attempt gets a new owner). The trainer:
 3. maps the frozen base weights from the object store (:func:`materialize_model`: zero-copy,
    no disk read, no private copy) and trains with the core's loop, writing progress events
    at most every ``progress_event_seconds``;
-4. writes the prefix blob under a fresh prefix id, then calls :func:`crud.publish_prefix`
-   (one transaction: tenant still active, lease still ours, new version made active, job
-   succeeded). When publishing fails the blob it just wrote is deleted.
+4. for a nightly (``batch``) job, runs the quality gate (:mod:`workers.quality_gate`): the
+   new version becomes active only if its validation loss is not worse than the active
+   version's on the same held-out examples (by more than ``nightly_max_regression``);
+5. writes the prefix blob under a fresh prefix id, then calls :func:`crud.publish_prefix`
+   (one transaction: tenant still active, lease still ours, new version made active — or
+   kept inactive with a note on the job, by the gate — job succeeded). When publishing
+   fails the blob it just wrote is deleted.
 
 User errors (bad hyperparameters, bad data, a dataset that is gone) fail the job with the
 message and no retry; anything else fails the attempt with a retry while attempts remain.
@@ -48,12 +52,14 @@ from common.data import Example, parse_jsonl
 from common.db import crud
 from common.db.engine import create_db_engine, session_scope
 from common.db.errors import ConflictError, LeaseLostError, NotFoundError, TenantNotActiveError
-from common.db.models import JobEventCreate, JobState, PrefixCreate, TrainingJob
+from common.db.models import JobEventCreate, JobPriority, JobState, PrefixCreate, TrainingJob
+from common.devices import choose_placement, place
 from common.errors import IncompatiblePrefixError, InvalidInputError
 from common.prefix_file import Prefix, prefix_to_bytes
 from common.shared_weights import SharedModel, materialize_model
 from common.training import Progress, train_prefix
 from workers.hyperparameters import JobTrainingSpec, parse_hyperparameters
+from workers.quality_gate import HASH_SPLIT, GateDecision, hash_split, nightly_quality_gate
 
 log = logging.getLogger(__name__)
 
@@ -240,7 +246,9 @@ def job_examples(
     none."""
     train = load_examples(engine, store, job.tenant_id, list(job.dataset_ids))
     if job.validation_dataset_id is None:
-        return split_validation(train, spec.validation_split, spec.config.seed)
+        return split_validation(
+            train, spec.validation_split, spec.config.seed, method=spec.validation_split_method
+        )
     if spec.validation_split > 0:
         raise InvalidInputError(
             "give either validation_dataset_id or hyperparameters.validation_split, not both"
@@ -249,10 +257,14 @@ def job_examples(
 
 
 def split_validation(
-    examples: list[Example], fraction: float, seed: int
+    examples: list[Example], fraction: float, seed: int, *, method: str = "shuffle"
 ) -> tuple[list[Example], list[Example] | None]:
+    """``(train, validation)``: a seeded shuffle, or the stable ``hash`` split of
+    :func:`workers.quality_gate.hash_split`; no validation when ``fraction`` is 0."""
     if fraction <= 0:
         return examples, None
+    if method == HASH_SPLIT:
+        return hash_split(examples, fraction, seed)
     held_out = max(1, round(len(examples) * fraction))
     if held_out >= len(examples):
         raise InvalidInputError(
@@ -272,9 +284,10 @@ def _json_safe(metrics: dict[str, Any]) -> dict[str, Any]:
 
 def publish_trained_prefix(
     engine: Engine, store: BlobStore, *, job_id: uuid.UUID, tenant_id: uuid.UUID, owner: str,
-    prefix: Prefix,
+    prefix: Prefix, activate: bool = True, note: str | None = None,
 ) -> uuid.UUID:  # fmt: skip
-    """Write the blob under a fresh prefix id, then publish it (one transaction). If the
+    """Write the blob under a fresh prefix id, then publish it (one transaction), made
+    active unless ``activate`` is False (then ``note`` says why, on the job). If the
     publish fails for any reason — tenant gone or being deleted, lease lost, database down —
     the blob is deleted again and the error raised. Returns the new prefix id."""
     prefix_id = uuid.uuid4()
@@ -296,8 +309,9 @@ def publish_trained_prefix(
             try:
                 with session_scope(engine) as session:
                     crud.publish_prefix(
-                        session=session, job_id=job_id, owner=owner, prefix_in=prefix_in
-                    )
+                        session=session, job_id=job_id, owner=owner, prefix_in=prefix_in,
+                        activate=activate, note=note,
+                    )  # fmt: skip
                 return prefix_id
             except (TenantNotActiveError, LeaseLostError):
                 raise
@@ -429,7 +443,7 @@ def _train_and_publish(
     store = build_blob_store(settings)
     delete_orphan_prefix_blobs(engine, store, tenant_id)
     train, validation = job_examples(engine, store, job, spec)
-    loaded = materialize_model(shared)
+    loaded = place(materialize_model(shared), choose_placement(settings.trainer_num_gpus))
     zero_copy = loaded.zero_copy
     progress = ProgressWriter(engine, job_id, every=settings.progress_event_seconds)
     result = train_prefix(
@@ -440,16 +454,28 @@ def _train_and_publish(
         on_progress=progress,
         should_stop=lease.lost.is_set,
     )
-    del train, validation, loaded
+    del train
     last = result.history[-1] if result.history else None
     steps = {"steps": last.step if last else 0, "total_steps": last.total_steps if last else None}
     if lease.lost.is_set():  # cancelled, reclaimed or erased: nothing is published
         return report(_lost_outcome(engine, job_id), zero_copy=zero_copy, **steps)
     progress.finish(last)
+    gate = GateDecision(activate=True)
+    if job.priority == JobPriority.batch:  # nightly: the quality gate decides activation
+        gate = nightly_quality_gate(
+            engine, store, loaded, job, result.prefix, validation,
+            max_regression=settings.nightly_max_regression,
+            batch_size=spec.config.batch_size,
+            load_examples=lambda ids: load_examples(engine, store, tenant_id, ids),
+        )  # fmt: skip
+        result.prefix.metrics.update(gate.metrics)
+        log.info("job %s: quality gate %s", job_id, gate.metrics.get("quality_gate"))
+    del validation, loaded
     try:
         prefix_id = publish_trained_prefix(
-            engine, store, job_id=job_id, tenant_id=tenant_id, owner=owner, prefix=result.prefix
-        )
+            engine, store, job_id=job_id, tenant_id=tenant_id, owner=owner, prefix=result.prefix,
+            activate=gate.activate, note=gate.note,
+        )  # fmt: skip
     except TenantNotActiveError as error:
         _finish(engine, job_id, owner, JobState.cancelled, str(error), retry=False)
         return report(Outcome.ERASED, error=str(error), zero_copy=zero_copy, **steps)

@@ -21,7 +21,8 @@ import hashlib
 import secrets
 import uuid
 from collections.abc import Sequence
-from datetime import datetime, timedelta
+from dataclasses import dataclass
+from datetime import date, datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
@@ -48,10 +49,13 @@ from common.db.models import (
     JobEventCreate,
     JobPriority,
     JobState,
+    NightlyRun,
+    NightlyRunPublic,
     Prefix,
     PrefixCreate,
     Tenant,
     TenantCreate,
+    TenantErasure,
     TenantStatus,
     TrainingJob,
     TrainingJobCreate,
@@ -128,13 +132,17 @@ def _require_active_tenant(session: Session, tenant_id: uuid.UUID, *, lock: bool
 
 def mark_tenant_deleting(*, session: Session, tenant_id: uuid.UUID) -> Tenant:
     """Flag the tenant as being deleted (idempotent). From the commit on, nothing can be
-    added to it: no dataset, job, key or prefix version."""
+    added to it: no dataset, job, key or prefix version. The same commit records the
+    erasure's state (``tenant_erasures``), so a marked tenant is always erased to the end,
+    by whoever resumes it (``common/erasure.py``)."""
     tenant = _lock_tenant(session, tenant_id)
     if tenant is None:
         session.rollback()
         raise NotFoundError(f"tenant {tenant_id} not found")
     tenant.status = TenantStatus.deleting
     session.add(tenant)
+    if session.get(TenantErasure, tenant_id) is None:
+        session.add(TenantErasure(tenant_id=tenant_id))
     _commit(session)
     session.refresh(tenant)
     return tenant
@@ -838,12 +846,15 @@ def publish_prefix(
     owner: str,
     prefix_in: PrefixCreate,
     activate: bool = True,
+    note: str | None = None,
     now: datetime | None = None,
 ) -> Prefix:
     """Make a trained prefix visible, in one transaction: check that the tenant exists and
     is not being deleted and that ``owner`` still holds the job's (unexpired) lease; insert
     the next prefix version; make it the tenant's active prefix (deactivating the previous
     one); mark the job succeeded. Call it only after the blob is completely written.
+    ``activate=False`` publishes the version inactive (the previous one stays active) and
+    records ``note`` (why) on the job.
 
     Raises :class:`NotFoundError` (job or tenant gone), :class:`TenantNotActiveError` or
     :class:`LeaseLostError`; then nothing was changed and the caller deletes its blob."""
@@ -897,6 +908,7 @@ def publish_prefix(
         job.lease_owner = None
         job.lease_expires_at = None
         job.error = None
+        job.note = None if activate else note
         job.finished_at = at
         job.updated_at = at
         session.add(job)
@@ -1022,3 +1034,353 @@ def existing_prefix_ids(*, session: Session, prefix_ids: list[uuid.UUID]) -> set
         return set()
     rows = session.exec(select(Prefix.id).where(col(Prefix.id).in_(prefix_ids)))
     return set(rows.all())
+
+
+# --- prefix version removal -----------------------------------------------------------------
+
+
+def delete_prefix_version(
+    *, session: Session, tenant_id: uuid.UUID, prefix_id: uuid.UUID, now: datetime | None = None
+) -> tuple[Prefix, Prefix | None]:
+    """Delete one prefix version's row (the caller then deletes its blob). If it was the
+    active one, the highest remaining version becomes active (or none is). Returns the
+    deleted row and the tenant's active prefix afterwards."""
+    at = now or utcnow()
+    try:
+        _require_active_tenant(session, tenant_id, lock=True)
+        prefix = session.get(Prefix, prefix_id, populate_existing=True)
+        if prefix is None or prefix.tenant_id != tenant_id:
+            raise NotFoundError(f"prefix {prefix_id} not found")
+        was_active = prefix.active
+        deleted = Prefix.model_validate(prefix.model_dump())  # outlives the commit
+        session.delete(prefix)
+        session.flush()
+        active = get_active_prefix(session=session, tenant_id=tenant_id)
+        if was_active:
+            active = session.exec(
+                select(Prefix)
+                .where(col(Prefix.tenant_id) == tenant_id)
+                .order_by(col(Prefix.version).desc())
+                .limit(1)
+            ).first()
+            if active is not None:
+                active.active = True
+                active.activated_at = at
+                session.add(active)
+        session.commit()
+    except BaseException:
+        session.rollback()
+        raise
+    if active is not None:
+        session.refresh(active)
+    return deleted, active
+
+
+# --- tenant erasure state (common/erasure.py runs the steps) --------------------------------
+
+
+def get_tenant_erasure(*, session: Session, tenant_id: uuid.UUID) -> TenantErasure | None:
+    """The erasure under way for this tenant (None: never started, or finished)."""
+    return session.get(TenantErasure, tenant_id, populate_existing=True)
+
+
+def begin_tenant_erasure(*, session: Session, tenant_id: uuid.UUID) -> TenantErasure:
+    """Mark the tenant ``deleting`` and record its erasure (idempotent; see
+    :func:`mark_tenant_deleting`). A tenant whose rows are already gone but whose erasure
+    has not finished returns that erasure; otherwise an unknown tenant (or one erased
+    completely) raises :class:`NotFoundError`."""
+    try:
+        mark_tenant_deleting(session=session, tenant_id=tenant_id)
+    except NotFoundError:
+        erasure = get_tenant_erasure(session=session, tenant_id=tenant_id)
+        if erasure is None:
+            raise
+        return erasure
+    erasure = get_tenant_erasure(session=session, tenant_id=tenant_id)
+    assert erasure is not None
+    return erasure
+
+
+def claim_tenant_erasure(
+    *,
+    session: Session,
+    tenant_id: uuid.UUID,
+    owner: str,
+    lease_seconds: float,
+    now: datetime | None = None,
+) -> TenantErasure | None:
+    """Take the erasure's lease (compare-and-set): granted when nobody holds it, it ran
+    out, or ``owner`` holds it already. None when someone else holds it, or when there is
+    no such erasure."""
+    at = now or utcnow()
+    result = session.exec(
+        sa.update(TenantErasure)
+        .where(
+            col(TenantErasure.tenant_id) == tenant_id,
+            sa.or_(
+                col(TenantErasure.lease_owner).is_(None),
+                col(TenantErasure.lease_expires_at) < at,
+                col(TenantErasure.lease_owner) == owner,
+            ),
+        )
+        .values(
+            lease_owner=owner,
+            lease_expires_at=at + timedelta(seconds=lease_seconds),
+            runs=col(TenantErasure.runs) + 1,
+            updated_at=at,
+        )
+    )
+    _commit(session)
+    if result.rowcount != 1:
+        return None
+    return get_tenant_erasure(session=session, tenant_id=tenant_id)
+
+
+def renew_tenant_erasure(
+    *,
+    session: Session,
+    tenant_id: uuid.UUID,
+    owner: str,
+    lease_seconds: float,
+    now: datetime | None = None,
+) -> bool:
+    """Extend ``owner``'s lease; False when it no longer holds it (or the erasure is done)."""
+    at = now or utcnow()
+    result = session.exec(
+        sa.update(TenantErasure)
+        .where(col(TenantErasure.tenant_id) == tenant_id, col(TenantErasure.lease_owner) == owner)
+        .values(lease_expires_at=at + timedelta(seconds=lease_seconds), updated_at=at)
+    )
+    _commit(session)
+    return result.rowcount == 1
+
+
+def release_tenant_erasure(
+    *,
+    session: Session,
+    tenant_id: uuid.UUID,
+    owner: str,
+    error: str | None = None,
+    now: datetime | None = None,
+) -> bool:
+    """``owner`` stops working on the erasure (it failed with ``error``, or was stopped):
+    anyone may take it up again at once, the scheduler after its grace period."""
+    at = now or utcnow()
+    result = session.exec(
+        sa.update(TenantErasure)
+        .where(col(TenantErasure.tenant_id) == tenant_id, col(TenantErasure.lease_owner) == owner)
+        .values(lease_owner=None, lease_expires_at=None, last_error=error, updated_at=at)
+    )
+    _commit(session)
+    return result.rowcount == 1
+
+
+def list_tenant_erasures(*, session: Session) -> list[TenantErasure]:
+    """Every erasure under way, oldest request first."""
+    stmt = select(TenantErasure).order_by(col(TenantErasure.requested_at))
+    return list(session.exec(stmt).all())
+
+
+def resumable_tenant_erasures(
+    *, session: Session, grace_seconds: float, now: datetime | None = None
+) -> list[uuid.UUID]:
+    """Erasures nobody works on: a lease that ran out (its runner died), or no lease and
+    no progress for ``grace_seconds`` (its runner failed, or never started)."""
+    at = now or utcnow()
+    stmt = (
+        select(TenantErasure.tenant_id)
+        .where(
+            sa.or_(
+                col(TenantErasure.lease_expires_at) < at,
+                sa.and_(
+                    col(TenantErasure.lease_owner).is_(None),
+                    col(TenantErasure.updated_at) < at - timedelta(seconds=grace_seconds),
+                ),
+            )
+        )
+        .order_by(col(TenantErasure.requested_at))
+    )
+    return list(session.exec(stmt).all())
+
+
+def get_deletion_audit(*, session: Session, tenant_id: uuid.UUID) -> DeletionAudit | None:
+    """The tenant's audit record (one per tenant), once its erasure finished."""
+    return session.exec(
+        select(DeletionAudit).where(col(DeletionAudit.tenant_id) == tenant_id)
+    ).first()
+
+
+# --- nightly retraining runs (workers/nightly.py) -------------------------------------------
+
+
+def nightly_idempotency_key(run_date: date) -> str:
+    """The idempotency key of every nightly job of that night (one job per tenant)."""
+    return f"nightly-{run_date.isoformat()}"
+
+
+@dataclass
+class NightlyJobCounts:
+    """The jobs of one night by state, from the jobs themselves."""
+
+    total: int = 0
+    unfinished: int = 0
+    succeeded: int = 0
+    failed: int = 0
+    cancelled: int = 0
+    kept_inactive: int = 0  # succeeded, prefix published inactive (the job has a note)
+    last_finished_at: datetime | None = None
+
+
+def nightly_job_counts(
+    *, session: Session, run_dates: Sequence[date]
+) -> dict[date, NightlyJobCounts]:
+    """Count the nightly jobs of these nights (every date present, zeros included)."""
+    keys = {nightly_idempotency_key(d): d for d in run_dates}
+    counts = {d: NightlyJobCounts() for d in run_dates}
+    if not keys:
+        return counts
+    stmt = (
+        sa.select(
+            col(TrainingJob.idempotency_key),
+            col(TrainingJob.state),
+            func.count(),
+            func.count(col(TrainingJob.note)),
+            func.max(col(TrainingJob.finished_at)),
+        )
+        .where(col(TrainingJob.idempotency_key).in_(list(keys)))
+        .group_by(col(TrainingJob.idempotency_key), col(TrainingJob.state))
+    )
+    for key, state, number, notes, last in session.execute(stmt).all():
+        entry = counts[keys[str(key)]]
+        entry.total += number
+        if state == JobState.succeeded:
+            entry.succeeded += number
+            entry.kept_inactive += notes
+        elif state == JobState.failed:
+            entry.failed += number
+        elif state == JobState.cancelled:
+            entry.cancelled += number
+        else:
+            entry.unfinished += number
+        if state in TERMINAL_JOB_STATES and last is not None:
+            known = entry.last_finished_at
+            entry.last_finished_at = last if known is None else max(known, last)
+    return counts
+
+
+def _apply_nightly_counts(run: NightlyRun | NightlyRunPublic, counts: NightlyJobCounts) -> None:
+    """Job counts onto a run row (or its public copy); a planned night whose jobs are all
+    final gets ``finished_at`` and ``wall_seconds``."""
+    run.tenants_planned = counts.total
+    run.jobs_succeeded = counts.succeeded
+    run.jobs_failed = counts.failed
+    run.jobs_cancelled = counts.cancelled
+    run.prefixes_kept_inactive = counts.kept_inactive
+    if run.planned_at is not None and counts.unfinished == 0:
+        candidates = [run.planned_at, counts.last_finished_at]
+        run.finished_at = max(t for t in candidates if t is not None)
+        run.wall_seconds = (run.finished_at - run.started_at).total_seconds()
+    else:
+        run.finished_at = None
+        run.wall_seconds = None
+
+
+def get_nightly_run(*, session: Session, run_date: date) -> NightlyRun | None:
+    stmt = select(NightlyRun).where(col(NightlyRun.run_date) == run_date)
+    return session.exec(stmt.execution_options(populate_existing=True)).first()
+
+
+def start_nightly_run(
+    *, session: Session, run_date: date, now: datetime | None = None
+) -> NightlyRun:
+    """The night's row, made by its first planning pass (which sets ``started_at``); each
+    call counts one more pass (``planner_runs``) and marks the night unfinished again."""
+    at = now or utcnow()
+    for _ in range(3):
+        try:
+            run = session.exec(
+                select(NightlyRun)
+                .where(col(NightlyRun.run_date) == run_date)
+                .with_for_update()
+                .execution_options(populate_existing=True)
+            ).first()
+            if run is None:
+                run = NightlyRun(run_date=run_date, started_at=at, planner_runs=1)
+            else:
+                run.planner_runs += 1
+                run.finished_at = None
+                run.wall_seconds = None
+            session.add(run)
+            session.commit()
+        except IntegrityError:  # a concurrent first pass made the row: count on it
+            session.rollback()
+            continue
+        except BaseException:
+            session.rollback()
+            raise
+        session.refresh(run)
+        return run
+    raise ConflictError(f"could not record the nightly run of {run_date}; try again")
+
+
+def finish_nightly_planning(
+    *,
+    session: Session,
+    run_date: date,
+    tenants_skipped: int,
+    estimated_tokens: int,
+    now: datetime | None = None,
+) -> NightlyRun:
+    """Record the end of a planning pass (``planned_at``, skipped tenants, estimated
+    tokens) and the night's job counts as they stand."""
+    at = now or utcnow()
+    run = get_nightly_run(session=session, run_date=run_date)
+    if run is None:
+        raise NotFoundError(f"nightly run of {run_date} not found")
+    run.planned_at = at
+    run.tenants_skipped = tenants_skipped
+    run.estimated_tokens = estimated_tokens
+    _apply_nightly_counts(run, nightly_job_counts(session=session, run_dates=[run_date])[run_date])
+    session.add(run)
+    _commit(session)
+    session.refresh(run)
+    return run
+
+
+def refresh_nightly_runs(
+    *, session: Session, run_dates: Sequence[date] | None = None
+) -> list[NightlyRun]:
+    """Store the job counts of these nights (default: every night not finished yet);
+    a night whose jobs are all final gets ``finished_at`` and ``wall_seconds``."""
+    stmt = select(NightlyRun).execution_options(populate_existing=True)
+    if run_dates is None:
+        stmt = stmt.where(col(NightlyRun.finished_at).is_(None))
+    else:
+        stmt = stmt.where(col(NightlyRun.run_date).in_(list(run_dates)))
+    runs = list(session.exec(stmt.order_by(col(NightlyRun.run_date))).all())
+    counts = nightly_job_counts(session=session, run_dates=[r.run_date for r in runs])
+    for run in runs:
+        _apply_nightly_counts(run, counts[run.run_date])
+        session.add(run)
+    _commit(session)
+    for run in runs:
+        session.refresh(run)
+    return runs
+
+
+def list_nightly_runs(
+    *, session: Session, offset: int = 0, limit: int = 100
+) -> list[NightlyRunPublic]:
+    """Nightly runs, newest night first. The job counts of a night not finished yet are
+    read from its jobs now (read only; :func:`refresh_nightly_runs` stores them)."""
+    stmt = select(NightlyRun).order_by(col(NightlyRun.run_date).desc())
+    runs = list(session.exec(stmt.offset(offset).limit(limit)).all())
+    open_dates = [r.run_date for r in runs if r.finished_at is None]
+    counts = nightly_job_counts(session=session, run_dates=open_dates)
+    result = []
+    for run in runs:
+        public = NightlyRunPublic.model_validate(run)
+        if run.finished_at is None:
+            _apply_nightly_counts(public, counts[run.run_date])
+        result.append(public)
+    return result

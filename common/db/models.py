@@ -8,7 +8,7 @@ Alembic migrations (``common/db/migrations``), and a test proves the two agree.
 from __future__ import annotations
 
 import uuid
-from datetime import datetime
+from datetime import date, datetime
 from enum import StrEnum
 from typing import Any, cast
 
@@ -202,6 +202,8 @@ class TrainingJob(TrainingJobBase, table=True):
         sa.Index("ix_training_jobs_state_priority_created_at", "state", "priority", "created_at"),
         # Reclaiming expired leases: running jobs by lease expiry.
         sa.Index("ix_training_jobs_state_lease_expires_at", "state", "lease_expires_at"),
+        # A night's nightly jobs, across tenants (workers/nightly.py).
+        sa.Index("ix_training_jobs_idempotency_key", "idempotency_key"),
     )
 
     id: uuid.UUID = Field(default_factory=uuid.uuid4, primary_key=True)
@@ -218,6 +220,9 @@ class TrainingJob(TrainingJobBase, table=True):
     updated_at: datetime = Field(default_factory=utcnow, sa_type=_DT)
     started_at: datetime | None = Field(default=None, sa_type=_DT)
     finished_at: datetime | None = Field(default=None, sa_type=_DT)
+    # Why a succeeded job's prefix was published but NOT made active (the nightly quality
+    # gate, workers/quality_gate.py); None when it was activated or the job made no prefix.
+    note: str | None = Field(default=None, sa_type=_t(sa.Text()))
 
 
 class TrainingJobPublic(TrainingJobBase):
@@ -232,6 +237,7 @@ class TrainingJobPublic(TrainingJobBase):
     updated_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
+    note: str | None = None
 
 
 # --- job events (progress) -----------------------------------------------------------------
@@ -332,10 +338,11 @@ class DeletionAuditBase(SQLModel):
 
 
 class DeletionAudit(DeletionAuditBase, table=True):
-    # No foreign key: the audit row outlives the tenant it describes.
+    # No foreign key: the audit row outlives the tenant it describes. One per tenant: an
+    # erasure that runs again never writes a second record.
     __tablename__ = "deletion_audits"
     __table_args__ = (
-        sa.Index("ix_deletion_audits_tenant_id", "tenant_id"),
+        sa.Index("uq_deletion_audits_tenant_id", "tenant_id", unique=True),
         sa.Index("ix_deletion_audits_requested_at", "requested_at"),
     )
 
@@ -343,4 +350,89 @@ class DeletionAudit(DeletionAuditBase, table=True):
 
 
 class DeletionAuditPublic(DeletionAuditBase):
+    id: uuid.UUID
+
+
+# --- tenant erasure under way (deleted when its audit record is written) -------------------
+
+
+class ErasureStep(StrEnum):
+    """The step an erasure runs next (``common/erasure.py``), in order. Marking the tenant
+    ``deleting`` creates the row; writing the audit record deletes it."""
+
+    cancel_jobs = "cancel_jobs"
+    delete_objects = "delete_objects"
+    delete_rows = "delete_rows"
+    evict_replicas = "evict_replicas"
+    verify = "verify"
+
+
+class TenantErasure(SQLModel, table=True):
+    """The durable state of one tenant's erasure: ids, times, counts, no personal data.
+    No foreign key: it outlives the tenant's rows, deleted half-way through."""
+
+    __tablename__ = "tenant_erasures"
+
+    tenant_id: uuid.UUID = Field(primary_key=True)
+    step: ErasureStep = Field(default=ErasureStep.cancel_jobs, sa_type=_enum(ErasureStep))
+    requested_at: datetime = Field(default_factory=utcnow, sa_type=_DT)
+    updated_at: datetime = Field(default_factory=utcnow, sa_type=_DT)
+    runs: int = Field(default=0)  # how many times a runner took it up
+    lease_owner: str | None = Field(default=None, max_length=200)
+    lease_expires_at: datetime | None = Field(default=None, sa_type=_DT)
+    jobs_cancelled: int = Field(default=0)
+    objects_erased: int = Field(default=0)
+    rows_erased: int = Field(default=0)
+    # The tenant's prefix ids, recorded with the row deletion: what the serving replicas
+    # must no longer hold.
+    prefix_ids: list[str] = Field(default_factory=list, sa_type=_JSON)
+    last_error: str | None = Field(default=None, sa_type=_t(sa.Text()))
+
+
+# --- nightly retraining runs (workers/nightly.py; one row per night) -----------------------
+
+
+class NightlyRunBase(SQLModel):
+    run_date: date = Field(description="The night: jobs carry the idempotency key nightly-<date>.")
+    started_at: datetime = Field(description="When the night's first planning pass started.")
+    planned_at: datetime | None = Field(
+        default=None, description="When the night's latest planning pass finished."
+    )
+    finished_at: datetime | None = Field(
+        default=None,
+        description="When the night's last job reached a final state (null while any is "
+        "queued or running).",
+    )
+    planner_runs: int = Field(default=0, ge=0, description="Planning passes this night.")
+    tenants_planned: int = Field(default=0, ge=0, description="Tenants with a job this night.")
+    tenants_skipped: int = Field(
+        default=0, ge=0, description="Tenants left out by the latest planning pass."
+    )
+    jobs_succeeded: int = Field(default=0, ge=0)
+    jobs_failed: int = Field(default=0, ge=0)
+    jobs_cancelled: int = Field(default=0, ge=0)
+    prefixes_kept_inactive: int = Field(
+        default=0, ge=0, description="Succeeded jobs whose prefix the quality gate kept inactive."
+    )
+    estimated_tokens: int = Field(
+        default=0, ge=0, description="Training tokens of the night's jobs, estimated at planning."
+    )
+    wall_seconds: float | None = Field(
+        default=None, description="finished_at - started_at, once every job is final."
+    )
+
+
+class NightlyRun(NightlyRunBase, table=True):
+    __tablename__ = "nightly_runs"
+    __table_args__ = (sa.UniqueConstraint("run_date", name="uq_nightly_runs_run_date"),)
+
+    id: uuid.UUID = Field(default_factory=uuid.uuid4, primary_key=True)
+    run_date: date = Field(sa_type=_t(sa.Date()))
+    started_at: datetime = Field(default_factory=utcnow, sa_type=_DT)
+    planned_at: datetime | None = Field(default=None, sa_type=_DT)
+    finished_at: datetime | None = Field(default=None, sa_type=_DT)
+    estimated_tokens: int = Field(default=0, sa_type=_BIGINT)
+
+
+class NightlyRunPublic(NightlyRunBase):
     id: uuid.UUID

@@ -10,7 +10,16 @@ from services.api.deps import enforce_generate_rate
 from services.api.errors import install_error_handlers
 from services.api.limits import BodyLimit, BodySizeLimitMiddleware
 from services.api.metrics import ApiMetrics, MetricsMiddleware
-from services.api.routes import datasets, generate, health, jobs, metrics, prefixes, tenants
+from services.api.routes import (
+    admin,
+    datasets,
+    generate,
+    health,
+    jobs,
+    metrics,
+    prefixes,
+    tenants,
+)
 from services.api.uploads import MULTIPART_OVERHEAD_BYTES
 
 
@@ -43,5 +52,6 @@ def create_app(context: ApiContext) -> FastAPI:
     app.include_router(datasets.router)
     app.include_router(jobs.router)
     app.include_router(prefixes.router)
+    app.include_router(admin.router)
     app.include_router(generate.router, dependencies=[Depends(enforce_generate_rate)])
     return app

@@ -626,3 +626,26 @@ def test_a_job_runs_when_the_scheduler_does(stack, api):
     generated = api.post("/v1/generate", key, json={"input": "alpha red", "max_new_tokens": 3})
     assert generated.status_code == 200 and generated.json()["prefix_id"] == job["prefix_id"]
     assert tenant_id == prefixes[0]["tenant_id"]
+
+
+def test_admin_lists_the_nightly_runs(stack, api):
+    from datetime import date
+
+    from common.db import crud
+    from common.db.engine import session_scope
+
+    night = date(2040, 1, 1 + uuid.uuid4().int % 28)
+    with session_scope(stack.db) as session:
+        crud.start_nightly_run(session=session, run_date=night)
+        crud.finish_nightly_planning(
+            session=session, run_date=night, tenants_skipped=3, estimated_tokens=1234
+        )
+    _, key = api.new_tenant()
+    assert error(api.get("/v1/admin/nightly/runs", key))[:2] == (403, "forbidden")
+    assert error(api.get("/v1/admin/nightly/runs", None))[:2] == (401, "unauthorized")
+    response = api.get("/v1/admin/nightly/runs?limit=5", api.admin)
+    assert response.status_code == 200, response.text
+    (run,) = [r for r in response.json()["data"] if r["run_date"] == night.isoformat()]
+    assert (run["planner_runs"], run["tenants_planned"], run["tenants_skipped"]) == (1, 0, 3)
+    assert run["estimated_tokens"] == 1234 and run["finished_at"] is not None  # no job: done
+    assert run["wall_seconds"] >= 0

@@ -1,0 +1,501 @@
+"""Nightly batch retraining: which tenants to retrain tonight, and their jobs.
+
+    plan = plan_nightly(session=session, run_date=date.today())     # reads only
+    plan = enqueue_plan(session=session, plan=plan)                  # one batch job per tenant
+    outcome = run_nightly(engine, run_date=...)                      # both + the nightly_runs row
+
+**Who is planned.** Every active tenant (a tenant being deleted is skipped) with at least one
+dataset, that either was never trained (no prefix version) or has *new data*: a dataset
+uploaded after the job of its newest prefix version was submitted and not read by that job.
+The newest version, not only the active one: a version the quality gate kept inactive, or
+one the tenant rolled back from, was trained on that data already, so the same data is not
+retrained night after night. ``since`` (``--since``/``--changed-since``) further requires
+that a new dataset (any dataset, for a tenant never trained) arrived at or after it.
+Removing a dataset alone does not trigger retraining. A tenant with a queued or running job
+of its own is left for the next night; so is one with fewer than two examples (a nightly
+job always holds out a validation split). ``limit`` caps the tenants per night: stalest
+first (never trained, then oldest training), the rest wait for the next night.
+
+**The job.** All of the tenant's current datasets, oldest first; the hyperparameters of the
+active version's job (of the newest version's when none is active; ``defaults`` for a
+tenant never trained), with a validation split of ``validation_split`` when they hold out
+none, always with the stable ``hash`` split (:mod:`workers.quality_gate`); priority
+``batch`` (every interactive job is claimed first); idempotency key ``nightly-<date>``, so
+planning the same night again — a restart, a second CronJob run — enqueues nothing new.
+
+**The record.** :func:`run_nightly` keeps one ``nightly_runs`` row per night: made by the
+first pass (``started_at``), updated by each pass (``planner_runs``, ``planned_at``,
+skipped tenants, estimated tokens, job counts as they stand). Job counts and
+``finished_at``/``wall_seconds`` (once every job of the night is final) are stored by
+:func:`refresh_runs` — at the start of every pass, by ``prefixd nightly --report`` and
+every minute by ``prefixd worker --nightly-at`` — and ``GET /v1/admin/nightly/runs`` reads
+them live for a night not finished yet.
+"""
+
+from __future__ import annotations
+
+import logging
+import time as _time
+import uuid
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from datetime import date, datetime, time, timedelta
+from typing import Any
+
+from pydantic import ValidationError
+from sqlalchemy.engine import Engine
+from sqlmodel import Session, col, func, select
+
+from common.db import crud
+from common.db.engine import session_scope
+from common.db.models import (
+    TERMINAL_JOB_STATES,
+    Dataset,
+    JobPriority,
+    NightlyRun,
+    Prefix,
+    Tenant,
+    TenantStatus,
+    TrainingJob,
+    TrainingJobCreate,
+)
+from common.errors import InvalidInputError, PrefixdError
+from common.training import TrainingConfig
+from workers.quality_gate import HASH_SPLIT
+
+log = logging.getLogger(__name__)
+
+BYTES_PER_TOKEN = 4  # a rough figure for English text and BPE tokenizers
+MIN_EXAMPLES = 2  # one to train on and one held out
+
+
+@dataclass(frozen=True)
+class TenantPlan:
+    """One tenant's nightly job (planned, or already enqueued tonight)."""
+
+    tenant_id: uuid.UUID
+    tenant_name: str
+    reason: str
+    dataset_ids: list[uuid.UUID]
+    new_datasets: int
+    examples: int
+    size_bytes: int
+    estimated_tokens: int
+    hyperparameters: dict[str, Any]
+    trained_version: int | None  # the newest version so far (None: never trained)
+    job_id: uuid.UUID | None = None  # tonight's job, once enqueued
+    created: bool = False  # enqueued by this pass (False: found from an earlier pass)
+
+
+@dataclass(frozen=True)
+class SkippedTenant:
+    tenant_id: uuid.UUID
+    tenant_name: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class NightlyPlan:
+    run_date: date
+    idempotency_key: str
+    since: datetime | None
+    tenants: list[TenantPlan] = field(default_factory=list)
+    skipped: list[SkippedTenant] = field(default_factory=list)
+
+    @property
+    def examples(self) -> int:
+        return sum(t.examples for t in self.tenants)
+
+    @property
+    def estimated_tokens(self) -> int:
+        return sum(t.estimated_tokens for t in self.tenants)
+
+    @property
+    def created(self) -> int:
+        return sum(t.created for t in self.tenants)
+
+
+def parse_changed_since(text: str, *, now: datetime) -> datetime:
+    """``24h``, ``90m``, ``2d``, ``3600s`` → ``now`` minus that."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    value, unit = text.strip()[:-1], text.strip()[-1:].lower()
+    try:
+        amount = float(value)
+    except ValueError:
+        amount = -1.0
+    if unit not in units or amount < 0:
+        raise InvalidInputError(
+            f"invalid duration {text!r}: expected a number and a unit s, m, h or d (e.g. 24h)"
+        )
+    return now - timedelta(seconds=amount * units[unit])
+
+
+def parse_since(text: str) -> datetime:
+    """An ISO 8601 time; without a timezone it is local time."""
+    try:
+        value = datetime.fromisoformat(text)
+    except ValueError:
+        raise InvalidInputError(
+            f"invalid time {text!r}: expected ISO 8601, e.g. 2025-01-31T02:00:00+00:00"
+        ) from None
+    return value if value.tzinfo is not None else value.astimezone()
+
+
+def nightly_hyperparameters(last: dict[str, Any] | None, validation_split: float) -> dict[str, Any]:
+    """The last hyperparameters, always holding out a stable (hash) validation split."""
+    params = dict(last or {})
+    if not params.get("validation_split"):
+        params["validation_split"] = validation_split
+    params["validation_split_method"] = HASH_SPLIT
+    return params
+
+
+def estimate_tokens(size_bytes: int, params: dict[str, Any]) -> int:
+    """Training tokens of a job: its data's bytes / ``BYTES_PER_TOKEN``, less the
+    held-out part, times the epochs."""
+    epochs = int(params.get("epochs") or TrainingConfig().epochs)
+    held_out = float(params.get("validation_split") or 0.0)
+    return round(size_bytes * (1.0 - held_out) / BYTES_PER_TOKEN) * epochs
+
+
+def _newest_versions(session: Session) -> dict[uuid.UUID, tuple[Prefix, TrainingJob | None]]:
+    newest = (
+        select(col(Prefix.tenant_id).label("tenant_id"), func.max(Prefix.version).label("version"))
+        .group_by(col(Prefix.tenant_id))
+        .subquery()
+    )
+    stmt = (
+        select(Prefix, TrainingJob)
+        .join(
+            newest,
+            (col(Prefix.tenant_id) == newest.c.tenant_id)
+            & (col(Prefix.version) == newest.c.version),
+        )
+        .outerjoin(TrainingJob, col(TrainingJob.id) == col(Prefix.job_id))
+    )
+    return {prefix.tenant_id: (prefix, job) for prefix, job in session.exec(stmt).all()}
+
+
+def _active_jobs(session: Session) -> dict[uuid.UUID, TrainingJob]:
+    stmt = (
+        select(Prefix.tenant_id, TrainingJob)
+        .join(TrainingJob, col(TrainingJob.id) == col(Prefix.job_id))
+        .where(col(Prefix.active).is_(True))
+    )
+    return dict(session.exec(stmt).all())
+
+
+def _new_datasets(
+    datasets: Sequence[Dataset], prefix: Prefix, job: TrainingJob | None
+) -> list[Dataset]:
+    if job is None:  # the version's job is unknown: what arrived after the version
+        return [d for d in datasets if d.created_at > prefix.created_at]
+    read = {str(d) for d in job.dataset_ids}
+    if job.validation_dataset_id is not None:
+        read.add(str(job.validation_dataset_id))
+    return [d for d in datasets if d.created_at > job.created_at and str(d.id) not in read]
+
+
+def plan_nightly(
+    *,
+    session: Session,
+    run_date: date,
+    since: datetime | None = None,
+    limit: int | None = None,
+    validation_split: float = 0.1,
+    defaults: dict[str, Any] | None = None,
+) -> NightlyPlan:
+    """Which tenants get a nightly job on ``run_date`` and what it trains (module
+    docstring). Reads only."""
+    if limit is not None and limit < 0:
+        raise InvalidInputError(f"limit must be at least 0, got {limit}")
+    key = crud.nightly_idempotency_key(run_date)
+    tenants = session.exec(select(Tenant).order_by(col(Tenant.created_at), col(Tenant.id))).all()
+    datasets: dict[uuid.UUID, list[Dataset]] = defaultdict(list)
+    for dataset in session.exec(
+        select(Dataset).order_by(col(Dataset.created_at), col(Dataset.id))
+    ).all():
+        datasets[dataset.tenant_id].append(dataset)
+    tonight = {
+        job.tenant_id: job
+        for job in session.exec(select(TrainingJob).where(col(TrainingJob.idempotency_key) == key))
+    }
+    busy = set(
+        session.exec(
+            select(TrainingJob.tenant_id).where(
+                col(TrainingJob.state).not_in(list(TERMINAL_JOB_STATES))
+            )
+        ).all()
+    )
+    newest = _newest_versions(session)
+    active_jobs = _active_jobs(session)
+
+    existing: list[TenantPlan] = []
+    candidates: list[tuple[tuple[int, datetime], TenantPlan]] = []
+    skipped: list[SkippedTenant] = []
+    for tenant in tenants:
+
+        def skip(reason: str, tenant: Tenant = tenant) -> None:
+            skipped.append(SkippedTenant(tenant.id, tenant.name, reason))
+
+        own = datasets.get(tenant.id, [])
+        by_id = {d.id: d for d in own}
+        job = tonight.get(tenant.id)
+        if job is not None:  # planned by an earlier pass tonight
+            used = [by_id[uuid.UUID(str(d))] for d in job.dataset_ids if uuid.UUID(str(d)) in by_id]
+            size = sum(d.size_bytes for d in used)
+            found = TenantPlan(
+                tenant.id, tenant.name, "already enqueued tonight",
+                [uuid.UUID(str(d)) for d in job.dataset_ids], 0,
+                sum(d.example_count for d in used), size,
+                estimate_tokens(size, job.hyperparameters), job.hyperparameters,
+                newest[tenant.id][0].version if tenant.id in newest else None,
+                job_id=job.id,
+            )  # fmt: skip
+            existing.append(found)
+            continue
+        if tenant.status != TenantStatus.active:
+            skip("being deleted")
+            continue
+        if not own:
+            skip("no datasets")
+            continue
+        version = newest.get(tenant.id)
+        if version is None:
+            reason, fresh = "never trained", own
+            last_trained = own[0].created_at  # waiting since its first upload
+        else:
+            prefix, version_job = version
+            reason, fresh = "new data", _new_datasets(own, prefix, version_job)
+            last_trained = version_job.created_at if version_job else prefix.created_at
+        if since is not None:
+            fresh = [d for d in fresh if d.created_at >= since]
+        if not fresh:
+            if version is None:
+                skip(f"no dataset since {since.isoformat() if since else '-'}")
+            else:
+                skip(f"no new data since version {version[0].version}")
+            continue
+        if tenant.id in busy:
+            skip("has a queued or running job; left for the next night")
+            continue
+        examples = sum(d.example_count for d in own)
+        if examples < MIN_EXAMPLES:
+            skip(f"{examples} example(s): a nightly job needs {MIN_EXAMPLES} (it holds some out)")
+            continue
+        active_job = active_jobs.get(tenant.id)
+        last = active_job or (version[1] if version else None)
+        params = nightly_hyperparameters(
+            last.hyperparameters if last is not None else defaults, validation_split
+        )
+        size = sum(d.size_bytes for d in own)
+        plan = TenantPlan(
+            tenant.id, tenant.name, reason, [d.id for d in own], len(fresh), examples, size,
+            estimate_tokens(size, params), params, version[0].version if version else None,
+        )  # fmt: skip
+        candidates.append(((0 if version is None else 1, last_trained), plan))
+
+    candidates.sort(key=lambda item: item[0])
+    room = None if limit is None else max(limit - len(existing), 0)
+    planned = [plan for _, plan in candidates]
+    if room is not None and len(planned) > room:
+        for plan in planned[room:]:
+            skipped.append(
+                SkippedTenant(plan.tenant_id, plan.tenant_name, f"over the limit of {limit}")
+            )
+        planned = planned[:room]
+    return NightlyPlan(run_date, key, since, existing + planned, skipped)
+
+
+def enqueue_plan(*, session: Session, plan: NightlyPlan, max_attempts: int = 3) -> NightlyPlan:
+    """Enqueue each planned tenant's job (``batch``, key ``nightly-<date>``). A tenant that
+    can no longer take one (deleted meanwhile, a dataset gone) moves to ``skipped``.
+    Returns the plan with every job id; ``created`` tells which jobs are new."""
+    tenants: list[TenantPlan] = []
+    skipped = list(plan.skipped)
+    for item in plan.tenants:
+        if item.job_id is not None:
+            tenants.append(item)
+            continue
+        try:
+            job, created = crud.enqueue_job(
+                session=session,
+                tenant_id=item.tenant_id,
+                job_in=TrainingJobCreate(
+                    dataset_ids=item.dataset_ids,
+                    hyperparameters=item.hyperparameters,
+                    priority=JobPriority.batch,
+                    idempotency_key=plan.idempotency_key,
+                    max_attempts=max_attempts,
+                ),
+            )
+        except (PrefixdError, ValidationError) as error:  # ValidationError: > 1000 datasets
+            reason = f"not enqueued: {str(error).splitlines()[0]}"
+            skipped.append(SkippedTenant(item.tenant_id, item.tenant_name, reason))
+            continue
+        tenants.append(replace(item, job_id=job.id, created=created))
+    return replace(plan, tenants=tenants, skipped=skipped)
+
+
+# --- a whole pass, with its record ----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class NightlyOutcome:
+    plan: NightlyPlan
+    run: NightlyRun | None  # None for a dry run
+    seconds: float
+
+
+def _log_finished(runs: Sequence[NightlyRun]) -> None:
+    for run in runs:
+        if run.finished_at is not None:
+            log.info(
+                "nightly %s finished: %d job(s), %d succeeded (%d kept inactive by the quality "
+                "gate), %d failed, %d cancelled, %d tenant(s) skipped; wall %.0f s",
+                run.run_date, run.tenants_planned, run.jobs_succeeded,
+                run.prefixes_kept_inactive, run.jobs_failed, run.jobs_cancelled,
+                run.tenants_skipped, run.wall_seconds or 0.0,
+            )  # fmt: skip
+
+
+def refresh_runs(engine: Engine) -> list[NightlyRun]:
+    """Store the job counts of every night not finished yet; log the nights that are."""
+    with session_scope(engine) as session:
+        runs = crud.refresh_nightly_runs(session=session)
+        for run in runs:
+            session.expunge(run)
+    _log_finished(runs)
+    return runs
+
+
+def run_nightly(
+    engine: Engine,
+    *,
+    run_date: date,
+    since: datetime | None = None,
+    limit: int | None = None,
+    validation_split: float = 0.1,
+    defaults: dict[str, Any] | None = None,
+    dry_run: bool = False,
+) -> NightlyOutcome:
+    """One planning pass: plan, and unless ``dry_run`` enqueue and record it in
+    ``nightly_runs`` (a dry run writes nothing). Logs one summary line."""
+    started = _time.monotonic()
+
+    def make_plan(session: Session) -> NightlyPlan:
+        return plan_nightly(
+            session=session, run_date=run_date, since=since, limit=limit,
+            validation_split=validation_split, defaults=defaults,
+        )  # fmt: skip
+
+    if dry_run:
+        with session_scope(engine) as session:
+            plan = make_plan(session)
+        return NightlyOutcome(plan, None, _time.monotonic() - started)
+    refresh_runs(engine)
+    with session_scope(engine) as session:
+        crud.start_nightly_run(session=session, run_date=run_date)
+        plan = make_plan(session)
+        plan = enqueue_plan(session=session, plan=plan)
+        run = crud.finish_nightly_planning(
+            session=session,
+            run_date=run_date,
+            tenants_skipped=len(plan.skipped),
+            estimated_tokens=plan.estimated_tokens,
+        )
+        session.expunge(run)
+    seconds = _time.monotonic() - started
+    log.info(
+        "nightly %s: %d tenant(s) planned (%d new job(s), %d already enqueued), %d skipped, "
+        "%d examples, ~%d tokens; planned in %.2f s",
+        run_date, len(plan.tenants), plan.created, len(plan.tenants) - plan.created,
+        len(plan.skipped), plan.examples, plan.estimated_tokens, seconds,
+    )  # fmt: skip
+    _log_finished([run])
+    return NightlyOutcome(plan, run, seconds)
+
+
+# --- the built-in schedule (prefixd worker --nightly-at HH:MM) ------------------------------
+
+
+def parse_time_of_day(text: str) -> time:
+    try:
+        hours, minutes = text.strip().split(":")
+        return time(int(hours), int(minutes))
+    except ValueError:
+        raise InvalidInputError(
+            f"invalid time of day {text!r}: expected HH:MM, e.g. 02:00"
+        ) from None
+
+
+class NightlySchedule:
+    """When the planner is due, in local time: at ``at`` every day. A schedule made after
+    today's ``at`` is due at once (a worker started or restarted after the hour runs
+    tonight's pass — which plans nothing new if one ran already)."""
+
+    def __init__(self, at: time, now: datetime) -> None:
+        self.at = at
+        self.next_due = datetime.combine(now.date(), at)
+
+    def due(self, now: datetime) -> date | None:
+        """The night to plan when due (then the next is tomorrow at ``at``), else None."""
+        if now < self.next_due:
+            return None
+        self.next_due = datetime.combine(now.date() + timedelta(days=1), self.at)
+        return now.date()
+
+
+class NightlyRunner:
+    """The nightly planner inside ``prefixd worker --nightly-at HH:MM``: :meth:`poll` (from
+    the worker's loop) runs :func:`run_nightly` when the schedule is due, and otherwise
+    stores the nightly runs' job counts every ``refresh_seconds``. Errors are logged and
+    reported, never raised: a planning pass that failed is retried a minute later."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        at: time,
+        *,
+        validation_split: float,
+        now: datetime | None = None,
+        refresh_seconds: float = 60.0,
+    ) -> None:
+        self.engine = engine
+        self.validation_split = validation_split
+        self.schedule = NightlySchedule(at, now or datetime.now())
+        self.refresh_seconds = refresh_seconds
+        self._last_refresh = _time.monotonic()
+
+    def poll(self, now: datetime) -> list[str]:
+        """Lines to print (a pass ran, a night finished, something failed)."""
+        night = self.schedule.due(now)
+        try:
+            if night is not None:
+                outcome = run_nightly(
+                    self.engine, run_date=night, validation_split=self.validation_split
+                )
+                self._last_refresh = _time.monotonic()
+                plan = outcome.plan
+                return [
+                    f"nightly {night}: {len(plan.tenants)} tenant(s) planned, {plan.created} "
+                    f"new job(s), {len(plan.skipped)} skipped, ~{plan.estimated_tokens} tokens"
+                ]
+            if _time.monotonic() - self._last_refresh < self.refresh_seconds:
+                return []
+            self._last_refresh = _time.monotonic()
+            return [
+                f"nightly {run.run_date} finished: {run.jobs_succeeded} succeeded "
+                f"({run.prefixes_kept_inactive} kept inactive by the quality gate), "
+                f"{run.jobs_failed} failed, {run.jobs_cancelled} cancelled in "
+                f"{run.wall_seconds or 0.0:.0f} s"
+                for run in refresh_runs(self.engine)
+                if run.finished_at is not None
+            ]
+        except Exception as error:  # the database hiccuped: try again later
+            log.exception("nightly planner failed")
+            if night is not None:
+                self.schedule.next_due = now + timedelta(minutes=1)
+                return [f"nightly {night}: planning failed ({error}); retrying in a minute"]
+            return []
