@@ -10,28 +10,13 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import date, datetime
 from typing import Annotated, Any
 
 import typer
 
 from common.errors import InvalidInputError
-from prefixd.cli_support import user_errors
-
-
-@contextmanager
-def _database() -> Iterator[Any]:
-    from common.config import get_settings
-    from common.db.engine import create_db_engine, require_migrated
-
-    engine = create_db_engine(get_settings())
-    try:
-        require_migrated(engine)
-        yield engine
-    finally:
-        engine.dispose()
+from prefixd.cli_support import migrated_database, user_errors
 
 
 def _when(value: datetime | None) -> str:
@@ -190,7 +175,7 @@ def nightly(
     if report:
         if since or changed_since or dry_run or limit is not None or run_date:
             raise InvalidInputError("--report takes no planning options")
-        with _database() as engine:
+        with migrated_database() as engine:
             refresh_runs(engine)
             with session_scope(engine) as session:
                 runs = crud.list_nightly_runs(session=session, limit=30)
@@ -208,7 +193,7 @@ def nightly(
         after = parse_changed_since(changed_since, now=datetime.now().astimezone())
     night = _run_date(run_date)
     settings = get_settings()
-    with _database() as engine:
+    with migrated_database() as engine:
         outcome = run_nightly(
             engine,
             run_date=night,

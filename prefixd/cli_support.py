@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any, TypeVar
 
 import typer
@@ -34,3 +35,18 @@ def quiet_libraries() -> None:
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
+
+
+@contextmanager
+def migrated_database() -> Iterator[Any]:
+    """An engine on the configured database; a database that is down or not migrated is a
+    user error naming the URL (password masked) or `prefixd db upgrade`."""
+    from common.config import get_settings
+    from common.db.engine import create_db_engine, require_migrated
+
+    engine = create_db_engine(get_settings())
+    try:
+        require_migrated(engine)
+        yield engine
+    finally:
+        engine.dispose()

@@ -11,28 +11,13 @@ import json
 import signal
 import time
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import datetime
 from typing import Annotated, Any
 
 import typer
 
 from common.errors import InvalidInputError
-from prefixd.cli_support import user_errors
-
-
-@contextmanager
-def _database() -> Iterator[Any]:
-    from common.config import get_settings
-    from common.db.engine import create_db_engine, require_migrated
-
-    engine = create_db_engine(get_settings())
-    try:
-        require_migrated(engine)
-        yield engine
-    finally:
-        engine.dispose()
+from prefixd.cli_support import migrated_database, user_errors
 
 
 def _job_id(text: str) -> uuid.UUID:
@@ -95,7 +80,9 @@ def worker(
         from workers.nightly import parse_time_of_day
 
         nightly_time = parse_time_of_day(nightly_at)
-    with _database() as engine:  # refuse to start on a database that is down or not migrated
+    with (
+        migrated_database() as engine
+    ):  # refuse to start on a database that is down or not migrated
         where = masked_url(engine)
     store = build_blob_store(settings)
     store.check()
@@ -223,7 +210,7 @@ def list_jobs(
                 f"unknown state {state!r}: use one of {', '.join(s.value for s in JobState)}"
             ) from None
     tenant_id = uuid.UUID(validate_id(tenant, what="tenant id")) if tenant else None
-    with _database() as engine, session_scope(engine) as session:
+    with migrated_database() as engine, session_scope(engine) as session:
         jobs = crud.list_all_jobs(
             session=session, tenant_id=tenant_id, state=job_state, limit=limit
         )
@@ -279,7 +266,7 @@ def show_job(
     from common.db.models import JobEvent
 
     wanted = _job_id(job_id)
-    with _database() as engine, session_scope(engine) as session:
+    with migrated_database() as engine, session_scope(engine) as session:
         job = crud.get_job(session=session, job_id=wanted)
         if job is None:
             raise NotFoundError(f"job {wanted} not found")
@@ -335,7 +322,7 @@ def cancel_job(job_id: Annotated[str, typer.Argument(help="The job's id.")]) -> 
     from common.db.models import JobState
 
     wanted = _job_id(job_id)
-    with _database() as engine, session_scope(engine) as session:
+    with migrated_database() as engine, session_scope(engine) as session:
         before = crud.get_job(session=session, job_id=wanted)
         previous = before.state if before is not None else None
         job = crud.cancel_job(session=session, job_id=wanted)

@@ -494,6 +494,19 @@ def _reclaim_expired(session: Session, now: datetime) -> int:
     return changed
 
 
+def _claimed_values(owner: str, at: datetime, lease_seconds: float) -> dict[str, Any]:
+    """The columns a successful claim sets: running, leased to ``owner``, one more attempt."""
+    return {
+        "state": JobState.running,
+        "lease_owner": owner,
+        "lease_expires_at": at + timedelta(seconds=lease_seconds),
+        "heartbeat_at": at,
+        "attempts": col(TrainingJob.attempts) + 1,
+        "started_at": func.coalesce(col(TrainingJob.started_at), _ts(at)),
+        "updated_at": at,
+    }
+
+
 def reclaim_expired_jobs(*, session: Session, now: datetime | None = None) -> int:
     """Run the expired-lease sweep on its own (``claim_next_job`` also runs it). Returns
     how many jobs changed state."""
@@ -539,15 +552,7 @@ def claim_next_job(
                     col(TrainingJob.id) == candidate,
                     col(TrainingJob.state) == JobState.queued,
                 )
-                .values(
-                    state=JobState.running,
-                    lease_owner=owner,
-                    lease_expires_at=at + timedelta(seconds=lease_seconds),
-                    heartbeat_at=at,
-                    attempts=col(TrainingJob.attempts) + 1,
-                    started_at=func.coalesce(col(TrainingJob.started_at), _ts(at)),
-                    updated_at=at,
-                )
+                .values(**_claimed_values(owner, at, lease_seconds))
             )
         except BaseException:
             session.rollback()
@@ -649,15 +654,7 @@ def claim_next_fair_job(
                     col(TrainingJob.state) == JobState.queued,
                     ~busy_now,
                 )
-                .values(
-                    state=JobState.running,
-                    lease_owner=owner,
-                    lease_expires_at=at + timedelta(seconds=lease_seconds),
-                    heartbeat_at=at,
-                    attempts=col(TrainingJob.attempts) + 1,
-                    started_at=func.coalesce(col(TrainingJob.started_at), _ts(at)),
-                    updated_at=at,
-                )
+                .values(**_claimed_values(owner, at, lease_seconds))
             )
         except BaseException:
             session.rollback()
