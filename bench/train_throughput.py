@@ -121,8 +121,8 @@ Where the difference comes from: prefixd runs the vocabulary projection (49,152 
 this model, about a fifth of its forward compute) only at output-token positions, the only
 ones with a loss (`common.training.prefix_output_loss`), where PEFT computes logits for every
 position; and prefixd computes the prefix once per step and expands it over the batch
-without copying, where PEFT runs its embedding and MLP once per batch row. Other processes
-shared the 2 cores during the run: read the per-round spread as the noise level.
+without copying, where PEFT runs its embedding and MLP once per batch row. On a shared
+machine, read the per-round spread as the noise level.
 
 Reproduce: `.venv/bin/python -m bench.train_throughput --steps {args.steps} --rounds {args.rounds} --batch-size {args.batch_size}`
 """
