@@ -12,6 +12,11 @@ that has no input ids, extends the cache it is given in place, and assumes one p
 offset for the whole batch. Here a fresh cache is built per call from copies of the
 prefixes (a stored prefix is never mutated), and rows that finish stop costing work: they
 are dropped from the batch between steps.
+
+Encoder-decoder models (BART, T5) decode through :class:`EncoderDecoderBatch`: each row's
+input goes through the encoder behind the row's encoder prefix, the decoder starts from the
+model's decoder start token behind its self-attention and cross-attention prefixes
+(:mod:`common.encoder_decoder`); :func:`decode_batch` picks the right class for a model.
 """
 
 from __future__ import annotations
@@ -21,21 +26,31 @@ from dataclasses import dataclass
 
 import torch
 from torch.nn import functional as F
-from transformers import DynamicCache, PreTrainedModel
+from transformers import DynamicCache, EncoderDecoderCache, PreTrainedModel
 
-from common.architectures import max_positions, prefix_shape
+from common.architectures import (
+    context_problem,
+    decoder_start_id,
+    is_encoder_decoder,
+    prefix_shape,
+)
 from common.data import encode_prompt
+from common.encoder_decoder import decode, encode
 from common.errors import IncompatiblePrefixError, InvalidInputError
 from common.kv_cache import (
     concat_rows,
+    cross_attention_ready,
+    encoder_decoder_cache,
+    pad_cross_right,
     pad_left,
     prefix_cache,
     reorder_rows,
     stack_prefixes,
+    sub_prefix,
     trim_left,
 )
 from common.model_loading import LoadedModel
-from common.prefix_file import PROMPT_FORMAT, Prefix
+from common.prefix_file import Prefix, prompt_format
 
 
 @dataclass(frozen=True)
@@ -79,7 +94,7 @@ class DecodeBatch:
         self.model, self.pad_id = model, pad_id
         first = next(model.parameters())
         self.dtype, self.device = first.dtype, first.device
-        self.cache: DynamicCache | None = None
+        self.cache: DynamicCache | EncoderDecoderCache | None = None
         self.attention_mask = torch.zeros((0, 0), dtype=torch.long)  # (B, cache length + 1)
         self.next_position = torch.zeros((0,), dtype=torch.long)  # (B,)
         self.forward_passes = 0
@@ -128,7 +143,7 @@ class DecodeBatch:
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """Feed one token per row ``(B,)``; return next-token logits ``(B, vocab)``."""
-        assert self.cache is not None
+        assert isinstance(self.cache, DynamicCache)
         ones = torch.ones((len(tokens), 1), dtype=torch.long)
         self.attention_mask = torch.cat([self.attention_mask, ones], dim=1)
         positions = self.next_position.unsqueeze(1)
@@ -164,6 +179,139 @@ class DecodeBatch:
             logits_to_keep=1,
         )
         return output.logits[:, -1].float().cpu()  # (B, vocab); token choice on the CPU
+
+
+class EncoderDecoderBatch(DecodeBatch):
+    """:class:`DecodeBatch` for encoder-decoder models (BART, T5).
+
+    Per row, the encoder side is ``| unused | prefix P_i | input T_i | padding |`` (prefixes
+    right-aligned, inputs right-padded) under one mask that serves the encoder's
+    self-attention and the decoder's cross-attention; the decoder's self-attention cache is
+    ``| unused | prefix P_i | start token, generated tokens… |``, each row's decoder tokens at
+    positions ``P_i, P_i + 1, …``. Every row's content is contiguous at the right end of its
+    slots, so relative positions (T5) are those of the row alone; rows join (self cache
+    left-padded, cross cache right-padded with masked slots) and leave between steps as in
+    :class:`DecodeBatch`."""
+
+    def __init__(self, model: PreTrainedModel, pad_id: int) -> None:
+        super().__init__(model, pad_id)
+        self.shape = prefix_shape(model.config)
+        start_id = decoder_start_id(model.config)
+        assert start_id is not None  # an encoder-decoder config always has one
+        self.start_id = start_id
+        self.cross_mask = torch.zeros((0, 0), dtype=torch.long)  # (B, cross cache length)
+        # After the first decoder pass every cross-attention layer reads its keys/values from
+        # the cache and the encoder outputs only tell the model their batch size: one
+        # position per row is kept, not the whole encoder output.
+        self.encoder_stub = torch.zeros((0, 1, 0), dtype=self.dtype)  # (B, 1, d_model)
+
+    def add(self, rows: Sequence[GenerationRow]) -> torch.Tensor:
+        """Encode ``rows``, run the decoder's first pass and append them; return their
+        next-token logits ``(n, vocab)``."""
+        key_values, prefix_mask = stack_prefixes(
+            [r.prefix for r in rows], self.shape, dtype=self.dtype, device=self.device,
+            align_right=True,
+        )  # (layers, 2, n, kv, Pmax, hs) on the model's device, (n, Pmax)  # fmt: skip
+        prefix_mask = prefix_mask.cpu()  # masks and positions are kept on the CPU
+        batch, longest = len(rows), max(len(r.input_ids) for r in rows)
+        input_ids = torch.full((batch, longest), self.pad_id, dtype=torch.long)
+        input_mask = torch.zeros((batch, longest), dtype=torch.long)
+        for row, item in enumerate(rows):
+            if len(item.input_ids) == 0:
+                raise InvalidInputError(f"row {row}: empty input")
+            input_ids[row, : len(item.input_ids)] = torch.tensor(list(item.input_ids))
+            input_mask[row, : len(item.input_ids)] = 1
+        # One mask for the encoder's self-attention and the decoder's cross-attention: the
+        # encoder and cross-attention prefixes share the row's slots.
+        cross_mask = torch.cat([prefix_mask, input_mask], dim=1)  # (n, Pmax + T)
+        hidden = encode(
+            self.model,
+            input_ids.to(self.device),
+            cross_mask.to(self.device),
+            sub_prefix(key_values, self.shape, "encoder"),
+        )  # (n, T, d_model)
+        cache = encoder_decoder_cache(
+            sub_prefix(key_values, self.shape, "decoder"),
+            sub_prefix(key_values, self.shape, "cross"),
+        )
+        mask = torch.cat([prefix_mask, torch.ones((batch, 1), dtype=torch.long)], dim=1)
+        prefix_lengths = prefix_mask.sum(dim=1)  # (n,)
+        self.forward_passes += 1
+        logits = (
+            decode(
+                self.model,
+                encoder_hidden=hidden,
+                cross_mask=cross_mask.to(self.device),
+                decoder_input_ids=torch.full((batch, 1), self.start_id, device=self.device),
+                decoder_mask=mask.to(self.device),
+                cache=cache,
+                positions=prefix_lengths.unsqueeze(1).to(self.device),  # the start token at P_i
+            )[:, -1]
+            .float()
+            .cpu()
+        )  # (n, vocab)
+        stub, next_position = hidden[:, :1], prefix_lengths + 1
+        if self.cache is None or len(self) == 0:
+            self.cache, self.attention_mask, self.next_position = cache, mask, next_position
+            self.cross_mask, self.encoder_stub = cross_mask, stub
+            return logits
+        assert isinstance(self.cache, EncoderDecoderCache)
+        # Equalize both caches' lengths with masked slots, then stack the rows.
+        mine, theirs = self.attention_mask.shape[1], mask.shape[1]
+        pad_left(self.cache, theirs - mine)
+        pad_left(cache, mine - theirs)
+        width = max(mine, theirs)
+        self.attention_mask = torch.cat(
+            [F.pad(self.attention_mask, (width - mine, 0)), F.pad(mask, (width - theirs, 0))]
+        )
+        mine, theirs = self.cross_mask.shape[1], cross_mask.shape[1]
+        pad_cross_right(self.cache, theirs - mine)
+        pad_cross_right(cache, mine - theirs)
+        width = max(mine, theirs)
+        self.cross_mask = torch.cat(
+            [F.pad(self.cross_mask, (0, width - mine)), F.pad(cross_mask, (0, width - theirs))]
+        )
+        self.cache = concat_rows(self.cache, cache)
+        self.encoder_stub = torch.cat([self.encoder_stub, stub])
+        self.next_position = torch.cat([self.next_position, next_position])
+        return logits
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Feed one token per row ``(B,)``; return next-token logits ``(B, vocab)``."""
+        assert isinstance(self.cache, EncoderDecoderCache)
+        layers = self.shape.section("decoder")
+        assert cross_attention_ready(self.cache, layers.stop - layers.start)
+        ones = torch.ones((len(tokens), 1), dtype=torch.long)
+        self.attention_mask = torch.cat([self.attention_mask, ones], dim=1)
+        positions = self.next_position.unsqueeze(1)
+        self.next_position = self.next_position + 1
+        self.forward_passes += 1
+        return (
+            decode(
+                self.model,
+                encoder_hidden=self.encoder_stub,
+                cross_mask=self.cross_mask.to(self.device),
+                decoder_input_ids=tokens.unsqueeze(1).to(self.device),
+                decoder_mask=self.attention_mask.to(self.device),
+                cache=self.cache,
+                positions=positions.to(self.device),
+            )[:, -1]
+            .float()
+            .cpu()
+        )  # (B, vocab)
+
+    def select(self, rows: torch.Tensor) -> None:
+        """Keep (or repeat) only these rows (see :meth:`DecodeBatch.select`)."""
+        super().select(rows)
+        self.cross_mask = self.cross_mask.index_select(0, rows)
+        self.encoder_stub = self.encoder_stub.index_select(0, rows.to(self.encoder_stub.device))
+
+
+def decode_batch(model: PreTrainedModel, pad_id: int) -> DecodeBatch:
+    """An empty decoding state of the right kind for ``model``."""
+    if is_encoder_decoder(model.config):
+        return EncoderDecoderBatch(model, pad_id)
+    return DecodeBatch(model, pad_id)
 
 
 def row_generator(decoding: DecodingConfig) -> torch.Generator | None:
@@ -202,7 +350,7 @@ def _sample_or_greedy(
     pad_id: int,
 ) -> list[list[int]]:
     generators = [row_generator(decoding) for _ in rows]
-    state = DecodeBatch(model, pad_id)
+    state = decode_batch(model, pad_id)
     outputs: list[list[int]] = [[] for _ in rows]
     running = torch.arange(len(rows))  # original index of each row still in the batch
     logits = state.add(rows)
@@ -230,7 +378,7 @@ def _beam_search(
     pad_id: int,
 ) -> list[list[int]]:
     beams, batch = decoding.num_beams, len(rows)
-    state = DecodeBatch(model, pad_id)
+    state = decode_batch(model, pad_id)
     scores = torch.zeros((batch, beams))
     scores[:, 1:] = float("-inf")  # all beams start identical: expand only the first
     sequences = torch.zeros((batch * beams, 0), dtype=torch.long)
@@ -321,25 +469,29 @@ def generate_texts(
     """Text in, text out: each request is ``(prefix or None, input text)``, formatted the way
     training formats inputs. Prefixes must have been loaded against ``loaded`` (fingerprint
     checked); an input that does not fit the context is refused before any work."""
-    tokenizer, context = loaded.tokenizer, max_positions(loaded.model.config)
+    tokenizer, config = loaded.tokenizer, loaded.model.config
+    expected_format = prompt_format(config)
     rows = []
     for number, (prefix, text) in enumerate(requests, start=1):
-        if prefix is not None and prefix.prompt_format != PROMPT_FORMAT:
+        if prefix is not None and prefix.prompt_format != expected_format:
             raise IncompatiblePrefixError(
-                f"input {number}: prefix prompt format {prefix.prompt_format!r} is not {PROMPT_FORMAT!r}"
+                f"input {number}: prefix prompt format {prefix.prompt_format!r} is not "
+                f"{expected_format!r}"
             )
         if prefix is not None and prefix.base_model_fingerprint != loaded.fingerprint:
             raise IncompatiblePrefixError(
                 f"input {number}: the prefix was trained for another base model"
             )
-        ids = encode_prompt(tokenizer, text)
+        ids = encode_prompt(tokenizer, text, encoder_decoder=is_encoder_decoder(config))
         prefix_length = 0 if prefix is None else prefix.prefix_length
-        needed = prefix_length + len(ids) + decoding.max_new_tokens
-        if needed > context:
-            raise InvalidInputError(
-                f"input {number} is too long: {len(ids)} tokens + prefix {prefix_length} + "
-                f"max_new_tokens {decoding.max_new_tokens} = {needed} > context {context}"
-            )
+        problem = context_problem(
+            config,
+            prefix_length=prefix_length,
+            input_tokens=len(ids),
+            output_tokens=decoding.max_new_tokens,
+        )
+        if problem is not None:
+            raise InvalidInputError(f"input {number} is too long: {problem}")
         rows.append(GenerationRow(ids, None if prefix is None else prefix.key_values))
     outputs = generate(
         loaded.model,

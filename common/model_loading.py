@@ -30,6 +30,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from common.architectures import model_class
 from common.config import Settings
 from common.errors import ModelNotFoundError
 
@@ -156,7 +157,8 @@ def load_model(model: str | None = None, *, settings: Settings) -> LoadedModel:
     try:
         config = AutoConfig.from_pretrained(directory, local_files_only=True)
         tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
-        loaded = AutoModelForCausalLM.from_pretrained(
+        # A causal LM, or a sequence-to-sequence LM for encoder-decoder configs (BART, T5).
+        loaded = model_class(config).from_pretrained(
             directory, config=config, dtype=torch.float32, local_files_only=True
         )
     except (OSError, ValueError) as error:

@@ -6,9 +6,15 @@ materialized prefix ``P`` only, never ``P'`` or the reparameterization MLP — a
 metadata: format version, base-model fingerprint, architecture, prefix length, dtype,
 dimensions, prompt format, training hyperparameters and metrics (JSON), creation time.
 
+Encoder-decoder prefixes (BART, T5) hold their three sub-prefixes on the layer axis of the
+same tensor; the metadata then also says ``kind: encoder-decoder`` and the ``layout``
+(JSON ``[["encoder", Le], ["decoder", Ld], ["cross", Ld]]``). Files written before these
+keys existed have neither and load as decoder-only prefixes, unchanged; decoder-only files
+now say ``kind: decoder-only`` and no layout.
+
 Loading checks everything it can before a prefix reaches a model: exactly the expected
-tensor, its shape against the metadata and against the model, an allowed dtype, and the
-base-model fingerprint — a prefix trained for another model is refused.
+tensor, its shape and layout against the metadata and against the model, an allowed dtype,
+and the base-model fingerprint — a prefix trained for another model is refused.
 """
 
 from __future__ import annotations
@@ -26,8 +32,9 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
+from transformers import PretrainedConfig
 
-from common.architectures import PrefixShape
+from common.architectures import DECODER_ONLY, ENCODER_DECODER, PrefixShape, is_encoder_decoder
 from common.errors import IncompatiblePrefixError
 
 FORMAT_VERSION = "1"
@@ -36,11 +43,19 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 # How an example becomes tokens (common/data.py); stored so generation formats inputs the
 # same way training did.
 PROMPT_FORMAT = "input-sep-output-eos-v1"
+# Encoder-decoder models: the encoder reads ``input <eos>``, the decoder ``<start> output``.
+SEQ2SEQ_PROMPT_FORMAT = "encoder-input-eos-decoder-output-eos-v1"
+
+
+def prompt_format(config: PretrainedConfig) -> str:
+    """The prompt format training uses for this model (and generation expects)."""
+    return SEQ2SEQ_PROMPT_FORMAT if is_encoder_decoder(config) else PROMPT_FORMAT
 
 
 @dataclass
 class Prefix:
-    """A trained prefix: ``key_values`` ``(layers, 2, kv_heads, P, head_dim)`` plus metadata."""
+    """A trained prefix: ``key_values`` ``(layers, 2, kv_heads, P, head_dim)`` plus metadata.
+    ``sections`` is the encoder-decoder layout of the layer axis (empty: decoder-only)."""
 
     key_values: torch.Tensor
     base_model_fingerprint: str
@@ -49,6 +64,7 @@ class Prefix:
     hyperparameters: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
     created_at: str = field(default_factory=lambda: datetime.now(UTC).isoformat())
+    sections: tuple[tuple[str, int], ...] = ()
 
     @property
     def prefix_length(self) -> int:
@@ -61,7 +77,9 @@ class Prefix:
     @property
     def shape(self) -> PrefixShape:
         layers, _, kv_heads, _, head_dim = self.key_values.shape
-        return PrefixShape(layers=layers, kv_heads=kv_heads, head_dim=head_dim)
+        return PrefixShape(
+            layers=layers, kv_heads=kv_heads, head_dim=head_dim, sections=self.sections
+        )
 
 
 def prefix_to_bytes(prefix: Prefix) -> bytes:
@@ -70,6 +88,10 @@ def prefix_to_bytes(prefix: Prefix) -> bytes:
             f"prefix dtype must be one of {', '.join(DTYPES)}, got {prefix.dtype_name}"
         )
     shape = prefix.shape
+    if shape.sections and sum(layers for _, layers in shape.sections) != shape.layers:
+        raise IncompatiblePrefixError(
+            f"prefix layout {shape.describe()} does not add up to its {shape.layers} layers"
+        )
     metadata = {
         "format_version": FORMAT_VERSION,
         "base_model_fingerprint": prefix.base_model_fingerprint,
@@ -83,7 +105,10 @@ def prefix_to_bytes(prefix: Prefix) -> bytes:
         "hyperparameters": json.dumps(prefix.hyperparameters, sort_keys=True, default=str),
         "metrics": json.dumps(prefix.metrics, sort_keys=True, default=str),
         "created_at": prefix.created_at,
+        "kind": shape.kind,
     }
+    if shape.sections:
+        metadata["layout"] = json.dumps([list(section) for section in shape.sections])
     return save_safetensors({TENSOR_NAME: prefix.key_values.detach().contiguous()}, metadata)
 
 
@@ -98,6 +123,10 @@ def _read_metadata(data: bytes, source: str) -> dict[str, str]:
         header = json.loads(data[8 : 8 + size])
     except ValueError as error:
         raise IncompatiblePrefixError(f"{source}: not a prefix file ({error})") from error
+    except RecursionError:
+        raise IncompatiblePrefixError(
+            f"{source}: not a prefix file (header nested too deeply)"
+        ) from None
     metadata = header.get("__metadata__") if isinstance(header, dict) else None
     if not isinstance(metadata, dict):
         raise IncompatiblePrefixError(f"{source}: no prefixd metadata in the file")
@@ -139,11 +168,27 @@ def prefix_from_bytes(
         metrics = json.loads(metadata.get("metrics", "{}"))
         fingerprint = metadata["base_model_fingerprint"]
         architecture = metadata["architecture"]
-    except (KeyError, ValueError) as error:
+        sections = _layout(metadata)
+    except (KeyError, ValueError, TypeError, RecursionError) as error:
         raise IncompatiblePrefixError(f"{source}: invalid metadata ({error})") from error
+    kind = metadata.get("kind", DECODER_ONLY)  # files from before encoder-decoder support
+    if kind not in (DECODER_ONLY, ENCODER_DECODER) or (kind == ENCODER_DECODER) != bool(sections):
+        raise IncompatiblePrefixError(
+            f"{source}: invalid metadata (kind {kind!r} with layout {sections or 'none'}; "
+            f"expected {DECODER_ONLY!r} without a layout or {ENCODER_DECODER!r} with one)"
+        )
+    if sections and sum(layers for _, layers in sections) != declared[0]:
+        raise IncompatiblePrefixError(
+            f"{source}: invalid metadata (layout {sections} does not add up to "
+            f"{declared[0]} layers)"
+        )
     if tuple(key_values.shape) != declared:
         raise IncompatiblePrefixError(
             f"{source}: tensor shape {tuple(key_values.shape)} does not match the metadata {declared}"
+        )
+    if min(declared) < 1:
+        raise IncompatiblePrefixError(
+            f"{source}: prefix length and dimensions must be at least 1, got shape {declared}"
         )
     dtype = str(key_values.dtype).removeprefix("torch.")
     if dtype not in DTYPES or metadata.get("dtype") != dtype:
@@ -151,6 +196,8 @@ def prefix_from_bytes(
             f"{source}: dtype must be one of {', '.join(DTYPES)} and match the metadata; "
             f"got {dtype} (metadata says {metadata.get('dtype')!r})"
         )
+    if not bool(torch.isfinite(key_values).all()):
+        raise IncompatiblePrefixError(f"{source}: the prefix holds values that are not finite")
     if expected_fingerprint is not None and fingerprint != expected_fingerprint:
         raise IncompatiblePrefixError(
             f"{source}: this prefix was trained for another base model "
@@ -158,6 +205,12 @@ def prefix_from_bytes(
         )
     if expected_shape is not None:
         expected = expected_shape.tensor_shape(declared[3])
+        if sections != expected_shape.sections:
+            got = PrefixShape(declared[0], declared[2], declared[4], sections)
+            raise IncompatiblePrefixError(
+                f"{source}: prefix layout {got.describe()} ({kind}) does not fit the model "
+                f"(expected {expected_shape.describe()}, {expected_shape.kind})"
+            )
         if declared != expected:
             raise IncompatiblePrefixError(
                 f"{source}: prefix shape {declared} does not fit the model (expected {expected})"
@@ -170,7 +223,20 @@ def prefix_from_bytes(
         hyperparameters=hyperparameters,
         metrics=metrics,
         created_at=metadata.get("created_at", ""),
+        sections=sections,
     )
+
+
+def _layout(metadata: dict[str, str]) -> tuple[tuple[str, int], ...]:
+    """The ``layout`` metadata as sections; ``()`` when absent (decoder-only)."""
+    if "layout" not in metadata:
+        return ()
+    sections = tuple((str(name), int(layers)) for name, layers in json.loads(metadata["layout"]))
+    if [name for name, _ in sections] != ["encoder", "decoder", "cross"] or any(
+        layers < 1 for _, layers in sections
+    ):
+        raise ValueError(f"layout must be encoder, decoder, cross with layers ≥ 1, got {sections}")
+    return sections
 
 
 def save_prefix(prefix: Prefix, path: str | Path) -> Path:

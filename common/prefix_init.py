@@ -5,6 +5,8 @@ the task's name, ``table-to-text:``) and starts the prefix from the keys and val
 model itself computes for it; the prefix length becomes the text's token count. With the
 reparameterization MLP kept, the MLP is first fitted so that its output equals those
 key/values (:meth:`PrefixEncoder.fit_to`); without it, the prefix is set to them directly.
+Encoder-decoder models take the text's keys/values of all three sub-prefixes
+(:func:`common.encoder_decoder.text_key_values`).
 """
 
 from __future__ import annotations
@@ -12,7 +14,8 @@ from __future__ import annotations
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from common.architectures import prefix_shape
+from common import encoder_decoder
+from common.architectures import is_encoder_decoder, prefix_shape
 from common.errors import InvalidInputError
 from common.kv_cache import cache_key_values, prefix_cache
 from common.prefix_encoder import PrefixEncoder
@@ -29,6 +32,8 @@ def text_key_values(
     ids = tokenizer.encode(text, add_special_tokens=False)
     if not ids:
         raise InvalidInputError(f"--init text:{text!r} has no tokens")
+    if is_encoder_decoder(model.config):
+        return encoder_decoder.text_key_values(model, ids)  # (layers, 2, kv_heads, L, hs)
     cache = prefix_cache(None, model.config)
     model(torch.tensor([ids], device=model.device), past_key_values=cache, use_cache=True)
     return cache_key_values(cache)[:, :, 0].contiguous()  # (layers, 2, kv_heads, L, hs)

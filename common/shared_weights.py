@@ -21,8 +21,9 @@ from typing import Any, cast
 import numpy as np
 import ray
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerBase
+from transformers import AutoConfig, PreTrainedTokenizerBase
 
+from common.architectures import model_class
 from common.model_loading import LoadedModel, freeze
 
 
@@ -83,7 +84,7 @@ def materialize_model(shared: SharedModel) -> LoadedModel:
     raws = [entry[2] for entry in payload.values() if entry[0] != "alias"]
     config = AutoConfig.for_model(**shared.config)
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
+        model = model_class(config).from_config(config)
     tensors: dict[str, torch.Tensor] = {}
     for name, entry in payload.items():
         if entry[0] != "alias":

@@ -11,6 +11,11 @@ optimizer state. The objective is ``log p(y | x, P)``: loss on output tokens onl
 AdamW, linear warmup then linear decay (warmup matters in low-data runs), gradient clipping,
 a seed, and an optional validation set evaluated after every epoch with early stopping: the
 returned prefix is the one with the best validation loss.
+
+Encoder-decoder models (BART, T5) train the same way: the prefix carries three sub-prefixes
+(encoder self-attention, decoder self-attention, cross-attention; see
+:mod:`common.encoder_decoder`), produced by the one reparameterization MLP, and the loss is
+on the decoder's tokens.
 """
 
 from __future__ import annotations
@@ -26,12 +31,18 @@ import torch
 from torch.nn import functional as F
 from transformers import PreTrainedModel, get_linear_schedule_with_warmup
 
-from common.architectures import max_positions
+from common.architectures import (
+    decoder_start_id,
+    is_encoder_decoder,
+    max_positions,
+    prefix_shape,
+)
 from common.data import IGNORE_INDEX, Batch, EncodedExample, Example, collate, encode_examples
+from common.encoder_decoder import prefix_seq2seq_logits
 from common.errors import InvalidInputError
 from common.kv_cache import expand_prefix, prefix_cache
 from common.model_loading import LoadedModel
-from common.prefix_file import Prefix
+from common.prefix_file import Prefix, prompt_format
 from common.prefix_init import build_prefix_encoder
 
 
@@ -112,8 +123,11 @@ def _prefix_inputs(key_values: torch.Tensor, batch: Batch, config) -> dict:
 def prefix_logits(model: PreTrainedModel, key_values: torch.Tensor, batch: Batch) -> torch.Tensor:
     """Logits ``(B, T, vocab)`` of a right-padded batch behind a prefix
     ``key_values`` ``(layers, 2, B, kv_heads, P, head_dim)``: real tokens sit at positions
-    ``P …``, and the attention mask covers the ``P`` prefix slots."""
+    ``P …``, and the attention mask covers the ``P`` prefix slots. Encoder-decoder models:
+    the decoder's logits ``(B, Td, vocab)`` (:func:`common.encoder_decoder.seq2seq_logits`)."""
     key_values = key_values.to(device=model.device, dtype=model.dtype)  # e.g. bfloat16 on a GPU
+    if is_encoder_decoder(model.config):
+        return prefix_seq2seq_logits(model, key_values, batch)
     return model(**_prefix_inputs(key_values, batch, model.config)).logits
 
 
@@ -133,7 +147,12 @@ def prefix_output_loss(
 ) -> torch.Tensor:
     """The training loss, equal to ``output_loss(prefix_logits(...))`` but cheaper: the
     output projection (vocabulary-sized, ~20% of a small model's compute) runs only at the
-    positions that carry a loss — output tokens — not at input or padding positions."""
+    positions that carry a loss — output tokens — not at input or padding positions.
+
+    Encoder-decoder models: every decoder position but padding carries a loss, so the full
+    logits are computed (and BART's logit bias and T5's output scaling stay the model's)."""
+    if is_encoder_decoder(model.config):
+        return output_loss(prefix_logits(model, key_values, batch), batch.labels, reduction)
     key_values = key_values.to(device=model.device, dtype=model.dtype)  # e.g. bfloat16 on a GPU
     hidden = model.base_model(**_prefix_inputs(key_values, batch, model.config)).last_hidden_state
     labels = batch.labels.to(hidden.device)
@@ -160,8 +179,11 @@ def evaluate_loss(
 ) -> float:
     """Mean loss per output token of ``examples`` under ``prefix`` ``(layers, 2, kv, P, hs)``."""
     total, tokens = 0.0, 0
+    start_id = decoder_start_id(model.config)
     for start in range(0, len(examples), batch_size):
-        batch = collate(examples[start : start + batch_size], pad_id=pad_id)
+        batch = collate(
+            examples[start : start + batch_size], pad_id=pad_id, decoder_start_id=start_id
+        )
         loss = prefix_output_loss(
             model, expand_prefix(prefix, len(batch.labels)), batch, "token_mean"
         )
@@ -196,12 +218,22 @@ def train_prefix(
     )
     prefix_length = encoder.prefix_length
     limit = max_positions(model.config) - prefix_length
-    train_set = encode_examples(tokenizer, examples, max_tokens=limit, source="training data")
-    dev_set = (
-        encode_examples(tokenizer, validation, max_tokens=limit, source="validation data")
-        if validation
-        else []
+    two_sided = is_encoder_decoder(model.config)
+    start_id = decoder_start_id(model.config)
+    if limit < 2:
+        raise InvalidInputError(
+            f"prefix length {prefix_length} leaves {max(limit, 0)} of the model's "
+            f"{max_positions(model.config)} context positions; at least 2 are needed"
+        )
+    train_set = encode_examples(
+        tokenizer, examples, max_tokens=limit, source="training data", encoder_decoder=two_sided
     )
+    dev_set = []
+    if validation:
+        dev_set = encode_examples(
+            tokenizer, validation, max_tokens=limit, source="validation data",
+            encoder_decoder=two_sided,
+        )  # fmt: skip
     pad_id = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
 
     steps_per_epoch = math.ceil(len(train_set) / config.batch_size)
@@ -227,7 +259,9 @@ def train_prefix(
                 stopped = True
                 break
             batch = collate(
-                [train_set[i] for i in indices[start : start + config.batch_size]], pad_id=pad_id
+                [train_set[i] for i in indices[start : start + config.batch_size]],
+                pad_id=pad_id,
+                decoder_start_id=start_id,
             )
             key_values = expand_prefix(encoder(), len(batch.labels))  # (layers, 2, B, kv, P, hs)
             loss = prefix_output_loss(model, key_values, batch, config.loss_reduction)
@@ -237,7 +271,7 @@ def train_prefix(
             optimizer.step()
             scheduler.step()
             step += 1
-            tokens_seen += int(batch.attention_mask.sum())
+            tokens_seen += batch.tokens
             elapsed = time.perf_counter() - started
             training_seconds = elapsed - evaluating_seconds  # tokens/s of training alone
             validation_loss = None
@@ -286,7 +320,9 @@ def train_prefix(
         key_values=key_values.to(getattr(torch, config.dtype)),
         base_model_fingerprint=loaded.fingerprint,
         architecture=loaded.architecture,
+        prompt_format=prompt_format(model.config),
         hyperparameters=hyperparameters,
         metrics=metrics,
+        sections=prefix_shape(model.config).sections,
     )
     return TrainingResult(prefix, history)

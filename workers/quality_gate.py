@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from sqlalchemy.engine import Engine
 
-from common.architectures import max_positions, prefix_shape
+from common.architectures import is_encoder_decoder, max_positions, prefix_shape
 from common.blobstore import BlobNotFoundError, BlobStore
 from common.data import EncodedExample, Example, encode_example
 from common.db import crud
@@ -135,8 +135,19 @@ def compare(
 ) -> tuple[bool, float, float, int]:
     """``(passed, candidate_loss, active_loss, examples_used)`` on the examples that fit
     the context behind both prefixes."""
-    limit = max_positions(loaded.model.config) - max(candidate.prefix_length, active.prefix_length)
-    encoded = [item for e in examples if len(item := encode_example(loaded.tokenizer, e)) <= limit]
+    config = loaded.model.config
+    limit = max_positions(config) - max(candidate.prefix_length, active.prefix_length)
+    two_sided = is_encoder_decoder(config)
+
+    def fits(item: EncodedExample) -> bool:
+        # Encoder-decoder: each side holds its own prefix, so each side must fit.
+        return (item.longest_side if two_sided else len(item)) <= limit
+
+    encoded = [
+        item
+        for e in examples
+        if fits(item := encode_example(loaded.tokenizer, e, encoder_decoder=two_sided))
+    ]
     if not encoded:
         return True, float("nan"), float("nan"), 0
     new_loss = evaluate_prefix(loaded, candidate.key_values, encoded, batch_size)

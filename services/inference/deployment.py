@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 import torch
 from ray import serve
 
-from common.architectures import max_positions, prefix_shape
+from common.architectures import context_problem, is_encoder_decoder, prefix_shape
 from common.blobstore import build_blob_store
 from common.config import Settings
 from common.data import encode_prompt
@@ -25,7 +25,7 @@ from common.db.engine import create_db_engine, session_scope
 from common.devices import choose_placement, place
 from common.errors import IncompatiblePrefixError, InvalidInputError
 from common.generation import DecodingConfig, GenerationRow
-from common.prefix_file import PROMPT_FORMAT, Prefix, prefix_from_bytes
+from common.prefix_file import Prefix, prefix_from_bytes, prompt_format
 from common.shared_weights import SharedModel, materialize_model
 from services.inference.engine import ContinuousBatcher
 from services.inference.prefix_cache import PrefixCache
@@ -56,8 +56,8 @@ class InferenceServer:
         self.loaded = place(
             materialize_model(shared), choose_placement(settings.inference_num_gpus)
         )
-        self.shape = prefix_shape(self.loaded.model.config)
-        self.context = max_positions(self.loaded.model.config)
+        self.shape = prefix_shape(self.loaded.model.config)  # encoder-decoder: with sections
+        self.prompt_format = prompt_format(self.loaded.model.config)
         self.blobs = build_blob_store(settings)
         self.db = create_db_engine(settings)
         self.cache = PrefixCache(settings.prefix_cache_bytes, self._load_prefix)
@@ -123,19 +123,24 @@ class InferenceServer:
             raise InvalidInputError("no inputs")
         self._ensure_sweeper()
         prefix = await self.cache.get(request.prefix_id, request.object_key)
-        if prefix.prompt_format != PROMPT_FORMAT:
+        if prefix.prompt_format != self.prompt_format:
             raise IncompatiblePrefixError(
                 f"prefix {request.prefix_id} has an unknown prompt format"
             )
+        config = self.loaded.model.config
         rows = []
         for number, text in enumerate(request.inputs, start=1):
-            ids = encode_prompt(self.loaded.tokenizer, text)
-            needed = prefix.prefix_length + len(ids) + request.decoding.max_new_tokens
-            if needed > self.context:
-                raise InvalidInputError(
-                    f"input {number} is too long: {len(ids)} tokens + prefix {prefix.prefix_length}"
-                    f" + max_new_tokens {request.decoding.max_new_tokens} = {needed} > context {self.context}"
-                )
+            ids = encode_prompt(
+                self.loaded.tokenizer, text, encoder_decoder=is_encoder_decoder(config)
+            )
+            problem = context_problem(
+                config,
+                prefix_length=prefix.prefix_length,
+                input_tokens=len(ids),
+                output_tokens=request.decoding.max_new_tokens,
+            )
+            if problem is not None:
+                raise InvalidInputError(f"input {number} is too long: {problem}")
             rows.append(GenerationRow(ids, prefix.key_values))
         return rows
 

@@ -6,6 +6,10 @@ its own prefix, input, position offset and decoding settings — and hands token
 are produced. Finished rows leave the batch at once, so short requests never wait for long
 ones and new requests never wait for a whole batch to drain.
 
+Encoder-decoder base models (BART, T5) batch the same way: their rows are encoded when they
+join and decode behind their encoder, decoder and cross-attention prefixes
+(:class:`~common.generation.EncoderDecoderBatch`).
+
 Beam-search requests decode as their own batch (beams need reordering that a shared batch
 of unrelated rows cannot do); they run in the same thread between steps of the shared batch.
 """
@@ -22,10 +26,10 @@ from dataclasses import dataclass, field
 import torch
 
 from common.generation import (
-    DecodeBatch,
     DecodingConfig,
     GenerationRow,
     choose_tokens,
+    decode_batch,
     generate,
     row_generator,
 )
@@ -80,7 +84,8 @@ class ContinuousBatcher:
         pad = loaded.tokenizer.pad_token_id
         self.pad_id = int(pad if pad is not None else loaded.tokenizer.eos_token_id)
         self.stats = EngineStats()
-        self._batch = DecodeBatch(loaded.model, self.pad_id)  # touched by the decode thread only
+        # A DecodeBatch, or an EncoderDecoderBatch for BART/T5; touched by the decode thread only.
+        self._batch = decode_batch(loaded.model, self.pad_id)
         self._incoming: queue.Queue[_Request | None] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="decode-loop", daemon=True)
         self._thread.start()
@@ -209,7 +214,7 @@ class ContinuousBatcher:
             for request in running.requests:
                 request.emit(error)
             running.requests, running.logits = [], None
-            self._batch = DecodeBatch(self.loaded.model, self.pad_id)
+            self._batch = decode_batch(self.loaded.model, self.pad_id)
 
     def _beam_search(self, request: _Request) -> None:
         try:

@@ -4,6 +4,16 @@ from common.shared_weights import materialize_model, share_model
 
 
 def test_materialized_model_is_zero_copy_and_identical(ray_session, tiny_model):
+    check_zero_copy_and_identical(tiny_model)
+
+
+def test_materialized_encoder_decoder_model_is_zero_copy_and_identical(ray_session, tiny_seq2seq):
+    """BART and T5 tie their embeddings and LM head (several names, one tensor): the
+    rebuilt sequence-to-sequence model must be the same model, zero-copy."""
+    check_zero_copy_and_identical(tiny_seq2seq)
+
+
+def check_zero_copy_and_identical(tiny_model):
     import ray
 
     shared = share_model(tiny_model)
