@@ -38,6 +38,11 @@ class Settings(BaseSettings):
         default=None,
         description="Endpoint of an S3-compatible server (MinIO, …); default the AWS endpoint.",
     )
+    s3_max_attempts: int = Field(
+        default=5,
+        ge=1,
+        description="Tries of one S3 request (first plus retries, exponential backoff with jitter) before the store counts as unreachable (503 in the API; a trainer's attempt fails and is retried).",
+    )
     admin_token: SecretStr | None = Field(
         default=None,
         description="Bearer token of the admin routes; generated and printed by `prefixd up` when unset.",

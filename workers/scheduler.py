@@ -141,7 +141,9 @@ class Scheduler:
         self.incarnation = uuid.uuid4().hex[:8]
         self.shared: SharedModel | None = None
         self._lock = threading.RLock()
-        self._running: dict[uuid.UUID, _Running] = {}
+        # Keyed by lease owner, not job id: a trainer that lost its lease (frozen past it)
+        # still runs while the job's next attempt does, and both must stay watched.
+        self._running: dict[str, _Running] = {}
         self._reports: deque[dict[str, Any]] = deque(maxlen=_REPORTS_KEPT)
         self._ready = threading.Event()
         self._error: BaseException | None = None
@@ -187,8 +189,8 @@ class Scheduler:
     def trainer_started(self, info: dict[str, Any]) -> None:
         """A trainer reports its process id and node (operators, tests)."""
         with self._lock:
-            entry = self._running.get(uuid.UUID(info["job_id"]))
-            if entry is not None and entry.owner == info.get("owner"):
+            entry = self._running.get(str(info.get("owner")))
+            if entry is not None and str(entry.job_id) == info["job_id"]:
                 entry.pid = info.get("pid")
                 entry.node_id = info.get("node_id")
 
@@ -317,7 +319,7 @@ class Scheduler:
             report["attempt"] = entry.attempt
             report["finished_at"] = utcnow().isoformat()
             with self._lock:
-                self._running.pop(entry.job_id, None)
+                self._running.pop(entry.owner, None)
                 self._reports.append(report)
             log.info(
                 "job %s attempt %d: %s%s",
@@ -338,6 +340,13 @@ class Scheduler:
         }
         if entry.force_stopped:  # its job was no longer its own: nothing to finish
             return base | {"outcome": "stopped"}
+        with session_scope(self._engine) as session:
+            held = crud.holds_job_lease(session=session, job_id=entry.job_id, owner=entry.owner)
+        if not held:
+            # Its lease ran out (it was frozen or cut off) and the job went back to the queue,
+            # maybe to a newer attempt already running: sweeping the tenant's blobs now could
+            # delete that attempt's blob before it publishes. Nothing here is ours to finish.
+            return base | {"outcome": "lease_lost"}
         try:
             delete_orphan_prefix_blobs(self._engine, self._store, entry.tenant_id)
         except Exception as sweep_error:
@@ -461,7 +470,7 @@ class Scheduler:
             claimed_at=utcnow().isoformat(),
         )
         with self._lock:
-            self._running[job.id] = entry
+            self._running[owner] = entry
         log.info("job %s (tenant %s) attempt %d started", job.id, job.tenant_id, job.attempts)
 
 

@@ -53,6 +53,7 @@ from common.db import crud
 from common.db.engine import create_db_engine, session_scope
 from common.db.errors import ConflictError, LeaseLostError, NotFoundError, TenantNotActiveError
 from common.db.models import JobEventCreate, JobPriority, JobState, PrefixCreate, TrainingJob
+from common.db.models import Prefix as PrefixRow
 from common.devices import choose_placement, place
 from common.errors import IncompatiblePrefixError, InvalidInputError
 from common.prefix_file import Prefix, prefix_to_bytes
@@ -318,13 +319,35 @@ def publish_trained_prefix(
             except ConflictError:  # a concurrent activation won the race: publish again
                 if attempt == _PUBLISH_TRIES:
                     raise
-    except BaseException:
+    except BaseException as error:
+        if (
+            isinstance(error, SQLAlchemyError)
+            and _prefix_row_exists(engine, prefix_id) is not False
+        ):
+            # The connection died around the commit (database restarted): the row may have
+            # been committed and point at this blob, so deleting it could leave a visible
+            # version without its data. Keep it; if no row exists, the next attempt's orphan
+            # sweep (delete_orphan_prefix_blobs) removes it.
+            log.warning(
+                "publishing prefix %s of job %s: outcome unknown (%s); blob kept",
+                prefix_id, job_id, type(error).__name__,
+            )  # fmt: skip
+            raise
         try:
             store.delete(key)
-        except Exception as error:  # the next job of the tenant sweeps it
-            log.warning("could not delete unpublished prefix blob %s: %s", key, error)
+        except Exception as delete_error:  # the next job of the tenant sweeps it
+            log.warning("could not delete unpublished prefix blob %s: %s", key, delete_error)
         raise
     raise AssertionError("unreachable")
+
+
+def _prefix_row_exists(engine: Engine, prefix_id: uuid.UUID) -> bool | None:
+    """Whether the prefix version's row exists; None when the database cannot say."""
+    try:
+        with session_scope(engine) as session:
+            return session.get(PrefixRow, prefix_id) is not None
+    except SQLAlchemyError:
+        return None
 
 
 def _job_state(engine: Engine, job_id: uuid.UUID) -> JobState | None:

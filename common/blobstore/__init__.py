@@ -44,8 +44,9 @@ def build_blob_store(
     if url.startswith("s3://"):
         from common.blobstore.s3 import S3BlobStore
 
+        options = {"max_attempts": settings.s3_max_attempts} | s3_options
         return S3BlobStore.from_url(
-            url, endpoint_url=settings.s3_endpoint_url, session=boto_session, **s3_options
+            url, endpoint_url=settings.s3_endpoint_url, session=boto_session, **options
         )
     if url.startswith("file://"):
         return LocalBlobStore(Path(url[len("file://") :]))

@@ -722,6 +722,23 @@ def _owned_running(owner: str) -> list[sa.ColumnElement[bool]]:
     ]
 
 
+def holds_job_lease(
+    *, session: Session, job_id: uuid.UUID, owner: str, now: datetime | None = None
+) -> bool:
+    """Whether ``owner`` still holds the job's unexpired lease (read only). The scheduler
+    asks before it cleans up after a dead trainer: once the lease ran out, the job may
+    already run again under another owner, whose blob must not be swept."""
+    at = now or utcnow()
+    found = session.exec(
+        select(TrainingJob.id).where(
+            col(TrainingJob.id) == job_id,
+            *_owned_running(owner),
+            col(TrainingJob.lease_expires_at) > _ts(at),
+        )
+    ).first()
+    return found is not None
+
+
 def heartbeat_job(
     *,
     session: Session,

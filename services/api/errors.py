@@ -9,6 +9,7 @@ import logging
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import SQLAlchemyError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from common.errors import IncompatiblePrefixError, InvalidInputError, PrefixdError
@@ -76,6 +77,34 @@ def _status_of(error: PrefixdError) -> tuple[int, str]:
     return 400, "bad_request"
 
 
+# The answer while the database cannot be reached (restarted, failed over, network): the
+# same for every route, with a hint when to try again, and never the driver's text (it names
+# hosts and ports).
+DATABASE_UNAVAILABLE_MESSAGE = "the database is temporarily unavailable; retry shortly"
+DATABASE_RETRY_AFTER_SECONDS = "2"
+
+
+def is_database_outage(error: BaseException) -> bool:
+    """A SQLAlchemy error that means "cannot talk to the database right now" (connection
+    refused or dropped, server shutting down, pool exhausted, SQLite busy), as opposed to a
+    bug in a query. The pool's pre-ping replaces dropped connections once the server is
+    back, so the same request succeeds when retried."""
+    from sqlalchemy import exc
+
+    if isinstance(error, exc.DBAPIError) and error.connection_invalidated:
+        return True
+    return isinstance(error, exc.OperationalError | exc.InterfaceError | exc.TimeoutError)
+
+
+def database_unavailable() -> ApiError:
+    return ApiError(
+        503,
+        "database_unavailable",
+        DATABASE_UNAVAILABLE_MESSAGE,
+        headers={"Retry-After": DATABASE_RETRY_AFTER_SECONDS},
+    )
+
+
 def to_api_error(error: BaseException) -> ApiError | None:
     inner = unwrap(error)
     if isinstance(inner, ApiError):
@@ -83,7 +112,32 @@ def to_api_error(error: BaseException) -> ApiError | None:
     if isinstance(inner, PrefixdError):
         status, code = _status_of(inner)
         return ApiError(status, code, str(inner))
+    if is_database_outage(inner):
+        return database_unavailable()
+    if is_replica_failure(error) or is_replica_failure(inner):
+        return ApiError(
+            503,
+            "inference_unavailable",
+            "the inference replica serving this request failed; retry (Serve replaces it)",
+            headers={"Retry-After": "1"},
+        )
     return None
+
+
+def is_replica_failure(error: BaseException) -> bool:
+    """The inference replica died, or could not be reached, during the call: Serve starts a
+    new one, so the client may retry (not a bug of the request)."""
+    from ray.exceptions import RayActorError
+    from ray.serve.exceptions import (
+        BackPressureError,
+        DeploymentUnavailableError,
+        ReplicaUnavailableError,
+    )
+
+    return isinstance(
+        error,
+        RayActorError | ReplicaUnavailableError | DeploymentUnavailableError | BackPressureError,
+    )
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -114,6 +168,25 @@ def install_error_handlers(app: FastAPI) -> None:
             error_body(HTTP_ERROR_CODES.get(error.status_code, "http_error"), str(error.detail)),
             status_code=error.status_code,
             headers=getattr(error, "headers", None),
+        )
+
+    @app.exception_handler(SQLAlchemyError)
+    async def database_error(request: Request, error: SQLAlchemyError) -> JSONResponse:
+        # Handled here rather than by the catch-all below, which Starlette runs outermost and
+        # then re-raises (a traceback per request while the database is down).
+        if not is_database_outage(error):
+            return await internal_error(request, error)
+        # An outage, not a bug: one line in the log and a 503 the client can retry; the
+        # replica keeps serving and recovers with the database (pre-pinged pool).
+        log.warning(
+            "database unavailable on %s %s: %s",
+            request.method,
+            request.url.path,
+            type(getattr(error, "orig", None) or error).__name__,
+        )
+        outage = database_unavailable()
+        return JSONResponse(
+            error_body(outage.code, outage.message), status_code=503, headers=outage.headers
         )
 
     @app.exception_handler(Exception)
