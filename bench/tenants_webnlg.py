@@ -14,13 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
-import re
-import signal
-import socket
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -28,9 +22,11 @@ from pathlib import Path
 import httpx
 import sacrebleu
 
+from bench.local_service import local_service
 from bench.report import write_section
 from common.config import get_settings
 from common.model_loading import ensure_embedded_model_dir
+from services.api.routes.generate import MAX_INPUTS
 
 WEBNLG = Path(__file__).resolve().parents[2] / "shared" / "data" / "webnlg" / "dev.json"
 IMG = Path(__file__).resolve().parent.parent / "docs" / "img" / "webnlg_tenants.png"
@@ -54,32 +50,21 @@ def load_categories(path: Path) -> dict[str, list[tuple[str, list[str]]]]:
     return categories
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-def start_service(home: Path, model_dir: Path, port: int) -> tuple[subprocess.Popen, str]:
-    env = {
-        k: v for k, v in os.environ.items() if not k.startswith("PREFIXD_") and k != "RAY_ADDRESS"
-    }
-    env |= {
-        "PREFIXD_HOME": str(home),
-        "PREFIXD_MODEL": str(model_dir),
-        "PREFIXD_TRAINER_SLOTS": "2",
-    }
-    process = subprocess.Popen(
-        [str(Path(sys.executable).parent / "prefixd"), "up", "--port", str(port)],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
-    assert process.stdout is not None
-    for line in process.stdout:
-        print("  up:", line.rstrip())
-        match = re.search(r"admin token \(generated.*\): (\S+)", line)
-        if match:
-            return process, match.group(1)
-    raise RuntimeError("prefixd up exited before it was ready")
+def generate(
+    api: httpx.Client, headers: dict[str, str], inputs: list[str], max_new_tokens: int
+) -> list[str]:
+    """All ``inputs`` with one tenant's prefix, in requests of at most MAX_INPUTS inputs."""
+    outputs: list[str] = []
+    for start in range(0, len(inputs), MAX_INPUTS):
+        response = api.post(
+            "/v1/generate",
+            json={"inputs": inputs[start : start + MAX_INPUTS], "max_new_tokens": max_new_tokens},
+            headers=headers,
+        )
+        if response.status_code != 200:
+            raise RuntimeError(f"generate: HTTP {response.status_code}: {response.text}")
+        outputs += response.json()["outputs"]
+    return outputs
 
 
 def plot(matrix: list[list[float]], names: list[str], path: Path) -> Path:
@@ -138,10 +123,9 @@ def main() -> None:
     model_dir = ensure_embedded_model_dir(get_settings())  # converted once, outside the run
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="prefixd-webnlg-") as home:
-        port = free_port()
-        process, token = start_service(Path(home), model_dir, port)
-        try:
-            api = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=600)
+        service = local_service(Path(home), model_dir, env={"PREFIXD_TRAINER_SLOTS": "2"})
+        with service as (url, token):
+            api = httpx.Client(base_url=url, timeout=600)
             admin = {"Authorization": f"Bearer {token}"}
             keys, jobs = {}, {}
             for name in names:
@@ -184,11 +168,7 @@ def main() -> None:
             inputs = [x for name in names for x, _ in splits[name][1]]
             matrix = []
             for prefix_owner in names:
-                outputs = api.post(
-                    "/v1/generate",
-                    json={"inputs": inputs, "max_new_tokens": args.max_new_tokens},
-                    headers=keys[prefix_owner],
-                ).json()["outputs"]
+                outputs = generate(api, keys[prefix_owner], inputs, args.max_new_tokens)
                 row = []
                 for j, data_owner in enumerate(names):
                     held = splits[data_owner][1]
@@ -201,9 +181,6 @@ def main() -> None:
                     row.append(sacrebleu.corpus_bleu(hypotheses, references).score)
                 matrix.append(row)
                 print(prefix_owner, " ".join(f"{v:5.1f}" for v in row))
-        finally:
-            process.send_signal(signal.SIGINT)
-            process.wait(timeout=300)
     wall = time.perf_counter() - started
     wins = sum(
         1 for j in range(len(names)) if max(range(len(names)), key=lambda i: matrix[i][j]) == j

@@ -41,7 +41,9 @@ def create_app(context: ApiContext) -> FastAPI:
         default=BodyLimit("max_request_bytes", settings.max_request_bytes),
         per_route={
             ("POST", "/v1/datasets"): BodyLimit(
-                "max_dataset_bytes", settings.max_dataset_bytes + MULTIPART_OVERHEAD_BYTES
+                "max_dataset_bytes",
+                settings.max_dataset_bytes + MULTIPART_OVERHEAD_BYTES,
+                framing=MULTIPART_OVERHEAD_BYTES,
             )
         },
     )

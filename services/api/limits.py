@@ -23,7 +23,8 @@ from services.api.errors import error_body
 @dataclass(frozen=True)
 class BodyLimit:
     setting: str  # the Settings field that sets it, named in the error
-    max_bytes: int
+    max_bytes: int  # the setting's value plus ``framing``
+    framing: int = 0  # bytes allowed beyond the setting (multipart boundaries, part headers)
 
 
 class BodyTooLargeError(StarletteHTTPException):
@@ -35,6 +36,11 @@ class BodyTooLargeError(StarletteHTTPException):
 
 
 def body_too_large_message(limit: BodyLimit) -> str:
+    if limit.framing:
+        return (
+            f"request body larger than {limit.setting} ({limit.max_bytes - limit.framing} "
+            f"bytes, plus {limit.framing} bytes of multipart framing)"
+        )
     return f"request body larger than {limit.setting} ({limit.max_bytes} bytes)"
 
 

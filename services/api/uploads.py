@@ -18,10 +18,11 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import Request
+from sqlalchemy.exc import SQLAlchemyError
 from sqlmodel import Session
 from starlette.datastructures import UploadFile
 
-from common.architectures import max_positions
+from common.architectures import is_encoder_decoder, max_positions
 from common.blobstore import dataset_key
 from common.config import Settings
 from common.data import encode_example, parse_jsonl_line
@@ -45,9 +46,19 @@ class ExampleChecker:
     """The base model's tokenizer and context length (no weights), loaded once per API
     replica: an example must fit in the context minus the longest prefix a job may ask for."""
 
-    def __init__(self, tokenizer: Any, context_length: int, settings: Settings) -> None:
+    def __init__(
+        self,
+        tokenizer: Any,
+        context_length: int,
+        settings: Settings,
+        *,
+        encoder_decoder: bool = False,
+    ) -> None:
         self.tokenizer = tokenizer
         self.context_length = context_length
+        # Encoder-decoder: input and output sit on different sides, each with its own prefix
+        # and context, so an example is as long as its longer side.
+        self.encoder_decoder = encoder_decoder
         # At most half the context, so a small model keeps room for examples.
         self.max_prefix_length = max(1, min(settings.max_prefix_length, context_length // 2))
         self.max_example_tokens = context_length - self.max_prefix_length
@@ -66,11 +77,17 @@ class ExampleChecker:
             tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
         except (OSError, ValueError) as error:
             raise ModelNotFoundError(f"Cannot load the tokenizer in {directory}: {error}") from None
-        return cls(tokenizer, max_positions(config), settings)
+        return cls(
+            tokenizer,
+            max_positions(config),
+            settings,
+            encoder_decoder=is_encoder_decoder(config),
+        )
 
     def example_tokens(self, example: Any) -> int:
         with self._lock:
-            return len(encode_example(self.tokenizer, example))
+            encoded = encode_example(self.tokenizer, example, encoder_decoder=self.encoder_decoder)
+        return encoded.longest_side if self.encoder_decoder else len(encoded)
 
     def text_tokens(self, text: str) -> int:
         with self._lock:
@@ -89,7 +106,16 @@ def media_type(request: Request) -> str:
 
 
 async def body_chunks(request: Request) -> AsyncIterator[bytes]:
-    """The dataset's bytes: the raw body for JSONL, the ``file`` part for multipart."""
+    """The dataset's bytes: the raw body for JSONL, the ``file`` part for multipart.
+    Nothing is ever decompressed (no zip bombs): a compressed body is refused."""
+    encoding = request.headers.get("content-encoding", "").strip().lower()
+    if encoding not in ("", "identity"):
+        raise ApiError(
+            415,
+            "unsupported_media_type",
+            f"compressed uploads are not accepted (Content-Encoding: {encoding[:40]}); "
+            "send the JSONL uncompressed",
+        )
     kind = media_type(request)
     if kind in JSONL_MEDIA_TYPES:
         async for chunk in request.stream():
@@ -159,8 +185,9 @@ def count_valid_examples(path: Path, checker: ExampleChecker, *, max_examples: i
                 continue
             tokens = checker.example_tokens(example)
             if tokens > checker.max_example_tokens:
+                measured = "its longer side has" if checker.encoder_decoder else "the example has"
                 raise InvalidInputError(
-                    f"line {number}: the example has {tokens} tokens; the limit is "
+                    f"line {number}: {measured} {tokens} tokens; the limit is "
                     f"{checker.max_example_tokens} (the model's context of "
                     f"{checker.context_length} tokens minus the longest prefix, "
                     f"{checker.max_prefix_length})"
@@ -206,6 +233,22 @@ def store_dataset(
                 max_total_bytes=quota_bytes,
             )
     except BaseException as error:
+        if isinstance(error, SQLAlchemyError):
+            # The connection may have died around the commit: find out what happened.
+            try:
+                committed = _stored_dataset(engine, tenant_id, dataset_id)
+            except SQLAlchemyError:
+                # Unknown: the row may exist and point at this blob, so deleting it could
+                # leave a dataset without its data. Keep it (an orphan at worst, under the
+                # tenant's prefix, which erasure removes).
+                log.warning(
+                    "storing dataset %s: outcome unknown (%s); blob kept",
+                    dataset_id,
+                    type(error).__name__,
+                )
+                raise error from None
+            if committed is not None:
+                return committed
         try:
             blobs.delete(key)
         except Exception:  # the upload failed anyway; tenant erasure sweeps the prefix
@@ -213,6 +256,11 @@ def store_dataset(
         if isinstance(error, QuotaExceededError):
             raise ApiError(413, "quota_exceeded", str(error)) from None
         raise
+
+
+def _stored_dataset(engine: Any, tenant_id: uuid.UUID, dataset_id: uuid.UUID) -> Dataset | None:
+    with Session(engine) as session:
+        return crud.get_dataset(session=session, tenant_id=tenant_id, dataset_id=dataset_id)
 
 
 def remove_spooled(spooled: Spooled | None) -> None:

@@ -153,6 +153,24 @@ def test_the_token_limit_is_the_context_minus_the_longest_prefix(
     assert (small.max_prefix_length, small.max_example_tokens) == (16, 16)
 
 
+def test_an_encoder_decoder_example_is_measured_by_its_longer_side(tmp_path: Path) -> None:
+    """Input and output go to different sides, each with its own prefix and context: an
+    example whose input and output each fit is accepted even when together they would not."""
+    checker = ExampleChecker(
+        tiny_tokenizer(), 32, Settings(max_prefix_length=12), encoder_decoder=True
+    )
+    words = " ".join(["alpha"] * 15)
+    both_fit = {"input": words, "output": words}  # 15 + eos = 16 each side; 32 together
+    assert count_valid_examples(
+        write(tmp_path, json.dumps(both_fit).encode()), checker, max_examples=1
+    )
+    too_long = {"input": "beta", "output": " ".join(["alpha"] * 20)}
+    with pytest.raises(InvalidInputError, match=r"line 1: its longer side has 21 tokens"):
+        count_valid_examples(
+            write(tmp_path, json.dumps(too_long).encode()), checker, max_examples=1
+        )
+
+
 def test_huge_lines_and_too_many_examples_are_refused(
     tmp_path: Path, checker: ExampleChecker
 ) -> None:

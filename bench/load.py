@@ -1,0 +1,361 @@
+"""Load: the HTTP API of a `prefixd up` driven from this (separate) process on loopback.
+
+50 tenants each get an active prefix version, published into the service's database and
+blob directory the way a trainer publishes one (blob, then row) before the service starts,
+so every generate call has a prefix without 50 training runs. Then, through the HTTP API
+only: a baseline of the generate calls one at a time, and a bounded concurrent mix
+(generate for the 50 tenants, dataset uploads, job submissions). Reported: throughput,
+p50/p95/p99 latency per kind, error rate (5xx and connection errors). Afterwards it checks
+that every accepted job reached a final state and that every accepted dataset is intact
+(the SHA-256 the client computed = the one the API reports = the stored blob's).
+
+The base model is a tiny random Llama (2 layers, built here): this measures the service
+(HTTP, auth, database, blob store, batching, scheduling), not the model's compute.
+
+    .venv/bin/python -m bench.load [--tenants 50] [--seconds 60] [--concurrency 16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import random
+import re
+import tempfile
+import threading
+import time
+import uuid
+from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from bench.local_service import local_service
+from bench.report import write_section
+
+RELIABILITY = Path(__file__).resolve().parent.parent / "docs" / "RELIABILITY.md"
+FINAL = {"succeeded", "failed", "cancelled"}
+WORDS = "red green blue one two three four five six seven eight nine ten alpha beta".split()
+
+
+def build_model(directory: Path) -> Path:
+    from tests.fixtures.models import build_tiny_model_dir
+
+    return build_tiny_model_dir(directory, "llama")
+
+
+def seed_tenants(home: Path, model_dir: Path, count: int) -> list[tuple[str, str]]:
+    """Tenants, keys and one active prefix each, written before the service starts (so no
+    scheduler competes for the publishing jobs)."""
+    import torch
+
+    from common.architectures import prefix_shape
+    from common.blobstore import build_blob_store, prefix_key
+    from common.config import Settings
+    from common.db import crud
+    from common.db.engine import create_db_engine, session_scope, upgrade_database
+    from common.db.models import DatasetCreate, PrefixCreate, TenantCreate, TrainingJobCreate
+    from common.model_loading import load_model
+    from common.prefix_file import Prefix, prefix_to_bytes
+
+    settings = Settings(home=home, model=str(model_dir))
+    loaded = load_model(str(model_dir), settings=settings)
+    engine = create_db_engine(settings)
+    upgrade_database(engine)
+    blobs = build_blob_store(settings)
+    tenants = []
+    for index in range(count):
+        with session_scope(engine) as session:
+            tenant = crud.create_tenant(
+                session=session, tenant_in=TenantCreate(name=f"load-{index:02d}")
+            )
+            _, key = crud.create_api_key(session=session, tenant_id=tenant.id)
+            tenant_id = tenant.id
+        shape = prefix_shape(loaded.model.config).tensor_shape(4)
+        values = torch.randn(shape, generator=torch.Generator().manual_seed(index)) * 0.1
+        prefix = Prefix(values, loaded.fingerprint, loaded.architecture)
+        prefix_id = uuid.uuid4()
+        info = blobs.put_bytes(prefix_key(tenant_id, prefix_id), prefix_to_bytes(prefix))
+        owner = f"bench-load-{uuid.uuid4().hex}"
+        with session_scope(engine) as session:
+            dataset_id = uuid.uuid4()
+            crud.add_dataset(
+                session=session, tenant_id=tenant_id,
+                dataset_in=DatasetCreate(id=dataset_id, object_key=f"tenants/{tenant_id}/datasets/{dataset_id}.jsonl",
+                                         sha256="0" * 64, size_bytes=1, example_count=1),
+            )  # fmt: skip
+            job, _ = crud.enqueue_job(
+                session=session, tenant_id=tenant_id,
+                job_in=TrainingJobCreate(dataset_ids=[dataset_id], hyperparameters={}),
+            )  # fmt: skip
+            claimed = crud.claim_next_job(session=session, owner=owner, lease_seconds=300)
+            assert claimed is not None and claimed.id == job.id
+            crud.publish_prefix(
+                session=session, job_id=job.id, owner=owner,
+                prefix_in=PrefixCreate(
+                    id=prefix_id, object_key=prefix_key(tenant_id, prefix_id),
+                    base_model_fingerprint=loaded.fingerprint, prefix_length=4, dtype="float32",
+                    size_bytes=info.size, sha256=info.sha256, metrics={},
+                ),
+            )  # fmt: skip
+        tenants.append((str(tenant_id), key))
+    engine.dispose()
+    return tenants
+
+
+SERVICE_ENV = {
+    "PREFIXD_TRAINER_SLOTS": "1",
+    # The load itself is the subject: the per-tenant rate limit must not shape it.
+    "PREFIXD_GENERATE_RATE_PER_SECOND": "1000",
+    "PREFIXD_GENERATE_BURST": "1000",
+    "PREFIXD_BATCH_WAIT_MS": "5",
+}
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.latencies: dict[str, list[float]] = defaultdict(list)
+        self.statuses: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+        self.lock = threading.Lock()
+
+    def call(
+        self, kind: str, client: httpx.Client, method: str, path: str, **kw: Any
+    ) -> httpx.Response | None:
+        started = time.perf_counter()
+        try:
+            response: httpx.Response | None = client.request(method, path, **kw)
+            status = str(response.status_code)  # type: ignore[union-attr]
+        except httpx.HTTPError as error:
+            response, status = None, type(error).__name__
+        elapsed = time.perf_counter() - started
+        with self.lock:
+            self.latencies[kind].append(elapsed)
+            self.statuses[kind][status] += 1
+        return response
+
+    def errors(self, kind: str | None = None) -> tuple[int, int]:
+        kinds = [kind] if kind else list(self.statuses)
+        total = sum(sum(self.statuses[k].values()) for k in kinds)
+        bad = sum(n for k in kinds for s, n in self.statuses[k].items() if not s.isdigit() or s >= "500")  # fmt: skip
+        return bad, total
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
+
+
+def dataset_body(rng: random.Random) -> bytes:
+    rows = [
+        {"input": " ".join(rng.choices(WORDS, k=4)), "output": " ".join(rng.choices(WORDS, k=3))}
+        for _ in range(rng.randint(4, 40))
+    ]
+    return "".join(json.dumps(r) + "\n" for r in rows).encode()
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    rng = random.Random(args.seed)
+    with tempfile.TemporaryDirectory(prefix="prefixd-load-") as tmp:
+        home = Path(tmp) / "home"
+        model_dir = build_model(Path(tmp) / "model")
+        started = time.perf_counter()
+        tenants = seed_tenants(home, model_dir, args.tenants)
+        print(f"seeded {len(tenants)} tenants in {time.perf_counter() - started:.1f} s", flush=True)
+        with local_service(home, model_dir, env=SERVICE_ENV) as (url, token):
+            return drive(args, rng, tenants, url, token, home, model_dir)
+
+
+def generate_body(rng: random.Random, max_new_tokens: int) -> dict[str, Any]:
+    return {"input": " ".join(rng.choices(WORDS, k=rng.randint(2, 8))), "max_new_tokens": max_new_tokens}  # fmt: skip
+
+
+def drive(
+    args: argparse.Namespace, rng: random.Random, tenants: list[tuple[str, str]], url: str,
+    token: str, home: Path, model_dir: Path,
+) -> dict[str, Any]:  # fmt: skip
+    limits = httpx.Limits(max_connections=args.concurrency * 2, max_keepalive_connections=args.concurrency * 2)  # fmt: skip
+    client = httpx.Client(base_url=url, timeout=120, limits=limits)
+    auth = {key: {"Authorization": f"Bearer {key}"} for _, key in tenants}
+    for _, key in tenants[:2]:  # warm up: load the prefixes' path once
+        client.post("/v1/generate", json=generate_body(rng, args.max_new_tokens), headers=auth[key])
+
+    # Baseline: the same generate calls, one at a time.
+    baseline = Recorder()
+    started = time.perf_counter()
+    for index in range(args.baseline_calls):
+        _, key = tenants[index % len(tenants)]
+        baseline.call("generate", client, "POST", "/v1/generate", json=generate_body(rng, args.max_new_tokens), headers=auth[key])  # fmt: skip
+    baseline_seconds = time.perf_counter() - started
+
+    # The concurrent mix, bounded by count and time.
+    load = Recorder()
+    uploads: list[tuple[str, str, str]] = []  # (tenant key, dataset id, client sha256)
+    jobs: list[tuple[str, str]] = []  # (tenant key, job id)
+    lock = threading.Lock()
+    deadline = time.monotonic() + args.seconds
+    budget = {"ops": args.max_ops, "jobs": args.max_jobs}
+
+    def worker(seed: int) -> None:
+        local = random.Random(seed)
+        while time.monotonic() < deadline:
+            with lock:
+                if budget["ops"] <= 0:
+                    return
+                budget["ops"] -= 1
+                roll = local.random()
+                kind = "generate" if roll < 0.85 else "upload" if roll < 0.95 else "job"
+                if kind == "job" and (budget["jobs"] <= 0 or not uploads):
+                    kind = "upload"
+                if kind == "job":
+                    budget["jobs"] -= 1
+                    key, dataset_id, _ = local.choice(uploads)
+            if kind == "generate":
+                _, key = local.choice(tenants)
+                load.call("generate", client, "POST", "/v1/generate", json=generate_body(local, args.max_new_tokens), headers=auth[key])  # fmt: skip
+            elif kind == "upload":
+                _, key = local.choice(tenants)
+                body = dataset_body(local)
+                response = load.call("upload", client, "POST", "/v1/datasets", content=body, headers={**auth[key], "content-type": "application/jsonl"})  # fmt: skip
+                if response is not None and response.status_code == 201:
+                    with lock:
+                        uploads.append(
+                            (key, response.json()["id"], hashlib.sha256(body).hexdigest())
+                        )
+            else:
+                hyper = {"prefix_length": 4, "epochs": 1, "batch_size": 8}
+                response = load.call("job", client, "POST", "/v1/jobs", json={"dataset_ids": [dataset_id], "hyperparameters": hyper}, headers=auth[key])  # fmt: skip
+                if response is not None and response.status_code in (200, 201):
+                    with lock:
+                        jobs.append((key, response.json()["id"]))
+
+    started = time.perf_counter()
+    with ThreadPoolExecutor(args.concurrency) as pool:
+        list(pool.map(worker, range(args.concurrency)))
+    load_seconds = time.perf_counter() - started
+
+    # Every accepted job reaches a final state.
+    job_states: dict[str, str] = {}
+    wait_started = time.perf_counter()
+    wait_deadline = time.monotonic() + args.job_timeout
+    while time.monotonic() < wait_deadline:
+        for key, job_id in jobs:
+            if job_states.get(job_id) not in FINAL:
+                response = client.get(f"/v1/jobs/{job_id}", headers=auth[key])
+                job_states[job_id] = response.json()["status"] if response.status_code == 200 else f"http {response.status_code}"  # fmt: skip
+        if all(state in FINAL for state in job_states.values()):
+            break
+        time.sleep(1)
+    jobs_wait = time.perf_counter() - wait_started
+
+    # Every accepted dataset is intact: client sha256 = API's = the stored blob's.
+    from common.blobstore import build_blob_store, dataset_key
+    from common.config import Settings
+
+    blobs = build_blob_store(Settings(home=home, model=str(model_dir)))
+    intact = 0
+    damaged = []
+    for key, dataset_id, digest in uploads:
+        described = client.get(f"/v1/datasets/{dataset_id}", headers=auth[key]).json()
+        tenant_id = next(t for t, k in tenants if k == key)
+        stored = hashlib.sha256(blobs.get_bytes(dataset_key(tenant_id, dataset_id))).hexdigest()
+        if described.get("sha256") == digest == stored:
+            intact += 1
+        else:
+            damaged.append(dataset_id)
+    client.close()
+    return {
+        "baseline": baseline, "baseline_seconds": baseline_seconds, "load": load,
+        "load_seconds": load_seconds, "job_states": job_states, "jobs_wait": jobs_wait,
+        "uploads": len(uploads), "intact": intact, "damaged": damaged,
+    }  # fmt: skip
+
+
+def report(args: argparse.Namespace, result: dict[str, Any]) -> str:
+    load: Recorder = result["load"]
+    baseline: Recorder = result["baseline"]
+    head = "| phase | kind | calls | throughput (calls/s) | p50 ms | p95 ms | p99 ms | errors (5xx, connection) | statuses |"  # fmt: skip
+    rows = [head, "|---|---|---:|---:|---:|---:|---:|---:|---|"]
+
+    def row(phase: str, recorder: Recorder, kind: str, seconds: float) -> None:
+        values = recorder.latencies.get(kind, [])
+        if not values:
+            return
+        bad, total = recorder.errors(kind)
+        statuses = ", ".join(f"{s}: {n}" for s, n in sorted(recorder.statuses[kind].items()))
+        rows.append(
+            f"| {phase} | {kind} | {total} | {total / seconds:.1f} | {percentile(values, 50) * 1000:.0f} | "
+            f"{percentile(values, 95) * 1000:.0f} | {percentile(values, 99) * 1000:.0f} | "
+            f"{bad} ({bad / total:.1%}) | {statuses} |"
+        )
+
+    row("one at a time", baseline, "generate", result["baseline_seconds"])
+    for kind in ("generate", "upload", "job"):
+        row(f"concurrent ({args.concurrency} clients)", load, kind, result["load_seconds"])
+    all_bad, all_total = load.errors()
+    gen_base = len(baseline.latencies["generate"]) / result["baseline_seconds"]
+    gen_load = len(load.latencies["generate"]) / result["load_seconds"]
+    states: dict[str, int] = defaultdict(int)
+    for state in result["job_states"].values():
+        states[state] += 1
+    final = sum(n for s, n in states.items() if s in FINAL)
+    return f"""
+`.venv/bin/python -m bench.load --tenants {args.tenants} --seconds {args.seconds} --concurrency {args.concurrency}`
+— a `prefixd up` (local Ray, SQLite and a blob directory in a temporary PREFIXD_HOME, a tiny
+random 2-layer Llama so that the service, not the model, is measured) driven over loopback
+from a separate process. {args.tenants} tenants, each with an active prefix; the mix is 85 %
+generate (a random tenant, `max_new_tokens` {args.max_new_tokens}), 10 % dataset uploads
+(4–40 examples), 5 % job submissions (at most {args.max_jobs}); bounded by {args.max_ops}
+operations or {args.seconds} s. Another benchmark shared the 2 cores during this run: read
+the ratios, not the absolute figures.
+
+{chr(10).join(rows)}
+
+- Concurrent generate throughput: **{gen_load:.1f} calls/s vs {gen_base:.1f} one at a time
+  ({gen_load / gen_base:.2f}×)**; in the mix, generate shares the cores with upload
+  validation and the trainers of the submitted jobs, which the baseline does not.
+- Error rate over the whole mix: **{all_bad}/{all_total} ({all_bad / max(all_total, 1):.2%})**.
+- Jobs: {len(result["job_states"])} accepted; {final} reached a final state
+  ({", ".join(f"{s}: {n}" for s, n in sorted(states.items()))}) within {result["jobs_wait"]:.0f} s
+  after the load stopped.
+- Datasets: {result["uploads"]} accepted, **{result["intact"]} intact** (the client's SHA-256
+  = the API's = the stored blob's){"; damaged: " + ", ".join(result["damaged"]) if result["damaged"] else ""}.
+"""
+
+
+def write_reliability(body: str) -> None:
+    text = RELIABILITY.read_text()
+    section = f"## Load\n\n{body.strip()}\n"
+    pattern = re.compile(r"^## Load\n.*?(?=^## |\Z)", re.S | re.M)
+    text = pattern.sub(lambda _: section + "\n", text) if pattern.search(text) else text.rstrip() + "\n\n" + section  # fmt: skip
+    RELIABILITY.write_text(text.rstrip() + "\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tenants", type=int, default=50)
+    parser.add_argument("--seconds", type=float, default=60)
+    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--max-ops", type=int, default=5000)
+    parser.add_argument("--max-jobs", type=int, default=8)
+    parser.add_argument("--baseline-calls", type=int, default=50)
+    parser.add_argument("--max-new-tokens", type=int, default=8)
+    parser.add_argument("--job-timeout", type=float, default=180)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-write", action="store_true")
+    args = parser.parse_args()
+    result = run(args)
+    body = report(args, result)
+    print(body)
+    if not args.no_write:
+        write_section("Load (bench/load.py)", body)
+        write_reliability(body)
+    unfinished = [j for j, s in result["job_states"].items() if s not in FINAL]
+    if unfinished or result["damaged"]:
+        raise SystemExit(f"unfinished jobs {unfinished}, damaged datasets {result['damaged']}")
+
+
+if __name__ == "__main__":
+    main()
