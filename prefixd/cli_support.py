@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import signal
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, TypeVar
@@ -50,3 +51,26 @@ def migrated_database() -> Iterator[Any]:
         yield engine
     finally:
         engine.dispose()
+
+
+class StopRequested(Exception):
+    """Ctrl-C or SIGTERM reached a long-running command (``up``, ``worker``)."""
+
+
+def _request_stop(signum: int, frame: Any) -> None:
+    raise StopRequested(signal.Signals(signum).name)
+
+
+@contextmanager
+def stop_on_signals() -> Iterator[None]:
+    """Turn SIGINT and SIGTERM into :class:`StopRequested` for a long-running command.
+
+    SIGINT is set explicitly, not left to Python's default: a process started in the
+    background by a non-interactive shell inherits SIGINT *ignored* (and Python keeps it so),
+    which made Ctrl-C sent by a supervisor or a test do nothing."""
+    previous = {sig: signal.signal(sig, _request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

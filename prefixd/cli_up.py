@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import secrets
-import signal
 import time
 import urllib.request
 from pathlib import Path
@@ -21,6 +20,7 @@ import typer
 from pydantic import SecretStr
 
 from common.config import Settings, get_settings
+from prefixd.cli_support import StopRequested, stop_on_signals
 
 ADMIN_TOKEN_FILE = "admin-token"
 
@@ -79,14 +79,6 @@ def _wait_ready(url: str, timeout: float = 300.0) -> None:
         time.sleep(0.5)
 
 
-class _Stop(Exception):
-    pass
-
-
-def _raise_stop(signum: int, frame: Any) -> None:
-    raise _Stop()
-
-
 def up(
     host: Annotated[
         str, typer.Option("--host", help="Address the HTTP API listens on.")
@@ -123,45 +115,46 @@ def up(
     from services.app_builder import build_app_from_settings
     from workers.scheduler import start_scheduler, stop_scheduler, wait_until_ready
 
-    previous = signal.signal(signal.SIGTERM, _raise_stop)
     scheduler: Any = None
     created = False
     try:
-        where = settings.ray_address or "a local Ray"
-        typer.echo(f"starting on {where}; database {database}; blobs {store.url}", err=True)
-        ray.init(
-            # RAY_ADDRESS names a cluster; without it, always a new local Ray (never one that
-            # happens to run on this machine, which a bare ray.init() would attach to).
-            address=settings.ray_address or "local",
-            namespace=settings.scheduler_namespace,
-            log_to_driver=False,
-            configure_logging=False,
-        )
-        serve.start(http_options={"host": host, "port": settings.http_port})
-        typer.echo("deploying the API and inference replicas (loads the model once)…", err=True)
-        serve.run(build_app_from_settings(settings), name="prefixd", route_prefix="/")
-        url = f"http://{host}:{settings.http_port}"
-        _wait_ready(url)
-        if detach:
-            typer.echo(f"prefixd is deployed: {url}")
-            return
-        scheduler, created = start_scheduler(settings)
-        status = wait_until_ready(scheduler)
-        typer.echo(f"prefixd is up: {url}  (OpenAPI: {url}/docs)")
-        typer.echo(f"scheduler: {status['slots']} trainer slot(s)")
-        if generated:
-            typer.echo(
-                f"admin token (generated, kept in {settings.home_dir / ADMIN_TOKEN_FILE}): {token}"
+        with stop_on_signals():
+            where = settings.ray_address or "a local Ray"
+            typer.echo(f"starting on {where}; database {database}; blobs {store.url}", err=True)
+            ray.init(
+                # RAY_ADDRESS names a cluster; without it, always a new local Ray (never one that
+                # happens to run on this machine, which a bare ray.init() would attach to).
+                address=settings.ray_address or "local",
+                namespace=settings.scheduler_namespace,
+                log_to_driver=False,
+                configure_logging=False,
             )
-        else:
-            typer.echo("admin token: PREFIXD_ADMIN_TOKEN, or the one in PREFIXD_HOME/admin-token")
-        typer.echo("Ctrl-C stops.")
-        while True:
-            time.sleep(3600)
-    except (KeyboardInterrupt, _Stop):
+            serve.start(http_options={"host": host, "port": settings.http_port})
+            typer.echo("deploying the API and inference replicas (loads the model once)…", err=True)
+            serve.run(build_app_from_settings(settings), name="prefixd", route_prefix="/")
+            url = f"http://{host}:{settings.http_port}"
+            _wait_ready(url)
+            if detach:
+                typer.echo(f"prefixd is deployed: {url}")
+                return
+            scheduler, created = start_scheduler(settings)
+            status = wait_until_ready(scheduler)
+            typer.echo(f"prefixd is up: {url}  (OpenAPI: {url}/docs)")
+            typer.echo(f"scheduler: {status['slots']} trainer slot(s)")
+            if generated:
+                typer.echo(
+                    f"admin token (generated, kept in {settings.home_dir / ADMIN_TOKEN_FILE}): {token}"
+                )
+            else:
+                typer.echo(
+                    "admin token: PREFIXD_ADMIN_TOKEN, or the one in PREFIXD_HOME/admin-token"
+                )
+            typer.echo("Ctrl-C stops.")
+            while True:
+                time.sleep(3600)
+    except StopRequested:
         typer.echo("stopping…", err=True)
     finally:
-        signal.signal(signal.SIGTERM, previous)
         if scheduler is not None and created:
             stop_scheduler(scheduler)
         if ray.is_initialized():

@@ -8,7 +8,6 @@ something that does not exist) — never a traceback.
 from __future__ import annotations
 
 import json
-import signal
 import time
 import uuid
 from datetime import datetime
@@ -17,7 +16,7 @@ from typing import Annotated, Any
 import typer
 
 from common.errors import InvalidInputError
-from prefixd.cli_support import migrated_database, user_errors
+from prefixd.cli_support import StopRequested, migrated_database, stop_on_signals, user_errors
 
 
 def _job_id(text: str) -> uuid.UUID:
@@ -32,14 +31,6 @@ def _when(value: datetime | None) -> str:
 
 
 # --- prefixd worker -------------------------------------------------------------------------
-
-
-class _Stop(Exception):
-    pass
-
-
-def _raise_stop(signum: int, frame: Any) -> None:
-    raise _Stop()
 
 
 def _print_report(report: dict[str, Any]) -> None:
@@ -98,61 +89,61 @@ def worker(
         wait_until_ready,
     )
 
-    previous = signal.signal(signal.SIGTERM, _raise_stop)
     handle: Any = None
     created = False
     nightly: Any = None
     try:
-        ray.init(
-            # RAY_ADDRESS names a cluster; without it, always a new local Ray (never one that
-            # happens to run on this machine, which a bare ray.init() would attach to).
-            address=settings.ray_address or "local",
-            namespace=settings.scheduler_namespace,
-            log_to_driver=False,
-            configure_logging=False,
-        )
-        seen: set[tuple[str, int]] = set()
-        while True:
-            if handle is None:
-                handle, created = start_scheduler(settings)
-                status = wait_until_ready(handle)
-                role = "started" if created else "found running (started by another process)"
-                typer.echo(
-                    f"scheduler {role} on {status['host']}: {status['slots']} trainer slot(s); "
-                    f"database {where}; blobs {store.url}; Ctrl-C stops"
-                    + ("" if created else " watching")
-                )
-            try:
-                status = scheduler_status(handle)
-            except RayActorError:
-                time.sleep(poll)
-                current = find_scheduler(settings)
-                if current is not None and current._actor_id == handle._actor_id:
-                    continue  # Ray is restarting the same actor (its process died)
-                # The scheduler went away (the process that owned it stopped): take over.
-                typer.echo("the scheduler went away; starting one")
-                handle, created = None, False
-                continue
-            for report in status["reports"]:
-                key = (report["job_id"], int(report.get("attempt") or 0))
-                if key not in seen:
-                    seen.add(key)
-                    _print_report(report)
-            if nightly_time is not None and nightly is None:
-                from common.db.engine import create_db_engine
-                from workers.nightly import NightlyRunner
+        with stop_on_signals():
+            ray.init(
+                # RAY_ADDRESS names a cluster; without it, always a new local Ray (never one that
+                # happens to run on this machine, which a bare ray.init() would attach to).
+                address=settings.ray_address or "local",
+                namespace=settings.scheduler_namespace,
+                log_to_driver=False,
+                configure_logging=False,
+            )
+            seen: set[tuple[str, int]] = set()
+            while True:
+                if handle is None:
+                    handle, created = start_scheduler(settings)
+                    status = wait_until_ready(handle)
+                    role = "started" if created else "found running (started by another process)"
+                    typer.echo(
+                        f"scheduler {role} on {status['host']}: {status['slots']} trainer slot(s); "
+                        f"database {where}; blobs {store.url}; Ctrl-C stops"
+                        + ("" if created else " watching")
+                    )
+                try:
+                    status = scheduler_status(handle)
+                except RayActorError:
+                    time.sleep(poll)
+                    current = find_scheduler(settings)
+                    if current is not None and current._actor_id == handle._actor_id:
+                        continue  # Ray is restarting the same actor (its process died)
+                    # The scheduler went away (the process that owned it stopped): take over.
+                    typer.echo("the scheduler went away; starting one")
+                    handle, created = None, False
+                    continue
+                for report in status["reports"]:
+                    key = (report["job_id"], int(report.get("attempt") or 0))
+                    if key not in seen:
+                        seen.add(key)
+                        _print_report(report)
+                if nightly_time is not None and nightly is None:
+                    from common.db.engine import create_db_engine
+                    from workers.nightly import NightlyRunner
 
-                nightly = NightlyRunner(
-                    create_db_engine(settings),
-                    nightly_time,
-                    validation_split=settings.nightly_validation_split,
-                )
-                typer.echo(f"nightly retraining planned every day at {nightly_at} (local time)")
-            if nightly is not None:
-                for line in nightly.poll(datetime.now()):
-                    typer.echo(line)
-            time.sleep(poll)
-    except (KeyboardInterrupt, _Stop):
+                    nightly = NightlyRunner(
+                        create_db_engine(settings),
+                        nightly_time,
+                        validation_split=settings.nightly_validation_split,
+                    )
+                    typer.echo(f"nightly retraining planned every day at {nightly_at} (local time)")
+                if nightly is not None:
+                    for line in nightly.poll(datetime.now()):
+                        typer.echo(line)
+                time.sleep(poll)
+    except StopRequested:
         if handle is not None and created:
             typer.echo("stopping: running jobs go back to the queue…", err=True)
             result = stop_scheduler(handle)
@@ -163,7 +154,6 @@ def worker(
         elif handle is not None:
             typer.echo("leaving the other process's scheduler running", err=True)
     finally:
-        signal.signal(signal.SIGTERM, previous)
         if nightly is not None:
             nightly.engine.dispose()
         if ray.is_initialized():
