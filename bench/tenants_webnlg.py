@@ -30,6 +30,7 @@ from services.api.routes.generate import MAX_INPUTS
 
 WEBNLG = Path(__file__).resolve().parents[2] / "shared" / "data" / "webnlg" / "dev.json"
 IMG = Path(__file__).resolve().parent.parent / "docs" / "img" / "webnlg_tenants.png"
+TITLE = "Tenants on WebNLG (bench/tenants_webnlg.py)"
 
 
 def triples_text(entry: dict) -> str:
@@ -182,39 +183,63 @@ def main() -> None:
                 matrix.append(row)
                 print(prefix_owner, " ".join(f"{v:5.1f}" for v in row))
     wall = time.perf_counter() - started
-    wins = sum(
-        1 for j in range(len(names)) if max(range(len(names)), key=lambda i: matrix[i][j]) == j
-    )
-    diagonal = sum(matrix[i][i] for i in range(len(names))) / len(names)
-    off = sum(matrix[i][j] for i in range(len(names)) for j in range(len(names)) if i != j) / (
-        len(names) ** 2 - len(names)
-    )
-    image = plot(matrix, names, IMG)
-    table = "| prefix \\ data | " + " | ".join(names) + " |\n|---|" + "---|" * len(names) + "\n"
-    table += "\n".join(
-        f"| {names[i]} | " + " | ".join(f"{v:.1f}" for v in matrix[i]) + " |"
-        for i in range(len(names))
-    )
-    body = f"""The whole service on the embedded model (`prefixd up`: Ray, Serve, the scheduler with
-2 trainer slots; SQLite and local blobs), driven only through the HTTP API. WebNLG 2017 dev:
-each of 10 categories is a tenant that uploads {args.train_per_tenant} entries (first reference) and trains a
-length-10 prefix for {args.epochs} epochs; {args.held_back} entries per category are held back. Every tenant's
-prefix then generates every tenant's held-back entries (greedy, one batched request per
-prefix), scored with sacrebleu against all references.
+    sizes = {name: len(splits[name][0]) for name in names}
+    body = report(matrix, names, sizes, args, trained=trained, wall=wall)
+    print(body)
+    if not args.no_write:
+        plot(matrix, names, IMG)
+        print("wrote", write_section(TITLE, body))
 
-**The diagonal wins {wins} of {len(names)} columns**; mean BLEU on the diagonal (own data) {diagonal:.1f}
-against {off:.1f} off the diagonal (another tenant's prefix). Training all 10 tenants took
-{trained:.0f} s, the whole run {wall:.0f} s.
+
+def diagonal_ranks(matrix: list[list[float]]) -> list[int]:
+    """Per column (whose data), the rank of the data owner's own prefix: 1 = best BLEU."""
+    n = len(matrix)
+    return [1 + sum(matrix[i][j] > matrix[j][j] for i in range(n)) for j in range(n)]
+
+
+def report(
+    matrix: list[list[float]],
+    names: list[str],
+    sizes: dict[str, int],
+    args: argparse.Namespace,
+    *,
+    trained: float,
+    wall: float,
+) -> str:
+    n = len(names)
+    ranks = diagonal_ranks(matrix)
+    diagonal = sum(matrix[i][i] for i in range(n)) / n
+    off = sum(matrix[i][j] for i in range(n) for j in range(n) if i != j) / (n * n - n)
+    table = "| prefix \\ data | " + " | ".join(names) + " |\n|---|" + "---|" * n + "\n"
+    table += "\n".join(
+        f"| {names[i]} ({sizes[names[i]]}) | " + " | ".join(f"{v:.1f}" for v in matrix[i]) + " |"
+        for i in range(n)
+    )
+    lost = ", ".join(
+        f"{names[j]} (own {matrix[j][j]:.1f} vs {max(matrix[i][j] for i in range(n)):.1f})"
+        for j in range(n)
+        if ranks[j] > 1
+    )
+    return f"""The whole service on the embedded model (`prefixd up`: Ray, Serve, the scheduler with
+2 trainer slots; SQLite and local blobs), driven only through the HTTP API. WebNLG 2017 dev:
+each of {n} categories is a tenant that uploads up to {args.train_per_tenant} entries (first reference;
+the number each had is in brackets) and trains a length-10 prefix for {args.epochs} epochs;
+{args.held_back} entries per category are held back. Every tenant's prefix then generates every
+tenant's held-back entries (greedy, batched requests of at most {MAX_INPUTS} inputs), scored
+with sacrebleu against all references.
+
+**The diagonal wins {sum(r == 1 for r in ranks)} of {n} columns**; the own prefix's mean rank in its column is
+**{sum(ranks) / n:.1f} of {n}** (ranks {", ".join(map(str, ranks))}; {(n + 1) / 2:.1f} by chance). Mean BLEU on the
+diagonal (own data) {diagonal:.1f} against {off:.1f} off the diagonal (another tenant's prefix).
+Columns lost: {lost or "none"}. Training all {n} tenants took {trained:.0f} s, the whole run
+{wall:.0f} s.
 
 {table}
 
-![10×10 BLEU heatmap](img/{image.name})
+![10×10 BLEU heatmap](img/{IMG.name})
 
 Reproduce: `.venv/bin/python -m bench.tenants_webnlg --train-per-tenant {args.train_per_tenant} --held-back {args.held_back} --epochs {args.epochs}`
 """
-    print(body)
-    if not args.no_write:
-        print("wrote", write_section("Tenants on WebNLG (bench/tenants_webnlg.py)", body))
 
 
 if __name__ == "__main__":
