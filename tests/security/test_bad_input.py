@@ -332,8 +332,12 @@ def test_generate_inputs_past_the_model_limits(inproc_inference: InProc) -> None
     inproc.publish(tenant_id, length=4)
     ok = inproc.request("POST", "/v1/generate", key, json={"input": "alpha", "max_new_tokens": 2})
     assert ok.status_code == 200, ok.text
+    # No max_new_tokens: the default (64) gives way to the server's lower limit, never a 422.
+    default = inproc.request("POST", "/v1/generate", key, json={"input": "alpha"})
+    assert default.status_code == 200, default.text
+    assert default.json()["usage"]["completion_tokens"] <= 48
     cases: list[tuple[dict[str, Any], tuple[int, str, str]]] = [
-        ({"input": "alpha", "max_new_tokens": 65}, (422, "invalid_input", r"max_new_tokens is 65; the limit is 64")),
+        ({"input": "alpha", "max_new_tokens": 49}, (422, "invalid_input", r"max_new_tokens is 49; the limit is 48")),
         ({"input": "alpha " * 130, "max_new_tokens": 2}, (422, "invalid_input", r"input 1 is too long")),
         ({"inputs": ["alpha", "alpha " * 130], "max_new_tokens": 2}, (422, "invalid_input", r"input 2 is too long")),
         ({"input": "alpha", "num_beams": 2, "temperature": 0.5}, (422, "invalid_request", r"not both")),

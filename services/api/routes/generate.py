@@ -29,6 +29,7 @@ from services.inference.deployment import InferenceRequest, InferenceResult
 router = APIRouter(prefix="/v1", tags=["generate"])
 
 MAX_INPUTS = 64
+DEFAULT_MAX_NEW_TOKENS = 64
 
 
 class GenerateRequest(BaseModel):
@@ -42,7 +43,11 @@ class GenerateRequest(BaseModel):
         ]
         | None
     ) = None
-    max_new_tokens: int = Field(default=64, ge=1)
+    max_new_tokens: int | None = Field(
+        default=None,
+        ge=1,
+        description=f"default: {DEFAULT_MAX_NEW_TOKENS}, or the server's limit if lower",
+    )
     temperature: float | None = Field(default=None, ge=0, le=10, description="0 or absent: greedy")
     top_p: float | None = Field(default=None, gt=0, le=1)
     num_beams: int = Field(default=1, ge=1, le=16)
@@ -60,10 +65,11 @@ class GenerateRequest(BaseModel):
     def texts(self) -> list[str]:
         return [self.input] if self.input is not None else list(self.inputs or [])
 
-    def decoding(self) -> DecodingConfig:
-        return decoding_config(
-            self.max_new_tokens, self.temperature, self.top_p, self.num_beams, self.seed
-        )
+    def decoding(self, *, limit: int) -> DecodingConfig:
+        """``limit``: the server's ``max_new_tokens_limit``, which an absent ``max_new_tokens``
+        never exceeds (an explicit one over it is refused by the inference server)."""
+        wanted = self.max_new_tokens or min(DEFAULT_MAX_NEW_TOKENS, limit)
+        return decoding_config(wanted, self.temperature, self.top_p, self.num_beams, self.seed)
 
 
 def decoding_config(
@@ -160,7 +166,12 @@ async def generate(
 ) -> Any:
     """Generate with the calling tenant's active prefix."""
     prefix = await run_in_threadpool(_active_prefix, context, session, tenant.id)
-    request = InferenceRequest(str(prefix.id), prefix.object_key, body.texts(), body.decoding())
+    request = InferenceRequest(
+        str(prefix.id),
+        prefix.object_key,
+        body.texts(),
+        body.decoding(limit=context.settings.max_new_tokens_limit),
+    )
     if body.stream:
         return _stream(context, request, {"prefix_id": str(prefix.id)}, shape="prefixd")
     result = await _run(context, request)
@@ -180,7 +191,9 @@ class CompletionRequest(BaseModel):
 
     model: str | None = None
     prompt: str | Annotated[list[str], Field(min_length=1, max_length=MAX_INPUTS)]
-    max_tokens: int = Field(default=16, ge=1)
+    max_tokens: int | None = Field(
+        default=None, ge=1, description="default: 16 (OpenAI's), or the server's limit if lower"
+    )
     temperature: float = Field(default=1.0, ge=0, le=10)
     top_p: float = Field(default=1.0, gt=0, le=1)
     n: int = Field(default=1, ge=1, le=16)
@@ -206,6 +219,7 @@ async def completions(
     """OpenAI-compatible completions; the tenant is chosen by its API key."""
     prefix = await run_in_threadpool(_active_prefix, context, session, tenant.id)
     prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+    max_tokens = body.max_tokens or min(16, context.settings.max_new_tokens_limit)
     head = {
         "id": f"cmpl-{uuid.uuid4().hex}",
         "object": "text_completion",
@@ -215,7 +229,7 @@ async def completions(
     choices: list[dict[str, Any]] = []
     prompt_tokens = completion_tokens = 0
     if body.stream:
-        decoding = decoding_config(body.max_tokens, body.temperature, body.top_p, 1, body.seed)
+        decoding = decoding_config(max_tokens, body.temperature, body.top_p, 1, body.seed)
         return _stream(
             context,
             InferenceRequest(str(prefix.id), prefix.object_key, prompts, decoding),
@@ -228,9 +242,7 @@ async def completions(
             str(prefix.id),
             prefix.object_key,
             prompts,
-            decoding_config(
-                body.max_tokens, body.temperature, body.top_p, 1, (body.seed or 0) + sample
-            ),
+            decoding_config(max_tokens, body.temperature, body.top_p, 1, (body.seed or 0) + sample),
         )
         for sample in range(body.n)
     ]
