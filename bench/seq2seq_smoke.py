@@ -23,7 +23,6 @@ import argparse
 import copy
 import statistics
 import tempfile
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -35,14 +34,14 @@ from tokenizers.pre_tokenizers import WhitespaceSplit
 from transformers import BartConfig, BartForConditionalGeneration, PreTrainedTokenizerFast
 
 from bench.report import write_section
+from bench.train_throughput import LEARNING_RATE, MID_DIM, PREFIX_LENGTH, ours, peft
 from common.architectures import decoder_start_id, max_positions
 from common.config import get_settings
 from common.data import EncodedExample, Example, collate, encode_examples
 from common.datasets.e2e import low_data_split, read_e2e
 from common.model_loading import LoadedModel, load_model
-from common.training import TrainingConfig, output_loss, train_prefix
+from common.training import output_loss
 
-PREFIX_LENGTH, MID_DIM, LEARNING_RATE = 10, 512, 5e-4
 D_MODEL, LAYERS, HEADS, FFN = 256, 3, 4, 1024
 
 
@@ -70,16 +69,6 @@ def build_bart(directory: Path, examples: Sequence[Example]) -> Path:
     BartForConditionalGeneration(config).save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory
-
-
-def ours(loaded: LoadedModel, examples, batch_size: int, steps: int, seed: int) -> float:
-    """tokens/s of common.training.train_prefix over ``steps`` optimizer steps."""
-    config = TrainingConfig(
-        prefix_length=PREFIX_LENGTH, mid_dim=MID_DIM, learning_rate=LEARNING_RATE,
-        batch_size=batch_size, epochs=1, seed=seed, warmup_ratio=0.0,
-    )  # fmt: skip
-    result = train_prefix(loaded, examples[: steps * batch_size], config)
-    return result.history[-1].tokens_per_second
 
 
 def peft_step_fn(loaded: LoadedModel) -> Callable[[Sequence[EncodedExample]], int]:
@@ -111,13 +100,6 @@ def peft_step_fn(loaded: LoadedModel) -> Callable[[Sequence[EncodedExample]], in
         return batch.tokens
 
     return step
-
-
-def peft(step, encoded: Sequence[EncodedExample], batch_size: int, steps: int) -> float:
-    tokens, started = 0, time.perf_counter()
-    for i in range(steps):
-        tokens += step(encoded[i * batch_size : (i + 1) * batch_size])
-    return tokens / (time.perf_counter() - started)
 
 
 def main() -> None:
