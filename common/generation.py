@@ -82,6 +82,25 @@ class GenerationRow:
     prefix: torch.Tensor | None  # (layers, 2, kv_heads, P, head_dim), or None: the bare model
 
 
+def pad_inputs(
+    rows: Sequence[GenerationRow], pad_id: int, *, align_right: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rows' input ids padded to the longest, and their mask, both ``(n, T)`` on the CPU.
+
+    ``align_right``: a decoder-only batch pads on the left, so every row's last token is the
+    last position; an encoder reads its input from position 0, so it pads on the right."""
+    longest = max(len(r.input_ids) for r in rows)
+    input_ids = torch.full((len(rows), longest), pad_id, dtype=torch.long)
+    input_mask = torch.zeros((len(rows), longest), dtype=torch.long)
+    for row, item in enumerate(rows):
+        if len(item.input_ids) == 0:
+            raise InvalidInputError(f"row {row}: empty input")
+        start = longest - len(item.input_ids) if align_right else 0
+        input_ids[row, start : start + len(item.input_ids)] = torch.tensor(list(item.input_ids))
+        input_mask[row, start : start + len(item.input_ids)] = 1
+    return input_ids, input_mask
+
+
 class DecodeBatch:
     """Decoding state of a set of rows: one cache, a 2-D mask and each row's next position.
 
@@ -112,14 +131,7 @@ class DecodeBatch:
         )  # (layers, 2, n, kv, Pmax, hs) on the model's device, (n, Pmax)
         prefix_mask = prefix_mask.cpu()  # masks and positions are kept on the CPU
         cache = prefix_cache(key_values, self.model.config)
-        batch, longest = len(rows), max(len(r.input_ids) for r in rows)
-        input_ids = torch.full((batch, longest), self.pad_id, dtype=torch.long)
-        input_mask = torch.zeros((batch, longest), dtype=torch.long)
-        for row, item in enumerate(rows):
-            if len(item.input_ids) == 0:
-                raise InvalidInputError(f"row {row}: empty input")
-            input_ids[row, longest - len(item.input_ids) :] = torch.tensor(list(item.input_ids))
-            input_mask[row, longest - len(item.input_ids) :] = 1
+        input_ids, input_mask = pad_inputs(rows, self.pad_id, align_right=True)  # (n, T)
         prefix_lengths = prefix_mask.sum(dim=1, keepdim=True)  # (n, 1)
         # Real tokens of row i sit at positions P_i, P_i + 1, …; padding gets a dummy 0.
         position_ids = (prefix_lengths + input_mask.cumsum(dim=1) - 1).clamp(min=0) * input_mask
@@ -213,14 +225,8 @@ class EncoderDecoderBatch(DecodeBatch):
             align_right=True,
         )  # (layers, 2, n, kv, Pmax, hs) on the model's device, (n, Pmax)  # fmt: skip
         prefix_mask = prefix_mask.cpu()  # masks and positions are kept on the CPU
-        batch, longest = len(rows), max(len(r.input_ids) for r in rows)
-        input_ids = torch.full((batch, longest), self.pad_id, dtype=torch.long)
-        input_mask = torch.zeros((batch, longest), dtype=torch.long)
-        for row, item in enumerate(rows):
-            if len(item.input_ids) == 0:
-                raise InvalidInputError(f"row {row}: empty input")
-            input_ids[row, : len(item.input_ids)] = torch.tensor(list(item.input_ids))
-            input_mask[row, : len(item.input_ids)] = 1
+        batch = len(rows)
+        input_ids, input_mask = pad_inputs(rows, self.pad_id, align_right=False)  # (n, T)
         # One mask for the encoder's self-attention and the decoder's cross-attention: the
         # encoder and cross-attention prefixes share the row's slots.
         cross_mask = torch.cat([prefix_mask, input_mask], dim=1)  # (n, Pmax + T)
