@@ -33,6 +33,7 @@ from typing import Any
 import httpx
 
 from bench.local_service import local_service
+from bench.published_prefix import publish_prefix_as_trainer
 from bench.report import write_section
 
 RELIABILITY = Path(__file__).resolve().parent.parent / "docs" / "RELIABILITY.md"
@@ -52,13 +53,13 @@ def seed_tenants(home: Path, model_dir: Path, count: int) -> list[tuple[str, str
     import torch
 
     from common.architectures import prefix_shape
-    from common.blobstore import build_blob_store, prefix_key
+    from common.blobstore import build_blob_store
     from common.config import Settings
     from common.db import crud
     from common.db.engine import create_db_engine, session_scope, upgrade_database
-    from common.db.models import DatasetCreate, PrefixCreate, TenantCreate, TrainingJobCreate
+    from common.db.models import DatasetCreate, TenantCreate
     from common.model_loading import load_model
-    from common.prefix_file import Prefix, prefix_to_bytes
+    from common.prefix_file import Prefix
 
     settings = Settings(home=home, model=str(model_dir))
     loaded = load_model(str(model_dir), settings=settings)
@@ -76,9 +77,6 @@ def seed_tenants(home: Path, model_dir: Path, count: int) -> list[tuple[str, str
         shape = prefix_shape(loaded.model.config).tensor_shape(4)
         values = torch.randn(shape, generator=torch.Generator().manual_seed(index)) * 0.1
         prefix = Prefix(values, loaded.fingerprint, loaded.architecture)
-        prefix_id = uuid.uuid4()
-        info = blobs.put_bytes(prefix_key(tenant_id, prefix_id), prefix_to_bytes(prefix))
-        owner = f"bench-load-{uuid.uuid4().hex}"
         with session_scope(engine) as session:
             dataset_id = uuid.uuid4()
             crud.add_dataset(
@@ -86,20 +84,10 @@ def seed_tenants(home: Path, model_dir: Path, count: int) -> list[tuple[str, str
                 dataset_in=DatasetCreate(id=dataset_id, object_key=f"tenants/{tenant_id}/datasets/{dataset_id}.jsonl",
                                          sha256="0" * 64, size_bytes=1, example_count=1),
             )  # fmt: skip
-            job, _ = crud.enqueue_job(
-                session=session, tenant_id=tenant_id,
-                job_in=TrainingJobCreate(dataset_ids=[dataset_id], hyperparameters={}),
-            )  # fmt: skip
-            claimed = crud.claim_next_job(session=session, owner=owner, lease_seconds=300)
-            assert claimed is not None and claimed.id == job.id
-            crud.publish_prefix(
-                session=session, job_id=job.id, owner=owner,
-                prefix_in=PrefixCreate(
-                    id=prefix_id, object_key=prefix_key(tenant_id, prefix_id),
-                    base_model_fingerprint=loaded.fingerprint, prefix_length=4, dtype="float32",
-                    size_bytes=info.size, sha256=info.sha256, metrics={},
-                ),
-            )  # fmt: skip
+        publish_prefix_as_trainer(
+            engine=engine, blobs=blobs, tenant_id=tenant_id, prefix=prefix,
+            dataset_ids=[dataset_id], hyperparameters={},
+        )  # fmt: skip
         tenants.append((str(tenant_id), key))
     engine.dispose()
     return tenants

@@ -36,8 +36,9 @@ from typing import Any
 
 from sqlmodel import col, select
 
+from bench.published_prefix import publish_prefix_as_trainer
 from bench.report import write_section
-from common.blobstore import dataset_key, prefix_key
+from common.blobstore import dataset_key
 from common.blobstore.base import sha256_hex
 from common.blobstore.local import LocalBlobStore
 from common.config import Settings
@@ -46,13 +47,11 @@ from common.db.engine import create_db_engine, session_scope, upgrade_database
 from common.db.models import (
     TERMINAL_JOB_STATES,
     DatasetCreate,
-    PrefixCreate,
     TenantCreate,
     TrainingJob,
-    TrainingJobCreate,
 )
 from common.model_loading import LoadedModel, load_model
-from common.prefix_file import Prefix, prefix_to_bytes
+from common.prefix_file import Prefix
 from common.prefix_init import text_key_values
 from workers.nightly import run_nightly
 
@@ -95,25 +94,12 @@ def previous_version(
     prefix made from the model's own key/values of ``text`` (realistic magnitudes)."""
     key_values = text_key_values(loaded.model, loaded.tokenizer, text)[:, :, :, :4].contiguous()
     prefix = Prefix(key_values, loaded.fingerprint, loaded.architecture)
-    prefix_id = uuid.uuid4()
-    info = store.put_bytes(prefix_key(tenant_id, prefix_id), prefix_to_bytes(prefix))
-    owner = f"bench-{uuid.uuid4().hex}"
     with session_scope(engine) as session:
         datasets = crud.list_datasets(session=session, tenant_id=tenant_id)
-        job, _ = crud.enqueue_job(
-            session=session, tenant_id=tenant_id,
-            job_in=TrainingJobCreate(dataset_ids=[d.id for d in datasets], hyperparameters=PARAMS),
-        )  # fmt: skip
-        claimed = crud.claim_next_job(session=session, owner=owner, lease_seconds=300)
-        assert claimed is not None and claimed.id == job.id
-        crud.publish_prefix(
-            session=session, job_id=job.id, owner=owner,
-            prefix_in=PrefixCreate(
-                id=prefix_id, object_key=prefix_key(tenant_id, prefix_id),
-                base_model_fingerprint=loaded.fingerprint, prefix_length=4, dtype="float32",
-                size_bytes=info.size, sha256=info.sha256 or "0" * 64, metrics={},
-            ),
-        )  # fmt: skip
+    publish_prefix_as_trainer(
+        engine=engine, blobs=store, tenant_id=tenant_id, prefix=prefix,
+        dataset_ids=[d.id for d in datasets], hyperparameters=PARAMS,
+    )  # fmt: skip
 
 
 def build_world(
