@@ -14,26 +14,18 @@ import pytest
 
 from common.db.models import JobState
 from tests.reliability.checks import assert_nothing_lost_or_duplicated, describe
-from tests.workers.conftest import QUICK, WorkerEnv, long_job, wait_for
+from tests.workers.conftest import (
+    QUICK,
+    WorkerEnv,
+    finished,
+    long_job,
+    reports,
+    trainer_pid,
+    wait_for,
+)
 from workers.scheduler import scheduler_status
 
 pytestmark = pytest.mark.slow
-
-
-def finished(env: WorkerEnv, job_id: uuid.UUID) -> Any:
-    job = env.job(job_id)
-    return job if job.state in (JobState.succeeded, JobState.failed, JobState.cancelled) else None
-
-
-def reports(handle: Any, job_id: uuid.UUID) -> list[dict[str, Any]]:
-    return [r for r in scheduler_status(handle)["reports"] if r["job_id"] == str(job_id)]
-
-
-def trainer_pid(handle: Any, job_id: uuid.UUID) -> int | None:
-    for entry in scheduler_status(handle)["running"]:
-        if entry["job_id"] == str(job_id) and entry["pid"]:
-            return int(entry["pid"])
-    return None
 
 
 def training(env: WorkerEnv, job_id: uuid.UUID) -> bool:

@@ -25,11 +25,13 @@ from common.db.models import (
     Dataset,
     DatasetCreate,
     JobPriority,
+    JobState,
     Tenant,
     TrainingJob,
     TrainingJobCreate,
 )
 from tests.fixtures.factories import make_tenant
+from workers.scheduler import scheduler_status
 
 # The workers reach the S3 test server with the same dummy credentials as the tests; they
 # get them through Ray's runtime environment (the test process's environment is left alone).
@@ -144,6 +146,23 @@ def wait_for(
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout} s waiting for {what or condition}")
         time.sleep(every)
+
+
+def finished(env: WorkerEnv, job_id: uuid.UUID) -> Any:
+    job = env.job(job_id)
+    return job if job.state in (JobState.succeeded, JobState.failed, JobState.cancelled) else None
+
+
+def reports(handle: Any, job_id: uuid.UUID) -> list[dict[str, Any]]:
+    return [r for r in scheduler_status(handle)["reports"] if r["job_id"] == str(job_id)]
+
+
+def trainer_pid(handle: Any, job_id: uuid.UUID) -> int | None:
+    """The process id of the trainer running ``job_id``, once it has reported one."""
+    for entry in scheduler_status(handle)["running"]:
+        if entry["job_id"] == str(job_id) and entry["pid"]:
+            return int(entry["pid"])
+    return None
 
 
 @pytest.fixture

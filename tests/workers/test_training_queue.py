@@ -28,26 +28,19 @@ from common.db.models import (
 from common.erasure import erase_tenant
 from common.model_loading import load_model
 from common.prefix_file import prefix_from_bytes
-from tests.workers.conftest import QUICK, WorkerEnv, examples, long_job, wait_for
+from tests.workers.conftest import (
+    QUICK,
+    WorkerEnv,
+    examples,
+    finished,
+    long_job,
+    reports,
+    trainer_pid,
+    wait_for,
+)
 from workers.scheduler import scheduler_status
 
 pytestmark = pytest.mark.slow
-
-
-def finished(env: WorkerEnv, job_id: uuid.UUID) -> Any:
-    job = env.job(job_id)
-    return job if job.state in (JobState.succeeded, JobState.failed, JobState.cancelled) else None
-
-
-def reports(handle: Any, job_id: uuid.UUID) -> list[dict[str, Any]]:
-    return [r for r in scheduler_status(handle)["reports"] if r["job_id"] == str(job_id)]
-
-
-def running_pid(handle: Any, job_id: uuid.UUID) -> int | None:
-    for entry in scheduler_status(handle)["running"]:
-        if entry["job_id"] == str(job_id) and entry["pid"]:
-            return int(entry["pid"])
-    return None
 
 
 def assert_blobs_match_rows(env: WorkerEnv, tenant_id: uuid.UUID) -> None:
@@ -157,7 +150,7 @@ def test_killed_trainers_are_retried_or_failed_and_other_tenants_are_unaffected(
     handle = run_scheduler()
     for job in (retried_job, failing_job):
         wait_for(lambda job=job: env.events(job.id), what=f"progress of job {job.id}")
-        pid = wait_for(lambda job=job: running_pid(handle, job.id), what="the trainer's pid")
+        pid = wait_for(lambda job=job: trainer_pid(handle, job.id), what="the trainer's pid")
         os.kill(pid, signal.SIGKILL)
     bystander_job = env.submit(bystander.id, QUICK)
 
