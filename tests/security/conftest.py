@@ -9,7 +9,6 @@ URL) so that a test can scan logs and answers for it."""
 
 from __future__ import annotations
 
-import json
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ import sqlalchemy as sa
 from fastapi.testclient import TestClient
 
 from common.config import Settings
+from tests.fixtures.factories import examples, jsonl
 
 # Small limits, so that every limit is cheap to hit.
 LIMITS = dict(
@@ -38,18 +38,6 @@ S3_ACCESS_KEY = "AKIDSECURITYTESTS"
 S3_SECRET = "s3-secret-" + uuid.uuid4().hex
 DB_PASSWORD = "db-password-" + uuid.uuid4().hex
 ADMIN_TOKEN = "admin-token-" + uuid.uuid4().hex
-WORDS = "red green blue one two three four five six seven eight nine ten".split()
-
-
-def examples(n: int) -> list[dict[str, str]]:
-    return [
-        {"input": f"alpha {WORDS[i % 13]}", "output": " ".join(WORDS[i % 5 : i % 5 + 3])}
-        for i in range(n)
-    ]
-
-
-def jsonl(rows: list[Any]) -> bytes:
-    return "".join(json.dumps(r) + "\n" for r in rows).encode()
 
 
 class NoInference:

@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from common.architectures import prefix_shape
+from tests.fixtures.factories import examples, jsonl
 
 pytestmark = pytest.mark.slow
 
@@ -101,20 +102,6 @@ def api(stack) -> Iterator[Api]:
     client = Api(stack)
     yield client
     client.client.close()
-
-
-WORDS = "red green blue one two three four five six seven eight nine ten".split()
-
-
-def examples(n: int) -> list[dict[str, str]]:
-    return [
-        {"input": f"alpha {WORDS[i % 13]}", "output": " ".join(WORDS[i % 5 : i % 5 + 3])}
-        for i in range(n)
-    ]
-
-
-def jsonl(rows: list[Any]) -> bytes:
-    return "".join(json.dumps(r) + "\n" for r in rows).encode()
 
 
 def error(response: httpx.Response) -> tuple[int, str, str]:
