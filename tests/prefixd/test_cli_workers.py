@@ -137,6 +137,9 @@ def test_worker_runs_jobs_and_stops_cleanly_on_ctrl_c(
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        # Started as a background job of a non-interactive shell is: SIGINT ignored. Ctrl-C
+        # must still stop it (the worker sets its handlers itself).
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
     )
     try:
         lines = []
