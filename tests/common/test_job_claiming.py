@@ -240,7 +240,7 @@ def test_one_active_prefix_holds_under_concurrent_activation(pg_engine: Engine) 
     # Two writers that bypass activate_prefix each add an active version to a tenant with
     # none active: the database itself refuses the second active row.
     with Session(pg_engine) as session:
-        crud._deactivate_all(session, tenant.id)
+        crud.deactivate_all(session, tenant.id)
         session.commit()
 
     def insert_active(session: Session, i: int) -> Any:

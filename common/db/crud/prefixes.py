@@ -1,0 +1,227 @@
+"""Prefix versions of a tenant: publish, activate (roll back), look up, delete."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from datetime import datetime
+
+import sqlalchemy as sa
+from sqlalchemy.exc import IntegrityError
+from sqlmodel import Session, col, func, select
+
+from common.blobstore.keys import key_belongs_to_tenant
+from common.db.crud.tenants import require_active_tenant
+from common.db.errors import (
+    ConflictError,
+    LeaseLostError,
+    NotFoundError,
+)
+from common.db.models import (
+    JobState,
+    Prefix,
+    PrefixCreate,
+    TrainingJob,
+)
+from common.db.types import utcnow
+from common.errors import InvalidInputError
+
+
+def deactivate_all(session: Session, tenant_id: uuid.UUID) -> None:
+    session.exec(
+        sa.update(Prefix)
+        .where(col(Prefix.tenant_id) == tenant_id, col(Prefix.active).is_(True))
+        .values(active=False)
+    )
+
+
+def publish_prefix(
+    *,
+    session: Session,
+    job_id: uuid.UUID,
+    owner: str,
+    prefix_in: PrefixCreate,
+    activate: bool = True,
+    note: str | None = None,
+    now: datetime | None = None,
+) -> Prefix:
+    """Make a trained prefix visible, in one transaction: check that the tenant exists and
+    is not being deleted and that ``owner`` still holds the job's (unexpired) lease; insert
+    the next prefix version; make it the tenant's active prefix (deactivating the previous
+    one); mark the job succeeded. Call it only after the blob is completely written.
+    ``activate=False`` publishes the version inactive (the previous one stays active) and
+    records ``note`` (why) on the job.
+
+    Raises :class:`NotFoundError` (job or tenant gone), :class:`TenantNotActiveError` or
+    :class:`LeaseLostError`; then nothing was changed and the caller deletes its blob."""
+    at = now or utcnow()
+    try:
+        tenant_id = session.exec(
+            select(TrainingJob.tenant_id).where(col(TrainingJob.id) == job_id)
+        ).first()
+        if tenant_id is None:
+            raise NotFoundError(f"job {job_id} not found")
+        if not key_belongs_to_tenant(prefix_in.object_key, tenant_id):
+            raise InvalidInputError(
+                f"prefix object key {prefix_in.object_key!r} is outside tenant {tenant_id}'s prefix"
+            )
+        # Lock order: tenant, then job (tenant deletion takes the tenant lock first too).
+        require_active_tenant(session, tenant_id, lock=True)
+        job = session.exec(
+            select(TrainingJob)
+            .where(col(TrainingJob.id) == job_id)
+            .with_for_update()
+            .execution_options(populate_existing=True)
+        ).one()
+        if (
+            job.state != JobState.running
+            or job.lease_owner != owner
+            or job.lease_expires_at is None
+            or job.lease_expires_at <= at
+        ):
+            raise LeaseLostError(
+                f"job {job_id} is no longer leased to {owner} (state {job.state}); "
+                "the prefix was not published"
+            )
+        latest = session.exec(
+            select(func.max(Prefix.version)).where(col(Prefix.tenant_id) == tenant_id)
+        ).one()
+        if activate:
+            deactivate_all(session, tenant_id)
+        prefix = Prefix.model_validate(
+            prefix_in,
+            update={
+                "tenant_id": tenant_id,
+                "job_id": job_id,
+                "version": (latest or 0) + 1,
+                "active": activate,
+                "created_at": at,
+                "activated_at": at if activate else None,
+            },
+        )
+        session.add(prefix)
+        job.state = JobState.succeeded
+        job.lease_owner = None
+        job.lease_expires_at = None
+        job.error = None
+        job.note = None if activate else note
+        job.finished_at = at
+        job.updated_at = at
+        session.add(job)
+        session.commit()
+    except IntegrityError:
+        session.rollback()
+        raise ConflictError(
+            f"a concurrent change to tenant prefixes of job {job_id} won; retry the publish"
+        ) from None
+    except BaseException:
+        session.rollback()
+        raise
+    session.refresh(prefix)
+    return prefix
+
+
+def activate_prefix(
+    *, session: Session, tenant_id: uuid.UUID, version: int, now: datetime | None = None
+) -> Prefix:
+    """Make ``version`` the tenant's active prefix (a rollback to an older version, or
+    forward again). The database guarantees at most one active prefix per tenant."""
+    at = now or utcnow()
+    try:
+        require_active_tenant(session, tenant_id, lock=True)
+        prefix = session.exec(
+            select(Prefix)
+            .where(col(Prefix.tenant_id) == tenant_id, col(Prefix.version) == version)
+            .execution_options(populate_existing=True)
+        ).first()
+        if prefix is None:
+            raise NotFoundError(f"prefix version {version} of tenant {tenant_id} not found")
+        if not prefix.active:
+            deactivate_all(session, tenant_id)
+            prefix.active = True
+            prefix.activated_at = at
+            session.add(prefix)
+        session.commit()
+    except BaseException:
+        session.rollback()
+        raise
+    session.refresh(prefix)
+    return prefix
+
+
+def get_active_prefix(*, session: Session, tenant_id: uuid.UUID) -> Prefix | None:
+    stmt = select(Prefix).where(col(Prefix.tenant_id) == tenant_id, col(Prefix.active).is_(True))
+    return session.exec(stmt).first()
+
+
+def get_prefix(*, session: Session, tenant_id: uuid.UUID, version: int) -> Prefix | None:
+    stmt = select(Prefix).where(col(Prefix.tenant_id) == tenant_id, col(Prefix.version) == version)
+    return session.exec(stmt).first()
+
+
+def get_prefix_by_id(
+    *, session: Session, tenant_id: uuid.UUID, prefix_id: uuid.UUID
+) -> Prefix | None:
+    """A prefix version by its id, only if it belongs to the tenant."""
+    prefix = session.get(Prefix, prefix_id, populate_existing=True)
+    return prefix if prefix is not None and prefix.tenant_id == tenant_id else None
+
+
+def prefix_ids_of_jobs(
+    *, session: Session, job_ids: Sequence[uuid.UUID]
+) -> dict[uuid.UUID, uuid.UUID]:
+    """The prefix version each of these jobs published (jobs without one are left out)."""
+    if not job_ids:
+        return {}
+    stmt = select(Prefix.job_id, Prefix.id).where(col(Prefix.job_id).in_(list(job_ids)))
+    return {job_id: prefix_id for job_id, prefix_id in session.exec(stmt).all() if job_id}
+
+
+def list_prefixes(*, session: Session, tenant_id: uuid.UUID) -> list[Prefix]:
+    stmt = select(Prefix).where(col(Prefix.tenant_id) == tenant_id).order_by(col(Prefix.version))
+    return list(session.exec(stmt).all())
+
+
+def existing_prefix_ids(*, session: Session, prefix_ids: list[uuid.UUID]) -> set[uuid.UUID]:
+    """Which of these prefix ids still have a row (inference replicas drop the others)."""
+    if not prefix_ids:
+        return set()
+    rows = session.exec(select(Prefix.id).where(col(Prefix.id).in_(prefix_ids)))
+    return set(rows.all())
+
+
+def delete_prefix_version(
+    *, session: Session, tenant_id: uuid.UUID, prefix_id: uuid.UUID, now: datetime | None = None
+) -> tuple[Prefix, Prefix | None]:
+    """Delete one prefix version's row (the caller then deletes its blob). If it was the
+    active one, the highest remaining version becomes active (or none is). Returns the
+    deleted row and the tenant's active prefix afterwards."""
+    at = now or utcnow()
+    try:
+        require_active_tenant(session, tenant_id, lock=True)
+        prefix = session.get(Prefix, prefix_id, populate_existing=True)
+        if prefix is None or prefix.tenant_id != tenant_id:
+            raise NotFoundError(f"prefix {prefix_id} not found")
+        was_active = prefix.active
+        deleted = Prefix.model_validate(prefix.model_dump())  # outlives the commit
+        session.delete(prefix)
+        session.flush()
+        active = get_active_prefix(session=session, tenant_id=tenant_id)
+        if was_active:
+            active = session.exec(
+                select(Prefix)
+                .where(col(Prefix.tenant_id) == tenant_id)
+                .order_by(col(Prefix.version).desc())
+                .limit(1)
+            ).first()
+            if active is not None:
+                active.active = True
+                active.activated_at = at
+                session.add(active)
+        session.commit()
+    except BaseException:
+        session.rollback()
+        raise
+    if active is not None:
+        session.refresh(active)
+    return deleted, active
