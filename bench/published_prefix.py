@@ -16,7 +16,7 @@ from common.blobstore import prefix_key
 from common.blobstore.base import sha256_hex
 from common.db import crud
 from common.db.engine import session_scope
-from common.db.models import PrefixCreate, TrainingJobCreate
+from common.db.models import PrefixVersionCreate, TrainingJobCreate
 from common.prefix_file import Prefix, prefix_to_bytes
 
 
@@ -39,11 +39,11 @@ def publish_prefix_as_trainer(
             session=session, tenant_id=tenant_id,
             job_in=TrainingJobCreate(dataset_ids=list(dataset_ids), hyperparameters=hyperparameters),
         )  # fmt: skip
-        claimed = crud.claim_next_job(session=session, owner=owner, lease_seconds=300)
+        claimed = crud.claim_oldest_job(session=session, owner=owner, lease_seconds=300)
         assert claimed is not None and claimed.id == job.id
         crud.publish_prefix(
             session=session, job_id=job.id, owner=owner,
-            prefix_in=PrefixCreate(
+            prefix_in=PrefixVersionCreate(
                 id=prefix_id, object_key=prefix_key(tenant_id, prefix_id),
                 base_model_fingerprint=prefix.base_model_fingerprint,
                 prefix_length=prefix.prefix_length, dtype=prefix.dtype_name,

@@ -38,7 +38,7 @@ from common.generation import DecodingConfig, GenerationRow, generate
 from common.model_loading import LoadedModel, load_model
 from common.prefix_file import Prefix, prefix_from_bytes, prefix_to_bytes
 from common.prefix_init import text_key_values
-from services.inference.engine import ContinuousBatcher
+from services.inference.batcher import ContinuousBatcher
 from services.inference.prefix_cache import PrefixCache
 
 TENANTS, PREFIX_LENGTH = 8, 10

@@ -231,7 +231,7 @@ def prefix_seq2seq_logits(
 
 
 @torch.no_grad()
-def text_key_values(model: PreTrainedModel, ids: list[int]) -> torch.Tensor:
+def encoder_decoder_text_key_values(model: PreTrainedModel, ids: list[int]) -> torch.Tensor:
     """The frozen model's own keys/values for the tokens ``ids`` (``L`` of them), laid out
     as a prefix ``(layers, 2, kv_heads, L, head_dim)``: the encoder's self-attention
     keys/values of the text, the decoder's self-attention keys/values of the text fed as

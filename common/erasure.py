@@ -59,7 +59,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, SQLModel, col, select
 
-from common.blobstore import BlobStore, tenant_prefix
+from common.blobstore import BlobStore, tenant_key_prefix
 from common.db import crud
 from common.db.engine import session_scope
 from common.db.errors import ConflictError, NotFoundError
@@ -68,7 +68,7 @@ from common.db.models import (
     ErasureStep,
     JobEvent,
     JobState,
-    Prefix,
+    PrefixVersion,
     Tenant,
     TenantErasure,
     TrainingJob,
@@ -277,7 +277,7 @@ def _cancel_jobs(run: ErasureRun, session: Session) -> dict[str, Any]:
 
 
 def _delete_objects(run: ErasureRun, session: Session) -> dict[str, Any]:
-    return {"objects_erased": run.store.delete_prefix(tenant_prefix(run.tenant_id))}
+    return {"objects_erased": run.store.delete_prefix(tenant_key_prefix(run.tenant_id))}
 
 
 def _delete_rows(run: ErasureRun, session: Session) -> dict[str, Any]:
@@ -285,7 +285,10 @@ def _delete_rows(run: ErasureRun, session: Session) -> dict[str, Any]:
     # Lock order as everywhere: the tenant row first (publish and claims take it too).
     session.exec(select(Tenant.id).where(col(Tenant.id) == tenant_id).with_for_update()).first()
     prefix_ids = sorted(
-        str(i) for i in session.exec(select(Prefix.id).where(col(Prefix.tenant_id) == tenant_id))
+        str(i)
+        for i in session.exec(
+            select(PrefixVersion.id).where(col(PrefixVersion.tenant_id) == tenant_id)
+        )
     )
     rows = session.exec(
         sa.delete(JobEvent).where(col(JobEvent.job_id).in_(_job_ids(tenant_id)))
@@ -317,7 +320,7 @@ def _verify(run: ErasureRun, session: Session) -> dict[str, Any]:
     swept = 0
     found: list[str] = []
     for round_ in range(run.options.verify_rounds):
-        swept += run.store.delete_prefix(tenant_prefix(run.tenant_id))
+        swept += run.store.delete_prefix(tenant_key_prefix(run.tenant_id))
         found = find_tenant_leftovers(run.engine, run.store, run.tenant_id, include_erasure=False)
         if not found:
             return {"objects_erased": swept}
@@ -570,7 +573,7 @@ def find_tenant_leftovers(
     under ``tenants/<id>/``, its tenant row, rows of every table with a ``tenant_id``
     column, its jobs' events, and (``include_erasure``) an erasure still under way. The
     audit record is not a leftover. Empty means erased."""
-    found = [_describe_version(v) for v in store.list_versions(tenant_prefix(tenant_id))]
+    found = [_describe_version(v) for v in store.list_versions(tenant_key_prefix(tenant_id))]
     with session_scope(engine) as session:
         if session.get(Tenant, tenant_id, populate_existing=True) is not None:
             found.append(f"row in tenants ({tenant_id})")

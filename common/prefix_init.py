@@ -6,7 +6,7 @@ model itself computes for it; the prefix length becomes the text's token count. 
 reparameterization MLP kept, the MLP is first fitted so that its output equals those
 key/values (:meth:`PrefixEncoder.fit_to`); without it, the prefix is set to them directly.
 Encoder-decoder models take the text's keys/values of all three sub-prefixes
-(:func:`common.encoder_decoder.text_key_values`).
+(:func:`common.encoder_decoder.encoder_decoder_text_key_values`).
 """
 
 from __future__ import annotations
@@ -33,7 +33,9 @@ def text_key_values(
     if not ids:
         raise InvalidInputError(f"--init text:{text!r} has no tokens")
     if is_encoder_decoder(model.config):
-        return encoder_decoder.text_key_values(model, ids)  # (layers, 2, kv_heads, L, hs)
+        return encoder_decoder.encoder_decoder_text_key_values(
+            model, ids
+        )  # (layers, 2, kv_heads, L, hs)
     cache = prefix_cache(None, model.config)
     model(torch.tensor([ids], device=model.device), past_key_values=cache, use_cache=True)
     return cache_key_values(cache)[:, :, 0].contiguous()  # (layers, 2, kv_heads, L, hs)

@@ -96,7 +96,7 @@ def delete_tenant(
     audit record (ids, times, counts) is kept. Resumes an erasure that stopped half-way
     (waiting for, or taking over from, a runner elsewhere). For a tenant erased before,
     sweeps its key prefix once more."""
-    from common.blobstore import tenant_prefix
+    from common.blobstore import tenant_key_prefix
     from common.db import crud
     from common.db.engine import session_scope
     from common.db.errors import NotFoundError
@@ -112,9 +112,9 @@ def delete_tenant(
             if audit is None:
                 raise NotFoundError(f"tenant {wanted} not found")
             typer.echo(f"tenant {wanted} was erased at {_when(audit.completed_at)}")
-            swept = store.delete_prefix(tenant_prefix(wanted))
+            swept = store.delete_prefix(tenant_key_prefix(wanted))
             if swept:
-                typer.echo(f"swept {swept} object(s) left under {tenant_prefix(wanted)}")
+                typer.echo(f"swept {swept} object(s) left under {tenant_key_prefix(wanted)}")
             _report(wanted, find_tenant_leftovers(engine, store, wanted), audit)
             return
         if erasure is not None:
@@ -153,7 +153,7 @@ def delete_tenant(
 
 
 def _report(tenant_id: uuid.UUID, found: list[str], audit: Any, *, as_json: bool = False) -> None:
-    from common.blobstore import tenant_prefix
+    from common.blobstore import tenant_key_prefix
 
     if as_json:
         typer.echo(
@@ -182,7 +182,7 @@ def _report(tenant_id: uuid.UUID, found: list[str], audit: Any, *, as_json: bool
     else:
         typer.echo(
             f"tenant {tenant_id}: nothing found (no object version under "
-            f"{tenant_prefix(tenant_id)}, no row in any table)"
+            f"{tenant_key_prefix(tenant_id)}, no row in any table)"
             + (
                 ""
                 if audit is None

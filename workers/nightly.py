@@ -54,7 +54,7 @@ from common.db.models import (
     Dataset,
     JobPriority,
     NightlyRun,
-    Prefix,
+    PrefixVersion,
     Tenant,
     TenantStatus,
     TrainingJob,
@@ -159,35 +159,38 @@ def estimate_tokens(size_bytes: int, params: dict[str, Any]) -> int:
     return round(size_bytes * (1.0 - held_out) / BYTES_PER_TOKEN) * epochs
 
 
-def _newest_versions(session: Session) -> dict[uuid.UUID, tuple[Prefix, TrainingJob | None]]:
+def _newest_versions(session: Session) -> dict[uuid.UUID, tuple[PrefixVersion, TrainingJob | None]]:
     newest = (
-        select(col(Prefix.tenant_id).label("tenant_id"), func.max(Prefix.version).label("version"))
-        .group_by(col(Prefix.tenant_id))
+        select(
+            col(PrefixVersion.tenant_id).label("tenant_id"),
+            func.max(PrefixVersion.version).label("version"),
+        )
+        .group_by(col(PrefixVersion.tenant_id))
         .subquery()
     )
     stmt = (
-        select(Prefix, TrainingJob)
+        select(PrefixVersion, TrainingJob)
         .join(
             newest,
-            (col(Prefix.tenant_id) == newest.c.tenant_id)
-            & (col(Prefix.version) == newest.c.version),
+            (col(PrefixVersion.tenant_id) == newest.c.tenant_id)
+            & (col(PrefixVersion.version) == newest.c.version),
         )
-        .outerjoin(TrainingJob, col(TrainingJob.id) == col(Prefix.job_id))
+        .outerjoin(TrainingJob, col(TrainingJob.id) == col(PrefixVersion.job_id))
     )
     return {prefix.tenant_id: (prefix, job) for prefix, job in session.exec(stmt).all()}
 
 
 def _active_jobs(session: Session) -> dict[uuid.UUID, TrainingJob]:
     stmt = (
-        select(Prefix.tenant_id, TrainingJob)
-        .join(TrainingJob, col(TrainingJob.id) == col(Prefix.job_id))
-        .where(col(Prefix.active).is_(True))
+        select(PrefixVersion.tenant_id, TrainingJob)
+        .join(TrainingJob, col(TrainingJob.id) == col(PrefixVersion.job_id))
+        .where(col(PrefixVersion.active).is_(True))
     )
     return dict(session.exec(stmt).all())
 
 
 def _new_datasets(
-    datasets: Sequence[Dataset], prefix: Prefix, job: TrainingJob | None
+    datasets: Sequence[Dataset], prefix: PrefixVersion, job: TrainingJob | None
 ) -> list[Dataset]:
     if job is None:  # the version's job is unknown: what arrived after the version
         return [d for d in datasets if d.created_at > prefix.created_at]

@@ -20,7 +20,7 @@ by a holder actor, the same copy the inference replicas map); it hands that
    tasks of a dead owner), their leases stop being renewed and run out;
 3. force-stops trainers whose job is no longer theirs (cancelled, reclaimed, erased) and
    did not stop by themselves within a grace period;
-4. claims jobs (:func:`crud.claim_next_fair_job`: interactive first, one running job per
+4. claims jobs (:func:`crud.claim_next_job`: interactive first, one running job per
    tenant, round-robin across tenants) while trainer slots are free, fails at once a job
    whose hyperparameters are invalid (a user error), and starts one trainer task per job (``max_calls=1``: a fresh worker process that exits afterwards;
    ``max_retries=0``: retries go through the queue with a new lease owner);
@@ -419,7 +419,7 @@ class Scheduler:
                     return
             owner = self._new_owner()
             with session_scope(self._engine) as session:
-                job = crud.claim_next_fair_job(
+                job = crud.claim_next_job(
                     session=session,
                     owner=owner,
                     lease_seconds=self.settings.trainer_start_timeout_seconds,

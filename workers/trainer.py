@@ -46,14 +46,20 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from common.blobstore import BlobNotFoundError, BlobStore, build_blob_store
 from common.blobstore.base import sha256_hex
-from common.blobstore.keys import key_belongs_to_tenant, prefix_key, prefixes_prefix
+from common.blobstore.keys import key_belongs_to_tenant, prefix_key, prefixes_key_prefix
 from common.config import Settings
 from common.data import Example, parse_jsonl
 from common.db import crud
 from common.db.engine import create_db_engine, session_scope
 from common.db.errors import ConflictError, LeaseLostError, NotFoundError, TenantNotActiveError
-from common.db.models import JobEventCreate, JobPriority, JobState, PrefixCreate, TrainingJob
-from common.db.models import Prefix as PrefixRow
+from common.db.models import (
+    JobEventCreate,
+    JobPriority,
+    JobState,
+    PrefixVersion,
+    PrefixVersionCreate,
+    TrainingJob,
+)
 from common.devices import choose_placement, place
 from common.errors import IncompatiblePrefixError, InvalidInputError
 from common.prefix_file import Prefix, prefix_to_bytes
@@ -197,7 +203,7 @@ def delete_orphan_prefix_blobs(engine: Engine, store: BlobStore, tenant_id: uuid
     """Delete prefix blobs of the tenant that have no prefix row: left by an attempt that
     died between writing its blob and publishing it. Safe only while the caller holds the
     lease of the tenant's job, because the scheduler runs at most one job per tenant."""
-    blobs = store.list_objects(prefixes_prefix(tenant_id))  # listed before the rows
+    blobs = store.list_objects(prefixes_key_prefix(tenant_id))  # listed before the rows
     if not blobs:
         return 0
     with session_scope(engine) as session:
@@ -295,7 +301,7 @@ def publish_trained_prefix(
     key = prefix_key(tenant_id, prefix_id)
     data = prefix_to_bytes(prefix)
     info = store.put_bytes(key, data)
-    prefix_in = PrefixCreate(
+    prefix_in = PrefixVersionCreate(
         id=prefix_id,
         object_key=key,
         base_model_fingerprint=prefix.base_model_fingerprint,
@@ -345,7 +351,7 @@ def _prefix_row_exists(engine: Engine, prefix_id: uuid.UUID) -> bool | None:
     """Whether the prefix version's row exists; None when the database cannot say."""
     try:
         with session_scope(engine) as session:
-            return session.get(PrefixRow, prefix_id) is not None
+            return session.get(PrefixVersion, prefix_id) is not None
     except SQLAlchemyError:
         return None
 

@@ -19,10 +19,10 @@ from common.blobstore.base import (
 )
 from common.blobstore.keys import (
     dataset_key,
-    datasets_prefix,
+    datasets_key_prefix,
     prefix_key,
-    prefixes_prefix,
-    tenant_prefix,
+    prefixes_key_prefix,
+    tenant_key_prefix,
     validate_id,
 )
 from common.blobstore.local import LocalBlobStore
@@ -79,9 +79,9 @@ __all__ = [
     "S3BlobStore",
     "build_blob_store",
     "dataset_key",
-    "datasets_prefix",
+    "datasets_key_prefix",
     "prefix_key",
-    "prefixes_prefix",
-    "tenant_prefix",
+    "prefixes_key_prefix",
+    "tenant_key_prefix",
     "validate_id",
 ]

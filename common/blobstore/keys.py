@@ -23,29 +23,29 @@ def validate_id(value: uuid.UUID | str, *, what: str = "id") -> str:
     raise InvalidInputError(f"invalid {what} {value!r}: expected a UUID such as {uuid.UUID(int=0)}")
 
 
-def tenant_prefix(tenant_id: uuid.UUID | str) -> str:
+def tenant_key_prefix(tenant_id: uuid.UUID | str) -> str:
     """``tenants/<tenant_id>/`` — the key prefix of everything the tenant owns."""
     return f"{TENANTS_ROOT}{validate_id(tenant_id, what='tenant id')}/"
 
 
-def datasets_prefix(tenant_id: uuid.UUID | str) -> str:
-    return f"{tenant_prefix(tenant_id)}datasets/"
+def datasets_key_prefix(tenant_id: uuid.UUID | str) -> str:
+    return f"{tenant_key_prefix(tenant_id)}datasets/"
 
 
-def prefixes_prefix(tenant_id: uuid.UUID | str) -> str:
-    return f"{tenant_prefix(tenant_id)}prefixes/"
+def prefixes_key_prefix(tenant_id: uuid.UUID | str) -> str:
+    return f"{tenant_key_prefix(tenant_id)}prefixes/"
 
 
 def dataset_key(tenant_id: uuid.UUID | str, dataset_id: uuid.UUID | str) -> str:
     """``tenants/<tenant_id>/datasets/<dataset_id>.jsonl``"""
-    return f"{datasets_prefix(tenant_id)}{validate_id(dataset_id, what='dataset id')}.jsonl"
+    return f"{datasets_key_prefix(tenant_id)}{validate_id(dataset_id, what='dataset id')}.jsonl"
 
 
 def prefix_key(tenant_id: uuid.UUID | str, prefix_id: uuid.UUID | str) -> str:
     """``tenants/<tenant_id>/prefixes/<prefix_id>.safetensors`` (one immutable key per
     prefix version: every training attempt writes under a fresh prefix id)."""
-    return f"{prefixes_prefix(tenant_id)}{validate_id(prefix_id, what='prefix id')}.safetensors"
+    return f"{prefixes_key_prefix(tenant_id)}{validate_id(prefix_id, what='prefix id')}.safetensors"
 
 
 def key_belongs_to_tenant(key: str, tenant_id: uuid.UUID | str) -> bool:
-    return key.startswith(tenant_prefix(tenant_id)) and ".." not in key.split("/")
+    return key.startswith(tenant_key_prefix(tenant_id)) and ".." not in key.split("/")

@@ -273,7 +273,7 @@ class JobEventPublic(JobEventBase):
 # --- prefixes (one row per immutable prefix version) ---------------------------------------
 
 
-class PrefixBase(SQLModel):
+class PrefixVersionBase(SQLModel):
     base_model_fingerprint: str = Field(min_length=1, max_length=128)
     prefix_length: int = Field(ge=1)
     dtype: str = Field(max_length=16, schema_extra={"pattern": r"^(float16|bfloat16|float32)$"})
@@ -282,14 +282,14 @@ class PrefixBase(SQLModel):
     metrics: dict[str, Any] = Field(default_factory=dict, sa_type=_JSON)
 
 
-class PrefixCreate(PrefixBase):
+class PrefixVersionCreate(PrefixVersionBase):
     """The blob is written first (at ``prefix_key(tenant_id, id)``), then published."""
 
     id: uuid.UUID = Field(default_factory=uuid.uuid4)
     object_key: str = Field(min_length=1, max_length=1024)
 
 
-class Prefix(PrefixBase, table=True):
+class PrefixVersion(PrefixVersionBase, table=True):
     __tablename__ = "prefixes"
     __table_args__ = (
         sa.UniqueConstraint("tenant_id", "version", name="uq_prefixes_tenant_id_version"),
@@ -316,7 +316,7 @@ class Prefix(PrefixBase, table=True):
     activated_at: datetime | None = Field(default=None, sa_type=_DT)
 
 
-class PrefixPublic(PrefixBase):
+class PrefixVersionPublic(PrefixVersionBase):
     id: uuid.UUID
     tenant_id: uuid.UUID
     job_id: uuid.UUID | None

@@ -27,7 +27,7 @@ from common.errors import IncompatiblePrefixError, InvalidInputError
 from common.generation import DecodingConfig, GenerationRow
 from common.prefix_file import Prefix, prefix_from_bytes, prompt_format
 from common.shared_weights import SharedModel, materialize_model
-from services.inference.engine import ContinuousBatcher
+from services.inference.batcher import ContinuousBatcher
 from services.inference.prefix_cache import PrefixCache
 
 

@@ -22,10 +22,10 @@ from common.blobstore import (
     build_blob_store,
     dataset_key,
     prefix_key,
-    tenant_prefix,
+    tenant_key_prefix,
 )
 from common.blobstore.base import sha256_hex
-from common.blobstore.keys import datasets_prefix, validate_id
+from common.blobstore.keys import datasets_key_prefix, validate_id
 from common.blobstore.s3 import S3BlobStore
 from common.config import Settings
 from common.errors import InvalidInputError
@@ -99,16 +99,16 @@ def test_list_and_delete_by_tenant_prefix(blob_store: BlobStore) -> None:
     b_key = dataset_key(bob, uuid.uuid4())
     for i, key in enumerate([*a_keys, b_key]):
         blob_store.put_bytes(key, b"x" * (i + 1))
-    listed = blob_store.list_objects(tenant_prefix(alice))
+    listed = blob_store.list_objects(tenant_key_prefix(alice))
     assert [b.key for b in listed] == sorted(a_keys)
-    assert [b.key for b in blob_store.list_objects(datasets_prefix(alice))] == [a_keys[0]]
-    assert {v.key for v in blob_store.list_versions(tenant_prefix(alice))} == set(a_keys)
+    assert [b.key for b in blob_store.list_objects(datasets_key_prefix(alice))] == [a_keys[0]]
+    assert {v.key for v in blob_store.list_versions(tenant_key_prefix(alice))} == set(a_keys)
 
-    assert blob_store.delete_prefix(tenant_prefix(alice)) == 2
-    assert blob_store.list_objects(tenant_prefix(alice)) == []
-    assert blob_store.list_versions(tenant_prefix(alice)) == []
+    assert blob_store.delete_prefix(tenant_key_prefix(alice)) == 2
+    assert blob_store.list_objects(tenant_key_prefix(alice)) == []
+    assert blob_store.list_versions(tenant_key_prefix(alice)) == []
     assert blob_store.get_bytes(b_key) == b"xxx"  # the other tenant is untouched
-    assert blob_store.delete_prefix(tenant_prefix(alice)) == 0
+    assert blob_store.delete_prefix(tenant_key_prefix(alice)) == 0
 
 
 @pytest.mark.parametrize("keep_checksum", [True, False], ids=["corrupt", "no-checksum"])
@@ -154,14 +154,14 @@ def test_delete_prefix_refuses_everything_and_partial_names(blob_store: BlobStor
 )
 def test_invalid_tenant_id_is_rejected(bad: Any) -> None:
     with pytest.raises(InvalidInputError, match="invalid tenant id"):
-        tenant_prefix(bad)
+        tenant_key_prefix(bad)
     with pytest.raises(InvalidInputError):
         dataset_key(bad, uuid.uuid4())
 
 
 def test_key_layout_uses_ids_only() -> None:
     tenant, dataset = uuid.uuid4(), uuid.uuid4()
-    assert tenant_prefix(tenant) == f"tenants/{tenant}/"
+    assert tenant_key_prefix(tenant) == f"tenants/{tenant}/"
     assert dataset_key(tenant, dataset) == f"tenants/{tenant}/datasets/{dataset}.jsonl"
     assert prefix_key(str(tenant), dataset) == f"tenants/{tenant}/prefixes/{dataset}.safetensors"
     assert validate_id(tenant) == str(tenant)
@@ -205,14 +205,14 @@ def test_s3_delete_prefix_erases_every_version(
     s3_client.delete_object(Bucket=bucket, Key=f"data/{k2}")  # leaves a delete marker
     store.put_bytes(dataset_key(bob, uuid.uuid4()), b"bob")
 
-    versions = store.list_versions(tenant_prefix(alice))
+    versions = store.list_versions(tenant_key_prefix(alice))
     assert len(versions) == 4 and sum(v.is_delete_marker for v in versions) == 1
-    assert store.delete_prefix(tenant_prefix(alice)) == 2
+    assert store.delete_prefix(tenant_key_prefix(alice)) == 2
 
-    raw = s3_client.list_object_versions(Bucket=bucket, Prefix=f"data/{tenant_prefix(alice)}")
+    raw = s3_client.list_object_versions(Bucket=bucket, Prefix=f"data/{tenant_key_prefix(alice)}")
     assert raw.get("Versions", []) == [] and raw.get("DeleteMarkers", []) == []
-    assert store.list_versions(tenant_prefix(alice)) == []
-    assert len(store.list_objects(tenant_prefix(bob))) == 1
+    assert store.list_versions(tenant_key_prefix(alice)) == []
+    assert len(store.list_objects(tenant_key_prefix(bob))) == 1
 
     # A single delete on a versioned bucket also leaves no version behind.
     store.put_bytes(k1, b"again")
@@ -308,7 +308,7 @@ def test_missing_bucket_is_reported_by_name(s3_endpoint_url: str, boto_session: 
         lambda: store.get_bytes(key),
         lambda: store.head(key),
         lambda: store.list_objects(""),
-        lambda: store.delete_prefix(tenant_prefix(uuid.uuid4())),
+        lambda: store.delete_prefix(tenant_key_prefix(uuid.uuid4())),
     ]
     for call in calls:
         with pytest.raises(BucketNotFoundError, match="'prefixd-no-such-bucket' does not exist"):

@@ -48,7 +48,7 @@ from common.db.models import (
     JobEvent,
     JobEventCreate,
     JobState,
-    Prefix,
+    PrefixVersion,
     Tenant,
     TenantStatus,
     TrainingJob,
@@ -330,7 +330,7 @@ def test_cancel_a_queued_job(session: Session) -> None:
         crud.cancel_job(session=session, job_id=job.id, tenant_id=make_tenant(session).id)
     cancelled = crud.cancel_job(session=session, job_id=job.id, tenant_id=tenant.id)
     assert cancelled.state == JobState.cancelled and cancelled.finished_at is not None
-    assert crud.claim_next_job(session=session, owner="w", lease_seconds=60) is None
+    assert crud.claim_oldest_job(session=session, owner="w", lease_seconds=60) is None
 
 
 def test_publish_prefix_versions_and_activates(session: Session) -> None:
@@ -360,7 +360,7 @@ def test_publish_prefix_versions_and_activates(session: Session) -> None:
 def test_publish_refuses_a_lost_lease_and_changes_nothing(session: Session) -> None:
     tenant = make_tenant(session)
     job = make_job(session, tenant)
-    claimed = crud.claim_next_job(session=session, owner="worker-a", lease_seconds=60)
+    claimed = crud.claim_oldest_job(session=session, owner="worker-a", lease_seconds=60)
     assert claimed is not None
     with pytest.raises(LeaseLostError):
         crud.publish_prefix(
@@ -382,7 +382,7 @@ def test_publish_refuses_a_lost_lease_and_changes_nothing(session: Session) -> N
 def test_publish_refuses_a_deleting_tenant(session: Session) -> None:
     tenant = make_tenant(session)
     job = make_job(session, tenant)
-    assert crud.claim_next_job(session=session, owner="w", lease_seconds=60) is not None
+    assert crud.claim_oldest_job(session=session, owner="w", lease_seconds=60) is not None
     crud.mark_tenant_deleting(session=session, tenant_id=tenant.id)
     with pytest.raises(TenantNotActiveError):
         crud.publish_prefix(
@@ -404,7 +404,7 @@ def test_publish_refuses_a_deleting_tenant(session: Session) -> None:
 def test_database_allows_one_active_prefix_per_tenant(session: Session) -> None:
     tenant = make_tenant(session)
     v1 = make_published_prefix(session, tenant)
-    duplicate = Prefix.model_validate(
+    duplicate = PrefixVersion.model_validate(
         make_prefix_create(tenant),
         update={"tenant_id": tenant.id, "version": v1.version + 1, "active": True},
     )
@@ -413,7 +413,7 @@ def test_database_allows_one_active_prefix_per_tenant(session: Session) -> None:
         session.commit()
     session.rollback()
     inactive = duplicate.model_copy(update={"id": uuid.uuid4(), "active": False})
-    session.add(Prefix.model_validate(inactive))
+    session.add(PrefixVersion.model_validate(inactive))
     session.commit()  # inactive versions are unlimited
     assert len(crud.list_prefixes(session=session, tenant_id=tenant.id)) == 2
 
@@ -427,7 +427,7 @@ def test_deleting_a_tenant_row_cascades(session: Session) -> None:
     crud.record_job_event(session=session, job_id=job.id, event_in=JobEventCreate(step=1))
     session.delete(tenant)
     session.commit()
-    for model in (ApiKey, Dataset, TrainingJob, Prefix):
+    for model in (ApiKey, Dataset, TrainingJob, PrefixVersion):
         rows = session.exec(select(model)).all()
         assert all(r.tenant_id == keep.id for r in rows), model  # type: ignore[attr-defined]
     assert session.exec(select(JobEvent)).all() == []

@@ -16,7 +16,7 @@ from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, select
 
 from common import erasure as erasure_module
-from common.blobstore import prefix_key, tenant_prefix
+from common.blobstore import prefix_key, tenant_key_prefix
 from common.db import crud
 from common.db.engine import create_db_engine, upgrade_database
 from common.db.errors import NotFoundError, TenantNotActiveError
@@ -28,7 +28,7 @@ from common.db.models import (
     JobEvent,
     JobEventCreate,
     JobState,
-    Prefix,
+    PrefixVersion,
     Tenant,
     TenantErasure,
     TenantStatus,
@@ -79,10 +79,12 @@ def add_prefix(session: Session, store: Any, tenant_id: uuid.UUID, version: int,
     store.put_bytes(key, f"prefix {version}".encode())
     if active:
         session.exec(
-            sa.update(Prefix).where(col(Prefix.tenant_id) == tenant_id).values(active=False)
+            sa.update(PrefixVersion)
+            .where(col(PrefixVersion.tenant_id) == tenant_id)
+            .values(active=False)
         )
     session.add(
-        Prefix(
+        PrefixVersion(
             id=prefix_id, tenant_id=tenant_id, version=version, object_key=key, active=active,
             base_model_fingerprint="f" * 64, prefix_length=4, dtype="float32", size_bytes=8,
             sha256="0" * 64, metrics={},
@@ -104,12 +106,12 @@ def populate(engine: Engine, store: Any, *, running: bool = True) -> dict[str, A
         store.put_bytes(second.object_key, b"other")
         job = make_job(session, tenant, datasets=[first])
         if running:
-            claimed = crud.claim_next_job(session=session, owner="trainer-x", lease_seconds=60)
+            claimed = crud.claim_oldest_job(session=session, owner="trainer-x", lease_seconds=60)
             assert claimed is not None and claimed.id == job.id
         crud.record_job_event(session=session, job_id=job.id, event_in=JobEventCreate(step=1))
         queued = make_job(session, tenant, datasets=[second])
         prefixes = [add_prefix(session, store, tenant.id, v, active=v == 3) for v in (1, 2, 3)]
-        stray = f"{tenant_prefix(tenant.id)}stray/gone.bin"
+        stray = f"{tenant_key_prefix(tenant.id)}stray/gone.bin"
         store.put_bytes(stray, b"x")
         store.client.delete_object(Bucket=store.bucket, Key=store._full(stray))  # a marker
         return {
@@ -128,7 +130,7 @@ def snapshot(engine: Engine, store: Any, tenant_id: uuid.UUID) -> dict[str, Any]
                 str(r.id)
                 for r in session.exec(select(model).where(model.tenant_id == tenant_id)).all()  # type: ignore[attr-defined]
             )
-            for model in (ApiKey, Dataset, TrainingJob, Prefix)
+            for model in (ApiKey, Dataset, TrainingJob, PrefixVersion)
         }
         rows["events"] = [
             e.id
@@ -137,7 +139,7 @@ def snapshot(engine: Engine, store: Any, tenant_id: uuid.UUID) -> dict[str, Any]
             ).all()
         ]
         rows["tenant"] = [str(session.get(Tenant, tenant_id).status)]  # type: ignore[union-attr]
-    versions = [(v.key, v.version_id) for v in store.list_versions(tenant_prefix(tenant_id))]
+    versions = [(v.key, v.version_id) for v in store.list_versions(tenant_key_prefix(tenant_id))]
     return {"rows": rows, "objects": versions}
 
 
@@ -158,7 +160,7 @@ def test_erasure_removes_every_version_and_row_and_keeps_one_audit(db_engine, st
     victim = populate(db_engine, store)
     keeper = populate(db_engine, store, running=False)
     kept = snapshot(db_engine, store, keeper["id"])
-    assert len(store.list_versions(tenant_prefix(victim["id"]))) == 2 + 1 + 3 + 2  # + marker
+    assert len(store.list_versions(tenant_key_prefix(victim["id"]))) == 2 + 1 + 3 + 2  # + marker
     replicas = FakeReplicas()
     steps: list[str] = []
 
@@ -169,7 +171,7 @@ def test_erasure_removes_every_version_and_row_and_keeps_one_audit(db_engine, st
 
     assert steps == [s.value for s in ErasureStep] + ["done"]
     assert find_tenant_leftovers(db_engine, store, victim["id"]) == []
-    assert store.list_versions(tenant_prefix(victim["id"])) == []
+    assert store.list_versions(tenant_key_prefix(victim["id"])) == []
     assert replicas.calls == [sorted(victim["prefixes"])]
     # rows: tenant, key, 2 datasets, 2 jobs, 1 event, 3 prefixes; objects (keys): 2 datasets,
     # 3 prefixes and the one whose current version is a delete marker
@@ -196,7 +198,7 @@ def test_marking_a_tenant_deleting_records_its_erasure_and_stops_everything(db_e
         assert erasure is not None and erasure.step == ErasureStep.cancel_jobs
         assert len(crud.list_tenant_erasures(session=session)) == 1
         # no job of it starts; nothing can be added to it
-        assert crud.claim_next_fair_job(session=session, owner="w", lease_seconds=60) is None
+        assert crud.claim_next_job(session=session, owner="w", lease_seconds=60) is None
         with pytest.raises(TenantNotActiveError):
             make_dataset(session, tenant)
 
@@ -337,7 +339,7 @@ def test_an_object_written_late_is_swept_before_the_erasure_ends(
     db_engine, store, monkeypatch
 ) -> None:
     victim = populate(db_engine, store)
-    late = f"{tenant_prefix(victim['id'])}datasets/{uuid.uuid4()}.jsonl"
+    late = f"{tenant_key_prefix(victim['id'])}datasets/{uuid.uuid4()}.jsonl"
     real = erasure_module.STEPS[ErasureStep.delete_rows]
 
     def upload_lands_meanwhile(run: Any, session: Session) -> dict[str, Any]:
@@ -346,7 +348,7 @@ def test_an_object_written_late_is_swept_before_the_erasure_ends(
 
     monkeypatch.setitem(erasure_module.STEPS, ErasureStep.delete_rows, upload_lands_meanwhile)
     audit = erase_tenant(engine=db_engine, store=store, tenant_id=victim["id"], options=FAST)
-    assert store.list_versions(tenant_prefix(victim["id"])) == []
+    assert store.list_versions(tenant_key_prefix(victim["id"])) == []
     assert audit.objects_erased == 6 + 1
 
 

@@ -17,7 +17,7 @@ from sqlmodel import Session
 
 from common.db import crud
 from common.db.errors import LeaseLostError
-from common.db.models import JobPriority, JobState, Prefix, TrainingJobCreate
+from common.db.models import JobPriority, JobState, PrefixVersion, TrainingJobCreate
 from tests.fixtures.factories import (
     make_dataset,
     make_job,
@@ -52,7 +52,7 @@ def test_claims_interactive_before_batch_then_oldest_first(session: Session) -> 
         session, tenant, priority=JobPriority.batch, created_at=T0 + timedelta(minutes=3)
     )
     order = []
-    while (job := crud.claim_next_job(session=session, owner="w", lease_seconds=60)) is not None:
+    while (job := crud.claim_oldest_job(session=session, owner="w", lease_seconds=60)) is not None:
         assert job.state == JobState.running and job.lease_owner == "w" and job.attempts == 1
         assert job.started_at is not None and job.lease_expires_at is not None
         order.append(job.id)
@@ -61,7 +61,7 @@ def test_claims_interactive_before_batch_then_oldest_first(session: Session) -> 
 
 def test_heartbeat_extends_only_the_owners_lease(session: Session) -> None:
     make_job(session, make_tenant(session))
-    job = crud.claim_next_job(session=session, owner="a", lease_seconds=30, now=T0)
+    job = crud.claim_oldest_job(session=session, owner="a", lease_seconds=30, now=T0)
     assert job is not None and job.lease_expires_at == T0 + timedelta(seconds=30)
     later = T0 + timedelta(seconds=20)
     assert crud.heartbeat_job(
@@ -72,7 +72,7 @@ def test_heartbeat_extends_only_the_owners_lease(session: Session) -> None:
     assert job.lease_expires_at == later + timedelta(seconds=30) and job.heartbeat_at == later
     # Not reclaimable before the extended lease runs out.
     at = T0 + timedelta(seconds=45)
-    assert crud.claim_next_job(session=session, owner="b", lease_seconds=30, now=at) is None
+    assert crud.claim_oldest_job(session=session, owner="b", lease_seconds=30, now=at) is None
 
     crud.cancel_job(session=session, job_id=job.id)  # the owner learns it from its heartbeat
     assert not crud.heartbeat_job(session=session, job_id=job.id, owner="a", lease_seconds=30)
@@ -81,10 +81,10 @@ def test_heartbeat_extends_only_the_owners_lease(session: Session) -> None:
 def test_an_expired_lease_is_reclaimed_by_another_worker(session: Session) -> None:
     tenant = make_tenant(session)
     make_job(session, tenant)
-    first = crud.claim_next_job(session=session, owner="crashed", lease_seconds=30, now=T0)
+    first = crud.claim_oldest_job(session=session, owner="crashed", lease_seconds=30, now=T0)
     assert first is not None
     later = T0 + timedelta(seconds=31)
-    second = crud.claim_next_job(session=session, owner="healthy", lease_seconds=30, now=later)
+    second = crud.claim_oldest_job(session=session, owner="healthy", lease_seconds=30, now=later)
     assert second is not None and second.id == first.id
     assert second.lease_owner == "healthy" and second.attempts == 2
     assert second.started_at == T0  # when the job first started
@@ -118,12 +118,12 @@ def test_attempts_beyond_max_attempts_fail_the_job_with_a_reason(session: Sessio
     job = make_job(session, make_tenant(session), max_attempts=2)
     at = T0
     for attempt in (1, 2):
-        claimed = crud.claim_next_job(
+        claimed = crud.claim_oldest_job(
             session=session, owner=f"w{attempt}", lease_seconds=10, now=at
         )
         assert claimed is not None and claimed.id == job.id and claimed.attempts == attempt
         at += timedelta(seconds=11)
-    assert crud.claim_next_job(session=session, owner="w3", lease_seconds=10, now=at) is None
+    assert crud.claim_oldest_job(session=session, owner="w3", lease_seconds=10, now=at) is None
     failed = crud.get_job(session=session, job_id=job.id)
     assert failed is not None and failed.state == JobState.failed
     assert failed.attempts == 2 and failed.lease_owner is None and failed.finished_at == at
@@ -134,8 +134,8 @@ def test_reclaim_sweep_runs_on_its_own(session: Session) -> None:
     tenant = make_tenant(session)
     make_job(session, tenant, max_attempts=1)
     make_job(session, tenant, max_attempts=3)
-    assert crud.claim_next_job(session=session, owner="a", lease_seconds=5, now=T0)
-    assert crud.claim_next_job(session=session, owner="b", lease_seconds=5, now=T0)
+    assert crud.claim_oldest_job(session=session, owner="a", lease_seconds=5, now=T0)
+    assert crud.claim_oldest_job(session=session, owner="b", lease_seconds=5, now=T0)
     assert crud.reclaim_expired_jobs(session=session, now=T0 + timedelta(seconds=1)) == 0
     assert crud.reclaim_expired_jobs(session=session, now=T0 + timedelta(seconds=6)) == 2
     states = sorted(j.state for j in crud.list_jobs(session=session, tenant_id=tenant.id))
@@ -145,13 +145,13 @@ def test_reclaim_sweep_runs_on_its_own(session: Session) -> None:
 def test_finish_job_with_and_without_retry(session: Session) -> None:
     tenant = make_tenant(session)
     job = make_job(session, tenant, max_attempts=2)
-    assert crud.claim_next_job(session=session, owner="w", lease_seconds=60)
+    assert crud.claim_oldest_job(session=session, owner="w", lease_seconds=60)
     assert crud.finish_job(
         session=session, job_id=job.id, owner="w", state=JobState.failed, error="OOM", retry=True
     )
     session.refresh(job)
     assert job.state == JobState.queued and job.error == "OOM" and job.finished_at is None
-    assert crud.claim_next_job(session=session, owner="w2", lease_seconds=60)
+    assert crud.claim_oldest_job(session=session, owner="w2", lease_seconds=60)
     assert crud.finish_job(
         session=session, job_id=job.id, owner="w2", state=JobState.failed, error="OOM", retry=True
     )
@@ -162,9 +162,9 @@ def test_finish_job_with_and_without_retry(session: Session) -> None:
 
 
 def test_claim_with_nothing_queued_returns_none(session: Session) -> None:
-    assert crud.claim_next_job(session=session, owner="w", lease_seconds=60) is None
+    assert crud.claim_oldest_job(session=session, owner="w", lease_seconds=60) is None
     with pytest.raises(ValueError):
-        crud.claim_next_job(session=session, owner="", lease_seconds=60)
+        crud.claim_oldest_job(session=session, owner="", lease_seconds=60)
 
 
 # --- parallel claimers and activators -------------------------------------------------------
@@ -182,7 +182,7 @@ def test_parallel_claimers_never_take_the_same_job(db_engine: Engine) -> None:
     def claim_all(session: Session, worker: int) -> list[uuid.UUID]:
         got = []
         while (
-            job := crud.claim_next_job(session=session, owner=f"w{worker}", lease_seconds=60)
+            job := crud.claim_oldest_job(session=session, owner=f"w{worker}", lease_seconds=60)
         ) is not None:
             got.append(job.id)
         return got
@@ -203,7 +203,7 @@ def test_two_claimers_with_one_job_one_gets_it(pg_engine: Engine) -> None:
     results = in_parallel(
         pg_engine,
         2,
-        lambda s, i: crud.claim_next_job(session=s, owner=f"w{i}", lease_seconds=60),
+        lambda s, i: crud.claim_oldest_job(session=s, owner=f"w{i}", lease_seconds=60),
     )
     winners = [r for r in results if r is not None]
     assert len(winners) == 1 and winners[0].id == job.id
@@ -245,7 +245,7 @@ def test_one_active_prefix_holds_under_concurrent_activation(pg_engine: Engine) 
 
     def insert_active(session: Session, i: int) -> Any:
         session.add(
-            Prefix.model_validate(
+            PrefixVersion.model_validate(
                 make_prefix_create(tenant),
                 update={"tenant_id": tenant.id, "version": 10 + i, "active": True},
             )
@@ -263,11 +263,11 @@ def test_one_active_prefix_holds_under_concurrent_activation(pg_engine: Engine) 
         assert sum(p.active for p in crud.list_prefixes(session=session, tenant_id=tenant.id)) == 1
 
 
-# --- the scheduler's fair claim (claim_next_fair_job) --------------------------------------
+# --- the scheduler's fair claim (claim_next_job) --------------------------------------
 
 
 def fair_claim(session: Session, owner: str, at: datetime) -> Any:
-    return crud.claim_next_fair_job(session=session, owner=owner, lease_seconds=600, now=at)
+    return crud.claim_next_job(session=session, owner=owner, lease_seconds=600, now=at)
 
 
 def test_fair_claim_runs_at_most_one_job_per_tenant(session: Session) -> None:
@@ -328,7 +328,7 @@ def test_fair_claim_skips_tenants_being_deleted(session: Session) -> None:
 
 def test_fair_claim_reclaims_expired_leases_and_counts_attempts(session: Session) -> None:
     job = make_job(session, make_tenant(session), max_attempts=2)
-    first = crud.claim_next_fair_job(session=session, owner="dead", lease_seconds=10, now=T0)
+    first = crud.claim_next_job(session=session, owner="dead", lease_seconds=10, now=T0)
     assert first is not None and first.attempts == 1
     # While the lease holds the tenant is busy; once it expires the job is claimable again.
     assert fair_claim(session, "w", T0 + timedelta(seconds=5)) is None
@@ -346,7 +346,7 @@ def test_parallel_fair_claimers_keep_one_running_job_per_tenant(db_engine: Engin
     def claim_all(session: Session, worker: int) -> list[uuid.UUID]:
         got = []
         while (
-            job := crud.claim_next_fair_job(session=session, owner=f"w{worker}", lease_seconds=60)
+            job := crud.claim_next_job(session=session, owner=f"w{worker}", lease_seconds=60)
         ) is not None:
             got.append(job.tenant_id)
         return got

@@ -12,7 +12,7 @@ import pytest
 from sqlmodel import Session
 from typer.testing import CliRunner
 
-from common.blobstore import LocalBlobStore, dataset_key, tenant_prefix
+from common.blobstore import LocalBlobStore, dataset_key, tenant_key_prefix
 from common.db import crud
 from prefixd import cli_tenants
 from prefixd.cli import app
@@ -69,7 +69,7 @@ def test_delete_erases_with_progress_and_verify_proves_it(cli, db_engine, store)
         cli.invoke(app, ["tenants", "verify-deleted", str(tenant_id), "--json"]).stdout
     )
     assert report["clean"] and report["found"] == [] and report["audit"]["rows_erased"] == 3
-    assert store.list_objects(tenant_prefix(keeper_id)) != []
+    assert store.list_objects(tenant_key_prefix(keeper_id)) != []
 
     # An orphan written after the erasure (a writer that died before cleaning up) is found,
     # and deleting again sweeps it, without a second audit record.

@@ -37,7 +37,7 @@ def test_jobs_list_show_and_cancel(cli, db_engine) -> None:
         other = make_tenant(session)
         job = make_job(session, tenant)
         other_job = make_job(session, other)
-        claimed = crud.claim_next_job(session=session, owner="w", lease_seconds=60)
+        claimed = crud.claim_oldest_job(session=session, owner="w", lease_seconds=60)
         assert claimed is not None and claimed.id == job.id
         start = utcnow()
         for step, seconds in ((1, 0), (50, 10)):

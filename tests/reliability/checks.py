@@ -12,8 +12,8 @@ from typing import Any
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, select
 
-from common.blobstore import BlobStore, prefixes_prefix
-from common.db.models import TERMINAL_JOB_STATES, JobState, Prefix, TrainingJob
+from common.blobstore import BlobStore, prefixes_key_prefix
+from common.db.models import TERMINAL_JOB_STATES, JobState, PrefixVersion, TrainingJob
 
 
 def jobs_by_id(engine: Engine, job_ids: Iterable[uuid.UUID]) -> dict[uuid.UUID, TrainingJob]:
@@ -55,7 +55,7 @@ def assert_nothing_lost_or_duplicated(
     tenants = {j.tenant_id for j in jobs.values()}
     with Session(engine) as session:
         prefixes = session.exec(
-            select(Prefix).where(col(Prefix.tenant_id).in_(list(tenants)))
+            select(PrefixVersion).where(col(PrefixVersion.tenant_id).in_(list(tenants)))
         ).all()
         for row in prefixes:
             session.expunge(row)
@@ -85,7 +85,7 @@ def assert_nothing_lost_or_duplicated(
 def assert_blobs_match_rows(store: BlobStore, tenant_id: uuid.UUID, rows: list[Any]) -> None:
     """Every prefix row's blob is there and complete (size, SHA-256 checked on read); no
     prefix blob without a row (an unpublished attempt's leftover)."""
-    blobs = {b.key: b for b in store.list_objects(prefixes_prefix(tenant_id))}
+    blobs = {b.key: b for b in store.list_objects(prefixes_key_prefix(tenant_id))}
     keys = {p.object_key for p in rows}
     missing = sorted(keys - set(blobs))
     assert not missing, f"tenant {tenant_id}: prefix rows point at missing blobs {missing}"

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from sqlmodel import Session, col, select
 
-from common.db.models import JobState, Prefix
+from common.db.models import JobState, PrefixVersion
 from tests.reliability.checks import assert_nothing_lost_or_duplicated, describe
 from tests.workers.conftest import WorkerEnv, long_job, wait_for
 
@@ -23,7 +23,9 @@ UNREACHABLE = "BlobStoreUnavailableError"
 
 def prefix_rows(env: WorkerEnv, tenant_ids: list[uuid.UUID]) -> list[Any]:
     with Session(env.engine) as session:
-        return list(session.exec(select(Prefix).where(col(Prefix.tenant_id).in_(tenant_ids))))
+        return list(
+            session.exec(select(PrefixVersion).where(col(PrefixVersion.tenant_id).in_(tenant_ids)))
+        )
 
 
 def test_s3_down_while_trainers_publish(fault_env, run_scheduler, s3_proxy):

@@ -39,10 +39,10 @@ def tenant(inproc: InProc) -> tuple[str, str]:
 
 
 def assert_nothing_stored(inproc: InProc, tenant_id: str, rows_before: int) -> None:
-    from common.blobstore import datasets_prefix
+    from common.blobstore import datasets_key_prefix
 
     assert inproc.dataset_rows(tenant_id) == rows_before
-    assert len(inproc.objects(datasets_prefix(tenant_id))) == rows_before
+    assert len(inproc.objects(datasets_key_prefix(tenant_id))) == rows_before
 
 
 # --- JSONL uploads, property-based ----------------------------------------------------------

@@ -296,7 +296,7 @@ OBJECT_KEY = re.compile(
 
 
 def test_object_keys_are_made_of_ids_only(inproc: InProc, tmp_path: Path) -> None:
-    from common.blobstore import LocalBlobStore, dataset_key, prefix_key, tenant_prefix
+    from common.blobstore import LocalBlobStore, dataset_key, prefix_key, tenant_key_prefix
     from common.errors import InvalidInputError
 
     traversal = [
@@ -333,7 +333,7 @@ def test_object_keys_are_made_of_ids_only(inproc: InProc, tmp_path: Path) -> Non
         with pytest.raises(InvalidInputError):
             prefix_key(bad, uuid.uuid4())
         with pytest.raises(InvalidInputError):
-            tenant_prefix(bad)
+            tenant_key_prefix(bad)
     local = LocalBlobStore(tmp_path / "root")
     for bad in ("../outside", "a/../../outside", "/abs", "./x", "a//b"):
         with pytest.raises(InvalidInputError):

@@ -127,7 +127,7 @@ def wait_until(condition, timeout: float = 30.0, what: str = "") -> Any:
 
 
 def test_tenant_upload_job_prefixes_rollback_and_deletion(stack, api):
-    from common.blobstore import dataset_key, tenant_prefix
+    from common.blobstore import dataset_key, tenant_key_prefix
 
     created = api.post("/v1/tenants", api.admin, json={"name": f"acme-{uuid.uuid4().hex[:6]}"})
     assert created.status_code == 201
@@ -189,7 +189,7 @@ def test_tenant_upload_job_prefixes_rollback_and_deletion(stack, api):
         lambda: api.get(f"/v1/tenants/{tenant_id}", api.admin).status_code == 404,
         what="the tenant's erasure",
     )
-    assert stack.blobs.list_objects(tenant_prefix(tenant_id)) == []
+    assert stack.blobs.list_objects(tenant_key_prefix(tenant_id)) == []
 
 
 def test_multipart_upload_dataset_deletion_and_keys(stack, api):
@@ -229,7 +229,7 @@ def test_multipart_upload_dataset_deletion_and_keys(stack, api):
 
 
 def test_every_bad_upload_is_refused_with_its_line_and_leaves_nothing(stack, api):
-    from common.blobstore import datasets_prefix
+    from common.blobstore import datasets_key_prefix
 
     tenant_id, key = api.new_tenant()
     good = jsonl(examples(3))
@@ -284,7 +284,7 @@ def test_every_bad_upload_is_refused_with_its_line_and_leaves_nothing(stack, api
 
     # Nothing of any rejected upload remains: no row, no blob.
     assert api.get("/v1/datasets", key).json() == {"data": []}
-    assert stack.blobs.list_objects(datasets_prefix(tenant_id)) == []
+    assert stack.blobs.list_objects(datasets_key_prefix(tenant_id)) == []
 
 
 def test_job_submission_is_validated(stack, api):

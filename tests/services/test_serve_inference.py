@@ -80,7 +80,7 @@ def test_rollback_and_deletion_take_effect_on_the_next_request(stack):
     from sqlmodel import Session, select
 
     from common.db import crud
-    from common.db.models import Prefix as PrefixRow
+    from common.db.models import PrefixVersion
 
     tenant_id, key = stack.tenant()
     old = random_key_values(stack, 2, seed=1)
@@ -100,7 +100,9 @@ def test_rollback_and_deletion_take_effect_on_the_next_request(stack):
     # Delete: the key stops working at once, and every replica drops the cached prefixes.
     with Session(stack.db) as session:
         crud.mark_tenant_deleting(session=session, tenant_id=tenant_id)
-        for row in session.exec(select(PrefixRow).where(PrefixRow.tenant_id == tenant_id)).all():
+        for row in session.exec(
+            select(PrefixVersion).where(PrefixVersion.tenant_id == tenant_id)
+        ).all():
             session.delete(row)
         session.commit()
     assert post(stack, "/v1/generate", key, {"input": "alpha"}).status_code == 401

@@ -33,10 +33,10 @@ from sqlmodel import Session, select
 from typer.testing import CliRunner
 
 from common.architectures import prefix_shape
-from common.blobstore import prefix_key, tenant_prefix
+from common.blobstore import prefix_key, tenant_key_prefix
 from common.db import crud
 from common.db.errors import NotFoundError, TenantNotActiveError
-from common.db.models import ApiKey, Dataset, DeletionAudit, Prefix, Tenant, TrainingJob
+from common.db.models import ApiKey, Dataset, DeletionAudit, PrefixVersion, Tenant, TrainingJob
 from common.erasure import (
     ErasureIncompleteError,
     ErasureOptions,
@@ -111,12 +111,12 @@ def stored(stack: Any, tenant_id: uuid.UUID) -> dict[str, Any]:
                 str(r.id)
                 for r in session.exec(select(model).where(model.tenant_id == tenant_id)).all()  # type: ignore[attr-defined]
             )
-            for model in (ApiKey, Dataset, TrainingJob, Prefix)
+            for model in (ApiKey, Dataset, TrainingJob, PrefixVersion)
         }
     return {
         "rows": rows,
         "objects": [
-            (v.key, v.version_id) for v in stack.blobs.list_versions(tenant_prefix(tenant_id))
+            (v.key, v.version_id) for v in stack.blobs.list_versions(tenant_key_prefix(tenant_id))
         ],
     }
 
@@ -257,7 +257,7 @@ def test_tenant_is_erased_everywhere_while_others_are_served(
         "verify",
     }
     assert find_tenant_leftovers(stack.db, stack.blobs, victim) == []
-    assert stack.blobs.list_versions(tenant_prefix(victim)) == []
+    assert stack.blobs.list_versions(tenant_key_prefix(victim)) == []
     assert cached_anywhere(stack, versions) == set()  # right away: the erasure waited for it
     # … having asked every replica itself (not only left it to the replicas' sweepers)
     assert all(s["forget_calls"] > forgets[s["replica"]] for s in stack.replica_stats(2))
@@ -268,7 +268,7 @@ def test_tenant_is_erased_everywhere_while_others_are_served(
     # Its running job stopped without publishing (its trainer saw the cancellation).
     (report,) = wait_for(lambda: reports(handle, running.id), timeout=60, what="the trainer")
     assert report["outcome"] in ("cancelled", "erased") and report.get("prefix_id") is None
-    assert stack.blobs.list_versions(tenant_prefix(victim)) == []
+    assert stack.blobs.list_versions(tenant_key_prefix(victim)) == []
     # Requests: the others were served throughout with their own outputs; the victim's got
     # answers (200 before, 401 after; 404 for one in flight whose prefix went meanwhile),
     # never a server error.
@@ -334,7 +334,7 @@ def test_deleting_prefix_versions_falls_back_to_the_previous_one(stack, client) 
     assert refused.status_code == 409 and refused.json()["error"]["code"] == "no_active_prefix"
     assert client.call("GET", "/v1/prefixes", key).json()["data"] == []
     assert client.call("DELETE", f"/v1/prefixes/{v2}", key).status_code == 404
-    assert stack.blobs.list_versions(f"{tenant_prefix(tenant_id)}prefixes/") == []
+    assert stack.blobs.list_versions(f"{tenant_key_prefix(tenant_id)}prefixes/") == []
     assert client.generate(other_key).status_code == 200  # the other tenant's is untouched
 
 
@@ -366,7 +366,7 @@ def test_an_upload_finishing_after_the_mark_removes_its_object(
             engine=db_engine, blobs=s3_store, tenant_id=tenant_id, spooled=spooled, examples=1,
             quota_bytes=10**9,
         )  # fmt: skip
-    assert s3_store.list_versions(tenant_prefix(tenant_id)) == []
+    assert s3_store.list_versions(tenant_key_prefix(tenant_id)) == []
 
 
 def test_an_upload_whose_tenant_is_erased_while_it_writes_leaves_nothing(

@@ -46,7 +46,7 @@ def train(
     """A succeeded job over ``datasets`` that published a version (active or not)."""
     job = make_job(session, tenant, datasets=datasets, hyperparameters=hyperparameters or LAST)
     owner = f"w-{uuid.uuid4().hex}"
-    claimed = crud.claim_next_job(session=session, owner=owner, lease_seconds=60)
+    claimed = crud.claim_oldest_job(session=session, owner=owner, lease_seconds=60)
     assert claimed is not None and claimed.id == job.id
     crud.publish_prefix(
         session=session, job_id=job.id, owner=owner, prefix_in=make_prefix_create(tenant),
@@ -203,16 +203,14 @@ def test_interactive_jobs_are_claimed_before_the_remaining_nightly_jobs(session:
     plan = enqueue_plan(session=session, plan=plan_nightly(session=session, run_date=NIGHT))
     nightly_jobs = {t.job_id for t in plan.tenants}
     assert len(nightly_jobs) == 3
-    started = crud.claim_next_fair_job(session=session, owner="t1", lease_seconds=60)
+    started = crud.claim_next_job(session=session, owner="t1", lease_seconds=60)
     assert started is not None and started.id in nightly_jobs  # the nightly run is under way
 
     latecomer = make_tenant(session)
     interactive = make_job(session, latecomer)  # submitted during the nightly run
-    nxt = crud.claim_next_fair_job(session=session, owner="t2", lease_seconds=60)
+    nxt = crud.claim_next_job(session=session, owner="t2", lease_seconds=60)
     assert nxt is not None and nxt.id == interactive.id
-    rest = [
-        crud.claim_next_fair_job(session=session, owner=f"t{i}", lease_seconds=60) for i in (3, 4)
-    ]
+    rest = [crud.claim_next_job(session=session, owner=f"t{i}", lease_seconds=60) for i in (3, 4)]
     assert {j.id for j in rest if j is not None} == nightly_jobs - {started.id}
 
 
@@ -227,7 +225,7 @@ def test_the_run_row_is_completed_once_every_job_is_final(db_engine) -> None:
     with Session(db_engine) as session:
         owners = {}
         for i in range(4):
-            job = crud.claim_next_fair_job(session=session, owner=f"o{i}", lease_seconds=60)
+            job = crud.claim_next_job(session=session, owner=f"o{i}", lease_seconds=60)
             assert job is not None
             owners[job.id] = f"o{i}"
         ok, gated, bad, stopped = jobs

@@ -87,7 +87,7 @@ def run(env: WorkerEnv, tenant_id: uuid.UUID, datasets: list[Any], params: dict[
             ),
         )  # fmt: skip
         owner = f"test-{uuid.uuid4().hex}"
-        claimed = crud.claim_next_fair_job(session=session, owner=owner, lease_seconds=300)
+        claimed = crud.claim_next_job(session=session, owner=owner, lease_seconds=300)
         assert claimed is not None and claimed.id == job.id
     lease = LeaseKeeper(env.engine, job.id, owner, lease_seconds=300, every=60)  # not started
     outcome = trainer._train_and_publish(

@@ -12,7 +12,7 @@ import pytest
 import torch
 from sqlmodel import Session, select
 
-from common.blobstore import dataset_key, prefix_key, prefixes_prefix, tenant_prefix
+from common.blobstore import dataset_key, prefix_key, prefixes_key_prefix, tenant_key_prefix
 from common.db import crud
 from common.db.errors import LeaseLostError, TenantNotActiveError
 from common.db.models import (
@@ -21,13 +21,13 @@ from common.db.models import (
     JobEvent,
     JobEventCreate,
     JobState,
-    Prefix,
+    PrefixVersion,
     Tenant,
     TrainingJob,
 )
 from common.erasure import erase_tenant
 from common.errors import InvalidInputError
-from common.prefix_file import Prefix as PrefixArtifact
+from common.prefix_file import PrefixVersion as PrefixArtifact
 from common.prefix_file import prefix_from_bytes
 from common.training import Progress
 from tests.fixtures.factories import make_dataset, make_job, make_tenant
@@ -58,7 +58,7 @@ class Claimed:
 
 def claimed_job(session: Session, owner: str = "trainer") -> Claimed:
     job = make_job(session, make_tenant(session))
-    claimed = crud.claim_next_fair_job(session=session, owner=owner, lease_seconds=60)
+    claimed = crud.claim_next_job(session=session, owner=owner, lease_seconds=60)
     assert claimed is not None and claimed.id == job.id
     return Claimed(job.id, job.tenant_id)
 
@@ -136,7 +136,7 @@ def test_a_refused_publish_deletes_the_blob_it_wrote(db_engine, s3_store) -> Non
             db_engine, s3_store, job_id=job.id, tenant_id=job.tenant_id, owner="trainer",
             prefix=artifact(),
         )  # fmt: skip
-    assert s3_store.list_objects(tenant_prefix(job.tenant_id)) == []
+    assert s3_store.list_objects(tenant_key_prefix(job.tenant_id)) == []
 
     with Session(db_engine) as session:
         other = claimed_job(session)
@@ -145,9 +145,9 @@ def test_a_refused_publish_deletes_the_blob_it_wrote(db_engine, s3_store) -> Non
             db_engine, s3_store, job_id=other.id, tenant_id=other.tenant_id, owner="not-me",
             prefix=artifact(),
         )  # fmt: skip
-    assert s3_store.list_objects(tenant_prefix(other.tenant_id)) == []
+    assert s3_store.list_objects(tenant_key_prefix(other.tenant_id)) == []
     with Session(db_engine) as session:
-        assert session.exec(select(Prefix)).all() == []
+        assert session.exec(select(PrefixVersion)).all() == []
 
 
 def test_orphan_sweep_deletes_only_blobs_without_a_row(db_engine, s3_store) -> None:
@@ -163,10 +163,10 @@ def test_orphan_sweep_deletes_only_blobs_without_a_row(db_engine, s3_store) -> N
     data = dataset_key(tenant_id, uuid.uuid4())
     s3_store.put_bytes(data, b"{}")
     assert delete_orphan_prefix_blobs(db_engine, s3_store, tenant_id) == 1
-    keys = {b.key for b in s3_store.list_objects(tenant_prefix(tenant_id))}
+    keys = {b.key for b in s3_store.list_objects(tenant_key_prefix(tenant_id))}
     assert keys == {prefix_key(tenant_id, published), data}
     assert delete_orphan_prefix_blobs(db_engine, s3_store, tenant_id) == 0
-    assert s3_store.list_objects(prefixes_prefix(uuid.uuid4())) == []
+    assert s3_store.list_objects(prefixes_key_prefix(uuid.uuid4())) == []
 
 
 # --- progress events ------------------------------------------------------------------------
@@ -231,11 +231,11 @@ def test_erase_tenant_leaves_only_an_audit_record(db_engine, s3_store) -> None:
     assert audit.completed_at is not None and audit.objects_erased == 2
     # tenant, key, 3 datasets (one per job + one), 2 jobs, 1 event, 1 prefix
     assert audit.rows_erased == 1 + 1 + 3 + 2 + 1 + 1
-    assert s3_store.list_versions(tenant_prefix(tenant_id)) == []
-    assert len(s3_store.list_objects(tenant_prefix(keeper_id))) == 1
+    assert s3_store.list_versions(tenant_key_prefix(tenant_id)) == []
+    assert len(s3_store.list_objects(tenant_key_prefix(keeper_id))) == 1
     with Session(db_engine) as session:
         assert session.get(Tenant, tenant_id) is None
-        for model in (ApiKey, Dataset, TrainingJob, Prefix):
+        for model in (ApiKey, Dataset, TrainingJob, PrefixVersion):
             assert session.exec(select(model).where(model.tenant_id == tenant_id)).all() == []
         assert session.exec(select(JobEvent).where(JobEvent.job_id == job.id)).all() == []
         assert session.get(TrainingJob, queued_id) is None

@@ -13,7 +13,7 @@ import pytest
 from sqlmodel import select
 
 from common.architectures import prefix_shape
-from common.blobstore import prefixes_prefix, tenant_prefix
+from common.blobstore import prefixes_key_prefix, tenant_key_prefix
 from common.db import crud
 from common.db.models import (
     ApiKey,
@@ -21,7 +21,7 @@ from common.db.models import (
     DeletionAudit,
     JobEvent,
     JobState,
-    Prefix,
+    PrefixVersion,
     Tenant,
     TrainingJob,
 )
@@ -47,7 +47,7 @@ def assert_blobs_match_rows(env: WorkerEnv, tenant_id: uuid.UUID) -> None:
     """Every prefix row has its blob and every prefix blob has its row."""
     with env.session() as session:
         rows = {p.object_key for p in crud.list_prefixes(session=session, tenant_id=tenant_id)}
-    blobs = {b.key for b in env.store.list_objects(prefixes_prefix(tenant_id))}
+    blobs = {b.key for b in env.store.list_objects(prefixes_key_prefix(tenant_id))}
     assert rows == blobs
 
 
@@ -76,7 +76,7 @@ def test_jobs_of_three_tenants_each_publish_their_own_prefix(
         with env.session() as session:
             active = crud.get_active_prefix(session=session, tenant_id=tenant.id)
         assert active is not None and active.job_id == job.id and active.version == 1
-        assert active.object_key.startswith(prefixes_prefix(tenant.id))
+        assert active.object_key.startswith(prefixes_key_prefix(tenant.id))
         object_keys.add(active.object_key)
         prefix = prefix_from_bytes(
             env.store.get_bytes(active.object_key),
@@ -137,7 +137,7 @@ def test_bad_hyperparameters_bad_data_and_foreign_datasets_fail_without_retry(
         assert done.state == JobState.failed and done.attempts == 1  # a user error: no retry
         assert message in (done.error or "")
     with env.session() as session:
-        assert session.exec(select(Prefix)).all() == []
+        assert session.exec(select(PrefixVersion)).all() == []
 
 
 def test_killed_trainers_are_retried_or_failed_and_other_tenants_are_unaffected(
@@ -192,7 +192,7 @@ def test_cancelling_a_running_job_stops_it_within_a_few_steps(worker_env, run_sc
     assert done.state == JobState.cancelled and done.attempts == 1
     with env.session() as session:
         assert crud.list_prefixes(session=session, tenant_id=tenant.id) == []
-    assert env.store.list_objects(prefixes_prefix(tenant.id)) == []
+    assert env.store.list_objects(prefixes_key_prefix(tenant.id)) == []
 
 
 def test_erasing_a_tenant_while_its_job_runs_leaves_nothing_of_it(worker_env, run_scheduler):
@@ -211,11 +211,11 @@ def test_erasing_a_tenant_while_its_job_runs_leaves_nothing_of_it(worker_env, ru
 
     with env.session() as session:
         assert session.get(Tenant, tenant.id) is None
-        for model in (ApiKey, Dataset, TrainingJob, Prefix):
+        for model in (ApiKey, Dataset, TrainingJob, PrefixVersion):
             assert session.exec(select(model).where(model.tenant_id == tenant.id)).all() == []
         assert session.exec(select(JobEvent).where(JobEvent.job_id == job.id)).all() == []
         (kept,) = session.exec(select(DeletionAudit)).all()
-    assert env.store.list_versions(tenant_prefix(tenant.id)) == []
+    assert env.store.list_versions(tenant_key_prefix(tenant.id)) == []
     assert kept.id == audit.id and kept.tenant_id == tenant.id and kept.completed_at is not None
     assert audit.objects_erased == 1 and audit.rows_erased >= 4  # dataset blob; rows
 

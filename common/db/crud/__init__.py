@@ -69,8 +69,8 @@ from common.db.crud.prefixes import (
     publish_prefix,
 )
 from common.db.crud.queue import (
-    claim_next_fair_job,
     claim_next_job,
+    claim_oldest_job,
     finish_job,
     heartbeat_job,
     holds_job_lease,
@@ -104,8 +104,8 @@ __all__ = [
     "add_dataset",
     "begin_tenant_erasure",
     "cancel_job",
-    "claim_next_fair_job",
     "claim_next_job",
+    "claim_oldest_job",
     "claim_tenant_erasure",
     "commit",
     "complete_deletion_audit",

@@ -19,8 +19,8 @@ from common.db.errors import (
 )
 from common.db.models import (
     JobState,
-    Prefix,
-    PrefixCreate,
+    PrefixVersion,
+    PrefixVersionCreate,
     TrainingJob,
 )
 from common.db.types import utcnow
@@ -29,8 +29,8 @@ from common.errors import InvalidInputError
 
 def deactivate_all(session: Session, tenant_id: uuid.UUID) -> None:
     session.exec(
-        sa.update(Prefix)
-        .where(col(Prefix.tenant_id) == tenant_id, col(Prefix.active).is_(True))
+        sa.update(PrefixVersion)
+        .where(col(PrefixVersion.tenant_id) == tenant_id, col(PrefixVersion.active).is_(True))
         .values(active=False)
     )
 
@@ -40,11 +40,11 @@ def publish_prefix(
     session: Session,
     job_id: uuid.UUID,
     owner: str,
-    prefix_in: PrefixCreate,
+    prefix_in: PrefixVersionCreate,
     activate: bool = True,
     note: str | None = None,
     now: datetime | None = None,
-) -> Prefix:
+) -> PrefixVersion:
     """Make a trained prefix visible, in one transaction: check that the tenant exists and
     is not being deleted and that ``owner`` still holds the job's (unexpired) lease; insert
     the next prefix version; make it the tenant's active prefix (deactivating the previous
@@ -84,11 +84,11 @@ def publish_prefix(
                 "the prefix was not published"
             )
         latest = session.exec(
-            select(func.max(Prefix.version)).where(col(Prefix.tenant_id) == tenant_id)
+            select(func.max(PrefixVersion.version)).where(col(PrefixVersion.tenant_id) == tenant_id)
         ).one()
         if activate:
             deactivate_all(session, tenant_id)
-        prefix = Prefix.model_validate(
+        prefix = PrefixVersion.model_validate(
             prefix_in,
             update={
                 "tenant_id": tenant_id,
@@ -123,15 +123,15 @@ def publish_prefix(
 
 def activate_prefix(
     *, session: Session, tenant_id: uuid.UUID, version: int, now: datetime | None = None
-) -> Prefix:
+) -> PrefixVersion:
     """Make ``version`` the tenant's active prefix (a rollback to an older version, or
     forward again). The database guarantees at most one active prefix per tenant."""
     at = now or utcnow()
     try:
         require_active_tenant(session, tenant_id, lock=True)
         prefix = session.exec(
-            select(Prefix)
-            .where(col(Prefix.tenant_id) == tenant_id, col(Prefix.version) == version)
+            select(PrefixVersion)
+            .where(col(PrefixVersion.tenant_id) == tenant_id, col(PrefixVersion.version) == version)
             .execution_options(populate_existing=True)
         ).first()
         if prefix is None:
@@ -149,21 +149,25 @@ def activate_prefix(
     return prefix
 
 
-def get_active_prefix(*, session: Session, tenant_id: uuid.UUID) -> Prefix | None:
-    stmt = select(Prefix).where(col(Prefix.tenant_id) == tenant_id, col(Prefix.active).is_(True))
+def get_active_prefix(*, session: Session, tenant_id: uuid.UUID) -> PrefixVersion | None:
+    stmt = select(PrefixVersion).where(
+        col(PrefixVersion.tenant_id) == tenant_id, col(PrefixVersion.active).is_(True)
+    )
     return session.exec(stmt).first()
 
 
-def get_prefix(*, session: Session, tenant_id: uuid.UUID, version: int) -> Prefix | None:
-    stmt = select(Prefix).where(col(Prefix.tenant_id) == tenant_id, col(Prefix.version) == version)
+def get_prefix(*, session: Session, tenant_id: uuid.UUID, version: int) -> PrefixVersion | None:
+    stmt = select(PrefixVersion).where(
+        col(PrefixVersion.tenant_id) == tenant_id, col(PrefixVersion.version) == version
+    )
     return session.exec(stmt).first()
 
 
 def get_prefix_by_id(
     *, session: Session, tenant_id: uuid.UUID, prefix_id: uuid.UUID
-) -> Prefix | None:
+) -> PrefixVersion | None:
     """A prefix version by its id, only if it belongs to the tenant."""
-    prefix = session.get(Prefix, prefix_id, populate_existing=True)
+    prefix = session.get(PrefixVersion, prefix_id, populate_existing=True)
     return prefix if prefix is not None and prefix.tenant_id == tenant_id else None
 
 
@@ -173,12 +177,18 @@ def prefix_ids_of_jobs(
     """The prefix version each of these jobs published (jobs without one are left out)."""
     if not job_ids:
         return {}
-    stmt = select(Prefix.job_id, Prefix.id).where(col(Prefix.job_id).in_(list(job_ids)))
+    stmt = select(PrefixVersion.job_id, PrefixVersion.id).where(
+        col(PrefixVersion.job_id).in_(list(job_ids))
+    )
     return {job_id: prefix_id for job_id, prefix_id in session.exec(stmt).all() if job_id}
 
 
-def list_prefixes(*, session: Session, tenant_id: uuid.UUID) -> list[Prefix]:
-    stmt = select(Prefix).where(col(Prefix.tenant_id) == tenant_id).order_by(col(Prefix.version))
+def list_prefixes(*, session: Session, tenant_id: uuid.UUID) -> list[PrefixVersion]:
+    stmt = (
+        select(PrefixVersion)
+        .where(col(PrefixVersion.tenant_id) == tenant_id)
+        .order_by(col(PrefixVersion.version))
+    )
     return list(session.exec(stmt).all())
 
 
@@ -186,32 +196,32 @@ def existing_prefix_ids(*, session: Session, prefix_ids: list[uuid.UUID]) -> set
     """Which of these prefix ids still have a row (inference replicas drop the others)."""
     if not prefix_ids:
         return set()
-    rows = session.exec(select(Prefix.id).where(col(Prefix.id).in_(prefix_ids)))
+    rows = session.exec(select(PrefixVersion.id).where(col(PrefixVersion.id).in_(prefix_ids)))
     return set(rows.all())
 
 
 def delete_prefix_version(
     *, session: Session, tenant_id: uuid.UUID, prefix_id: uuid.UUID, now: datetime | None = None
-) -> tuple[Prefix, Prefix | None]:
+) -> tuple[PrefixVersion, PrefixVersion | None]:
     """Delete one prefix version's row (the caller then deletes its blob). If it was the
     active one, the highest remaining version becomes active (or none is). Returns the
     deleted row and the tenant's active prefix afterwards."""
     at = now or utcnow()
     try:
         require_active_tenant(session, tenant_id, lock=True)
-        prefix = session.get(Prefix, prefix_id, populate_existing=True)
+        prefix = session.get(PrefixVersion, prefix_id, populate_existing=True)
         if prefix is None or prefix.tenant_id != tenant_id:
             raise NotFoundError(f"prefix {prefix_id} not found")
         was_active = prefix.active
-        deleted = Prefix.model_validate(prefix.model_dump())  # outlives the commit
+        deleted = PrefixVersion.model_validate(prefix.model_dump())  # outlives the commit
         session.delete(prefix)
         session.flush()
         active = get_active_prefix(session=session, tenant_id=tenant_id)
         if was_active:
             active = session.exec(
-                select(Prefix)
-                .where(col(Prefix.tenant_id) == tenant_id)
-                .order_by(col(Prefix.version).desc())
+                select(PrefixVersion)
+                .where(col(PrefixVersion.tenant_id) == tenant_id)
+                .order_by(col(PrefixVersion.version).desc())
                 .limit(1)
             ).first()
             if active is not None:

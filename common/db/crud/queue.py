@@ -1,7 +1,7 @@
 """The training queue: claim a job under a lease, keep it with heartbeats, release or finish it.
 
-``claim_next_fair_job`` is the production claim (round-robin over tenants, interactive
-before batch); ``claim_next_job`` is plain FIFO. ``owner`` must be unique per worker attempt
+``claim_next_job`` is the production claim (round-robin over tenants, interactive
+before batch); ``claim_oldest_job`` is plain FIFO. ``owner`` must be unique per worker attempt
 (e.g. ``f"{hostname}:{pid}:{uuid4()}"``): a job whose lease expired is handed to someone else.
 ``attempts`` counts the claims so far (1 while the first attempt runs)."""
 
@@ -97,7 +97,7 @@ def _claimed_values(owner: str, at: datetime, lease_seconds: float) -> dict[str,
 
 
 def reclaim_expired_jobs(*, session: Session, now: datetime | None = None) -> int:
-    """Run the expired-lease sweep on its own (``claim_next_job`` also runs it). Returns
+    """Run the expired-lease sweep on its own (``claim_oldest_job`` also runs it). Returns
     how many jobs changed state."""
     try:
         changed = _reclaim_expired(session, now or utcnow())
@@ -108,7 +108,7 @@ def reclaim_expired_jobs(*, session: Session, now: datetime | None = None) -> in
     return changed
 
 
-def claim_next_job(
+def claim_oldest_job(
     *, session: Session, owner: str, lease_seconds: float, now: datetime | None = None
 ) -> TrainingJob | None:
     """Take the next queued job: interactive before batch, then oldest first. The job turns
@@ -153,10 +153,10 @@ def claim_next_job(
     return None
 
 
-def claim_next_fair_job(
+def claim_next_job(
     *, session: Session, owner: str, lease_seconds: float, now: datetime | None = None
 ) -> TrainingJob | None:
-    """The scheduler's claim: like :func:`claim_next_job`, but fair between tenants.
+    """The scheduler's claim: like :func:`claim_oldest_job`, but fair between tenants.
 
     - a tenant with a running job gets no second one (at most one running job per tenant);
     - a tenant being deleted gets nothing;

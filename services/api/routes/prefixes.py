@@ -14,7 +14,7 @@ from pydantic import BaseModel, Field
 
 from common.db import crud
 from common.db.errors import NotFoundError
-from common.db.models import Prefix, PrefixPublic
+from common.db.models import PrefixVersion, PrefixVersionPublic
 from services.api.deps import ContextDep, CurrentTenant, SessionDep
 from services.api.errors import ApiError
 from services.api.schemas import Page
@@ -27,7 +27,7 @@ router = APIRouter(prefix="/v1/prefixes", tags=["prefixes"])
 class PrefixDeleted(BaseModel):
     id: uuid.UUID
     version: int
-    active: PrefixPublic | None = Field(
+    active: PrefixVersionPublic | None = Field(
         description="The tenant's active version now (the fallback), or null if none is left."
     )
 
@@ -37,28 +37,28 @@ NOT_FOUND: dict[int | str, dict[str, Any]] = {
 }
 
 
-def _prefix(session: Any, tenant_id: uuid.UUID, prefix_id: uuid.UUID) -> Prefix:
+def _prefix(session: Any, tenant_id: uuid.UUID, prefix_id: uuid.UUID) -> PrefixVersion:
     prefix = crud.get_prefix_by_id(session=session, tenant_id=tenant_id, prefix_id=prefix_id)
     if prefix is None:
         raise NotFoundError(f"prefix {prefix_id} not found")
     return prefix
 
 
-@router.get("", response_model=Page[PrefixPublic])
+@router.get("", response_model=Page[PrefixVersionPublic])
 def list_prefixes(tenant: CurrentTenant, session: SessionDep) -> Any:
     """The caller's prefix versions, oldest (version 1) first; `active` marks the one in use."""
     rows = crud.list_prefixes(session=session, tenant_id=tenant.id)
-    return Page[PrefixPublic](data=[PrefixPublic.model_validate(p) for p in rows])
+    return Page[PrefixVersionPublic](data=[PrefixVersionPublic.model_validate(p) for p in rows])
 
 
-@router.get("/{prefix_id}", response_model=PrefixPublic, responses=NOT_FOUND)
+@router.get("/{prefix_id}", response_model=PrefixVersionPublic, responses=NOT_FOUND)
 def get_prefix(prefix_id: uuid.UUID, tenant: CurrentTenant, session: SessionDep) -> Any:
     return _prefix(session, tenant.id, prefix_id)
 
 
 @router.post(
     "/{prefix_id}/activate",
-    response_model=PrefixPublic,
+    response_model=PrefixVersionPublic,
     responses={**NOT_FOUND, 409: {"description": "trained for another base model"}},
 )
 def activate_prefix(
@@ -97,5 +97,5 @@ def delete_prefix(
     return PrefixDeleted(
         id=deleted.id,
         version=deleted.version,
-        active=PrefixPublic.model_validate(active) if active is not None else None,
+        active=PrefixVersionPublic.model_validate(active) if active is not None else None,
     )

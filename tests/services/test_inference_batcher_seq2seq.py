@@ -8,7 +8,7 @@ import torch
 
 from common.architectures import prefix_shape
 from common.generation import DecodingConfig, GenerationRow, generate
-from services.inference.engine import ContinuousBatcher
+from services.inference.batcher import ContinuousBatcher
 
 
 def random_prefix(loaded, length, seed):

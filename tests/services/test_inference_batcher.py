@@ -8,7 +8,7 @@ import torch
 from common.architectures import prefix_shape
 from common.generation import DecodingConfig, GenerationRow, generate
 from common.prefix_file import Prefix
-from services.inference.engine import ContinuousBatcher
+from services.inference.batcher import ContinuousBatcher
 from services.inference.prefix_cache import PrefixCache, prefix_bytes
 
 
