@@ -27,7 +27,7 @@ from common.db.models import (
 )
 from common.erasure import erase_tenant
 from common.errors import InvalidInputError
-from common.prefix_file import PrefixVersion as PrefixArtifact
+from common.prefix_file import Prefix as PrefixArtifact
 from common.prefix_file import prefix_from_bytes
 from common.training import Progress
 from tests.fixtures.factories import make_dataset, make_job, make_tenant
