@@ -112,7 +112,7 @@ def up(
     import ray
     from ray import serve
 
-    from services.app_builder import build_app_from_settings
+    from services.app_builder import APP_NAME, build_app_from_settings
     from workers.scheduler import start_scheduler, stop_scheduler, wait_until_ready
 
     scheduler: Any = None
@@ -131,7 +131,7 @@ def up(
             )
             serve.start(http_options={"host": host, "port": settings.http_port})
             typer.echo("deploying the API and inference replicas (loads the model once)…", err=True)
-            serve.run(build_app_from_settings(settings), name="prefixd", route_prefix="/")
+            serve.run(build_app_from_settings(settings), name=APP_NAME, route_prefix="/")
             url = f"http://{host}:{settings.http_port}"
             _wait_ready(url)
             if detach:

@@ -118,7 +118,7 @@ def worker(
                 except RayActorError:
                     time.sleep(poll)
                     current = find_scheduler(settings)
-                    if current is not None and current._actor_id == handle._actor_id:
+                    if current is not None and current == handle:  # handles compare by actor id
                         continue  # Ray is restarting the same actor (its process died)
                     # The scheduler went away (the process that owned it stopped): take over.
                     typer.echo("the scheduler went away; starting one")

@@ -16,6 +16,13 @@ from common.shared_weights import get_shared_model
 from services.api.ingress import ApiIngress
 from services.inference.deployment import InferenceDeployment
 
+# The names `serve run`/`serve deploy`, `prefixd up`, the erasure's replica evictor and the
+# tests address the application and its deployments by; deploy/serve_config.yaml repeats
+# APP_NAME (tests/deploy/test_manifests.py checks that it does).
+APP_NAME = "prefixd"
+API_DEPLOYMENT = "api"
+INFERENCE_DEPLOYMENT = "inference"
+
 
 class AppArgs(BaseModel):
     """Overrides on top of the environment's settings (``serve deploy`` args)."""
@@ -26,6 +33,7 @@ class AppArgs(BaseModel):
 def build_app_from_settings(settings: Settings) -> Application:
     shared = get_shared_model(settings)
     inference = InferenceDeployment.options(
+        name=INFERENCE_DEPLOYMENT,
         num_replicas=settings.inference_replicas,
         max_ongoing_requests=settings.inference_max_ongoing_requests,
         ray_actor_options={
@@ -33,9 +41,9 @@ def build_app_from_settings(settings: Settings) -> Application:
             "num_gpus": settings.inference_num_gpus,
         },
     ).bind(shared, settings)
-    return ApiIngress.options(ray_actor_options={"num_cpus": 0}).bind(
-        inference, settings, shared.fingerprint
-    )
+    return ApiIngress.options(  # type: ignore[attr-defined]  # Serve's decorator hides .options from mypy
+        name=API_DEPLOYMENT, ray_actor_options={"num_cpus": 0}
+    ).bind(inference, settings, shared.fingerprint)
 
 
 def build_app(args: AppArgs) -> Application:

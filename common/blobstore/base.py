@@ -10,10 +10,8 @@ from __future__ import annotations
 import hashlib
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
 
 from common.errors import InvalidInputError, PrefixdError
 
@@ -90,17 +88,6 @@ def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(CHUNK), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def sha256_stream(stream: BinaryIO | Iterable[bytes]) -> str:
-    h = hashlib.sha256()
-    if hasattr(stream, "read"):
-        for chunk in iter(lambda: stream.read(CHUNK), b""):  # type: ignore[union-attr]
-            h.update(chunk)
-    else:
-        for chunk in stream:
             h.update(chunk)
     return h.hexdigest()
 

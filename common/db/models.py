@@ -167,12 +167,6 @@ class Dataset(DatasetBase, table=True):
     created_at: datetime = Field(default_factory=utcnow, sa_type=_DT)
 
 
-class DatasetPublic(DatasetBase):
-    id: uuid.UUID
-    tenant_id: uuid.UUID
-    created_at: datetime
-
-
 # --- training jobs -------------------------------------------------------------------------
 
 
@@ -347,10 +341,6 @@ class DeletionAudit(DeletionAuditBase, table=True):
     )
 
     id: uuid.UUID = Field(default_factory=uuid.uuid4, primary_key=True)
-
-
-class DeletionAuditPublic(DeletionAuditBase):
-    id: uuid.UUID
 
 
 # --- tenant erasure under way (deleted when its audit record is written) -------------------

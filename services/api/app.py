@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from importlib.metadata import version
+
 from fastapi import Depends, FastAPI
 
-import prefixd
 from services.api.context import ApiContext
 from services.api.deps import enforce_generate_rate
 from services.api.errors import install_error_handlers
@@ -27,7 +28,7 @@ def create_app(context: ApiContext) -> FastAPI:
     settings = context.settings
     app = FastAPI(
         title="prefixd",
-        version=prefixd.__version__,
+        version=version("prefixd"),
         description="Per-tenant prefix-tuning on one frozen language model. Authenticate "
         "with `Authorization: Bearer <key>`: a tenant's API key, or the admin token for "
         'tenant management. Every error is `{"error": {"code": "...", "message": "..."}}`.',

@@ -90,6 +90,11 @@ class ContinuousBatcher:
         self._thread = threading.Thread(target=self._run, name="decode-loop", daemon=True)
         self._thread.start()
 
+    @property
+    def alive(self) -> bool:
+        """Whether the decode loop's thread still runs (the replica's health check)."""
+        return self._thread.is_alive()
+
     def close(self) -> None:
         self._incoming.put(None)
         self._thread.join(timeout=10)

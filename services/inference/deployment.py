@@ -197,7 +197,7 @@ class InferenceServer:
         }
 
     async def check_health(self) -> None:
-        if not self.batcher._thread.is_alive():
+        if not self.batcher.alive:
             raise RuntimeError("the decode loop stopped")
 
 

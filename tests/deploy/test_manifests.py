@@ -72,6 +72,9 @@ def test_secrets_are_referenced_never_inlined():
 
 def assert_serve_config(config: dict) -> None:
     (application,) = config["applications"]
+    from services.app_builder import APP_NAME
+
+    assert application["name"] == APP_NAME
     module_name, _, attribute = application["import_path"].partition(":")
     builder = getattr(importlib.import_module(module_name), attribute)
     (parameter,) = inspect.signature(builder).parameters.values()

@@ -54,7 +54,7 @@ def db_stack(
     from common.db.engine import create_db_engine
     from common.model_loading import load_model
     from common.shared_weights import holder_name
-    from services.app_builder import build_app_from_settings
+    from services.app_builder import APP_NAME, build_app_from_settings
     from tests.fixtures.services import free_port
 
     settings = Settings(
@@ -73,7 +73,7 @@ def db_stack(
     )
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app_from_settings(settings), name="prefixd", route_prefix="/")
+    serve.run(build_app_from_settings(settings), name=APP_NAME, route_prefix="/")
     db = create_db_engine(settings)
     blobs = build_blob_store(settings, boto_session=_boto_session())
     loaded = load_model(settings.model, settings=settings)

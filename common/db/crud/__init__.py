@@ -24,7 +24,6 @@ from common.db.crud.datasets import (
 from common.db.crud.erasure import (
     begin_tenant_erasure,
     claim_tenant_erasure,
-    complete_deletion_audit,
     get_deletion_audit,
     get_tenant_erasure,
     list_deletion_audits,
@@ -32,7 +31,6 @@ from common.db.crud.erasure import (
     release_tenant_erasure,
     renew_tenant_erasure,
     resumable_tenant_erasures,
-    start_deletion_audit,
 )
 from common.db.crud.jobs import (
     cancel_job,
@@ -83,7 +81,6 @@ from common.db.crud.tenants import (
     create_tenant,
     get_tenant,
     get_tenant_by_api_key,
-    get_tenant_by_name,
     hash_api_key,
     list_api_keys,
     list_tenants,
@@ -108,7 +105,6 @@ __all__ = [
     "claim_oldest_job",
     "claim_tenant_erasure",
     "commit",
-    "complete_deletion_audit",
     "count_jobs_by_state",
     "count_unfinished_jobs",
     "create_api_key",
@@ -129,7 +125,6 @@ __all__ = [
     "get_prefix_by_id",
     "get_tenant",
     "get_tenant_by_api_key",
-    "get_tenant_by_name",
     "get_tenant_erasure",
     "hash_api_key",
     "heartbeat_job",
@@ -161,7 +156,6 @@ __all__ = [
     "resumable_tenant_erasures",
     "revoke_api_key",
     "sql_timestamp",
-    "start_deletion_audit",
     "start_nightly_run",
     "tenant_dataset_bytes",
 ]

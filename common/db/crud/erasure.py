@@ -21,36 +21,6 @@ from common.db.models import (
 from common.db.types import utcnow
 
 
-def start_deletion_audit(
-    *, session: Session, tenant_id: uuid.UUID, now: datetime | None = None
-) -> DeletionAudit:
-    audit = DeletionAudit(tenant_id=tenant_id, requested_at=now or utcnow())
-    session.add(audit)
-    commit(session)
-    session.refresh(audit)
-    return audit
-
-
-def complete_deletion_audit(
-    *,
-    session: Session,
-    audit_id: uuid.UUID,
-    objects_erased: int,
-    rows_erased: int,
-    now: datetime | None = None,
-) -> DeletionAudit:
-    audit = session.get(DeletionAudit, audit_id)
-    if audit is None:
-        raise NotFoundError(f"deletion audit {audit_id} not found")
-    audit.objects_erased = objects_erased
-    audit.rows_erased = rows_erased
-    audit.completed_at = now or utcnow()
-    session.add(audit)
-    commit(session)
-    session.refresh(audit)
-    return audit
-
-
 def list_deletion_audits(
     *, session: Session, tenant_id: uuid.UUID | None = None
 ) -> Sequence[DeletionAudit]:

@@ -44,10 +44,6 @@ def get_tenant(*, session: Session, tenant_id: uuid.UUID) -> Tenant | None:
     return session.get(Tenant, tenant_id)
 
 
-def get_tenant_by_name(*, session: Session, name: str) -> Tenant | None:
-    return session.exec(select(Tenant).where(col(Tenant.name) == name)).first()
-
-
 def list_tenants(*, session: Session, offset: int = 0, limit: int = 100) -> list[Tenant]:
     stmt = select(Tenant).order_by(col(Tenant.created_at), col(Tenant.id))
     return list(session.exec(stmt.offset(offset).limit(limit)).all())
