@@ -97,12 +97,6 @@ class Tenant(TenantBase, table=True):
     created_at: datetime = Field(default_factory=utcnow, sa_type=_DT)
 
 
-class TenantPublic(TenantBase):
-    id: uuid.UUID
-    status: TenantStatus
-    created_at: datetime
-
-
 # --- API keys (only a SHA-256 hash of the key is stored) -------------------------------------
 
 

@@ -191,6 +191,8 @@ def test_tenant_is_erased_everywhere_while_others_are_served(
         crud.mark_tenant_deleting(session=session, tenant_id=orphaned)
     shown = client.call("GET", f"/v1/tenants/{orphaned}", client.admin).json()
     assert shown["status"] == "deleting" and shown["deletion"]["step"] == "cancel_jobs"
+    listed = client.call("GET", "/v1/tenants?limit=1000", client.admin).json()["data"]
+    assert [t for t in listed if t["id"] == str(orphaned)] == [shown]  # one shape, both routes
     gone = client.call("POST", f"/v1/tenants/{orphaned}/keys", client.admin, json={})
     assert gone.status_code == 410 and gone.json()["error"]["code"] == "tenant_deleting"
     assert client.generate(orphaned_key).status_code == 401

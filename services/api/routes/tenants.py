@@ -21,7 +21,6 @@ from common.db.models import (
     Tenant,
     TenantCreate,
     TenantErasure,
-    TenantPublic,
     TenantStatus,
 )
 from services.api.deps import AdminDep, Caller, CallerDep, ContextDep, SessionDep
@@ -101,19 +100,31 @@ def create_tenant(_: AdminDep, session: SessionDep, body: TenantCreateRequest | 
     )
 
 
-@router.get("", response_model=Page[TenantPublic])
+@router.get("", response_model=Page[TenantOut])
 def list_tenants(
     _: AdminDep,
     session: SessionDep,
     offset: int = Query(default=0, ge=0, le=1_000_000),
     limit: int = Query(default=100, ge=1, le=1000),
 ) -> Any:
-    """Every tenant, oldest first (admin token)."""
-    return Page[TenantPublic](
+    """Every tenant, oldest first (admin token), in the shape of `GET /tenants/{id}`."""
+    return Page[TenantOut](
         data=[
-            TenantPublic.model_validate(t)
-            for t in crud.list_tenants(session=session, offset=offset, limit=limit)
+            _tenant_out(tenant, crud.get_tenant_erasure(session=session, tenant_id=tenant.id))
+            if tenant.status == TenantStatus.deleting
+            else _tenant_out(tenant, None)
+            for tenant in crud.list_tenants(session=session, offset=offset, limit=limit)
         ]
+    )
+
+
+def _tenant_out(tenant: Tenant, erasure: TenantErasure | None) -> TenantOut:
+    return TenantOut(
+        id=tenant.id,
+        name=tenant.name,
+        status=tenant.status.value,
+        created_at=tenant.created_at,
+        deletion=_progress(erasure) if erasure is not None else None,
     )
 
 
@@ -130,11 +141,7 @@ def get_tenant(tenant_id: uuid.UUID, caller: CallerDep, session: SessionDep) -> 
             id=tenant_id, name=None, status=TenantStatus.deleting.value, created_at=None,
             deletion=_progress(erasure),
         )  # fmt: skip
-    tenant = _tenant_for(session, caller, tenant_id)
-    return TenantOut(
-        id=tenant.id, name=tenant.name, status=tenant.status.value, created_at=tenant.created_at,
-        deletion=_progress(erasure) if erasure is not None else None,
-    )  # fmt: skip
+    return _tenant_out(_tenant_for(session, caller, tenant_id), erasure)
 
 
 @router.delete(
