@@ -248,12 +248,10 @@ def show_job(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """A job's state, attempts, error and latest progress."""
-    from sqlmodel import col, select
 
     from common.db import crud
     from common.db.engine import session_scope
     from common.db.errors import NotFoundError
-    from common.db.models import JobEvent
 
     wanted = _job_id(job_id)
     with migrated_database() as engine, session_scope(engine) as session:
@@ -261,14 +259,7 @@ def show_job(
         if job is None:
             raise NotFoundError(f"job {wanted} not found")
         summary = _job_summary(job)
-        recent = list(
-            session.exec(
-                select(JobEvent)
-                .where(col(JobEvent.job_id) == wanted)
-                .order_by(col(JobEvent.id).desc())
-                .limit(20)
-            ).all()
-        )[::-1]
+        recent = crud.recent_job_events(session=session, job_id=wanted, limit=20)
         summary["progress"] = _progress(recent)
         summary["lease_owner"] = job.lease_owner
         summary["lease_expires_at"] = job.lease_expires_at and job.lease_expires_at.isoformat()

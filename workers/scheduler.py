@@ -52,7 +52,6 @@ from ray.exceptions import (
     TaskCancelledError,
     WorkerCrashedError,
 )
-from sqlmodel import col, select
 
 from common.blobstore import BlobStore, build_blob_store
 from common.config import Settings
@@ -368,12 +367,7 @@ class Scheduler:
         if not entries:
             return
         with session_scope(self._engine) as session:
-            rows = session.exec(
-                select(TrainingJob.id, TrainingJob.state, TrainingJob.lease_owner).where(
-                    col(TrainingJob.id).in_([e.job_id for e in entries])
-                )
-            ).all()
-        owners = {job_id: (state, owner) for job_id, state, owner in rows}
+            owners = crud.job_lease_owners(session=session, job_ids=[e.job_id for e in entries])
         grace = 30.0 + 3 * self.settings.job_heartbeat_seconds
         now = time.monotonic()
         for entry in entries:

@@ -42,6 +42,7 @@ from common.db.crud.jobs import (
     list_all_jobs,
     list_job_events,
     list_jobs,
+    recent_job_events,
     record_job_event,
 )
 from common.db.crud.nightly import (
@@ -72,6 +73,7 @@ from common.db.crud.queue import (
     finish_job,
     heartbeat_job,
     holds_job_lease,
+    job_lease_owners,
     reclaim_expired_jobs,
     release_job,
 )
@@ -129,6 +131,7 @@ __all__ = [
     "hash_api_key",
     "heartbeat_job",
     "holds_job_lease",
+    "job_lease_owners",
     "latest_job_events",
     "list_all_jobs",
     "list_api_keys",
@@ -146,6 +149,7 @@ __all__ = [
     "nightly_job_counts",
     "prefix_ids_of_jobs",
     "publish_prefix",
+    "recent_job_events",
     "reclaim_expired_jobs",
     "record_job_event",
     "refresh_nightly_runs",

@@ -206,6 +206,13 @@ def list_job_events(
     return list(session.exec(stmt.order_by(col(JobEvent.id)).limit(limit)).all())
 
 
+def recent_job_events(*, session: Session, job_id: uuid.UUID, limit: int = 20) -> list[JobEvent]:
+    """The last ``limit`` progress rows of a job, oldest first (``prefixd jobs show``)."""
+    stmt = select(JobEvent).where(col(JobEvent.job_id) == job_id)
+    newest = session.exec(stmt.order_by(col(JobEvent.id).desc()).limit(limit)).all()
+    return list(newest)[::-1]
+
+
 def latest_job_events(
     *, session: Session, job_ids: Sequence[uuid.UUID]
 ) -> dict[uuid.UUID, JobEvent]:

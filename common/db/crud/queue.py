@@ -8,6 +8,7 @@ before batch); ``claim_oldest_job`` is plain FIFO. ``owner`` must be unique per 
 from __future__ import annotations
 
 import uuid
+from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -290,6 +291,20 @@ def _owned_running(owner: str) -> list[sa.ColumnElement[bool]]:
         col(TrainingJob.state) == JobState.running,
         col(TrainingJob.lease_owner) == owner,
     ]
+
+
+def job_lease_owners(
+    *, session: Session, job_ids: Sequence[uuid.UUID]
+) -> dict[uuid.UUID, tuple[JobState, str | None]]:
+    """State and lease owner of each of these jobs (the scheduler watches its trainers)."""
+    if not job_ids:
+        return {}
+    rows = session.exec(
+        select(TrainingJob.id, TrainingJob.state, TrainingJob.lease_owner).where(
+            col(TrainingJob.id).in_(list(job_ids))
+        )
+    ).all()
+    return {job_id: (JobState(state), owner) for job_id, state, owner in rows}
 
 
 def holds_job_lease(
