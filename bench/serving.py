@@ -8,7 +8,7 @@ every side decodes exactly the same amount):
    the same 8 inputs on the **bare model** in one batch (target ≥ 0.9×) and against
    **one request at a time**, loading that request's prefix per call, as single-adapter
    servers do (target ≥ 3×);
-2. p50/p95 latency and throughput of the serving engine (``ContinuousBatcher``, the decode
+2. p50/p95 latency and throughput of the batcher (``ContinuousBatcher``, the decode
    loop inside every inference replica) at 1, 4, 8 and 16 concurrent closed-loop clients,
    each request for a random tenant — in process, without Ray Serve's HTTP hop;
 3. the cold-prefix penalty: loading a prefix that is not cached from the blob store over

@@ -1,46 +1,36 @@
 """Tenant erasure: erase a tenant everywhere, durably and resumably, and prove it.
 
-Marking the tenant ``deleting`` (:func:`crud.mark_tenant_deleting`, or
-:func:`crud.begin_tenant_erasure`) records, in the same commit, a ``tenant_erasures`` row: the
-erasure's own state (next step, lease, counts, the tenant's prefix ids once its rows are
-gone, last error). From that commit on its keys stop working, nothing can be added to it (no
-dataset, job, key or prefix version: every such write checks the status under the tenant's
-row lock) and no job of it is claimed. Then, each step idempotent and committed together with
-the move to the next one:
+    audit = erase_tenant(engine=engine, store=blobs, tenant_id=tenant_id, evictor=evictor)
+    resume_pending_erasures(engine=engine, store=blobs, options=options)  # the scheduler
+    find_tenant_leftovers(engine, blobs, tenant_id)                       # [] once erased
 
-1. ``cancel_jobs`` — its queued and running jobs turn ``cancelled`` (a running trainer learns
-   it from its next heartbeat and stops between two steps without publishing; one that was
-   already publishing is refused and deletes the blob it wrote);
-2. ``delete_objects`` — every object under ``tenants/<id>/``, every version and delete marker
-   on a versioned bucket;
-3. ``delete_rows`` — in one transaction: the tenant's prefix ids are recorded in the erasure
-   row, then its rows are deleted: job events, then every table with a ``tenant_id`` column
-   (prefixes, jobs, datasets, keys, …), then the tenant row;
-4. ``evict_replicas`` — every inference replica drops the recorded prefix ids; the step ends
-   only when every running replica answered that it neither caches nor is loading any of them
-   (:class:`ServeReplicaEvictor`). Without a Serve application there is nothing to evict. A
-   replica also drops them by itself within ``prefix_cache_sweep_seconds`` (its sweeper finds
-   their rows gone), which is the bound when the runner has no way to reach Serve;
-5. ``verify`` — a final sweep of ``tenants/<id>/`` (an upload or a trainer that wrote after
-   step 2 deletes its own object when its commit is refused; this catches one that had not
-   yet), then :func:`find_tenant_leftovers` must find nothing: no object version, no row;
-6. the audit record (``deletion_audits``: ids, times, counts — no personal data) is written
-   and the erasure row deleted, in one transaction. The audit's tenant id is unique, so
-   however often an erasure runs, there is one record.
+Marking the tenant ``deleting`` (:func:`crud.begin_tenant_erasure`) records, in the same
+commit, its ``tenant_erasures`` row (next step, lease, counts, last error); from then on
+nothing can be added to the tenant and its keys are refused. The steps, each idempotent and
+committed together with the move to the next one while the runner holds the lease (this
+module runs its own transactions; a crash repeats at most the step it was in):
 
-**Who runs it.** ``DELETE /v1/tenants/{id}`` (in the background of the API replica that got
-the request) and ``prefixd tenants delete ID`` (in the foreground, with progress). A runner
-holds a lease on the erasure row (``erasure_lease_seconds``, renewed between steps and while
-waiting): two runners never work on one erasure at once. **Resumption** has one place: the
-scheduler's loop (``workers/scheduler.py``) resumes every erasure whose lease ran out (its
-runner died) or that nobody worked on for ``erasure_lease_seconds`` (its runner failed; the
-failure is in ``last_error``). Deleting again (API or CLI) resumes it at once.
+1. ``cancel_jobs`` — queued and running jobs turn ``cancelled``; a trainer stops at its
+   next heartbeat, and one already publishing is refused and deletes its blob;
+2. ``delete_objects`` — everything under ``tenants/<id>/``, every version and delete marker;
+3. ``delete_rows`` — one transaction: record the tenant's prefix ids in the erasure row,
+   delete its job events, every row of a table with a ``tenant_id`` column, the tenant row;
+4. ``evict_replicas`` — done when every running inference replica answered that it neither
+   caches nor loads those prefix ids (:class:`ServeReplicaEvictor`); without Serve, the
+   replicas' own sweep (``prefix_cache_sweep_seconds``) is the bound;
+5. ``verify`` — a last sweep of ``tenants/<id>/``, then :func:`find_tenant_leftovers` must
+   find nothing;
+6. one transaction writes the ``deletion_audits`` record (ids, times, counts; one per
+   tenant however often it runs) and deletes the erasure row.
 
-**Bounds.** A generate request that resolved the tenant's prefix before step 1 may finish;
-none can start after it (the key is refused). A writer (upload, trainer) that dies between
-writing an object and deleting it after its refused commit, *after* step 5 ran, can leave an
-object: the scheduler's crash sweep covers dead trainers, ``prefixd tenants verify-deleted``
-reports anything left and ``prefixd tenants delete`` sweeps it again.
+Runners: ``DELETE /v1/tenants/{id}`` (background of an API replica) and ``prefixd tenants
+delete`` (foreground). Two never work on one erasure at once (:class:`ErasureBusyError`).
+Resumption has one place, the scheduler's loop: an erasure whose lease ran out or that made
+no progress for ``erasure_lease_seconds`` is run again.
+
+Bounds: a generate request that resolved the prefix before step 1 may finish; a writer that
+dies between writing an object and cleaning it up after step 5 ran can leave it
+(``prefixd tenants verify-deleted`` reports it, ``prefixd tenants delete`` sweeps again).
 """
 
 from __future__ import annotations

@@ -1,22 +1,24 @@
 """Batched generation where every row may have its own prefix.
 
-One call takes rows ``(prefix, input_ids)`` whose prefixes and inputs have different
-lengths, lays them out as described in :mod:`common.kv_cache` (prefixes padded to the
-longest with masked slots, inputs left-padded, per-row positions starting at the row's
-prefix length) and decodes them together through ``model.forward``: greedy, sampling
-(temperature, top-p) or beam search, up to ``max_new_tokens``, each row stopping at EOS.
+Example::
 
-We decode with our own loop instead of ``model.generate()``: ``generate`` derives
-``cache_position`` from the cache length and would drop prompt tokens for a virtual prefix
-that has no input ids, extends the cache it is given in place, and assumes one position
-offset for the whole batch. Here a fresh cache is built per call from copies of the
-prefixes (a stored prefix is never mutated), and rows that finish stop costing work: they
-are dropped from the batch between steps.
+    rows = [GenerationRow(input_ids=ids_a, prefix=prefix_a),  # (layers, 2, kv_heads, P, head_dim)
+            GenerationRow(input_ids=ids_b, prefix=None)]      # the bare model
+    out = generate(model, rows, DecodingConfig(max_new_tokens=32),
+                   eos_token_id=eos, pad_token_id=pad)        # token ids per row, EOS excluded
 
-Encoder-decoder models (BART, T5) decode through :class:`EncoderDecoderBatch`: each row's
-input goes through the encoder behind the row's encoder prefix, the decoder starts from the
-model's decoder start token behind its self-attention and cross-attention prefixes
-(:mod:`common.encoder_decoder`); :func:`decode_batch` picks the right class for a model.
+Rows are laid out as in :mod:`common.kv_cache` (prefixes padded to the longest with masked
+slots, inputs left-padded, positions starting at each row's own prefix length), so a row's
+output does not depend on its batch; decoding is greedy, sampling (temperature, top-p, a
+seeded generator per row) or beam search. :class:`DecodeBatch` (and
+:class:`EncoderDecoderBatch` for BART, T5; :func:`decode_batch` picks one) is the step-wise
+form the inference batcher uses: rows join and leave between steps.
+
+Why not ``model.generate()``: it derives ``cache_position`` from the cache length and would
+drop prompt tokens for a prefix that has no input ids, extends the cache it is given in
+place, and assumes one position offset for the whole batch. Here a fresh cache is built per
+call from copies of the prefixes (a stored prefix is never mutated), and finished rows leave
+the batch between steps.
 """
 
 from __future__ import annotations

@@ -14,7 +14,9 @@ now say ``kind: decoder-only`` and no layout.
 
 Loading checks everything it can before a prefix reaches a model: exactly the expected
 tensor, its shape and layout against the metadata and against the model, an allowed dtype,
-and the base-model fingerprint — a prefix trained for another model is refused.
+finite values, and the base-model fingerprint — a prefix trained for another model is
+refused. Any bad file is an :class:`IncompatiblePrefixError` naming it. Writes are atomic
+(a temporary file, then a rename).
 """
 
 from __future__ import annotations

@@ -4,32 +4,26 @@
     plan = enqueue_plan(session=session, plan=plan)                  # one batch job per tenant
     outcome = run_nightly(engine, run_date=...)                      # both + the nightly_runs row
 
-**Who is planned.** Every active tenant (a tenant being deleted is skipped) with at least one
-dataset, that either was never trained (no prefix version) or has *new data*: a dataset
-uploaded after the job of its newest prefix version was submitted and not read by that job.
-The newest version, not only the active one: a version the quality gate kept inactive, or
-one the tenant rolled back from, was trained on that data already, so the same data is not
-retrained night after night. ``since`` (``--since``/``--changed-since``) further requires
-that a new dataset (any dataset, for a tenant never trained) arrived at or after it.
-Removing a dataset alone does not trigger retraining. A tenant with a queued or running job
-of its own is left for the next night; so is one with fewer than two examples (a nightly
-job always holds out a validation split). ``limit`` caps the tenants per night: stalest
-first (never trained, then oldest training), the rest wait for the next night.
+**Who is planned.** Every active tenant with at least one dataset that was never trained or
+has *new data*: a dataset uploaded after the job of its **newest** prefix version was
+submitted and not read by it. The newest, not the active one: a version the quality gate
+kept inactive, or one the tenant rolled back from, was trained on that data already, so it
+is not retrained night after night. ``since`` additionally requires a new dataset (any, for a
+tenant never trained) at or after it. Removing a dataset alone triggers nothing. Skipped,
+with the reason in the plan: a tenant with a queued or running job (next night), one with
+fewer than two examples (a nightly job holds some out), those past ``limit`` (stalest
+first: never trained, then oldest training).
 
 **The job.** All of the tenant's current datasets, oldest first; the hyperparameters of the
-active version's job (of the newest version's when none is active; ``defaults`` for a
-tenant never trained), with a validation split of ``validation_split`` when they hold out
-none, always with the stable ``hash`` split (:mod:`workers.quality_gate`); priority
-``batch`` (every interactive job is claimed first); idempotency key ``nightly-<date>``, so
-planning the same night again — a restart, a second CronJob run — enqueues nothing new.
+active version's job (else the newest version's; ``defaults`` for a tenant never trained),
+holding out ``validation_split`` when they hold out nothing, always with the stable ``hash``
+split (:mod:`workers.quality_gate`); priority ``batch``; idempotency key ``nightly-<date>``,
+so planning the same night again enqueues nothing new.
 
-**The record.** :func:`run_nightly` keeps one ``nightly_runs`` row per night: made by the
-first pass (``started_at``), updated by each pass (``planner_runs``, ``planned_at``,
-skipped tenants, estimated tokens, job counts as they stand). Job counts and
-``finished_at``/``wall_seconds`` (once every job of the night is final) are stored by
-:func:`refresh_runs` — at the start of every pass, by ``prefixd nightly --report`` and
-every minute by ``prefixd worker --nightly-at`` — and ``GET /v1/admin/nightly/runs`` reads
-them live for a night not finished yet.
+**The record.** One ``nightly_runs`` row per night, made by the first pass and updated by
+each. Job counts and ``finished_at``/``wall_seconds`` are stored by :func:`refresh_runs`
+(at the start of every pass, by ``prefixd nightly --report``, every minute by ``prefixd
+worker --nightly-at``); ``GET /v1/admin/nightly/runs`` reads them live for an open night.
 """
 
 from __future__ import annotations

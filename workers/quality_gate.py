@@ -19,7 +19,9 @@ The trainer calls :func:`nightly_quality_gate` after training, before writing th
    (``PREFIXD_NIGHTLY_MAX_REGRESSION``); else it is published inactive and the job gets a
    ``note`` saying why (it still ``succeeded``; the tenant may activate the version itself).
 
-Every outcome adds flat ``quality_gate*`` entries to the new prefix's metrics.
+Every outcome adds flat ``quality_gate*`` entries to the new prefix's metrics. Known limit:
+early stopping picks the new version's best epoch on the same held-out slice, a slight bias
+in its favour.
 """
 
 from __future__ import annotations

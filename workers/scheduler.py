@@ -1,34 +1,31 @@
 """The scheduler: one named Ray actor per cluster (and namespace) that runs the durable job
-queue on trainer processes.
+queue (the database) on trainer processes.
 
     handle, created = start_scheduler(settings)     # a second start finds the running one
     wait_until_ready(handle)                        # model shared, database and store checked
     ...
     stop_scheduler(handle)                          # running jobs go back to the queue
 
-At start the actor checks the database schema and the blob store and gets the base model's
-frozen weights from the Ray object store (:func:`get_shared_model`: loaded once per cluster
-by a holder actor, the same copy the inference replicas map); it hands that
-:class:`SharedModel` to every trainer, which maps the weights zero-copy. Then a loop, every ``scheduler_poll_seconds``:
+At start the actor checks the schema and the blob store and gets the frozen weights with
+:func:`get_shared_model` (one object-store copy per cluster, shared with the inference
+replicas); every trainer maps that :class:`SharedModel` zero-copy. Then, every
+``scheduler_poll_seconds``:
 
-1. collects finished trainers. A trainer finishes its own job (published, failed, cancelled);
-   a trainer whose process died (killed, out of memory, node lost: ``WorkerCrashedError``,
-   ``NodeDiedError``, …) or that raised is failed here *with retry*: its orphan blob, if any,
-   is swept and the job goes back to the queue while attempts remain;
-2. returns expired leases to the queue (``attempts`` + 1; failed after ``max_attempts``) —
-   that is how jobs of a dead scheduler come back: its trainers die with it (Ray kills the
-   tasks of a dead owner), their leases stop being renewed and run out;
-3. force-stops trainers whose job is no longer theirs (cancelled, reclaimed, erased) and
-   did not stop by themselves within a grace period;
-4. claims jobs (:func:`crud.claim_next_job`: interactive first, one running job per
-   tenant, round-robin across tenants) while trainer slots are free, fails at once a job
-   whose hyperparameters are invalid (a user error), and starts one trainer task per job (``max_calls=1``: a fresh worker process that exits afterwards;
-   ``max_retries=0``: retries go through the queue with a new lease owner);
-5. resumes unfinished tenant erasures (``common/erasure.py``: a runner died or failed), on
-   a thread of its own — the one place that does.
+1. collect finished trainers; one whose process died (``WorkerCrashedError``,
+   ``NodeDiedError``, …) or that raised fails its attempt *with retry*, after its orphan
+   blob, if any, is swept;
+2. return expired leases to the queue (how jobs of a dead scheduler come back: Ray kills
+   the trainers of a dead owner, and their leases run out);
+3. force-stop trainers whose job is no longer theirs (cancelled, reclaimed, erased) and
+   that did not stop by themselves within a grace period;
+4. while trainer slots are free, claim with :func:`crud.claim_next_job` and start one
+   trainer task per job (``max_calls=1``: a fresh process; ``max_retries=0``: retries go
+   through the queue); a job with invalid hyperparameters fails at once;
+5. resume unfinished tenant erasures (:mod:`common.erasure`) on a thread of its own — the
+   one place that does.
 
-A claimed job's first lease is ``trainer_start_timeout_seconds`` (a trainer process takes a
-while to start); the trainer's first heartbeat shortens it to ``job_lease_seconds``.
+A claimed job's first lease is ``trainer_start_timeout_seconds``; the trainer's first
+heartbeat shortens it to ``job_lease_seconds``.
 """
 
 from __future__ import annotations

@@ -1,30 +1,26 @@
 """The trainer: one training job in its own Ray worker process.
 
-The scheduler claims a job (it holds the lease as ``owner``) and runs
-:func:`run_training_job` as a Ray task with ``max_calls=1`` (the worker process exits after
-the job, keeping nothing) and ``max_retries=0`` (retries are the queue's business: a new
-attempt gets a new owner). The trainer:
+    report = run_training_job(settings, shared, job_id, owner)   # a Ray task, max_calls=1
 
-1. renews the lease from a background thread every ``job_heartbeat_seconds`` (the first
-   renewal replaces the scheduler's start-up lease with ``job_lease_seconds``); a renewal
-   that fails means the job was cancelled, reclaimed or erased, and training stops between
-   two steps (``should_stop``);
+The scheduler claims the job (holding the lease as ``owner``) and runs this as a task with
+``max_calls=1`` (the process exits after the job, keeping nothing) and ``max_retries=0``
+(a retry is a new claim with a new owner). The trainer:
+
+1. renews the lease every ``job_heartbeat_seconds`` from a thread (the first renewal
+   replaces the start-up lease with ``job_lease_seconds``); a failed renewal (cancelled,
+   reclaimed, erased) stops training between two steps, without publishing;
 2. validates the hyperparameters (:mod:`workers.hyperparameters`) and reads the job's
-   datasets (and its validation dataset, if any) — looked up with the job's tenant id, so
-   only that tenant's objects — from the blob store into memory (never to local disk);
-3. maps the frozen base weights from the object store (:func:`materialize_model`: zero-copy,
-   no disk read, no private copy) and trains with the core's loop, writing progress events
-   at most every ``progress_event_seconds``;
-4. for a nightly (``batch``) job, runs the quality gate (:mod:`workers.quality_gate`): the
-   new version becomes active only if its validation loss is not worse than the active
-   version's on the same held-out examples (by more than ``nightly_max_regression``);
-5. writes the prefix blob under a fresh prefix id, then calls :func:`crud.publish_prefix`
-   (one transaction: tenant still active, lease still ours, new version made active — or
-   kept inactive with a note on the job, by the gate — job succeeded). When publishing
-   fails the blob it just wrote is deleted.
+   datasets — looked up with the job's tenant id — into memory, never to disk;
+3. maps the frozen weights zero-copy (:func:`materialize_model`) and trains, writing
+   progress events at most every ``progress_event_seconds``;
+4. for a nightly (``batch``) job, runs the quality gate (:mod:`workers.quality_gate`);
+5. writes the prefix blob under a fresh id, then :func:`crud.publish_prefix` (tenant still
+   active, lease still ours, version activated or kept inactive by the gate, job
+   succeeded). If publishing fails the blob is deleted — unless the commit's outcome is
+   unknown (then the tenant's next attempt sweeps it if no row points at it).
 
-User errors (bad hyperparameters, bad data, a dataset that is gone) fail the job with the
-message and no retry; anything else fails the attempt with a retry while attempts remain.
+User errors (bad hyperparameters, bad data, a dataset gone) fail the job with no retry;
+anything else fails the attempt, retried while attempts remain.
 """
 
 from __future__ import annotations
@@ -295,8 +291,9 @@ def publish_trained_prefix(
 ) -> uuid.UUID:  # fmt: skip
     """Write the blob under a fresh prefix id, then publish it (one transaction), made
     active unless ``activate`` is False (then ``note`` says why, on the job). If the
-    publish fails for any reason — tenant gone or being deleted, lease lost, database down —
-    the blob is deleted again and the error raised. Returns the new prefix id."""
+    publish fails — tenant gone or being deleted, lease lost, database down — the error is
+    raised and the blob deleted again, except when the database cannot say whether the row
+    was committed: then the blob is kept. Returns the new prefix id."""
     prefix_id = uuid.uuid4()
     key = prefix_key(tenant_id, prefix_id)
     data = prefix_to_bytes(prefix)

@@ -2,7 +2,8 @@
 
 - ``s3://bucket/key-prefix``; the endpoint comes from ``Settings.s3_endpoint_url``.
 - Transient failures (throttling, 5xx, dropped connections) are retried by botocore's
-  ``standard`` retry mode with exponential backoff and jitter.
+  ``standard`` retry mode with exponential backoff and jitter, ``max_attempts`` tries per
+  request (``Settings.s3_max_attempts``); then :class:`BlobStoreUnavailableError` (a 503).
 - Every object carries its full SHA-256 in the ``x-amz-meta-sha256`` metadata, and reads
   verify it (multipart uploads included, where S3's own checksum is per part). Single-part
   writes also send ``ChecksumSHA256`` so the server rejects bytes damaged in transit.

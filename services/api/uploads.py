@@ -1,7 +1,12 @@
 """Dataset uploads: the body streams to a temporary file (hashed with SHA-256 on the way,
-never held whole in memory), is validated line by line, then written to the blob store
-under ``tenants/<tenant>/datasets/<id>.jsonl`` and recorded. A rejected upload leaves
-nothing behind: no blob, no row (the temporary file is always removed)."""
+never held whole in memory, never decompressed), every line is parsed and tokenized
+(:class:`ExampleChecker`: an example must fit the context minus the longest prefix a job may
+ask for), then the blob is written under ``tenants/<tenant>/datasets/<id>.jsonl`` and the
+row added (:func:`store_dataset`, which checks the quota under the tenant's row lock).
+
+A rejected upload leaves nothing behind: no row, its blob deleted, the temporary file always
+removed. One exception keeps a row from ever pointing at a missing blob: when the database
+cannot say whether the row was committed, the blob is kept (erasure removes it at worst)."""
 
 from __future__ import annotations
 

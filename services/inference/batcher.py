@@ -1,17 +1,16 @@
 """Continuous batching: one decode loop per replica serving every tenant's requests.
 
-Requests arrive on the event loop (:meth:`ContinuousBatcher.stream`); a decode thread admits
-them into the running :class:`~common.generation.DecodeBatch` between steps — each row with
-its own prefix, input, position offset and decoding settings — and hands tokens back as they
-are produced. Finished rows leave the batch at once, so short requests never wait for long
-ones and new requests never wait for a whole batch to drain.
+    batcher = ContinuousBatcher(loaded, max_batch_size=16)
+    async for token_id in batcher.stream(GenerationRow(input_ids, prefix), decoding):
+        ...                                           # or: await batcher.generate(row, decoding)
 
-Encoder-decoder base models (BART, T5) batch the same way: their rows are encoded when they
-join and decode behind their encoder, decoder and cross-attention prefixes
-(:class:`~common.generation.EncoderDecoderBatch`).
-
-Beam-search requests decode as their own batch (beams need reordering that a shared batch
-of unrelated rows cannot do); they run in the same thread between steps of the shared batch.
+Requests arrive on the event loop; a decode thread admits them into the running
+:class:`~common.generation.DecodeBatch` (:class:`~common.generation.EncoderDecoderBatch` for
+BART, T5) between steps — each row with its own prefix, position offset and decoding
+settings — and hands tokens back as they are produced. Finished rows leave at once, so a
+short request never waits for a long one, nor a new one for a batch to drain. Beam-search
+requests decode as a batch of their own (beams need reordering that a batch of unrelated
+rows cannot do), in the same thread, between steps of the shared batch.
 """
 
 from __future__ import annotations

@@ -1,12 +1,15 @@
 """The data layer, in the style of fastapi/full-stack-fastapi-template's ``crud.py``, one
 module per aggregate: ``tenants`` (and API keys), ``datasets``, ``jobs`` (rows and events),
-``queue`` (claims and leases), ``prefixes`` (versions), ``erasure``, ``nightly``. Callers
-write ``crud.publish_prefix(...)``; the names are re-exported here.
+``queue`` (claims and leases), ``prefixes`` (versions), ``erasure``, ``nightly``; plus
+``transaction`` (the commit helper). Callers write ``crud.publish_prefix(...)``; the names
+are re-exported here.
 
 Every function is keyword-only and takes ``session=``. Each function that changes rows is
 one transaction and commits it through :func:`~common.db.crud.transaction.commit` (which
-rolls back on error), so API handlers, the scheduler and the trainer never commit: they call
-one of these. Functions that read only never commit.
+rolls back on error), so route handlers, the scheduler and the trainer never commit: they
+call one of these. Functions that read only never commit. The one other place that commits
+is :mod:`common.erasure`, which runs its own transactions step by step under the erasure's
+lease.
 
 Tenant isolation: every lookup a tenant can reach takes the ``tenant_id`` and filters by it;
 a row of another tenant is reported exactly like a missing one.
