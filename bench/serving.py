@@ -262,7 +262,7 @@ representation each (inputs of {min(map(len, inputs))}–{max(map(len, inputs))}
 **Mixed batch vs bare model: {statistics.median(vs_bare):.2f}×** (target ≥ 0.9×; per round {fmt(vs_bare)}).
 **Mixed batch vs one at a time: {statistics.median(vs_seq):.2f}×** (target ≥ 3×; per round {fmt(vs_seq)}).
 
-Serving engine (`ContinuousBatcher`, the decode loop of each inference replica) under
+The batcher (`ContinuousBatcher`, the decode loop of each inference replica) under
 closed-loop load, each request for a random one of the 8 tenants, {args.requests} requests per
 client, max batch 16, in process (no HTTP hop):
 
