@@ -16,11 +16,7 @@ from typing import Annotated, Any
 import typer
 
 from common.errors import InvalidInputError
-from prefixd.cli_support import migrated_database, user_errors
-
-
-def _when(value: datetime | None) -> str:
-    return "-" if value is None else value.astimezone().strftime("%Y-%m-%d %H:%M:%S")
+from prefixd.cli_support import format_time, migrated_database, user_errors
 
 
 def plan_rows(plan: Any) -> dict[str, Any]:
@@ -111,7 +107,7 @@ def print_runs(runs: list[Any]) -> None:
     for r in runs:
         wall = "-" if r.wall_seconds is None else f"{r.wall_seconds:.0f} s"
         typer.echo(
-            f"{r.run_date.isoformat():10}  {_when(r.started_at):19}  {_when(r.finished_at):19}  "
+            f"{r.run_date.isoformat():10}  {format_time(r.started_at):19}  {format_time(r.finished_at):19}  "
             f"{r.planner_runs:>6}  {r.tenants_planned:>7}  {r.jobs_succeeded:>4}  "
             f"{r.jobs_failed:>6}  {r.jobs_cancelled:>6}  {r.prefixes_kept_inactive:>8}  "
             f"{r.tenants_skipped:>7}  {r.estimated_tokens:>10}  {wall}"

@@ -6,6 +6,7 @@ import functools
 import signal
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 import typer
@@ -74,3 +75,8 @@ def stop_on_signals() -> Iterator[None]:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def format_time(value: datetime | None) -> str:
+    """How every command prints a timestamp: UTC, to the second, ``-`` for none."""
+    return "-" if value is None else value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")

@@ -21,7 +21,7 @@ from typing import Annotated, Any
 
 import typer
 
-from prefixd.cli_support import user_errors
+from prefixd.cli_support import format_time, user_errors
 
 tenants_app = typer.Typer(
     help="Tenants (operators): erase one everywhere, verify that nothing of it is left.",
@@ -80,10 +80,6 @@ def _replica_evictor(settings: Any) -> Iterator[Any]:
             ray.shutdown()
 
 
-def _when(value: Any) -> str:
-    return "-" if value is None else value.strftime("%Y-%m-%d %H:%M:%S UTC")
-
-
 @tenants_app.command("delete")
 @user_errors
 def delete_tenant(
@@ -111,7 +107,7 @@ def delete_tenant(
         if tenant is None and erasure is None:
             if audit is None:
                 raise NotFoundError(f"tenant {wanted} not found")
-            typer.echo(f"tenant {wanted} was erased at {_when(audit.completed_at)}")
+            typer.echo(f"tenant {wanted} was erased at {format_time(audit.completed_at)}")
             swept = store.delete_prefix(tenant_key_prefix(wanted))
             if swept:
                 typer.echo(f"swept {swept} object(s) left under {tenant_key_prefix(wanted)}")
@@ -120,7 +116,7 @@ def delete_tenant(
         if erasure is not None:
             typer.echo(
                 f"resuming the erasure of tenant {wanted} (requested "
-                f"{_when(erasure.requested_at)}, next step {erasure.step.value}"
+                f"{format_time(erasure.requested_at)}, next step {erasure.step.value}"
                 + (f"; last error: {erasure.last_error}" if erasure.last_error else "")
                 + ")"
             )
@@ -186,7 +182,7 @@ def _report(tenant_id: uuid.UUID, found: list[str], audit: Any, *, as_json: bool
             + (
                 ""
                 if audit is None
-                else f"; erased at {_when(audit.completed_at)} (audit record {audit.id})"
+                else f"; erased at {format_time(audit.completed_at)} (audit record {audit.id})"
             )
         )
     if found:

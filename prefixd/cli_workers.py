@@ -16,7 +16,13 @@ from typing import Annotated, Any
 import typer
 
 from common.errors import InvalidInputError
-from prefixd.cli_support import StopRequested, migrated_database, stop_on_signals, user_errors
+from prefixd.cli_support import (
+    StopRequested,
+    format_time,
+    migrated_database,
+    stop_on_signals,
+    user_errors,
+)
 
 
 def _job_id(text: str) -> uuid.UUID:
@@ -24,10 +30,6 @@ def _job_id(text: str) -> uuid.UUID:
         return uuid.UUID(text)
     except ValueError:
         raise InvalidInputError(f"invalid job id {text!r}: expected a UUID") from None
-
-
-def _when(value: datetime | None) -> str:
-    return "-" if value is None else value.strftime("%Y-%m-%d %H:%M:%S")
 
 
 # --- prefixd worker -------------------------------------------------------------------------
@@ -215,7 +217,7 @@ def list_jobs(
     for job in jobs:
         typer.echo(
             f"{job.id!s:36}  {job.tenant_id!s:36}  {job.state.value:9}  {job.priority.value:11}  "
-            f"{job.attempts}/{job.max_attempts:<3}  {_when(job.created_at)}"
+            f"{job.attempts}/{job.max_attempts:<3}  {format_time(job.created_at)}"
         )
 
 
