@@ -15,6 +15,7 @@ import typer
 
 from prefixd import cli_nightly, cli_up, cli_workers
 from prefixd.cli_db import db_app
+from prefixd.cli_peft import peft_app
 from prefixd.cli_support import quiet_libraries, user_errors
 from prefixd.cli_tenants import tenants_app
 
@@ -195,6 +196,7 @@ app.command("worker")(cli_workers.worker)
 app.command("up")(user_errors(cli_up.up))
 app.add_typer(cli_workers.jobs_app, name="jobs", help="Training jobs (operators).")
 app.add_typer(tenants_app, name="tenants", help="Tenants (operators): erase, verify.")
+app.add_typer(peft_app, name="peft", help="PEFT prefix-tuning adapters: export, import.")
 app.command("nightly")(cli_nightly.nightly)
 
 

@@ -9,12 +9,16 @@ import logging
 import uuid
 from typing import Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Response
 from pydantic import BaseModel, Field
 
 from common.db import crud
 from common.db.errors import NotFoundError
 from common.db.models import PrefixVersion, PrefixVersionPublic
+from common.errors import IncompatiblePrefixError
+from common.model_loading import EMBEDDED, EMBEDDED_MODEL_ID
+from common.peft_adapter import peft_adapter_files, peft_adapter_zip
+from common.prefix_file import prefix_from_bytes
 from services.api.deps import ContextDep, CurrentTenant, SessionDep
 from services.api.errors import ApiError
 from services.api.schemas import Page
@@ -54,6 +58,39 @@ def list_prefixes(tenant: CurrentTenant, session: SessionDep) -> Any:
 @router.get("/{prefix_id}", response_model=PrefixVersionPublic, responses=NOT_FOUND)
 def get_prefix(prefix_id: uuid.UUID, tenant: CurrentTenant, session: SessionDep) -> Any:
     return _prefix(session, tenant.id, prefix_id)
+
+
+@router.get(
+    "/{prefix_id}/peft",
+    response_class=Response,
+    responses={
+        **NOT_FOUND,
+        200: {"content": {"application/zip": {}}, "description": "the adapter directory, zipped"},
+        409: {"description": "an encoder-decoder prefix (PEFT has no equivalent)"},
+    },
+)
+def export_peft_adapter(
+    prefix_id: uuid.UUID, tenant: CurrentTenant, session: SessionDep, context: ContextDep
+) -> Response:
+    """This version as a Hugging Face PEFT prefix-tuning adapter (`adapter_config.json`,
+    `adapter_model.safetensors`), zipped: `PeftModel.from_pretrained(model, dir)` loads it
+    and generates what prefixd generates. Decoder-only base models only."""
+    row = _prefix(session, tenant.id, prefix_id)
+    stored = prefix_from_bytes(
+        context.blobs.get_bytes(row.object_key), source=f"prefix {prefix_id}"
+    )
+    model = context.settings.model
+    try:
+        files = peft_adapter_files(
+            stored, base_model_name=EMBEDDED_MODEL_ID if model == EMBEDDED else model
+        )
+    except IncompatiblePrefixError as error:
+        raise ApiError(409, "incompatible_prefix", str(error)) from None
+    return Response(
+        peft_adapter_zip(files),
+        media_type="application/zip",
+        headers={"Content-Disposition": f'attachment; filename="prefix-{prefix_id}-peft.zip"'},
+    )
 
 
 @router.post(
