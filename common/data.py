@@ -1,7 +1,7 @@
 """Training examples: JSONL parsing with line-precise errors, tokenization, batching.
 
-A dataset is JSONL, one ``{"input": str, "output": str}`` object a line (blank lines are
-ignored). An example becomes ``input <sep> output <eos>``: ``<sep>`` is the tokenizer's
+A dataset is JSONL, one ``{"input": str, "output": str}`` object a line (or OpenAI's
+legacy ``{"prompt": str, "completion": str}``; blank lines are ignored). An example becomes ``input <sep> output <eos>``: ``<sep>`` is the tokenizer's
 BOS token (EOS when it has none). The model learns ``log p(output, eos | prefix, input)``:
 input tokens, the separator and padding carry no loss (label ``-100``).
 
@@ -64,7 +64,12 @@ def parse_jsonl_line(raw: str | bytes, *, where: str) -> Example | None:
         raise InvalidInputError(
             f'{where}: expected an object {{"input": ..., "output": ...}}, got {type(record).__name__}'
         )
-    for name in ("input", "output"):
+    # OpenAI's legacy fine-tuning shape is the same pair under other names.
+    fields = ("prompt", "completion") if "input" not in record and "prompt" in record else None
+    if fields is not None and "output" in record:
+        raise InvalidInputError(f"{where}: use either input/output or prompt/completion")
+    fields = fields or ("input", "output")
+    for name in fields:
         if name not in record:
             raise InvalidInputError(f"{where}: missing field {name!r}")
         if not isinstance(record[name], str):
@@ -79,7 +84,7 @@ def parse_jsonl_line(raw: str | bytes, *, where: str) -> Example | None:
             raise InvalidInputError(
                 f"{where}: field {name!r} is not valid Unicode (a lone surrogate escape)"
             ) from None
-    return Example(record["input"], record["output"])
+    return Example(record[fields[0]], record[fields[1]])
 
 
 def parse_jsonl(lines: Iterable[str | bytes], *, source: str) -> list[Example]:

@@ -19,12 +19,20 @@ def test_parse_jsonl_skips_blank_lines():
         ('{"input": 3, "output": "b"}', "x.jsonl:2: field 'input' must be a string, got int"),
         ('{"input": "a", "output": "  "}', "x.jsonl:2: field 'output' is empty"),
         (b'{"input": "\xff", "output": "b"}', "x.jsonl:2: not valid UTF-8"),
+        ('{"prompt": "a"}', "x.jsonl:2: missing field 'completion'"),
+        ('{"prompt": "a", "completion": 5}', "x.jsonl:2: field 'completion' must be a string"),
+        ('{"prompt": "a", "output": "b"}', "x.jsonl:2: use either input/output or prompt/com"),
     ],
 )
 def test_parse_jsonl_names_file_and_line(line, message):
     with pytest.raises(InvalidInputError) as error:
         parse_jsonl(['{"input": "a", "output": "b"}', line], source="x.jsonl")
     assert str(error.value).startswith(message)
+
+
+def test_openai_prompt_completion_lines_are_the_same_pair():
+    lines = ['{"prompt": "a", "completion": "b"}', '{"input": "c", "output": "d"}']
+    assert parse_jsonl(lines, source="x.jsonl") == [Example("a", "b"), Example("c", "d")]
 
 
 def test_empty_file_is_an_error(tmp_path):
