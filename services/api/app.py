@@ -13,6 +13,7 @@ from services.api.limits import BodyLimit, BodySizeLimitMiddleware
 from services.api.metrics import ApiMetrics, MetricsMiddleware
 from services.api.routes import (
     admin,
+    chat,
     datasets,
     generate,
     health,
@@ -57,4 +58,5 @@ def create_app(context: ApiContext) -> FastAPI:
     app.include_router(prefixes.router)
     app.include_router(admin.router)
     app.include_router(generate.router, dependencies=[Depends(enforce_generate_rate)])
+    app.include_router(chat.router, dependencies=[Depends(enforce_generate_rate)])
     return app

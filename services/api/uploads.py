@@ -98,6 +98,13 @@ class ExampleChecker:
         with self._lock:
             return len(self.tokenizer.encode(text, add_special_tokens=False))
 
+    def chat_prompt(self, messages: list[dict[str, str]]) -> str:
+        """The prompt text of a chat (``common/chat_format.py``)."""
+        from common.chat_format import render_chat
+
+        with self._lock:
+            return render_chat(self.tokenizer, messages)
+
 
 @dataclass
 class Spooled:

@@ -1,0 +1,195 @@
+"""``POST /v1/chat/completions`` in OpenAI's shape, on the calling tenant's active prefix.
+
+The messages become one prompt with the base model's chat template
+(``common/chat_format.py``; a plain ``role: content`` format for a model without one), which
+then goes the way of ``/v1/completions``. Differences from OpenAI (docs/ARCHITECTURE.md):
+``model`` is accepted and ignored (the tenant's active prefix is the model); ``stop``
+sequences cut the text after decoding (the row still decodes up to ``max_tokens``);
+a streamed answer counts its usage by re-tokenizing the text; no tools, logprobs or images.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from starlette.concurrency import run_in_threadpool
+
+from common.chat_format import StopStreamer, cut_at_stop
+from services.api.deps import ContextDep, CurrentTenant, SessionDep
+from services.api.errors import ApiError, error_body, to_api_error
+from services.api.routes.generate import (
+    MAX_INPUTS,
+    _active_prefix,
+    _run,
+    _sse,
+    decoding_config,
+)
+from services.inference.deployment import InferenceRequest
+
+router = APIRouter(prefix="/v1", tags=["generate"])
+
+Text = Annotated[str, Field(max_length=100_000)]
+
+
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: Text
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    role: Literal["system", "developer", "user", "assistant"]
+    content: Text | Annotated[list[TextPart], Field(min_length=1, max_length=64)]
+
+    def text(self) -> str:
+        return (
+            self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+        )
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class ChatCompletionRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=256)]
+    max_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    temperature: float = Field(default=1.0, ge=0, le=2)
+    top_p: float = Field(default=1.0, gt=0, le=1)
+    n: int = Field(default=1, ge=1, le=16)
+    stop: (
+        Annotated[str, Field(min_length=1, max_length=200)]
+        | Annotated[list[Annotated[str, Field(min_length=1, max_length=200)]], Field(max_length=4)]
+        | None
+    ) = None
+    seed: int | None = Field(default=None, ge=0, le=2**63 - 1 - 16)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+
+    @model_validator(mode="after")
+    def consistent(self) -> ChatCompletionRequest:
+        if self.stream and self.n > 1:
+            raise ValueError("stream works with n = 1")
+        if self.n > MAX_INPUTS:
+            raise ValueError(f"n must be at most {MAX_INPUTS}")
+        return self
+
+    def stops(self) -> list[str]:
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+
+
+def _finish(completion_tokens: int, max_tokens: int, stopped: bool) -> str:
+    return "stop" if stopped or completion_tokens < max_tokens else "length"
+
+
+@router.post("/chat/completions")
+async def chat_completions(
+    body: ChatCompletionRequest, tenant: CurrentTenant, session: SessionDep, context: ContextDep
+) -> Any:
+    """OpenAI-compatible chat completions; the tenant is chosen by its API key."""
+    prefix = await run_in_threadpool(_active_prefix, context, session, tenant.id)
+    checker = await run_in_threadpool(context.example_checker)
+    messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+    prompt = await run_in_threadpool(checker.chat_prompt, messages)
+    limit = context.settings.max_new_tokens_limit
+    max_tokens = body.max_completion_tokens or body.max_tokens or limit
+    head = {
+        "id": f"chatcmpl-{uuid.uuid4().hex}",
+        "created": int(time.time()),
+        "model": body.model or f"prefix-{prefix.id}",
+    }
+    stops = body.stops()
+
+    def request(seed: int | None) -> InferenceRequest:
+        decoding = decoding_config(max_tokens, body.temperature, body.top_p, 1, seed)
+        return InferenceRequest(str(prefix.id), prefix.object_key, [prompt], decoding)
+
+    if body.stream:
+        include_usage = body.stream_options is not None and body.stream_options.include_usage
+        return _stream(context, request(body.seed), head, stops, prompt, include_usage, max_tokens)
+
+    # n choices: the same prompt with n seeds, decoded concurrently (one batch).
+    seeds = [None if body.seed is None else body.seed + i for i in range(body.n)]
+    results = await asyncio.gather(*(_run(context, request(seed)) for seed in seeds))
+    choices = []
+    for index, result in enumerate(results):
+        text, stopped = cut_at_stop(result.outputs[0], stops)
+        choices.append(
+            {
+                "index": index,
+                "message": {"role": "assistant", "content": text},
+                "logprobs": None,
+                "finish_reason": _finish(result.completion_tokens, max_tokens, stopped),
+            }
+        )
+    prompt_tokens = results[0].prompt_tokens
+    completion_tokens = sum(r.completion_tokens for r in results)
+    usage = {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+    return {**head, "object": "chat.completion", "choices": choices, "usage": usage}
+
+
+def _stream(
+    context: Any,
+    request: InferenceRequest,
+    head: dict[str, Any],
+    stops: list[str],
+    prompt: str,
+    include_usage: bool,
+    max_tokens: int,
+) -> StreamingResponse:
+    chunk = {**head, "object": "chat.completion.chunk"}
+
+    def delta(payload: dict[str, Any], finish: str | None = None) -> str:
+        return _sse({**chunk, "choices": [{"index": 0, "delta": payload, "finish_reason": finish}]})
+
+    async def events() -> AsyncIterator[str]:
+        streamer = StopStreamer(stops)
+        text = ""
+        yield delta({"role": "assistant", "content": ""})
+        try:
+            async for piece in context.inference.options(stream=True).stream.remote(request):
+                out = streamer.feed(piece)
+                text += out
+                if out:
+                    yield delta({"content": out})
+                if streamer.stopped:
+                    break
+            rest = streamer.flush()
+            if rest:
+                text += rest
+                yield delta({"content": rest})
+        except Exception as error:
+            mapped = to_api_error(error) or ApiError(500, "internal", "generation failed")
+            yield _sse(error_body(mapped.code, mapped.message))
+            yield _sse("[DONE]")
+            return
+        checker = context.example_checker()
+        completion_tokens = await run_in_threadpool(checker.text_tokens, text)
+        yield delta({}, _finish(completion_tokens, max_tokens, streamer.stopped))
+        if include_usage:
+            prompt_tokens = await run_in_threadpool(checker.text_tokens, prompt)
+            usage = {
+                "prompt_tokens": prompt_tokens,
+                "completion_tokens": completion_tokens,
+                "total_tokens": prompt_tokens + completion_tokens,
+            }
+            yield _sse({**chunk, "choices": [], "usage": usage})
+        yield _sse("[DONE]")
+
+    return StreamingResponse(events(), media_type="text/event-stream")

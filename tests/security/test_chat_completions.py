@@ -1,0 +1,88 @@
+"""``POST /v1/chat/completions`` driven by the official ``openai`` package (its HTTP client
+is the in-process API's TestClient): plain and streamed answers agree, ``n``, ``stop``,
+``finish_reason``, usage, and errors raise the SDK's own exception classes."""
+
+from __future__ import annotations
+
+import openai
+import pytest
+
+from common.chat_format import StopStreamer, cut_at_stop, render_chat
+from tests.fixtures.models import tiny_tokenizer
+from tests.security.conftest import InProc
+
+MESSAGES = [
+    {"role": "system", "content": "alpha beta"},
+    {"role": "user", "content": [{"type": "text", "text": "red green"}]},
+]
+
+
+def client(inproc: InProc, key: str) -> openai.OpenAI:
+    return openai.OpenAI(
+        base_url="http://testserver/v1", api_key=key, http_client=inproc.client, max_retries=0
+    )
+
+
+def test_chat_completions_with_the_openai_sdk(inproc_inference: InProc) -> None:
+    inproc = inproc_inference
+    tenant_id, key = inproc.new_tenant()
+    inproc.publish(tenant_id, length=2, seed=7)
+    sdk = client(inproc, key)
+
+    plain = sdk.chat.completions.create(model="mine", messages=MESSAGES, max_tokens=6)
+    (choice,) = plain.choices
+    assert choice.message.role == "assistant" and choice.finish_reason in ("stop", "length")
+    assert plain.object == "chat.completion" and plain.model == "mine"
+    assert plain.usage is not None and 0 < plain.usage.completion_tokens <= 6
+    assert plain.usage.total_tokens == plain.usage.prompt_tokens + plain.usage.completion_tokens
+
+    chunks = list(
+        sdk.chat.completions.create(
+            model="mine", messages=MESSAGES, max_tokens=6, stream=True,
+            stream_options={"include_usage": True},
+        )
+    )  # fmt: skip
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert streamed == choice.message.content  # greedy: the same text both ways
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == choice.finish_reason
+    assert chunks[-1].usage is not None and chunks[-1].choices == []
+
+    # A stop sequence taken from the text itself cuts it there (and is not returned).
+    words = choice.message.content.split()
+    assert len(words) >= 2, choice.message.content  # the tiny model's greedy text here
+    stop = " " + words[1]
+    cut = sdk.chat.completions.create(model="mine", messages=MESSAGES, max_tokens=6, stop=[stop])
+    assert cut.choices[0].message.content == choice.message.content.split(stop)[0]
+    assert cut.choices[0].finish_reason == "stop"
+
+    many = sdk.chat.completions.create(
+        model="mine", messages=MESSAGES, max_tokens=4, n=3, temperature=1.0, seed=11
+    )
+    assert [c.index for c in many.choices] == [0, 1, 2]
+
+    with pytest.raises(openai.UnprocessableEntityError):
+        sdk.chat.completions.create(model="mine", messages=[], max_tokens=4)
+    with pytest.raises(openai.AuthenticationError):
+        client(inproc, "pfx_" + "x" * 40).chat.completions.create(model="m", messages=MESSAGES)
+    _, untrained = inproc.new_tenant()
+    with pytest.raises(openai.ConflictError):
+        client(inproc, untrained).chat.completions.create(model="m", messages=MESSAGES)
+
+
+def test_chat_prompt_without_a_template_is_the_plain_format() -> None:
+    tokenizer = tiny_tokenizer()
+    assert not getattr(tokenizer, "chat_template", None)
+    rendered = render_chat(
+        tokenizer, [{"role": "developer", "content": "be terse"}, {"role": "user", "content": "hi"}]
+    )
+    assert rendered == "system: be terse\nuser: hi\nassistant:"
+
+
+def test_stop_sequences_cut_text_and_streams_hold_back_partial_matches() -> None:
+    assert cut_at_stop("red. blue.", [".", "blue"]) == ("red", True)
+    assert cut_at_stop("red", ["x"]) == ("red", False)
+    streamer = StopStreamer(["END"])
+    sent = [streamer.feed(piece) for piece in ["ab", "cE", "N", "Dxyz"]]
+    assert "".join(sent) == "abc" and streamer.stopped and streamer.flush() == ""
+    open_ended = StopStreamer(["END"])
+    assert open_ended.feed("abcE") == "ab" and open_ended.flush() == "cE"
