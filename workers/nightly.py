@@ -222,7 +222,9 @@ def plan_nightly(
         datasets[dataset.tenant_id].append(dataset)
     tonight = {
         job.tenant_id: job
-        for job in session.exec(select(TrainingJob).where(col(TrainingJob.idempotency_key) == key))
+        for job in session.exec(
+            select(TrainingJob).where(col(TrainingJob.nightly_run_date) == run_date)
+        )
     }
     busy = set(
         session.exec(
@@ -331,10 +333,18 @@ def enqueue_plan(*, session: Session, plan: NightlyPlan, max_attempts: int = 3) 
                     priority=JobPriority.batch,
                     idempotency_key=plan.idempotency_key,
                     max_attempts=max_attempts,
+                    nightly_run_date=plan.run_date,
                 ),
             )
         except (PrefixdError, ValidationError) as error:  # ValidationError: > 1000 datasets
             reason = f"not enqueued: {str(error).splitlines()[0]}"
+            skipped.append(SkippedTenant(item.tenant_id, item.tenant_name, reason))
+            continue
+        if job.nightly_run_date != plan.run_date:
+            # A job of the tenant's own took the key before the key space was reserved
+            # (migration 0005): it is not tonight's nightly job, and the night does not
+            # count it.
+            reason = f"not enqueued: the tenant's own job {job.id} holds {plan.idempotency_key!r}"
             skipped.append(SkippedTenant(item.tenant_id, item.tenant_name, reason))
             continue
         tenants.append(replace(item, job_id=job.id, created=created))

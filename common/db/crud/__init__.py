@@ -1,6 +1,7 @@
 """The data layer, in the style of fastapi/full-stack-fastapi-template's ``crud.py``, one
 module per aggregate: ``tenants`` (and API keys), ``datasets``, ``jobs`` (rows and events),
-``queue`` (claims and leases), ``prefixes`` (versions), ``erasure``, ``nightly``. Callers
+``queue`` (claims and leases), ``prefixes`` (versions), ``erasure``, ``nightly``,
+``blob_deletes`` (blob deletes not confirmed yet). Callers
 write ``crud.publish_prefix(...)``; the names are re-exported here.
 
 Every function is keyword-only and takes ``session=``. Each function that changes rows is
@@ -14,6 +15,12 @@ a row of another tenant is reported exactly like a missing one.
 
 from __future__ import annotations
 
+from common.db.crud.blob_deletes import (
+    add_pending_blob_delete,
+    fail_pending_blob_delete,
+    finish_pending_blob_delete,
+    list_pending_blob_deletes,
+)
 from common.db.crud.datasets import (
     add_dataset,
     delete_dataset,
@@ -29,6 +36,7 @@ from common.db.crud.erasure import (
     get_tenant_erasure,
     list_deletion_audits,
     list_tenant_erasures,
+    recently_erased_tenants,
     release_tenant_erasure,
     renew_tenant_erasure,
     resumable_tenant_erasures,
@@ -102,6 +110,7 @@ __all__ = [
     "NightlyJobCounts",
     "activate_prefix",
     "add_dataset",
+    "add_pending_blob_delete",
     "begin_tenant_erasure",
     "cancel_job",
     "claim_next_job",
@@ -118,8 +127,10 @@ __all__ = [
     "delete_prefix_version",
     "enqueue_job",
     "existing_prefix_ids",
+    "fail_pending_blob_delete",
     "finish_job",
     "finish_nightly_planning",
+    "finish_pending_blob_delete",
     "get_active_prefix",
     "get_dataset",
     "get_deletion_audit",
@@ -142,6 +153,7 @@ __all__ = [
     "list_job_events",
     "list_jobs",
     "list_nightly_runs",
+    "list_pending_blob_deletes",
     "list_prefixes",
     "list_tenant_erasures",
     "list_tenants",
@@ -151,6 +163,7 @@ __all__ = [
     "nightly_job_counts",
     "prefix_ids_of_jobs",
     "publish_prefix",
+    "recently_erased_tenants",
     "reclaim_expired_jobs",
     "record_job_event",
     "refresh_nightly_runs",
