@@ -1,21 +1,43 @@
-"""Data lifecycle (issue 15) on real databases (SQLite and PostgreSQL): prefix version
-numbers that only go up, nightly jobs marked by a column (the ``nightly-`` key space
-reserved), and activation by compare-and-swap against the version a job started from."""
+"""Data lifecycle (issue 15) on real databases (SQLite and PostgreSQL) and S3 over HTTP:
+prefix version numbers that only go up, nightly jobs marked by a column (the ``nightly-`` key
+space reserved), activation by compare-and-swap against the version a job started from,
+erasure that stays true after it completed (late writes, unfinished multipart uploads,
+local temporary files), and the per-job step budget and per-tenant daily tokens."""
 
 from __future__ import annotations
 
 import uuid
-from datetime import date
+from datetime import UTC, date, datetime, timedelta
 
 import pytest
 import sqlalchemy as sa
 from sqlmodel import Session, col, select
 
+from common.blobstore import LocalBlobStore, dataset_key, prefix_key, tenant_key_prefix
 from common.db import crud
-from common.db.models import JobEvent, JobPriority, JobState, NightlyRun, TrainingJob
+from common.db.errors import QuotaExceededError
+from common.db.models import (
+    DeletionAudit,
+    JobEvent,
+    JobPriority,
+    JobState,
+    NightlyRun,
+    TrainingJob,
+    TrainingJobCreate,
+)
+from common.db.types import utcnow
+from common.erasure import (
+    ErasureOptions,
+    erase_tenant,
+    find_tenant_leftovers,
+    resweep_recently_erased,
+    sweep_if_not_active,
+)
 from common.errors import InvalidInputError
 from tests.fixtures.factories import make_dataset, make_job, make_prefix_create, make_tenant
 from workers.nightly import run_nightly
+
+FAST = ErasureOptions(lease_seconds=30, replica_timeout_seconds=0.5, poll_seconds=0.01)
 
 NIGHT = date(2031, 5, 1)
 
@@ -132,3 +154,162 @@ def test_a_publish_activates_when_the_active_version_is_unchanged(session: Sessi
     for prefix in crud.list_prefixes(session=session, tenant_id=tenant.id):
         crud.delete_prefix_version(session=session, tenant_id=tenant.id, prefix_id=prefix.id)
     assert publish(session, tenant, expected_active_id=v3.id).active
+
+
+# --- 5. erasure that stays true after it completes --------------------------------------------
+
+
+@pytest.fixture
+def versioned_store(make_bucket, s3_endpoint_url, boto_session):
+    from common.blobstore.s3 import S3BlobStore
+
+    return S3BlobStore(
+        make_bucket(versioned=True), "base", endpoint_url=s3_endpoint_url, session=boto_session
+    )
+
+
+def start_multipart(store, key: str) -> str:
+    """A multipart upload with one part, never completed (a replica killed mid-upload)."""
+    full = store._full(key)
+    upload = store.client.create_multipart_upload(Bucket=store.bucket, Key=full)
+    store.client.upload_part(
+        Bucket=store.bucket, Key=full, UploadId=upload["UploadId"], PartNumber=1,
+        Body=b"x" * 1024,
+    )  # fmt: skip
+    return str(upload["UploadId"])
+
+
+def test_unfinished_multipart_uploads_are_reported_and_aborted_by_the_erasure(
+    db_engine, versioned_store
+) -> None:
+    store = versioned_store
+    with Session(db_engine) as session:
+        tenant, other = make_tenant(session), make_tenant(session)
+        tenant_id, other_id = tenant.id, other.id
+    key = dataset_key(tenant_id, uuid.uuid4())
+    upload_id = start_multipart(store, key)
+    theirs = start_multipart(store, dataset_key(other_id, uuid.uuid4()))
+    assert store.list_objects(tenant_key_prefix(tenant_id)) == []  # invisible as objects
+    found = find_tenant_leftovers(db_engine, store, tenant_id)
+    assert f"unfinished multipart upload of {key} (upload {upload_id}" in "\n".join(found)
+
+    erase_tenant(engine=db_engine, store=store, tenant_id=tenant_id, options=FAST)
+    assert find_tenant_leftovers(db_engine, store, tenant_id) == []
+    uploads = store.client.list_multipart_uploads(Bucket=store.bucket).get("Uploads", [])
+    assert [u["UploadId"] for u in uploads] == [theirs]  # another tenant's is left alone
+
+
+def test_a_late_write_after_a_completed_erasure_is_swept_again(db_engine, versioned_store) -> None:
+    store = versioned_store
+    with Session(db_engine) as session:
+        tenant, alive = make_tenant(session), make_tenant(session)
+        tenant_id, alive_id = tenant.id, alive.id
+    erase_tenant(engine=db_engine, store=store, tenant_id=tenant_id, options=FAST)
+    # A trainer whose publish outcome was unknown kept its blob; it ends after the audit.
+    late = prefix_key(tenant_id, uuid.uuid4())
+    store.put_bytes(late, b"late prefix")
+    start_multipart(store, dataset_key(tenant_id, uuid.uuid4()))
+    kept = prefix_key(alive_id, uuid.uuid4())
+    store.put_bytes(kept, b"an active tenant's prefix")
+    assert len(find_tenant_leftovers(db_engine, store, tenant_id)) == 2
+
+    assert sweep_if_not_active(db_engine, store, tenant_id, "a trainer ended") == 2
+    assert find_tenant_leftovers(db_engine, store, tenant_id) == []
+    assert sweep_if_not_active(db_engine, store, alive_id, "a trainer ended") == 0
+    assert store.exists(kept)  # an active tenant's data is never swept
+
+    # The periodic re-sweep: within the window after completion, not after it.
+    store.put_bytes(late, b"later still")
+    assert resweep_recently_erased(db_engine, store, window_seconds=0) == {}
+    assert resweep_recently_erased(db_engine, store, window_seconds=3600) == {tenant_id: 1}
+    assert find_tenant_leftovers(db_engine, store, tenant_id) == []
+    with Session(db_engine) as session:
+        session.exec(
+            sa.update(DeletionAudit)
+            .where(col(DeletionAudit.tenant_id) == tenant_id)
+            .values(completed_at=utcnow() - timedelta(hours=2))
+        )
+        session.commit()
+    store.put_bytes(late, b"long after")
+    assert resweep_recently_erased(db_engine, store, window_seconds=3600) == {}
+
+
+def test_local_temporary_files_are_leftovers_and_erased(db_engine, tmp_path) -> None:
+    store = LocalBlobStore(tmp_path / "blobs")
+    with Session(db_engine) as session:
+        tenant_id = make_tenant(session).id
+    key = dataset_key(tenant_id, uuid.uuid4())
+    store.put_bytes(key, b"data")
+    directory = (tmp_path / "blobs" / key).parent
+    (directory / ".tmp-abandoned").write_bytes(b"half a write")  # a killed writer's temp file
+    found = find_tenant_leftovers(db_engine, store, tenant_id)
+    assert any(f.startswith("temporary file ") and ".tmp-abandoned" in f for f in found), found
+    erase_tenant(engine=db_engine, store=store, tenant_id=tenant_id, options=FAST)
+    assert find_tenant_leftovers(db_engine, store, tenant_id) == []
+    # A temp file written after the erasure is found and swept too.
+    directory.mkdir(parents=True)
+    (directory / ".tmp-late").write_bytes(b"late")
+    assert find_tenant_leftovers(db_engine, store, tenant_id) == [
+        f"temporary file {tenant_key_prefix(tenant_id)}datasets/.tmp-late"
+    ]
+    assert sweep_if_not_active(db_engine, store, tenant_id, "an upload ended") == 1
+    assert find_tenant_leftovers(db_engine, store, tenant_id) == []
+
+
+# --- 7. per-job budget and per-tenant daily tokens --------------------------------------------
+
+
+def test_a_job_over_the_step_budget_is_refused(session: Session) -> None:
+    tenant = make_tenant(session)
+    dataset = make_dataset(session, tenant, example_count=100)
+    job_in = TrainingJobCreate(
+        dataset_ids=[dataset.id], hyperparameters={"epochs": 10, "batch_size": 4}
+    )
+    with pytest.raises(
+        InvalidInputError, match=r"about 250 optimizer steps .* job_max_steps \(249\)"
+    ):
+        crud.enqueue_job(session=session, tenant_id=tenant.id, job_in=job_in, max_steps=249)
+    job, _ = crud.enqueue_job(session=session, tenant_id=tenant.id, job_in=job_in, max_steps=250)
+    assert job.id
+
+
+def test_a_tenant_over_its_daily_training_tokens_is_refused_until_midnight(
+    session: Session,
+) -> None:
+    tenant, other = make_tenant(session), make_tenant(session)
+    dataset = make_dataset(session, tenant)  # make_dataset content: ~45 bytes
+    size = dataset.size_bytes
+    per_job = round(size / 4) * 2
+    job_in = TrainingJobCreate(dataset_ids=[dataset.id], hyperparameters={"epochs": 2})
+    noon = datetime(2031, 5, 1, 12, 0, tzinfo=UTC)
+    limit = per_job * 2
+
+    def submit(at: datetime, tenant_id: uuid.UUID = tenant.id, **kw):
+        return crud.enqueue_job(
+            session=session, tenant_id=tenant_id, job_in=job_in, max_tokens_per_day=limit,
+            now=at, **kw,
+        )  # fmt: skip
+
+    first, _ = submit(noon)
+    first.created_at = noon
+    session.add(first)
+    session.commit()
+    assert first.estimated_tokens == per_job
+    second, _ = submit(noon)
+    second.created_at = noon
+    session.add(second)
+    session.commit()
+    with pytest.raises(QuotaExceededError) as caught:
+        submit(noon)
+    error = caught.value
+    assert error.limit == "tenant_training_tokens_per_day" and error.retry_after == 12 * 3600
+    assert f"{2 * per_job} token(s) submitted today + {per_job}" in str(error)
+    assert "resets at 2031-05-02T00:00:00Z (in 43200 s)" in str(error)
+    # Another tenant has its own budget; the next UTC day starts again.
+    other_set = make_dataset(session, other)
+    crud.enqueue_job(
+        session=session, tenant_id=other.id, max_tokens_per_day=limit, now=noon,
+        job_in=TrainingJobCreate(dataset_ids=[other_set.id], hyperparameters={"epochs": 2}),
+    )  # fmt: skip
+    tomorrow, _ = submit(noon + timedelta(days=1))
+    assert tomorrow.id
