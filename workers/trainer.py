@@ -409,8 +409,20 @@ def _current_node_id() -> str | None:
     return None
 
 
+class _Flag:
+    is_set = False
+
+    def set_if(self, condition: bool) -> bool:
+        self.is_set = self.is_set or condition
+        return condition
+
+
 class RuntimeLimitError(Exception):
     """The attempt trained past ``job_max_runtime_seconds`` (the job fails, no retry)."""
+
+    def __init__(self, message: str, *, steps: dict[str, Any]) -> None:
+        super().__init__(message)
+        self.steps = steps  # how far it got, for the report
 
 
 def out_of_memory_message(engine: Engine, job_id: uuid.UUID, error: BaseException) -> str:
@@ -501,7 +513,7 @@ def run_training_job(
             return report(Outcome.FAILED, error=message)
         except RuntimeLimitError as error:
             _finish(engine, job_uuid, owner, JobState.failed, str(error), retry=False)
-            return report(Outcome.FAILED, error=str(error))
+            return report(Outcome.FAILED, error=str(error), **error.steps)
         except Exception as error:
             message = f"attempt failed: {type(error).__name__}: {error}"
             log.exception("job %s: %s", job_id, message)
@@ -544,25 +556,27 @@ def _train_and_publish(
     loaded = place(materialize_model(shared), choose_placement(settings.trainer_num_gpus))
     zero_copy = loaded.zero_copy
     progress = ProgressWriter(engine, job_id, every=settings.progress_event_seconds)
+    out_of_time = _Flag()  # set when the runtime limit stopped training (not its end)
     result = train_prefix(
         loaded,
         train,
         spec.config,
         validation=validation,
         on_progress=progress,
-        should_stop=lambda: lease.lost.is_set() or time.monotonic() > deadline,
+        should_stop=lambda: lease.lost.is_set() or out_of_time.set_if(time.monotonic() > deadline),
     )
     del train
     last = result.history[-1] if result.history else None
     steps = {"steps": last.step if last else 0, "total_steps": last.total_steps if last else None}
     if lease.lost.is_set():  # cancelled, reclaimed or erased: nothing is published
         return report(_lost_outcome(engine, job_id), zero_copy=zero_copy, **steps)
-    if time.monotonic() > deadline:
+    if out_of_time.is_set:
         raise RuntimeLimitError(
             f"the attempt trained past job_max_runtime_seconds "
             f"({settings.job_max_runtime_seconds:g} s) after {steps['steps']} of "
             f"{steps['total_steps']} steps and was stopped; not retried (ask for fewer "
-            "epochs or less data)"
+            "epochs or less data)",
+            steps=steps,
         )
     progress.finish(last)
     gate = GateDecision(activate=True)
