@@ -110,9 +110,7 @@ def test_unfinished_multipart_uploads_expire_in_every_deployment(s3_client, make
 
     rule_file = json.loads((DEPLOY / "s3-lifecycle.json").read_text())
     bucket = make_bucket(versioned=True)
-    s3_client.put_bucket_lifecycle_configuration(
-        Bucket=bucket, LifecycleConfiguration=rule_file
-    )
+    s3_client.put_bucket_lifecycle_configuration(Bucket=bucket, LifecycleConfiguration=rule_file)
     (rule,) = s3_client.get_bucket_lifecycle_configuration(Bucket=bucket)["Rules"]
     assert rule["Status"] == "Enabled"
     assert rule["AbortIncompleteMultipartUpload"] == {"DaysAfterInitiation": 1}
