@@ -313,9 +313,12 @@ def plan_nightly(
     return NightlyPlan(run_date, key, since, existing + planned, skipped)
 
 
-def enqueue_plan(*, session: Session, plan: NightlyPlan, max_attempts: int = 3) -> NightlyPlan:
-    """Enqueue each planned tenant's job (``batch``, key ``nightly-<date>``). A tenant that
-    can no longer take one (deleted meanwhile, a dataset gone) moves to ``skipped``.
+def enqueue_plan(
+    *, session: Session, plan: NightlyPlan, max_attempts: int = 3, max_steps: int | None = None
+) -> NightlyPlan:
+    """Enqueue each planned tenant's job (``batch``, key ``nightly-<date>``, marked with the
+    night). A tenant that can no longer take one (deleted meanwhile, a dataset gone, more
+    steps than ``max_steps``) moves to ``skipped`` with the reason.
     Returns the plan with every job id; ``created`` tells which jobs are new."""
     tenants: list[TenantPlan] = []
     skipped = list(plan.skipped)
@@ -335,6 +338,7 @@ def enqueue_plan(*, session: Session, plan: NightlyPlan, max_attempts: int = 3) 
                     max_attempts=max_attempts,
                     nightly_run_date=plan.run_date,
                 ),
+                max_steps=max_steps,
             )
         except (PrefixdError, ValidationError) as error:  # ValidationError: > 1000 datasets
             reason = f"not enqueued: {str(error).splitlines()[0]}"
@@ -392,6 +396,7 @@ def run_nightly(
     validation_split: float = 0.1,
     defaults: dict[str, Any] | None = None,
     dry_run: bool = False,
+    max_steps: int | None = None,
 ) -> NightlyOutcome:
     """One planning pass: plan, and unless ``dry_run`` enqueue and record it in
     ``nightly_runs`` (a dry run writes nothing). Logs one summary line."""
@@ -411,7 +416,7 @@ def run_nightly(
     with session_scope(engine) as session:
         crud.start_nightly_run(session=session, run_date=run_date)
         plan = make_plan(session)
-        plan = enqueue_plan(session=session, plan=plan)
+        plan = enqueue_plan(session=session, plan=plan, max_steps=max_steps)
         run = crud.finish_nightly_planning(
             session=session,
             run_date=run_date,
@@ -474,9 +479,11 @@ class NightlyRunner:
         validation_split: float,
         now: datetime | None = None,
         refresh_seconds: float = 60.0,
+        max_steps: int | None = None,
     ) -> None:
         self.engine = engine
         self.validation_split = validation_split
+        self.max_steps = max_steps
         self.schedule = NightlySchedule(at, now or datetime.now())
         self.refresh_seconds = refresh_seconds
         self._last_refresh = _time.monotonic()
@@ -487,7 +494,10 @@ class NightlyRunner:
         try:
             if night is not None:
                 outcome = run_nightly(
-                    self.engine, run_date=night, validation_split=self.validation_split
+                    self.engine,
+                    run_date=night,
+                    validation_split=self.validation_split,
+                    max_steps=self.max_steps,
                 )
                 self._last_refresh = _time.monotonic()
                 plan = outcome.plan

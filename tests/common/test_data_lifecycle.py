@@ -313,3 +313,15 @@ def test_a_tenant_over_its_daily_training_tokens_is_refused_until_midnight(
     )  # fmt: skip
     tomorrow, _ = submit(noon + timedelta(days=1))
     assert tomorrow.id
+
+
+def test_a_nightly_job_over_the_step_budget_is_skipped_with_the_reason(db_engine) -> None:
+    with Session(db_engine) as session:
+        big, small = make_tenant(session), make_tenant(session)
+        make_dataset(session, big, example_count=10_000), make_dataset(session, small)
+        big_id, small_id = big.id, small.id
+    outcome = run_nightly(db_engine, run_date=NIGHT, validation_split=0.1, max_steps=1000)
+    assert [t.tenant_id for t in outcome.plan.tenants] == [small_id]
+    reasons = {s.tenant_id: s.reason for s in outcome.plan.skipped}
+    assert reasons[big_id].startswith("not enqueued: hyperparameters: the job needs about")
+    assert "job_max_steps (1000)" in reasons[big_id]
