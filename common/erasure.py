@@ -12,7 +12,7 @@ the move to the next one:
    it from its next heartbeat and stops between two steps without publishing; one that was
    already publishing is refused and deletes the blob it wrote);
 2. ``delete_objects`` — every object under ``tenants/<id>/``, every version and delete marker
-   on a versioned bucket;
+   on a versioned bucket, and every unfinished multipart upload (local: temporary files);
 3. ``delete_rows`` — in one transaction: the tenant's prefix ids are recorded in the erasure
    row, then its rows are deleted: job events, then every table with a ``tenant_id`` column
    (prefixes, jobs, datasets, keys, …), then the tenant row;
@@ -23,7 +23,8 @@ the move to the next one:
    their rows gone), which is the bound when the runner has no way to reach Serve;
 5. ``verify`` — a final sweep of ``tenants/<id>/`` (an upload or a trainer that wrote after
    step 2 deletes its own object when its commit is refused; this catches one that had not
-   yet), then :func:`find_tenant_leftovers` must find nothing: no object version, no row;
+   yet), then :func:`find_tenant_leftovers` must find nothing: no object version, no
+   unfinished upload or temporary file, no pending blob delete, no row;
 6. the audit record (``deletion_audits``: ids, times, counts — no personal data) is written
    and the erasure row deleted, in one transaction. The audit's tenant id is unique, so
    however often an erasure runs, there is one record.
