@@ -325,3 +325,71 @@ def test_a_nightly_job_over_the_step_budget_is_skipped_with_the_reason(db_engine
     reasons = {s.tenant_id: s.reason for s in outcome.plan.skipped}
     assert reasons[big_id].startswith("not enqueued: hyperparameters: the job needs about")
     assert "job_max_steps (1000)" in reasons[big_id]
+
+
+# --- the migration ---------------------------------------------------------------------------
+
+
+def test_the_migration_fills_the_counter_and_marks_earlier_nightly_jobs(
+    db_backend, create_database
+) -> None:
+    from common.db.engine import create_db_engine, upgrade_database
+
+    engine = create_db_engine(create_database(db_backend))
+    try:
+        upgrade_database(engine, "0004")
+        tenant_id, nightly_id, own_id = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+        now = utcnow()
+        tenants = sa.table(
+            "tenants", sa.column("id", sa.Uuid()), sa.column("name", sa.String()),
+            sa.column("status", sa.String()), sa.column("created_at", sa.DateTime(timezone=True)),
+        )  # fmt: skip
+        jobs = sa.table(
+            "training_jobs", *(sa.column(c, sa.Uuid()) for c in ("id", "tenant_id")),
+            sa.column("dataset_ids", sa.JSON()), sa.column("hyperparameters", sa.JSON()),
+            *(sa.column(c, sa.String()) for c in ("idempotency_key", "state", "priority")),
+            *(sa.column(c, sa.Integer()) for c in ("attempts", "max_attempts")),
+            *(sa.column(c, sa.DateTime(timezone=True)) for c in ("created_at", "updated_at")),
+        )  # fmt: skip
+        prefixes = sa.table(
+            "prefixes", *(sa.column(c, sa.Uuid()) for c in ("id", "tenant_id")),
+            *(sa.column(c, sa.Integer()) for c in ("version", "prefix_length", "size_bytes")),
+            *(sa.column(c, sa.String()) for c in
+              ("object_key", "base_model_fingerprint", "dtype", "sha256")),
+            sa.column("active", sa.Boolean()), sa.column("metrics", sa.JSON()),
+            sa.column("created_at", sa.DateTime(timezone=True)),
+        )  # fmt: skip
+        with engine.begin() as conn:
+            conn.execute(
+                sa.insert(tenants).values(id=tenant_id, name="t", status="active", created_at=now)
+            )
+            for job_id, priority in ((nightly_id, "batch"), (own_id, "interactive")):
+                conn.execute(
+                    sa.insert(jobs).values(
+                        id=job_id, tenant_id=tenant_id, dataset_ids=[], hyperparameters={},
+                        idempotency_key="nightly-2031-05-01" if priority == "batch"
+                        else "nightly-2031-05-02",
+                        state="succeeded", priority=priority, attempts=1, max_attempts=3,
+                        created_at=now, updated_at=now,
+                    )
+                )  # fmt: skip
+            for version in (1, 3):  # version 2 was deleted
+                prefix_id = uuid.uuid4()
+                conn.execute(
+                    sa.insert(prefixes).values(
+                        id=prefix_id, tenant_id=tenant_id, version=version, prefix_length=4,
+                        size_bytes=1, object_key=prefix_key(tenant_id, prefix_id),
+                        base_model_fingerprint="f" * 64, dtype="float32", sha256="0" * 64,
+                        active=version == 3, metrics={}, created_at=now,
+                    )
+                )  # fmt: skip
+        upgrade_database(engine)
+        with Session(engine) as session:
+            tenant = crud.get_tenant(session=session, tenant_id=tenant_id)
+            assert tenant is not None and tenant.last_prefix_version == 3
+            marked = {j.id: j.nightly_run_date for j in session.exec(select(TrainingJob))}
+            assert marked == {nightly_id: date(2031, 5, 1), own_id: None}
+            assert all(j.estimated_tokens == 0 for j in session.exec(select(TrainingJob)))
+            assert publish(session, tenant).version == 4
+    finally:
+        engine.dispose()
