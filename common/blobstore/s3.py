@@ -397,7 +397,13 @@ class S3BlobStore(BlobStore):
 
     def _iter_uploads(self, full_prefix: str) -> Iterator[IncompleteUpload]:
         paginator = self.client.get_paginator("list_multipart_uploads")
-        for page in paginator.paginate(Bucket=self.bucket, Prefix=full_prefix):
+        try:
+            pages = list(paginator.paginate(Bucket=self.bucket, Prefix=full_prefix))
+        except ClientError as e:  # a server without multipart listing has none to show
+            if e.response.get("Error", {}).get("Code") in ("NotImplemented", "MethodNotAllowed"):
+                return
+            raise
+        for page in pages:
             for upload in page.get("Uploads", []):
                 initiated = upload.get("Initiated")
                 yield IncompleteUpload(
