@@ -119,6 +119,16 @@ class Settings(BaseSettings):
     scheduler_poll_seconds: float = Field(
         default=1.0, gt=0, description="How often the scheduler looks for queued jobs."
     )
+    job_max_steps: int = Field(
+        default=100_000,
+        ge=1,
+        description="Most optimizer steps one job may take (epochs x batches per epoch): a submission over it is refused (422), a job over it fails without retry.",
+    )
+    job_max_runtime_seconds: float = Field(
+        default=6 * 3600.0,
+        gt=0,
+        description="Longest one attempt of a job may train: the trainer stops between two steps and the job fails without retry; the scheduler force-stops a trainer still running a grace period later.",
+    )
 
     # --- Nightly retraining (workers/nightly.py, workers/quality_gate.py) ---------------
     nightly_validation_split: float = Field(
@@ -143,6 +153,22 @@ class Settings(BaseSettings):
         default=60.0,
         gt=0,
         description="How long an erasure waits for every inference replica to confirm it holds none of the tenant's prefixes; past it the run fails and is resumed later.",
+    )
+
+    erasure_resweep_window_seconds: float = Field(
+        default=24 * 3600.0,
+        ge=0,
+        description="For this long after an erasure completed, the scheduler sweeps the tenant's `tenants/<id>/` prefix again (objects, versions, unfinished multipart uploads) every `PREFIXD_STORAGE_SWEEP_SECONDS`, catching a writer that ended after the erasure; 0: no periodic re-sweep.",
+    )
+    storage_sweep_seconds: float = Field(
+        default=60.0,
+        gt=0,
+        description="How often the scheduler retries pending blob deletes (a dataset or prefix version whose blob delete failed) and re-sweeps recently erased tenants.",
+    )
+    upload_spool_stale_seconds: float = Field(
+        default=3600.0,
+        gt=0,
+        description="At start, an API replica removes `prefixd-upload-*` spool files in the temporary directory older than this (left by a killed replica); younger ones may belong to a replica still running.",
     )
 
     # --- API limits (services/api; exceeding one gives 413 or 429 naming it) ------------
@@ -176,6 +202,11 @@ class Settings(BaseSettings):
         default=10.0,
         gt=0,
         description="Generate requests per second one tenant may make, per API replica (token bucket; 429 beyond).",
+    )
+    tenant_training_tokens_per_day: int = Field(
+        default=50_000_000,
+        ge=1,
+        description="Training tokens (estimated as dataset bytes / 4 x epochs) of the jobs one tenant may submit per UTC day; 429 beyond, naming the limit and when it resets. Nightly jobs do not count.",
     )
     generate_burst: int = Field(
         default=20, ge=1, description="Generate requests one tenant may make at once (bucket size)."

@@ -12,14 +12,16 @@ module runs its own transactions; a crash repeats at most the step it was in):
 
 1. ``cancel_jobs`` — queued and running jobs turn ``cancelled``; a trainer stops at its
    next heartbeat, and one already publishing is refused and deletes its blob;
-2. ``delete_objects`` — everything under ``tenants/<id>/``, every version and delete marker;
+2. ``delete_objects`` — everything under ``tenants/<id>/``, every version and delete marker,
+   every unfinished multipart upload (local store: temporary files);
 3. ``delete_rows`` — one transaction: record the tenant's prefix ids in the erasure row,
    delete its job events, every row of a table with a ``tenant_id`` column, the tenant row;
 4. ``evict_replicas`` — done when every running inference replica answered that it neither
    caches nor loads those prefix ids (:class:`ServeReplicaEvictor`); without Serve, the
    replicas' own sweep (``prefix_cache_sweep_seconds``) is the bound;
 5. ``verify`` — a last sweep of ``tenants/<id>/``, then :func:`find_tenant_leftovers` must
-   find nothing;
+   find nothing (objects, versions, unfinished uploads, temporary files, pending blob
+   deletes, rows);
 6. one transaction writes the ``deletion_audits`` record (ids, times, counts; one per
    tenant however often it runs) and deletes the erasure row.
 
@@ -28,9 +30,21 @@ delete`` (foreground). Two never work on one erasure at once (:class:`ErasureBus
 Resumption has one place, the scheduler's loop: an erasure whose lease ran out or that made
 no progress for ``erasure_lease_seconds`` is run again.
 
-Bounds: a generate request that resolved the prefix before step 1 may finish; a writer that
-dies between writing an object and cleaning it up after step 5 ran can leave it
-(``prefixd tenants verify-deleted`` reports it, ``prefixd tenants delete`` sweeps again).
+**Bounds.** A generate request that resolved the tenant's prefix before step 1 may finish;
+none can start after it (the key is refused). A writer that ends *after* step 5 — a trainer
+force-stopped or cut off past its lease, a trainer whose publish outcome was unknown (it
+keeps its blob), an upload whose replica died between writing and deleting, an S3 multipart
+upload left unfinished — can leave data under the tenant's prefix after its audit record
+was written. So the erasure stays true afterwards by sweeping again
+(:func:`sweep_if_not_active`, :func:`resweep_recently_erased`): the scheduler sweeps
+``tenants/<id>/`` whenever a trainer of a tenant that is no longer active ends (however it
+ended), the API whenever an upload of such a tenant ends, and the scheduler's loop sweeps
+every tenant erased within ``erasure_resweep_window_seconds`` every
+``storage_sweep_seconds``. Every sweep also aborts unfinished multipart uploads (the bucket
+lifecycle rule in docs/OPERATIONS.md is the backstop for one started after the window).
+``prefixd tenants verify-deleted`` reports anything left (objects, versions, markers,
+unfinished uploads, temporary files, rows, pending blob deletes) and ``prefixd tenants
+delete`` sweeps it again.
 """
 
 from __future__ import annotations
@@ -61,6 +75,7 @@ from common.db.models import (
     PrefixVersion,
     Tenant,
     TenantErasure,
+    TenantStatus,
     TrainingJob,
 )
 from common.db.types import utcnow
@@ -546,6 +561,59 @@ def resume_pending_erasures(
     return finished
 
 
+# --- sweeping again after the erasure ------------------------------------------------------------
+
+
+def tenant_is_active(engine: Engine, tenant_id: uuid.UUID) -> bool:
+    """Whether the tenant exists and is not being deleted."""
+    with session_scope(engine) as session:
+        tenant = session.get(Tenant, tenant_id, populate_existing=True)
+        return tenant is not None and tenant.status == TenantStatus.active
+
+
+def sweep_tenant_prefix(store: BlobStore, tenant_id: uuid.UUID) -> int:
+    """Erase everything under ``tenants/<id>/`` (versions, markers, unfinished multipart
+    uploads, temporary files); returns how many objects and uploads were found."""
+    prefix = tenant_key_prefix(tenant_id)
+    aborted = store.abort_incomplete_uploads(prefix)
+    return aborted + store.delete_prefix(prefix)
+
+
+def sweep_if_not_active(engine: Engine, store: BlobStore, tenant_id: uuid.UUID, why: str) -> int:
+    """After a writer of the tenant ended (``why``): if the tenant is being deleted or is
+    gone, sweep its prefix again, so a late write never outlives the erasure. Returns what
+    was found (0 for an active tenant, whose data is left alone)."""
+    if tenant_is_active(engine, tenant_id):
+        return 0
+    found = sweep_tenant_prefix(store, tenant_id)
+    if found:
+        log.warning(
+            "erased tenant %s: %d late object(s)/upload(s) swept after %s", tenant_id, found, why
+        )
+    return found
+
+
+def resweep_recently_erased(
+    engine: Engine, store: BlobStore, *, window_seconds: float
+) -> dict[uuid.UUID, int]:
+    """Sweep the prefix of every tenant whose erasure completed within ``window_seconds``
+    (the scheduler's loop); returns what was found per tenant (only those with finds)."""
+    if window_seconds <= 0:
+        return {}
+    since = utcnow() - timedelta(seconds=window_seconds)
+    with session_scope(engine) as session:
+        tenants = crud.recently_erased_tenants(session=session, since=since)
+    found: dict[uuid.UUID, int] = {}
+    for tenant_id in tenants:
+        if tenant_is_active(engine, tenant_id):  # cannot happen (ids are never reused)
+            continue
+        count = sweep_tenant_prefix(store, tenant_id)
+        if count:
+            log.warning("erased tenant %s: %d late object(s)/upload(s) swept", tenant_id, count)
+            found[tenant_id] = count
+    return found
+
+
 # --- verification ------------------------------------------------------------------------------
 
 
@@ -560,11 +628,21 @@ def find_tenant_leftovers(
     engine: Engine, store: BlobStore, tenant_id: uuid.UUID, *, include_erasure: bool = True
 ) -> list[str]:
     """Everything of the tenant still stored: every object version (and delete marker)
-    under ``tenants/<id>/``, its tenant row, rows of every table with a ``tenant_id``
+    under ``tenants/<id>/``, unfinished multipart uploads and temporary files there, its
+    pending blob deletes, its tenant row, rows of every table with a ``tenant_id``
     column, its jobs' events, and (``include_erasure``) an erasure still under way. The
     audit record is not a leftover. Empty means erased."""
-    found = [_describe_version(v) for v in store.list_versions(tenant_key_prefix(tenant_id))]
+    prefix = tenant_key_prefix(tenant_id)
+    found = [_describe_version(v) for v in store.list_versions(prefix)]
+    found += [upload.describe() for upload in store.list_incomplete_uploads(prefix)]
     with session_scope(engine) as session:
+        for pending in crud.list_pending_blob_deletes(session=session, tenant_id=tenant_id):
+            found.append(
+                f"pending blob delete of {pending.kind} {pending.item_id} ({pending.object_key}; "
+                f"{pending.attempts} failed attempt(s)"
+                + (f", last error: {pending.last_error}" if pending.last_error else "")
+                + ")"
+            )
         if session.get(Tenant, tenant_id, populate_existing=True) is not None:
             found.append(f"row in tenants ({tenant_id})")
         counts: Iterable[tuple[str, Any]] = [
@@ -582,6 +660,7 @@ def find_tenant_leftovers(
                     .where(table.c.tenant_id == tenant_id),
                 )
                 for table in tenant_tables()
+                if table.name != "pending_blob_deletes"  # listed one by one above
             ),
         ]
         for name, stmt in counts:

@@ -197,6 +197,7 @@ def nightly(
             limit=limit,
             validation_split=settings.nightly_validation_split,
             dry_run=dry_run,
+            max_steps=settings.job_max_steps,
         )
     if as_json:
         typer.echo(json.dumps(plan_rows(outcome.plan) | {"dry_run": dry_run}, indent=2))

@@ -139,6 +139,7 @@ def worker(
                         create_db_engine(settings),
                         nightly_time,
                         validation_split=settings.nightly_validation_split,
+                        max_steps=settings.job_max_steps,
                     )
                     typer.echo(f"nightly retraining planned every day at {nightly_at} (local time)")
                 if nightly is not None:

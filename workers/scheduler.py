@@ -11,18 +11,30 @@ At start the actor checks the schema and the blob store and gets the frozen weig
 replicas); every trainer maps that :class:`SharedModel` zero-copy. Then, every
 ``scheduler_poll_seconds``:
 
-1. collect finished trainers; one whose process died (``WorkerCrashedError``,
-   ``NodeDiedError``, …) or that raised fails its attempt *with retry*, after its orphan
-   blob, if any, is swept;
-2. return expired leases to the queue (how jobs of a dead scheduler come back: Ray kills
-   the trainers of a dead owner, and their leases run out);
-3. force-stop trainers whose job is no longer theirs (cancelled, reclaimed, erased) and
-   that did not stop by themselves within a grace period;
-4. while trainer slots are free, claim with :func:`crud.claim_next_job` and start one
-   trainer task per job (``max_calls=1``: a fresh process; ``max_retries=0``: retries go
-   through the queue); a job with invalid hyperparameters fails at once;
-5. resume unfinished tenant erasures (:mod:`common.erasure`) on a thread of its own — the
-   one place that does.
+1. collects finished trainers. A trainer finishes its own job (published, failed, cancelled);
+   a trainer whose process died (killed, out of memory, node lost: ``WorkerCrashedError``,
+   ``NodeDiedError``, …) or that raised is failed here *with retry*: its orphan blob, if any,
+   is swept and the job goes back to the queue while attempts remain;
+2. returns expired leases to the queue (``attempts`` + 1; failed after ``max_attempts``) —
+   that is how jobs of a dead scheduler come back: its trainers die with it (Ray kills the
+   tasks of a dead owner), their leases stop being renewed and run out;
+3. force-stops trainers whose job is no longer theirs (cancelled, reclaimed, erased) and
+   did not stop by themselves within a grace period;
+4. claims jobs (:func:`crud.claim_next_job`: interactive first, one running job per
+   tenant, round-robin across tenants) while trainer slots are free, fails at once a job
+   whose hyperparameters are invalid (a user error), and starts one trainer task per job (``max_calls=1``: a fresh worker process that exits afterwards;
+   ``max_retries=0``: retries go through the queue with a new lease owner);
+5. resumes unfinished tenant erasures (``common/erasure.py``: a runner died or failed), on
+   a thread of its own — the one place that does; on the same thread, every
+   ``storage_sweep_seconds``, retries pending blob deletes (``common/blob_deletes.py``) and
+   sweeps again the prefix of every tenant erased within ``erasure_resweep_window_seconds``.
+
+Whenever a trainer ends (however: finished, crashed, force-stopped, cut off), the prefix of
+its tenant is swept again if the tenant is being deleted or gone, so nothing it wrote
+outlives the erasure. A trainer running longer than ``job_max_runtime_seconds`` (plus a
+grace period: the trainer stops itself first) is force-stopped and its job failed without
+retry; a trainer Ray killed for memory fails its job without retry too (the same batch
+would run out of memory again).
 
 A claimed job's first lease is ``trainer_start_timeout_seconds``; the trainer's first
 heartbeat shortens it to ``job_lease_seconds``.
@@ -44,19 +56,27 @@ import ray
 from ray.exceptions import (
     GetTimeoutError,
     NodeDiedError,
+    OutOfMemoryError,
     RayActorError,
     RayTaskError,
     TaskCancelledError,
     WorkerCrashedError,
 )
 
+from common.blob_deletes import drain_pending_blob_deletes
 from common.blobstore import BlobStore, build_blob_store
 from common.config import Settings
 from common.db import crud
 from common.db.engine import create_db_engine, require_migrated, session_scope
 from common.db.models import JobState, TrainingJob
 from common.db.types import utcnow
-from common.erasure import ErasureOptions, resume_pending_erasures, serve_evictor_if_running
+from common.erasure import (
+    ErasureOptions,
+    resume_pending_erasures,
+    resweep_recently_erased,
+    serve_evictor_if_running,
+    sweep_if_not_active,
+)
 from common.errors import InvalidInputError, PrefixdError
 from common.shared_weights import SharedModel, get_shared_model
 from workers.hyperparameters import parse_hyperparameters
@@ -95,6 +115,9 @@ class _Running:
     node_id: str | None = None
     lost_since: float | None = None
     force_stopped: bool = False
+    started: float | None = None  # time.monotonic() when the trainer reported its start
+    claimed: float = 0.0  # time.monotonic() at the claim
+    over_runtime: bool = False
 
     def public(self) -> dict[str, Any]:
         return {
@@ -111,6 +134,11 @@ class _Running:
 
 def describe_trainer_error(error: BaseException) -> str:
     """One line saying how a trainer task ended abnormally."""
+    if isinstance(error, OutOfMemoryError):
+        return (
+            "the trainer was killed for running out of memory; resubmit with a smaller "
+            "batch_size (not retried: the same batch would run out again)"
+        )
     if isinstance(error, WorkerCrashedError):
         return "the trainer process died (killed, out of memory, or its node was lost)"
     if isinstance(error, NodeDiedError):
@@ -148,6 +176,7 @@ class Scheduler:
         self._self_handle: Any = None
         self._erasures: threading.Thread | None = None
         self._erasures_checked = -float("inf")
+        self._storage_swept = -float("inf")
         self._thread = threading.Thread(target=self._main, name="prefixd-scheduler", daemon=True)
         self._thread.start()
 
@@ -189,6 +218,7 @@ class Scheduler:
             if entry is not None and str(entry.job_id) == info["job_id"]:
                 entry.pid = info.get("pid")
                 entry.node_id = info.get("node_id")
+                entry.started = time.monotonic()
 
     def shutdown(self, release: bool = True, timeout: float = 60.0) -> dict[str, int]:
         """Stop claiming, stop the running trainers and (``release``) give their jobs back
@@ -284,6 +314,7 @@ class Scheduler:
         self._erasures.start()
 
     def _run_erasures(self) -> None:
+        self._sweep_storage()
         try:
             for tenant_id in resume_pending_erasures(
                 engine=self._engine,
@@ -295,6 +326,37 @@ class Scheduler:
                 log.info("resumed and finished the erasure of tenant %s", tenant_id)
         except Exception:
             log.exception("resuming tenant erasures failed")
+
+    def _sweep_storage(self) -> None:
+        """Every ``storage_sweep_seconds``: retry pending blob deletes and sweep recently
+        erased tenants again (on the erasure thread)."""
+        now = time.monotonic()
+        if now - self._storage_swept < self.settings.storage_sweep_seconds:
+            return
+        self._storage_swept = now
+        try:
+            drain_pending_blob_deletes(self._engine, self._store)
+        except Exception:
+            log.exception("retrying pending blob deletes failed")
+        try:
+            resweep_recently_erased(
+                self._engine,
+                self._store,
+                window_seconds=self.settings.erasure_resweep_window_seconds,
+            )
+        except Exception:
+            log.exception("sweeping recently erased tenants failed")
+
+    def _sweep_after_trainer(self, entry: _Running) -> None:
+        try:
+            sweep_if_not_active(
+                self._engine,
+                self._store,
+                entry.tenant_id,
+                f"the trainer of job {entry.job_id} ended",
+            )
+        except Exception as error:  # the periodic re-sweep catches it
+            log.warning("sweep after the trainer of job %s failed: %s", entry.job_id, error)
 
     def _collect_finished(self) -> None:
         with self._lock:
@@ -312,6 +374,7 @@ class Scheduler:
                 continue
             except Exception as error:
                 report = self._trainer_died(entry, error)
+            self._sweep_after_trainer(entry)
             report["attempt"] = entry.attempt
             report["finished_at"] = utcnow().isoformat()
             with self._lock:
@@ -334,6 +397,8 @@ class Scheduler:
             "node_id": entry.node_id,
             "error": reason,
         }
+        if entry.over_runtime:  # failed for good already (job_max_runtime_seconds)
+            return base | {"outcome": "failed", "error": self._runtime_error(entry)}
         if entry.force_stopped:  # its job was no longer its own: nothing to finish
             return base | {"outcome": "stopped"}
         with session_scope(self._engine) as session:
@@ -347,6 +412,7 @@ class Scheduler:
             delete_orphan_prefix_blobs(self._engine, self._store, entry.tenant_id)
         except Exception as sweep_error:
             log.warning("orphan sweep for tenant %s failed: %s", entry.tenant_id, sweep_error)
+        out_of_memory = isinstance(error, OutOfMemoryError)
         with session_scope(self._engine) as session:
             crud.finish_job(
                 session=session,
@@ -354,9 +420,49 @@ class Scheduler:
                 owner=entry.owner,
                 state=JobState.failed,
                 error=f"attempt {entry.attempt}: {reason}",
-                retry=True,
+                retry=not out_of_memory,
             )
+        if out_of_memory:
+            return base | {"outcome": "failed", "crashed": True}
         return base | {"outcome": "retrying", "crashed": True}
+
+    def _runtime_error(self, entry: _Running) -> str:
+        limit = self.settings.job_max_runtime_seconds
+        return (
+            f"attempt {entry.attempt}: the trainer ran past job_max_runtime_seconds "
+            f"({limit:g} s) and was stopped; not retried (ask for fewer epochs or less data)"
+        )
+
+    def _stop_over_runtime(self, entries: list[_Running], now: float) -> None:
+        """The backstop of the runtime limit: the trainer stops itself between two steps
+        at ``job_max_runtime_seconds``; one still running a grace period later (stuck in a
+        step, frozen) is force-stopped here and its job failed without retry."""
+        grace = 30.0 + 3 * self.settings.job_heartbeat_seconds
+        limit = self.settings.job_max_runtime_seconds
+        for entry in entries:
+            if entry.over_runtime or entry.force_stopped:
+                continue
+            began = (
+                entry.started
+                if entry.started is not None
+                else entry.claimed + self.settings.trainer_start_timeout_seconds
+            )
+            if now - began <= limit + grace:
+                continue
+            entry.over_runtime = entry.force_stopped = True
+            log.warning("stopping the trainer of job %s: past its runtime limit", entry.job_id)
+            try:
+                with session_scope(self._engine) as session:
+                    crud.finish_job(
+                        session=session,
+                        job_id=entry.job_id,
+                        owner=entry.owner,
+                        state=JobState.failed,
+                        error=self._runtime_error(entry),
+                        retry=False,
+                    )
+            finally:
+                ray.cancel(entry.ref, force=True)
 
     def _watch_leases(self) -> None:
         with self._lock:
@@ -367,6 +473,7 @@ class Scheduler:
             owners = crud.job_lease_owners(session=session, job_ids=[e.job_id for e in entries])
         grace = 30.0 + 3 * self.settings.job_heartbeat_seconds
         now = time.monotonic()
+        self._stop_over_runtime(entries, now)
         for entry in entries:
             state, owner = owners.get(entry.job_id, (None, None))
             if state == JobState.running and owner == entry.owner:
@@ -459,6 +566,7 @@ class Scheduler:
             attempt=job.attempts,
             ref=ref,
             claimed_at=utcnow().isoformat(),
+            claimed=time.monotonic(),
         )
         with self._lock:
             self._running[owner] = entry

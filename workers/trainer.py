@@ -19,8 +19,15 @@ The scheduler claims the job (holding the lease as ``owner``) and runs this as a
    succeeded). If publishing fails the blob is deleted — unless the commit's outcome is
    unknown (then the tenant's next attempt sweeps it if no row points at it).
 
-User errors (bad hyperparameters, bad data, a dataset gone) fail the job with no retry;
-anything else fails the attempt, retried while attempts remain.
+User errors (bad hyperparameters, bad data, a dataset that is gone) fail the job with the
+message and no retry; anything else fails the attempt with a retry while attempts remain.
+
+Budget: a job whose steps (epochs x batches per epoch) exceed ``job_max_steps`` fails
+without retry before training; an attempt still training after ``job_max_runtime_seconds``
+stops between two steps and fails the job without retry (the scheduler force-stops one that
+does not). Running out of memory (``torch.OutOfMemoryError``, ``MemoryError``) fails the job
+without retry, with a message suggesting half the batch size: retrying the same batch would
+run out again.
 """
 
 from __future__ import annotations
@@ -46,6 +53,7 @@ from common.blobstore.keys import key_belongs_to_tenant, prefix_key, prefixes_ke
 from common.config import Settings
 from common.data import Example, parse_jsonl
 from common.db import crud
+from common.db.crud.prefixes import NO_EXPECTATION, NoExpectation
 from common.db.engine import create_db_engine, session_scope
 from common.db.errors import ConflictError, LeaseLostError, NotFoundError, TenantNotActiveError
 from common.db.models import (
@@ -288,12 +296,15 @@ def _json_safe(metrics: dict[str, Any]) -> dict[str, Any]:
 def publish_trained_prefix(
     engine: Engine, store: BlobStore, *, job_id: uuid.UUID, tenant_id: uuid.UUID, owner: str,
     prefix: Prefix, activate: bool = True, note: str | None = None,
+    expected_active_id: uuid.UUID | NoExpectation | None = NO_EXPECTATION,
 ) -> uuid.UUID:  # fmt: skip
     """Write the blob under a fresh prefix id, then publish it (one transaction), made
-    active unless ``activate`` is False (then ``note`` says why, on the job). If the
-    publish fails — tenant gone or being deleted, lease lost, database down — the error is
-    raised and the blob deleted again, except when the database cannot say whether the row
-    was committed: then the blob is kept. Returns the new prefix id."""
+    active unless ``activate`` is False (then ``note`` says why, on the job) or the tenant's
+    active version is no longer ``expected_active_id`` (compare-and-swap, see
+    :func:`crud.publish_prefix`). If the publish fails — tenant gone or being deleted, lease
+    lost, database down — the error is raised and the blob deleted again, except when the
+    database cannot say whether the row was committed: then the blob is kept. Returns the new
+    prefix id."""
     prefix_id = uuid.uuid4()
     key = prefix_key(tenant_id, prefix_id)
     data = prefix_to_bytes(prefix)
@@ -314,7 +325,7 @@ def publish_trained_prefix(
                 with session_scope(engine) as session:
                     crud.publish_prefix(
                         session=session, job_id=job_id, owner=owner, prefix_in=prefix_in,
-                        activate=activate, note=note,
+                        activate=activate, note=note, expected_active_id=expected_active_id,
                     )  # fmt: skip
                 return prefix_id
             except (TenantNotActiveError, LeaseLostError):
@@ -395,6 +406,55 @@ def _current_node_id() -> str | None:
     return None
 
 
+class _Flag:
+    is_set = False
+
+    def set_if(self, condition: bool) -> bool:
+        self.is_set = self.is_set or condition
+        return condition
+
+
+class RuntimeLimitError(Exception):
+    """The attempt trained past ``job_max_runtime_seconds`` (the job fails, no retry)."""
+
+    def __init__(self, message: str, *, steps: dict[str, Any]) -> None:
+        super().__init__(message)
+        self.steps = steps  # how far it got, for the report
+
+
+def out_of_memory_message(engine: Engine, job_id: uuid.UUID, error: BaseException) -> str:
+    """Why the job failed for memory, with the batch size to try instead."""
+    batch: int | None = None
+    try:
+        with session_scope(engine) as session:
+            job = crud.get_job(session=session, job_id=job_id)
+        if job is not None:
+            batch = parse_hyperparameters(job.hyperparameters).config.batch_size
+    except Exception:  # the message still says what happened
+        pass
+    advice = (
+        f"resubmit with a smaller batch_size (e.g. {max(1, batch // 2)} instead of {batch})"
+        if batch is not None
+        else "resubmit with a smaller batch_size"
+    )
+    return (
+        f"out of memory while training ({type(error).__name__}); not retried, as the same "
+        f"batch would run out again: {advice}"
+    )
+
+
+def check_step_budget(train_examples: int, batch_size: int, epochs: int, max_steps: int) -> int:
+    """The job's optimizer steps; :class:`InvalidInputError` (no retry) beyond ``max_steps``."""
+    steps = math.ceil(train_examples / batch_size) * epochs
+    if steps > max_steps:
+        raise InvalidInputError(
+            f"the job needs {steps} optimizer steps ({epochs} epoch(s) x "
+            f"{math.ceil(train_examples / batch_size)} batch(es) of {batch_size}), more than "
+            f"job_max_steps ({max_steps}): use fewer epochs, a larger batch_size or less data"
+        )
+    return steps
+
+
 def run_training_job(
     settings: Settings,
     shared: SharedModel,
@@ -436,10 +496,21 @@ def run_training_job(
         if not lease.start():
             return report(_lost_outcome(engine, job_uuid))
         try:
-            return _train_and_publish(settings, shared, engine, job_uuid, owner, lease, report)
+            return _train_and_publish(
+                settings, shared, engine, job_uuid, owner, lease, report,
+                deadline=started + settings.job_max_runtime_seconds,
+            )  # fmt: skip
         except USER_ERRORS as error:
             _finish(engine, job_uuid, owner, JobState.failed, str(error), retry=False)
             return report(Outcome.FAILED, error=str(error))
+        except (torch.OutOfMemoryError, MemoryError) as error:
+            message = out_of_memory_message(engine, job_uuid, error)
+            log.warning("job %s: %s", job_id, message)
+            _finish(engine, job_uuid, owner, JobState.failed, message, retry=False)
+            return report(Outcome.FAILED, error=message)
+        except RuntimeLimitError as error:
+            _finish(engine, job_uuid, owner, JobState.failed, str(error), retry=False)
+            return report(Outcome.FAILED, error=str(error), **error.steps)
         except Exception as error:
             message = f"attempt failed: {type(error).__name__}: {error}"
             log.exception("job %s: %s", job_id, message)
@@ -459,32 +530,51 @@ def _train_and_publish(
     owner: str,
     lease: LeaseKeeper,
     report: Callable[..., TrainerReport],
+    *,
+    deadline: float = math.inf,
 ) -> TrainerReport:
     with session_scope(engine) as session:
         job = crud.get_job(session=session, job_id=job_id)
     if job is None:
         return report(Outcome.ERASED)
     tenant_id = job.tenant_id
+    # The active version when the job started: the new one replaces only that one
+    # (compare-and-swap at publish), never a rollback or a version published meanwhile.
+    with session_scope(engine) as session:
+        active_at_start = crud.get_active_prefix(session=session, tenant_id=tenant_id)
+        expected_active_id = active_at_start.id if active_at_start is not None else None
     spec = parse_hyperparameters(job.hyperparameters)  # before any data or weights
     store = build_blob_store(settings)
     delete_orphan_prefix_blobs(engine, store, tenant_id)
     train, validation = job_examples(engine, store, job, spec)
+    check_step_budget(
+        len(train), spec.config.batch_size, spec.config.epochs, settings.job_max_steps
+    )
     loaded = place(materialize_model(shared), choose_placement(settings.trainer_num_gpus))
     zero_copy = loaded.zero_copy
     progress = ProgressWriter(engine, job_id, every=settings.progress_event_seconds)
+    out_of_time = _Flag()  # set when the runtime limit stopped training (not its end)
     result = train_prefix(
         loaded,
         train,
         spec.config,
         validation=validation,
         on_progress=progress,
-        should_stop=lease.lost.is_set,
+        should_stop=lambda: lease.lost.is_set() or out_of_time.set_if(time.monotonic() > deadline),
     )
     del train
     last = result.history[-1] if result.history else None
     steps = {"steps": last.step if last else 0, "total_steps": last.total_steps if last else None}
     if lease.lost.is_set():  # cancelled, reclaimed or erased: nothing is published
         return report(_lost_outcome(engine, job_id), zero_copy=zero_copy, **steps)
+    if out_of_time.is_set:
+        raise RuntimeLimitError(
+            f"the attempt trained past job_max_runtime_seconds "
+            f"({settings.job_max_runtime_seconds:g} s) after {steps['steps']} of "
+            f"{steps['total_steps']} steps and was stopped; not retried (ask for fewer "
+            "epochs or less data)",
+            steps=steps,
+        )
     progress.finish(last)
     gate = GateDecision(activate=True)
     if job.priority == JobPriority.batch:  # nightly: the quality gate decides activation
@@ -500,7 +590,7 @@ def _train_and_publish(
     try:
         prefix_id = publish_trained_prefix(
             engine, store, job_id=job_id, tenant_id=tenant_id, owner=owner, prefix=result.prefix,
-            activate=gate.activate, note=gate.note,
+            activate=gate.activate, note=gate.note, expected_active_id=expected_active_id,
         )  # fmt: skip
     except TenantNotActiveError as error:
         _finish(engine, job_id, owner, JobState.cancelled, str(error), retry=False)

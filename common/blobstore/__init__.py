@@ -16,6 +16,7 @@ from common.blobstore.base import (
     BlobStoreUnavailableError,
     BlobVersion,
     BucketNotFoundError,
+    IncompleteUpload,
 )
 from common.blobstore.keys import (
     dataset_key,
@@ -75,6 +76,7 @@ __all__ = [
     "BlobStoreUnavailableError",
     "BlobVersion",
     "BucketNotFoundError",
+    "IncompleteUpload",
     "LocalBlobStore",
     "S3BlobStore",
     "build_blob_store",

@@ -56,6 +56,23 @@ class BlobVersion:
     size: int | None = None
 
 
+@dataclass(frozen=True)
+class IncompleteUpload:
+    """A write that never finished: an S3 multipart upload neither completed nor aborted
+    (its parts are stored, and billed, but no object shows them), or a local temporary
+    file. Erasure aborts them; ``verify-deleted`` reports them."""
+
+    key: str
+    upload_id: str | None = None  # S3's multipart upload id; None for a local file
+    initiated: str | None = None  # ISO time, where the store knows it
+
+    def describe(self) -> str:
+        if self.upload_id is not None:
+            when = f", started {self.initiated}" if self.initiated else ""
+            return f"unfinished multipart upload of {self.key} (upload {self.upload_id}{when})"
+        return f"temporary file {self.key}"
+
+
 _KEY_RE = re.compile(r"^[A-Za-z0-9_=+-][A-Za-z0-9._=+-]*$")
 
 
@@ -140,4 +157,15 @@ class BlobStore(ABC):
     @abstractmethod
     def delete_prefix(self, prefix: str) -> int:
         """Erase everything under ``prefix`` (which must end with ``/``), on a versioned
-        bucket every version and delete marker too. Returns the number of keys erased."""
+        bucket every version and delete marker too, and abort every unfinished upload under
+        it (:meth:`abort_incomplete_uploads`). Returns the number of keys erased."""
+
+    @abstractmethod
+    def list_incomplete_uploads(self, prefix: str) -> list[IncompleteUpload]:
+        """Writes under ``prefix`` that never finished (S3 multipart uploads, local
+        temporary files); listings of objects and versions do not show them."""
+
+    @abstractmethod
+    def abort_incomplete_uploads(self, prefix: str) -> int:
+        """Abort (delete) every unfinished write under ``prefix``; returns how many. A writer
+        still running then fails (its parts are gone)."""

@@ -18,6 +18,7 @@ from common.blobstore.base import (
     BlobStore,
     BlobStoreError,
     BlobVersion,
+    IncompleteUpload,
     sha256_hex,
     validate_key,
     validate_prefix,
@@ -185,6 +186,40 @@ class LocalBlobStore(BlobStore):
         return [
             BlobVersion(key=b.key, version_id=None, size=b.size) for b in self.list_objects(prefix)
         ]
+
+    def _hidden_leftovers(self, prefix: str) -> Iterator[tuple[str, Path]]:
+        """Hidden files under ``prefix`` that are no object's SHA-256 sidecar: temporary
+        files of writes that never finished (``.tmp-*`` of :func:`_atomic_write`, ``.*.part``
+        of a download), and sidecars whose object is gone."""
+        validate_prefix(prefix)
+        base_parts = prefix.split("/")[:-1]
+        start = self.root.joinpath(*base_parts) if base_parts else self.root
+        if not start.is_dir():
+            return
+        for dirpath, dirnames, filenames in os.walk(start):
+            dirnames.sort()
+            for name in sorted(filenames):
+                if not name.startswith("."):
+                    continue
+                full = Path(dirpath) / name
+                key = full.relative_to(self.root).as_posix()
+                if not key.startswith(prefix):
+                    continue
+                if name.endswith(_SIDECAR_SUFFIX) and not name.startswith(".tmp-"):
+                    owner = full.with_name(name[1 : -len(_SIDECAR_SUFFIX)])
+                    if owner.is_file():
+                        continue
+                yield key, full
+
+    def list_incomplete_uploads(self, prefix: str) -> list[IncompleteUpload]:
+        return [IncompleteUpload(key=key) for key, _ in self._hidden_leftovers(prefix)]
+
+    def abort_incomplete_uploads(self, prefix: str) -> int:
+        validate_prefix(prefix, allow_empty=False)
+        found = list(self._hidden_leftovers(prefix))
+        for _, path in found:
+            path.unlink(missing_ok=True)
+        return len(found)
 
     def delete_prefix(self, prefix: str) -> int:
         validate_prefix(prefix, allow_empty=False)

@@ -46,6 +46,7 @@ from common.blobstore.base import (
     BlobStoreUnavailableError,
     BlobVersion,
     BucketNotFoundError,
+    IncompleteUpload,
     sha256_file,
     sha256_hex,
     validate_key,
@@ -392,4 +393,48 @@ class S3BlobStore(BlobStore):
         if not prefix.endswith("/"):
             raise BlobStoreError(f"delete_prefix needs a prefix ending with '/', got {prefix!r}")
         with self._errors(f"deleting everything under {prefix!r}"):
+            self._abort_uploads(self.base + prefix)  # first: a writer's parts go too
             return self._erase(self.base + prefix)
+
+    def _iter_uploads(self, full_prefix: str) -> Iterator[IncompleteUpload]:
+        paginator = self.client.get_paginator("list_multipart_uploads")
+        try:
+            pages = list(paginator.paginate(Bucket=self.bucket, Prefix=full_prefix))
+        except ClientError as e:  # a server without multipart listing has none to show
+            if e.response.get("Error", {}).get("Code") in ("NotImplemented", "MethodNotAllowed"):
+                return
+            raise
+        for page in pages:
+            for upload in page.get("Uploads", []):
+                initiated = upload.get("Initiated")
+                yield IncompleteUpload(
+                    key=upload["Key"],
+                    upload_id=upload["UploadId"],
+                    initiated=initiated.isoformat() if initiated is not None else None,
+                )
+
+    def _abort_uploads(self, full_prefix: str) -> int:
+        aborted = 0
+        for upload in list(self._iter_uploads(full_prefix)):
+            try:
+                self.client.abort_multipart_upload(
+                    Bucket=self.bucket, Key=upload.key, UploadId=upload.upload_id
+                )
+            except ClientError as e:  # finished or aborted meanwhile: gone either way
+                if e.response.get("Error", {}).get("Code") != "NoSuchUpload":
+                    raise
+            aborted += 1
+        return aborted
+
+    def list_incomplete_uploads(self, prefix: str) -> list[IncompleteUpload]:
+        full_prefix = self.base + validate_prefix(prefix)
+        with self._errors(f"listing unfinished uploads under {prefix!r}"):
+            return [
+                IncompleteUpload(self._rel(u.key), u.upload_id, u.initiated)
+                for u in self._iter_uploads(full_prefix)
+            ]
+
+    def abort_incomplete_uploads(self, prefix: str) -> int:
+        full_prefix = self.base + validate_prefix(prefix, allow_empty=False)
+        with self._errors(f"aborting unfinished uploads under {prefix!r}"):
+            return self._abort_uploads(full_prefix)

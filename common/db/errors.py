@@ -41,6 +41,7 @@ class LeaseLostError(ConflictError):
 class QuotaExceededError(DatabaseError):
     """A per-tenant quota would be exceeded; the message names the quota and its value."""
 
-    def __init__(self, message: str, *, limit: str) -> None:
+    def __init__(self, message: str, *, limit: str, retry_after: int | None = None) -> None:
         super().__init__(message)
         self.limit = limit  # the setting's name, e.g. "tenant_dataset_bytes_quota"
+        self.retry_after = retry_after  # seconds until the quota resets, where it does

@@ -95,6 +95,9 @@ class Tenant(TenantBase, table=True):
     id: uuid.UUID = Field(default_factory=uuid.uuid4, primary_key=True)
     status: TenantStatus = Field(default=TenantStatus.active, sa_type=_enum(TenantStatus))
     created_at: datetime = Field(default_factory=utcnow, sa_type=_DT)
+    # The highest prefix version number ever given to this tenant; only goes up, so a
+    # version number is never reused after the newest version is deleted.
+    last_prefix_version: int = Field(default=0, ge=0)
 
 
 # --- API keys (only a SHA-256 hash of the key is stored) -------------------------------------
@@ -176,6 +179,8 @@ class TrainingJobBase(SQLModel):
 class TrainingJobCreate(TrainingJobBase):
     dataset_ids: list[uuid.UUID] = Field(min_length=1, max_length=1000)
     idempotency_key: str | None = Field(default=None, min_length=1, max_length=200)
+    # Set by the nightly planner only (the API never takes it from a request).
+    nightly_run_date: date | None = None
 
 
 class TrainingJob(TrainingJobBase, table=True):
@@ -191,7 +196,7 @@ class TrainingJob(TrainingJobBase, table=True):
         # Reclaiming expired leases: running jobs by lease expiry.
         sa.Index("ix_training_jobs_state_lease_expires_at", "state", "lease_expires_at"),
         # A night's nightly jobs, across tenants (workers/nightly.py).
-        sa.Index("ix_training_jobs_idempotency_key", "idempotency_key"),
+        sa.Index("ix_training_jobs_nightly_run_date", "nightly_run_date"),
     )
 
     id: uuid.UUID = Field(default_factory=uuid.uuid4, primary_key=True)
@@ -211,6 +216,12 @@ class TrainingJob(TrainingJobBase, table=True):
     # Why a succeeded job's prefix was published but NOT made active (the nightly quality
     # gate, workers/quality_gate.py); None when it was activated or the job made no prefix.
     note: str | None = Field(default=None, sa_type=_t(sa.Text()))
+    # The night of a nightly job (the planner sets it; a tenant cannot): what marks a job
+    # as nightly, never its idempotency key. None for every other job.
+    nightly_run_date: date | None = Field(default=None, sa_type=_t(sa.Date()))
+    # Training tokens the job was estimated to cost at submission (bytes / 4 x epochs);
+    # the tenant's daily limit (tenant_training_tokens_per_day) sums them.
+    estimated_tokens: int = Field(default=0, ge=0, sa_type=_BIGINT)
 
 
 class TrainingJobPublic(TrainingJobBase):
@@ -237,6 +248,9 @@ class JobEventBase(SQLModel):
     loss: float | None = None
     val_loss: float | None = None
     tokens_per_second: float | None = Field(default=None, ge=0)
+    # Something a user should know that is not progress (e.g. why the new prefix was kept
+    # inactive); None for progress events.
+    message: str | None = Field(default=None, sa_type=_t(sa.Text()))
 
 
 class JobEventCreate(JobEventBase):
@@ -312,6 +326,34 @@ class PrefixVersionPublic(PrefixVersionBase):
     active: bool
     created_at: datetime
     activated_at: datetime | None
+
+
+# --- blob deletes not done yet (retried until the blob is gone) -----------------------------
+
+
+class PendingBlobDelete(SQLModel, table=True):
+    """A blob whose row was deleted (a dataset, a prefix version) but whose delete in the
+    object store has not been confirmed yet. Recorded in the same transaction as the row's
+    deletion, removed once the blob is gone; the scheduler's loop retries the rest
+    (``common/pending_deletes.py``). Ids and a key only, no personal data."""
+
+    __tablename__ = "pending_blob_deletes"
+    __table_args__ = (
+        sa.UniqueConstraint("object_key", name="uq_pending_blob_deletes_object_key"),
+        sa.Index("ix_pending_blob_deletes_tenant_id", "tenant_id"),
+    )
+
+    id: uuid.UUID = Field(default_factory=uuid.uuid4, primary_key=True)
+    # No foreign key: a tenant's erasure deletes these rows with its other rows (and the
+    # blobs with its whole prefix).
+    tenant_id: uuid.UUID
+    kind: str = Field(max_length=16)  # "dataset" or "prefix"
+    item_id: uuid.UUID  # the dataset's or prefix version's id
+    object_key: str = Field(max_length=1024)
+    created_at: datetime = Field(default_factory=utcnow, sa_type=_DT)
+    attempts: int = Field(default=0)
+    last_attempt_at: datetime | None = Field(default=None, sa_type=_DT)
+    last_error: str | None = Field(default=None, sa_type=_t(sa.Text()))
 
 
 # --- tenant deletion audit (no personal data: ids, times and counts only) ------------------

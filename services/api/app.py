@@ -22,11 +22,15 @@ from services.api.routes import (
     prefixes,
     tenants,
 )
-from services.api.uploads import MULTIPART_OVERHEAD_BYTES
+from services.api.uploads import MULTIPART_OVERHEAD_BYTES, sweep_stale_spool_files
 
 
 def create_app(context: ApiContext) -> FastAPI:
+    """The app of one API replica (built once, when the replica starts)."""
     settings = context.settings
+    # Spool files of a replica that was killed mid-upload (old enough not to be another
+    # running replica's).
+    sweep_stale_spool_files(settings.upload_spool_stale_seconds)
     app = FastAPI(
         title="prefixd",
         version=version("prefixd"),

@@ -12,6 +12,7 @@ from typing import Annotated, Any, Generic, TypeVar
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
+from common.db.crud.jobs import RESERVED_IDEMPOTENCY_KEY_PREFIX, is_reserved_idempotency_key
 from common.db.models import Dataset, JobEvent, JobPriority, JobState, TrainingJob
 from common.training import TrainingConfig
 
@@ -27,7 +28,23 @@ def _storable(text: str) -> str:
 
 
 Name = Annotated[str, Field(min_length=1, max_length=100), AfterValidator(_storable)]
-IdempotencyKey = Annotated[str, Field(min_length=1, max_length=200), AfterValidator(_storable)]
+
+
+def _not_reserved(key: str) -> str:
+    if is_reserved_idempotency_key(key):
+        raise ValueError(
+            f"keys starting with {RESERVED_IDEMPOTENCY_KEY_PREFIX!r} are reserved for nightly "
+            "retraining jobs; choose another key"
+        )
+    return key
+
+
+IdempotencyKey = Annotated[
+    str,
+    Field(min_length=1, max_length=200),
+    AfterValidator(_storable),
+    AfterValidator(_not_reserved),
+]
 InitText = Annotated[str, Field(min_length=1, max_length=1000), AfterValidator(_storable)]
 
 

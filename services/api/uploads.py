@@ -45,6 +45,7 @@ MULTIPART_FIELD = "file"
 MULTIPART_OVERHEAD_BYTES = 64 * 1024  # boundaries and part headers around the file
 MAX_LINE_BYTES = 1024 * 1024  # far beyond any example that fits a model's context
 CHUNK = 256 * 1024
+SPOOL_FILE_PREFIX = "prefixd-upload-"
 
 
 class ExampleChecker:
@@ -164,7 +165,7 @@ async def spool(
 ) -> Spooled:
     """Write the chunks to a temporary file, counting and hashing them; ``too_large()`` is
     raised past ``max_bytes`` (the temporary file is removed on any error)."""
-    fd, name = tempfile.mkstemp(prefix="prefixd-upload-", suffix=".jsonl")
+    fd, name = tempfile.mkstemp(prefix=SPOOL_FILE_PREFIX, suffix=".jsonl")
     path = Path(name)
     digest = hashlib.sha256()
     size = 0
@@ -180,6 +181,34 @@ async def spool(
         path.unlink(missing_ok=True)
         raise
     return Spooled(path, size, digest.hexdigest())
+
+
+def sweep_stale_spool_files(
+    max_age_seconds: float, *, directory: Path | None = None, now: float | None = None
+) -> int:
+    """Remove this user's ``prefixd-upload-*`` spool files older than ``max_age_seconds``
+    from the temporary directory: left by an API replica killed mid-upload (a running one
+    removes its own). Called when an API replica starts; a younger file may belong to a
+    replica that is still running on this machine, so it is left alone. Returns how many
+    were removed."""
+    import time
+
+    where = directory or Path(tempfile.gettempdir())
+    at = time.time() if now is None else now
+    removed = 0
+    for path in where.glob(f"{SPOOL_FILE_PREFIX}*"):
+        try:
+            stat = path.lstat()
+            if not path.is_file() or path.is_symlink() or stat.st_uid != os.getuid():
+                continue
+            if at - stat.st_mtime > max_age_seconds:
+                path.unlink()
+                removed += 1
+        except OSError:  # gone meanwhile, or not ours to remove
+            continue
+    if removed:
+        log.info("removed %d stale upload spool file(s) from %s", removed, where)
+    return removed
 
 
 def count_valid_examples(path: Path, checker: ExampleChecker, *, max_examples: int) -> int:

@@ -339,3 +339,24 @@ def test_build_blob_store_from_settings(tmp_path: Path) -> None:
         build_blob_store(Settings(blob_url="gs://bucket/x"))
     with pytest.raises(InvalidInputError, match="bucket name"):
         build_blob_store(Settings(blob_url="s3://B/x"))
+
+
+def test_unfinished_writes_are_listed_and_aborted(blob_store) -> None:
+    """S3: a multipart upload never completed; local: a writer's temporary file. Neither
+    shows as an object; both are listed and aborted, and nothing else is touched."""
+    blob_store.put_bytes("t/a/kept.bin", b"kept")  # its checksum sidecar is no leftover
+    if isinstance(blob_store, LocalBlobStore):
+        (blob_store.root / "t" / "a" / ".tmp-killed").write_bytes(b"half")
+        expected = "temporary file t/a/.tmp-killed"
+    else:
+        upload = blob_store.client.create_multipart_upload(
+            Bucket=blob_store.bucket, Key=blob_store._full("t/a/big.bin")
+        )
+        expected = f"unfinished multipart upload of t/a/big.bin (upload {upload['UploadId']}"
+    assert [b.key for b in blob_store.list_objects("t/")] == ["t/a/kept.bin"]
+    (found,) = blob_store.list_incomplete_uploads("t/")
+    assert found.describe().startswith(expected)
+    assert blob_store.list_incomplete_uploads("u/") == []
+    assert blob_store.abort_incomplete_uploads("t/") == 1
+    assert blob_store.list_incomplete_uploads("t/") == []
+    assert blob_store.get_bytes("t/a/kept.bin") == b"kept"

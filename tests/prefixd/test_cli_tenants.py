@@ -99,3 +99,24 @@ def test_errors_and_the_list_of_erasures(cli, db_engine) -> None:
     assert row["tenant_id"] == str(tenant.id) and row["runs"] == 0
     resumed = cli.invoke(app, ["tenants", "delete", str(tenant.id)])
     assert resumed.exit_code == 0 and "resuming the erasure" in resumed.stdout
+
+
+def test_verify_deleted_reports_temporary_files_and_pending_deletes(cli, db_engine, store) -> None:
+    with Session(db_engine) as session:
+        tenant = make_tenant(session)
+        dataset = make_dataset(session, tenant)
+        tenant_id, dataset_id, key = tenant.id, dataset.id, dataset.object_key
+        store.put_bytes(key, b"data")
+        crud.delete_dataset(session=session, tenant_id=tenant_id, dataset_id=dataset_id)
+    (store.root / key).parent.joinpath(".tmp-killed-writer").write_bytes(b"half")
+
+    found = cli.invoke(app, ["tenants", "verify-deleted", str(tenant_id)])
+    assert found.exit_code == 1, found.output
+    assert f"temporary file {tenant_key_prefix(tenant_id)}datasets/.tmp-killed-writer" in (
+        found.stdout
+    )
+    assert f"pending blob delete of dataset {dataset_id} ({key}; 0 failed" in found.stdout
+
+    assert cli.invoke(app, ["tenants", "delete", str(tenant_id)]).exit_code == 0
+    clean = cli.invoke(app, ["tenants", "verify-deleted", str(tenant_id)])
+    assert clean.exit_code == 0, clean.output

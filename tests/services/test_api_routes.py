@@ -339,14 +339,14 @@ def test_idempotent_job_submission(stack, api):
     _, key = api.new_tenant()
     _, other_key = api.new_tenant()
     dataset_id = api.dataset(key)
-    first = api.submit(key, dataset_id, idempotency_key="nightly-2025-01-01")
+    first = api.submit(key, dataset_id, idempotency_key="retry-2025-01-01")
     assert first.status_code == 201
-    again = api.submit(key, dataset_id, idempotency_key="nightly-2025-01-01")
+    again = api.submit(key, dataset_id, idempotency_key="retry-2025-01-01")
     assert again.status_code == 200 and again.json()["id"] == first.json()["id"]
-    fresh = api.submit(key, dataset_id, idempotency_key="nightly-2025-01-02")
+    fresh = api.submit(key, dataset_id, idempotency_key="retry-2025-01-02")
     assert fresh.status_code == 201 and fresh.json()["id"] != first.json()["id"]
     # Keys are per tenant: another tenant's identical key is its own job.
-    theirs = api.submit(other_key, api.dataset(other_key), idempotency_key="nightly-2025-01-01")
+    theirs = api.submit(other_key, api.dataset(other_key), idempotency_key="retry-2025-01-01")
     assert theirs.status_code == 201 and theirs.json()["id"] != first.json()["id"]
     assert len(api.get("/v1/jobs", key).json()["data"]) == 2
 

@@ -1,8 +1,8 @@
 """The data layer, in the style of fastapi/full-stack-fastapi-template's ``crud.py``, one
 module per aggregate: ``tenants`` (and API keys), ``datasets``, ``jobs`` (rows and events),
-``queue`` (claims and leases), ``prefixes`` (versions), ``erasure``, ``nightly``; plus
-``transaction`` (the commit helper). Callers write ``crud.publish_prefix(...)``; the names
-are re-exported here.
+``queue`` (claims and leases), ``prefixes`` (versions), ``erasure``, ``nightly``,
+``blob_deletes`` (blob deletes not confirmed yet); plus ``transaction`` (the commit helper).
+Callers write ``crud.publish_prefix(...)``; the names are re-exported here.
 
 Every function is keyword-only and takes ``session=``. Each function that changes rows is
 one transaction and commits it through :func:`~common.db.crud.transaction.commit` (which
@@ -17,6 +17,12 @@ a row of another tenant is reported exactly like a missing one.
 
 from __future__ import annotations
 
+from common.db.crud.blob_deletes import (
+    add_pending_blob_delete,
+    fail_pending_blob_delete,
+    finish_pending_blob_delete,
+    list_pending_blob_deletes,
+)
 from common.db.crud.datasets import (
     add_dataset,
     delete_dataset,
@@ -31,6 +37,7 @@ from common.db.crud.erasure import (
     get_tenant_erasure,
     list_deletion_audits,
     list_tenant_erasures,
+    recently_erased_tenants,
     release_tenant_erasure,
     renew_tenant_erasure,
     resumable_tenant_erasures,
@@ -104,6 +111,7 @@ __all__ = [
     "NightlyJobCounts",
     "activate_prefix",
     "add_dataset",
+    "add_pending_blob_delete",
     "begin_tenant_erasure",
     "cancel_job",
     "claim_next_job",
@@ -119,8 +127,10 @@ __all__ = [
     "delete_prefix_version",
     "enqueue_job",
     "existing_prefix_ids",
+    "fail_pending_blob_delete",
     "finish_job",
     "finish_nightly_planning",
+    "finish_pending_blob_delete",
     "get_active_prefix",
     "get_dataset",
     "get_deletion_audit",
@@ -143,6 +153,7 @@ __all__ = [
     "list_job_events",
     "list_jobs",
     "list_nightly_runs",
+    "list_pending_blob_deletes",
     "list_prefixes",
     "list_tenant_erasures",
     "list_tenants",
@@ -153,6 +164,7 @@ __all__ = [
     "prefix_ids_of_jobs",
     "publish_prefix",
     "recent_job_events",
+    "recently_erased_tenants",
     "reclaim_expired_jobs",
     "record_job_event",
     "refresh_nightly_runs",

@@ -7,6 +7,7 @@ import uuid
 from sqlmodel import Session, col, func, select
 
 from common.blobstore.keys import key_belongs_to_tenant
+from common.db.crud.blob_deletes import add_pending_blob_delete
 from common.db.crud.tenants import lock_tenant, require_active_tenant
 from common.db.crud.transaction import commit
 from common.db.errors import (
@@ -86,7 +87,8 @@ def tenant_dataset_bytes(*, session: Session, tenant_id: uuid.UUID) -> int:
 
 
 def delete_dataset(*, session: Session, tenant_id: uuid.UUID, dataset_id: uuid.UUID) -> Dataset:
-    """Delete the dataset's row and return it (the caller then deletes its blob). A dataset
+    """Delete the dataset's row and return it, recording in the same transaction that its
+    blob must go (``pending_blob_deletes``; the caller then deletes the blob). A dataset
     that a queued or running job of the tenant reads is kept: :class:`ConflictError`."""
     try:
         # The tenant's row lock serializes this with job submissions (enqueue_job with a
@@ -110,6 +112,10 @@ def delete_dataset(*, session: Session, tenant_id: uuid.UUID, dataset_id: uuid.U
                     "cancel the job or wait for it"
                 )
         session.delete(dataset)
+        add_pending_blob_delete(
+            session, tenant_id=tenant_id, kind="dataset", item_id=dataset_id,
+            object_key=dataset.object_key,
+        )  # fmt: skip
         session.commit()
     except BaseException:
         session.rollback()

@@ -30,6 +30,16 @@ def list_deletion_audits(
     return session.exec(stmt.order_by(col(DeletionAudit.requested_at))).all()
 
 
+def recently_erased_tenants(*, session: Session, since: datetime) -> list[uuid.UUID]:
+    """Tenants whose erasure completed at or after ``since`` (re-swept for a while)."""
+    stmt = (
+        select(DeletionAudit.tenant_id)
+        .where(col(DeletionAudit.completed_at) >= since)
+        .order_by(col(DeletionAudit.completed_at))
+    )
+    return list(session.exec(stmt).all())
+
+
 def get_tenant_erasure(*, session: Session, tenant_id: uuid.UUID) -> TenantErasure | None:
     """The erasure under way for this tenant (None: never started, or finished)."""
     return session.get(TenantErasure, tenant_id, populate_existing=True)

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import math
 import uuid
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import UTC, datetime, time, timedelta
+from typing import Any
 
+import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, func, select
 
@@ -25,6 +28,62 @@ from common.db.models import (
     TrainingJobCreate,
 )
 from common.db.types import utcnow
+from common.errors import InvalidInputError
+
+# Idempotency keys of this prefix belong to the nightly planner (``nightly-<date>``, one
+# nightly job per tenant and night); a tenant's own job may not take one.
+RESERVED_IDEMPOTENCY_KEY_PREFIX = "nightly-"
+
+
+def is_reserved_idempotency_key(key: str) -> bool:
+    return key.lower().startswith(RESERVED_IDEMPOTENCY_KEY_PREFIX)
+
+
+BYTES_PER_TOKEN = 4  # a rough average of English text in a BPE vocabulary
+
+
+def estimate_job_tokens(size_bytes: int, hyperparameters: dict[str, Any]) -> int:
+    """Training tokens of a job: its data's bytes / ``BYTES_PER_TOKEN``, less the held-out
+    part, times the epochs."""
+    from common.training import TrainingConfig
+
+    epochs = int(hyperparameters.get("epochs") or TrainingConfig().epochs)
+    held_out = float(hyperparameters.get("validation_split") or 0.0)
+    return round(size_bytes * (1.0 - held_out) / BYTES_PER_TOKEN) * epochs
+
+
+def estimate_job_steps(examples: int, hyperparameters: dict[str, Any]) -> int:
+    """Optimizer steps of a job: batches per epoch (after the held-out part) x epochs."""
+    from common.training import TrainingConfig
+
+    defaults = TrainingConfig()
+    epochs = int(hyperparameters.get("epochs") or defaults.epochs)
+    batch = int(hyperparameters.get("batch_size") or defaults.batch_size)
+    held_out = float(hyperparameters.get("validation_split") or 0.0)
+    train = max(1, examples - round(examples * held_out))
+    return math.ceil(train / batch) * epochs
+
+
+def next_utc_midnight(now: datetime) -> datetime:
+    return datetime.combine(now.date() + timedelta(days=1), time(), tzinfo=UTC)
+
+
+def tenant_tokens_today(*, session: Session, tenant_id: uuid.UUID, now: datetime) -> int:
+    """Estimated training tokens of the jobs the tenant submitted this UTC day (nightly
+    jobs and jobs cancelled before they started do not count)."""
+    midnight = datetime.combine(now.date(), time(), tzinfo=UTC)
+    stmt = select(func.coalesce(func.sum(TrainingJob.estimated_tokens), 0)).where(
+        col(TrainingJob.tenant_id) == tenant_id,
+        col(TrainingJob.created_at) >= midnight,
+        col(TrainingJob.nightly_run_date).is_(None),
+        sa.not_(
+            sa.and_(
+                col(TrainingJob.state) == JobState.cancelled,
+                col(TrainingJob.started_at).is_(None),
+            )
+        ),
+    )
+    return int(session.exec(stmt).one())
 
 
 def _job_by_idempotency_key(session: Session, tenant_id: uuid.UUID, key: str) -> TrainingJob | None:
@@ -40,32 +99,77 @@ def enqueue_job(
     tenant_id: uuid.UUID,
     job_in: TrainingJobCreate,
     max_unfinished_jobs: int | None = None,
+    max_steps: int | None = None,
+    max_tokens_per_day: int | None = None,
+    now: datetime | None = None,
 ) -> tuple[TrainingJob, bool]:
     """Queue a training job. Returns ``(job, created)``: a resubmission with an idempotency
     key the tenant already used returns the existing job and ``created=False``. Every
     dataset (and the validation dataset) must be the tenant's, else :class:`NotFoundError`.
     With ``max_unfinished_jobs``, a tenant that already has that many queued or running jobs
-    gets :class:`QuotaExceededError` (checked under the tenant's row lock)."""
+    gets :class:`QuotaExceededError` (checked under the tenant's row lock).
+    An idempotency key starting with ``nightly-`` is reserved for nightly jobs
+    (``nightly_run_date`` set): :class:`InvalidInputError` for any other job.
+
+    The job's training tokens are estimated from its datasets and stored with it. With
+    ``max_steps``, a job needing more optimizer steps is refused (:class:`InvalidInputError`);
+    with ``max_tokens_per_day``, a tenant whose jobs of this UTC day would together exceed
+    it gets :class:`QuotaExceededError` with the seconds until midnight UTC (under the
+    tenant's row lock)."""
+    at = now or utcnow()
+    if (
+        job_in.idempotency_key is not None
+        and job_in.nightly_run_date is None
+        and is_reserved_idempotency_key(job_in.idempotency_key)
+    ):
+        raise InvalidInputError(
+            f"idempotency_key: keys starting with {RESERVED_IDEMPOTENCY_KEY_PREFIX!r} are "
+            "reserved for nightly retraining jobs; choose another key"
+        )
     if job_in.idempotency_key is not None:
         existing = _job_by_idempotency_key(session, tenant_id, job_in.idempotency_key)
         if existing is not None:
             return existing, False
     try:
-        require_active_tenant(session, tenant_id, lock=max_unfinished_jobs is not None)
+        locked = max_unfinished_jobs is not None or max_tokens_per_day is not None
+        require_active_tenant(session, tenant_id, lock=locked)
         dataset_ids = list(dict.fromkeys(job_in.dataset_ids))
         wanted = [*dataset_ids]
         if job_in.validation_dataset_id is not None:
             wanted.append(job_in.validation_dataset_id)
-        found = set(
-            session.exec(
-                select(Dataset.id).where(
-                    col(Dataset.tenant_id) == tenant_id, col(Dataset.id).in_(wanted)
-                )
-            ).all()
-        )
+        rows = session.exec(
+            select(Dataset.id, Dataset.size_bytes, Dataset.example_count).where(
+                col(Dataset.tenant_id) == tenant_id, col(Dataset.id).in_(wanted)
+            )
+        ).all()
+        found = {row[0]: row for row in rows}
         missing = [str(d) for d in dict.fromkeys(wanted) if d not in found]
         if missing:
             raise NotFoundError(f"dataset(s) not found: {', '.join(missing)}")
+        size = sum(int(found[d][1]) for d in dataset_ids)
+        examples = sum(int(found[d][2]) for d in dataset_ids)
+        params = dict(job_in.hyperparameters or {})
+        tokens = estimate_job_tokens(size, params)
+        if max_steps is not None:
+            steps = estimate_job_steps(examples, params)
+            if steps > max_steps:
+                raise InvalidInputError(
+                    f"hyperparameters: the job needs about {steps} optimizer steps (epochs x "
+                    f"batches of {examples} example(s)), more than job_max_steps "
+                    f"({max_steps}); use fewer epochs, a larger batch_size or less data"
+                )
+        if max_tokens_per_day is not None:
+            used = tenant_tokens_today(session=session, tenant_id=tenant_id, now=at)
+            if used + tokens > max_tokens_per_day:
+                resets = next_utc_midnight(at)
+                wait = max(1, math.ceil((resets - at).total_seconds()))
+                raise QuotaExceededError(
+                    f"training token limit reached: {used} token(s) submitted today + {tokens} "
+                    f"for this job > tenant_training_tokens_per_day {max_tokens_per_day}; "
+                    f"it resets at {resets.isoformat().replace('+00:00', 'Z')} (in {wait} s)",
+                    limit="tenant_training_tokens_per_day",
+                    retry_after=wait,
+                )
         if max_unfinished_jobs is not None:
             unfinished = count_unfinished_jobs(session=session, tenant_id=tenant_id)
             if unfinished >= max_unfinished_jobs:
@@ -79,7 +183,12 @@ def enqueue_job(
         session.rollback()
         raise
     job = TrainingJob.model_validate(
-        job_in, update={"tenant_id": tenant_id, "dataset_ids": [str(d) for d in dataset_ids]}
+        job_in,
+        update={
+            "tenant_id": tenant_id,
+            "dataset_ids": [str(d) for d in dataset_ids],
+            "estimated_tokens": tokens,
+        },
     )
     session.add(job)
     try:

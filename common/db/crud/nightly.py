@@ -46,24 +46,24 @@ class NightlyJobCounts:
 def nightly_job_counts(
     *, session: Session, run_dates: Sequence[date]
 ) -> dict[date, NightlyJobCounts]:
-    """Count the nightly jobs of these nights (every date present, zeros included)."""
-    keys = {nightly_idempotency_key(d): d for d in run_dates}
+    """Count the nightly jobs of these nights (every date present, zeros included): jobs
+    marked with the night (``nightly_run_date``), never by their idempotency key."""
     counts = {d: NightlyJobCounts() for d in run_dates}
-    if not keys:
+    if not counts:
         return counts
     stmt = (
         sa.select(
-            col(TrainingJob.idempotency_key),
+            col(TrainingJob.nightly_run_date),
             col(TrainingJob.state),
             func.count(),
             func.count(col(TrainingJob.note)),
             func.max(col(TrainingJob.finished_at)),
         )
-        .where(col(TrainingJob.idempotency_key).in_(list(keys)))
-        .group_by(col(TrainingJob.idempotency_key), col(TrainingJob.state))
+        .where(col(TrainingJob.nightly_run_date).in_(list(counts)))
+        .group_by(col(TrainingJob.nightly_run_date), col(TrainingJob.state))
     )
-    for key, state, number, notes, last in session.execute(stmt).all():
-        entry = counts[keys[str(key)]]
+    for night, state, number, notes, last in session.execute(stmt).all():
+        entry = counts[night]
         entry.total += number
         if state == JobState.succeeded:
             entry.succeeded += number

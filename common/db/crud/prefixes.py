@@ -11,6 +11,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, func, select
 
 from common.blobstore.keys import key_belongs_to_tenant
+from common.db.crud.blob_deletes import add_pending_blob_delete
 from common.db.crud.tenants import require_active_tenant
 from common.db.errors import (
     ConflictError,
@@ -18,6 +19,7 @@ from common.db.errors import (
     NotFoundError,
 )
 from common.db.models import (
+    JobEvent,
     JobState,
     PrefixVersion,
     PrefixVersionCreate,
@@ -25,6 +27,45 @@ from common.db.models import (
 )
 from common.db.types import utcnow
 from common.errors import InvalidInputError
+
+
+class NoExpectation:
+    """No compare-and-swap: publish activates whatever is active (tools, tests)."""
+
+
+NO_EXPECTATION = NoExpectation()
+
+
+def _version_label(session: Session, prefix_id: uuid.UUID | None) -> str:
+    if prefix_id is None:
+        return "none"
+    row = session.get(PrefixVersion, prefix_id)
+    return f"version {row.version}" if row is not None else f"deleted version {prefix_id}"
+
+
+def _active_changed(
+    session: Session, tenant_id: uuid.UUID, expected: uuid.UUID | None
+) -> str | None:
+    """Why the new version must stay inactive (the tenant's active version is no longer
+    ``expected``), or None. An expected version that was deleted, with none active now,
+    is no change a tenant made on purpose to keep: the new version may become active."""
+    current = get_active_prefix(session=session, tenant_id=tenant_id)
+    current_id = current.id if current is not None else None
+    if current_id == expected:
+        return None
+    if current_id is None and expected is not None and session.get(PrefixVersion, expected) is None:
+        return None
+    return (
+        "kept inactive: the tenant's active prefix changed while this job ran (it was "
+        f"{_version_label(session, expected)} when the job started, it is now "
+        f"{_version_label(session, current_id)}: a rollback or another version published "
+        "meanwhile); the new version was published inactive (activate it to override)"
+    )
+
+
+def _record_note_event(session: Session, job_id: uuid.UUID, note: str, at: datetime) -> None:
+    last = session.exec(select(func.max(JobEvent.step)).where(col(JobEvent.job_id) == job_id)).one()
+    session.add(JobEvent(job_id=job_id, step=last or 0, message=note, created_at=at))
 
 
 def deactivate_all(session: Session, tenant_id: uuid.UUID) -> None:
@@ -43,6 +84,7 @@ def publish_prefix(
     prefix_in: PrefixVersionCreate,
     activate: bool = True,
     note: str | None = None,
+    expected_active_id: uuid.UUID | NoExpectation | None = NO_EXPECTATION,
     now: datetime | None = None,
 ) -> PrefixVersion:
     """Make a trained prefix visible, in one transaction: check that the tenant exists and
@@ -51,6 +93,13 @@ def publish_prefix(
     one); mark the job succeeded. Call it only after the blob is completely written.
     ``activate=False`` publishes the version inactive (the previous one stays active) and
     records ``note`` (why) on the job.
+
+    ``expected_active_id`` makes the activation a compare-and-swap: the new version is made
+    active only if the tenant's active version is still that one (None: none was active) —
+    the one the trainer saw when the job started and the quality gate compared against. If
+    a rollback or another publish changed it meanwhile, the new version is published
+    inactive, the job gets a note and an event saying so, and its metrics
+    ``activation: kept_inactive_active_changed`` (the tenant may activate it itself).
 
     Raises :class:`NotFoundError` (job or tenant gone), :class:`TenantNotActiveError` or
     :class:`LeaseLostError`; then nothing was changed and the caller deletes its blob."""
@@ -66,7 +115,7 @@ def publish_prefix(
                 f"prefix object key {prefix_in.object_key!r} is outside tenant {tenant_id}'s prefix"
             )
         # Lock order: tenant, then job (tenant deletion takes the tenant lock first too).
-        require_active_tenant(session, tenant_id, lock=True)
+        tenant = require_active_tenant(session, tenant_id, lock=True)
         job = session.exec(
             select(TrainingJob)
             .where(col(TrainingJob.id) == job_id)
@@ -83,17 +132,30 @@ def publish_prefix(
                 f"job {job_id} is no longer leased to {owner} (state {job.state}); "
                 "the prefix was not published"
             )
+        # The tenant's counter only goes up (under its row lock), so deleting the newest
+        # version never frees its number; the max covers rows older than the counter.
         latest = session.exec(
             select(func.max(PrefixVersion.version)).where(col(PrefixVersion.tenant_id) == tenant_id)
         ).one()
+        number = max(tenant.last_prefix_version, latest or 0) + 1
+        tenant.last_prefix_version = number
+        session.add(tenant)
+        metrics = dict(prefix_in.metrics)
+        if activate and not isinstance(expected_active_id, NoExpectation):
+            changed = _active_changed(session, tenant_id, expected_active_id)
+            if changed is not None:
+                activate, note = False, changed
+                metrics["activation"] = "kept_inactive_active_changed"
+                _record_note_event(session, job_id, changed, at)
         if activate:
             deactivate_all(session, tenant_id)
         prefix = PrefixVersion.model_validate(
             prefix_in,
             update={
+                "metrics": metrics,
                 "tenant_id": tenant_id,
                 "job_id": job_id,
-                "version": (latest or 0) + 1,
+                "version": number,
                 "active": activate,
                 "created_at": at,
                 "activated_at": at if activate else None,
@@ -203,7 +265,8 @@ def existing_prefix_ids(*, session: Session, prefix_ids: list[uuid.UUID]) -> set
 def delete_prefix_version(
     *, session: Session, tenant_id: uuid.UUID, prefix_id: uuid.UUID, now: datetime | None = None
 ) -> tuple[PrefixVersion, PrefixVersion | None]:
-    """Delete one prefix version's row (the caller then deletes its blob). If it was the
+    """Delete one prefix version's row, recording in the same transaction that its blob
+    must go (``pending_blob_deletes``; the caller then deletes the blob). If it was the
     active one, the highest remaining version becomes active (or none is). Returns the
     deleted row and the tenant's active prefix afterwards."""
     at = now or utcnow()
@@ -215,6 +278,10 @@ def delete_prefix_version(
         was_active = prefix.active
         deleted = PrefixVersion.model_validate(prefix.model_dump())  # outlives the commit
         session.delete(prefix)
+        add_pending_blob_delete(
+            session, tenant_id=tenant_id, kind="prefix", item_id=prefix_id,
+            object_key=deleted.object_key,
+        )  # fmt: skip
         session.flush()
         active = get_active_prefix(session=session, tenant_id=tenant_id)
         if was_active:

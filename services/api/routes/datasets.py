@@ -12,11 +12,15 @@ import uuid
 from typing import Any
 
 from fastapi import APIRouter, Query, Request, Response
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
 from sqlmodel import Session
 from starlette.concurrency import run_in_threadpool
 
+from common.blob_deletes import delete_blob
 from common.db import crud
 from common.db.errors import NotFoundError
+from common.erasure import sweep_if_not_active
 from services.api.deps import ContextDep, CurrentTenant, SessionDep
 from services.api.errors import ApiError
 from services.api.schemas import DatasetOut, Page
@@ -119,8 +123,17 @@ async def upload_dataset(request: Request, tenant: CurrentTenant, context: Conte
         )
     finally:
         remove_spooled(spooled)
+        # A tenant erased while its upload ran: whatever the upload wrote goes again.
+        await run_in_threadpool(_sweep_if_erased, context, tenant.id)
     log.info("tenant %s uploaded dataset %s (%d examples)", tenant.id, dataset.id, examples)
     return DatasetOut.of(dataset)
+
+
+def _sweep_if_erased(context: Any, tenant_id: uuid.UUID) -> None:
+    try:
+        sweep_if_not_active(context.db, context.blobs, tenant_id, "an upload ended")
+    except Exception as error:  # the scheduler's periodic re-sweep catches it
+        log.warning("sweep after an upload of tenant %s failed: %s", tenant_id, error)
 
 
 def _stored_bytes(context: Any, tenant_id: uuid.UUID) -> int:
@@ -148,18 +161,38 @@ def get_dataset(dataset_id: uuid.UUID, tenant: CurrentTenant, session: SessionDe
     return DatasetOut.of(dataset)
 
 
+class DatasetDeletePending(BaseModel):
+    id: uuid.UUID
+    status: str = Field(description="`blob_delete_pending`")
+    message: str
+
+
 @router.delete(
     "/{dataset_id}",
     status_code=204,
-    responses={404: {}, 409: {"description": "a queued or running job reads it"}},
+    responses={
+        202: {
+            "model": DatasetDeletePending,
+            "description": "row deleted; the object store did not confirm the delete of the "
+            "data yet: recorded and retried until it is gone",
+        },
+        404: {},
+        409: {"description": "a queued or running job reads it"},
+    },
 )
 def delete_dataset(
     dataset_id: uuid.UUID, tenant: CurrentTenant, session: SessionDep, context: ContextDep
 ) -> Response:
-    """Delete a dataset (row, then blob). Refused (409) while an unfinished job reads it."""
+    """Delete a dataset (row, then blob): **204** once its data is gone, **202** when the
+    object store did not confirm the delete yet (recorded with the row's deletion and
+    retried until it is gone). Refused (409) while an unfinished job reads it."""
     dataset = crud.delete_dataset(session=session, tenant_id=tenant.id, dataset_id=dataset_id)
-    try:
-        context.blobs.delete(dataset.object_key)
-    except Exception:  # the row is gone; tenant erasure sweeps the tenant's whole prefix
-        log.warning("dataset %s: row deleted, blob left behind", dataset_id)
-    return Response(status_code=204)
+    if delete_blob(context.db, context.blobs, dataset.object_key):
+        return Response(status_code=204)
+    pending = DatasetDeletePending(
+        id=dataset_id,
+        status="blob_delete_pending",
+        message="the dataset is deleted; its data could not be removed from object storage "
+        "yet and the delete is retried until it is gone",
+    )
+    return JSONResponse(pending.model_dump(mode="json"), status_code=202)

@@ -85,8 +85,11 @@ def job_outs(session: Any, jobs: list[TrainingJob]) -> list[JobOut]:
     responses={
         200: {"model": JobOut, "description": "idempotency key already used: that job"},
         404: {"description": "a dataset is not the caller's"},
-        422: {"description": "invalid hyperparameters"},
-        429: {"description": "tenant_unfinished_jobs_quota reached"},
+        422: {"description": "invalid hyperparameters, or more steps than job_max_steps"},
+        429: {
+            "description": "tenant_unfinished_jobs_quota or tenant_training_tokens_per_day "
+            "reached (then Retry-After says when it resets)"
+        },
     },
 )
 def submit_job(
@@ -124,9 +127,12 @@ def submit_job(
                 idempotency_key=body.idempotency_key,
             ),
             max_unfinished_jobs=context.settings.tenant_unfinished_jobs_quota,
+            max_steps=context.settings.job_max_steps,
+            max_tokens_per_day=context.settings.tenant_training_tokens_per_day,
         )
     except QuotaExceededError as error:
-        raise ApiError(429, "quota_exceeded", str(error)) from None
+        headers = None if error.retry_after is None else {"Retry-After": str(error.retry_after)}
+        raise ApiError(429, "quota_exceeded", str(error), headers=headers) from None
     if not created:
         response.status_code = 200
     return job_out(session, job)

@@ -12,6 +12,7 @@ from typing import Any
 from fastapi import APIRouter, Response
 from pydantic import BaseModel, Field
 
+from common.blob_deletes import delete_blob
 from common.db import crud
 from common.db.errors import NotFoundError
 from common.db.models import PrefixVersion, PrefixVersionPublic
@@ -33,6 +34,11 @@ class PrefixDeleted(BaseModel):
     version: int
     active: PrefixVersionPublic | None = Field(
         description="The tenant's active version now (the fallback), or null if none is left."
+    )
+    blob_deleted: bool = Field(
+        default=True,
+        description="False (with status 202) when the object store did not confirm the "
+        "delete of the version's data yet: the delete is recorded and retried until it is gone.",
     )
 
 
@@ -112,9 +118,20 @@ def activate_prefix(
     return crud.activate_prefix(session=session, tenant_id=tenant.id, version=prefix.version)
 
 
-@router.delete("/{prefix_id}", response_model=PrefixDeleted, responses=NOT_FOUND)
+@router.delete(
+    "/{prefix_id}",
+    response_model=PrefixDeleted,
+    responses={
+        **NOT_FOUND,
+        202: {"model": PrefixDeleted, "description": "row deleted, data delete pending"},
+    },
+)
 def delete_prefix(
-    prefix_id: uuid.UUID, tenant: CurrentTenant, session: SessionDep, context: ContextDep
+    prefix_id: uuid.UUID,
+    tenant: CurrentTenant,
+    session: SessionDep,
+    context: ContextDep,
+    response: Response,
 ) -> Any:
     """Delete one prefix version: its row, then its blob (every stored version of it).
 
@@ -123,16 +140,17 @@ def delete_prefix(
     answers 409 `no_active_prefix` until a job publishes a new version. Other versions keep
     their numbers (versions are never renumbered or reused). Effective from the next
     generate request; the inference replicas drop the cached copy within
-    `PREFIXD_PREFIX_CACHE_SWEEP_SECONDS`."""
+    `PREFIXD_PREFIX_CACHE_SWEEP_SECONDS`. **202** with `blob_deleted: false` when the object
+    store did not confirm the delete of the data: it is recorded and retried until gone."""
     deleted, active = crud.delete_prefix_version(
         session=session, tenant_id=tenant.id, prefix_id=prefix_id
     )
-    try:
-        context.blobs.delete(deleted.object_key)
-    except Exception as error:  # the row is gone; the tenant's next job sweeps the orphan
-        log.warning("could not delete the blob of prefix %s: %s", prefix_id, error)
+    gone = delete_blob(context.db, context.blobs, deleted.object_key)
+    if not gone:
+        response.status_code = 202
     return PrefixDeleted(
         id=deleted.id,
         version=deleted.version,
         active=PrefixVersionPublic.model_validate(active) if active is not None else None,
+        blob_deleted=gone,
     )
