@@ -172,6 +172,7 @@ def nightly_quality_gate(
     loader)."""
     if not held_out:
         return _not_compared("no_validation_examples")
+    assert job.tenant_id is not None  # nightly jobs are tenants' jobs
     with session_scope(engine) as session:
         active = crud.get_active_prefix(session=session, tenant_id=job.tenant_id)
         active_job = (

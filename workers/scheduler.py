@@ -90,7 +90,7 @@ trainer_task = ray.remote(max_calls=1, max_retries=0)(_trainer)
 @dataclass
 class _Running:
     job_id: uuid.UUID
-    tenant_id: uuid.UUID
+    tenant_id: uuid.UUID | None  # None: an operator job (a base prefix)
     owner: str
     attempt: int
     ref: Any  # ray.ObjectRef of the trainer task
@@ -103,7 +103,7 @@ class _Running:
     def public(self) -> dict[str, Any]:
         return {
             "job_id": str(self.job_id),
-            "tenant_id": str(self.tenant_id),
+            "tenant_id": str(self.tenant_id) if self.tenant_id is not None else None,
             "owner": self.owner,
             "attempt": self.attempt,
             "claimed_at": self.claimed_at,
