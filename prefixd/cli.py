@@ -14,9 +14,9 @@ from typing import Annotated, Any
 import typer
 
 from prefixd import cli_nightly, cli_up, cli_workers
+from prefixd.cli_base_prefixes import base_prefixes_app
 from prefixd.cli_db import db_app
 from prefixd.cli_support import quiet_libraries, user_errors
-from prefixd.cli_base_prefixes import base_prefixes_app
 from prefixd.cli_tenants import tenants_app
 
 app = typer.Typer(

@@ -44,9 +44,10 @@ from typing import Any
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
+from common.architectures import prefix_shape
+from common.base_prefix import inference_prefix
 from common.blobstore import BlobNotFoundError, BlobStore, build_blob_store
 from common.blobstore.base import sha256_hex
-from common.base_prefix import inference_prefix
 from common.blobstore.keys import (
     OPERATOR_ROOT,
     base_prefix_key,
@@ -72,7 +73,6 @@ from common.db.models import (
 )
 from common.devices import choose_placement, place
 from common.errors import IncompatiblePrefixError, InvalidInputError
-from common.architectures import prefix_shape
 from common.prefix_file import Prefix, prefix_from_bytes, prefix_to_bytes
 from common.shared_weights import SharedModel, materialize_model
 from common.training import Progress, train_prefix

@@ -97,7 +97,7 @@ def test_operator_jobs_run_one_at_a_time_and_never_block_tenants(session: Sessio
             dataset_ids=[operator_dataset(session).id],
             validation_dataset_id=None,
             hyperparameters={},
-        )  # fmt: skip
+        )
         for _ in range(2)
     ]
     tenant = make_tenant(session)
