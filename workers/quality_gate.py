@@ -39,6 +39,7 @@ from common.blobstore import BlobNotFoundError, BlobStore
 from common.data import EncodedExample, Example, encode_example
 from common.db import crud
 from common.db.engine import session_scope
+from common.db.errors import NotFoundError
 from common.db.models import TrainingJob
 from common.errors import IncompatiblePrefixError, InvalidInputError
 from common.model_loading import LoadedModel
@@ -166,6 +167,7 @@ def nightly_quality_gate(
     max_regression: float,
     batch_size: int,
     load_examples: Any,
+    served: Any = None,
 ) -> GateDecision:
     """Decide whether the nightly job's new prefix becomes active (module docstring).
     ``load_examples(dataset_ids)`` reads datasets of the job's tenant (the trainer's
@@ -197,7 +199,9 @@ def nightly_quality_gate(
             expected_fingerprint=loaded.fingerprint,
             expected_shape=prefix_shape(loaded.model.config),
         )
-    except (BlobNotFoundError, IncompatiblePrefixError) as error:
+        if served is not None:  # a stacked version is compared as served: behind its base
+            active_prefix = served(active_prefix)
+    except (BlobNotFoundError, IncompatiblePrefixError, NotFoundError, InvalidInputError) as error:
         log.warning("job %s: quality gate cannot read the active prefix: %s", job.id, error)
         return _not_compared(
             "active_version_unreadable", quality_gate_active_version=active.version

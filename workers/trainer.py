@@ -29,6 +29,7 @@ message and no retry; anything else fails the attempt with a retry while attempt
 
 from __future__ import annotations
 
+import functools
 import gc
 import logging
 import math
@@ -545,6 +546,15 @@ def load_base_prefix(
     return row, prefix
 
 
+def served_prefix(engine: Engine, store: BlobStore, loaded: Any, prefix: Prefix) -> Prefix:
+    """A stored version as it is served: a stacked one behind its base (which must still
+    exist: else :class:`NotFoundError`), any other as it is."""
+    base = None
+    if prefix.base_mode == "stack" and prefix.base_prefix_id is not None:
+        _, base = load_base_prefix(engine, store, loaded, prefix.base_prefix_id)
+    return inference_prefix(prefix, base, base_prefix_id=prefix.base_prefix_id)
+
+
 def previous_candidate(
     engine: Engine, store: BlobStore, loaded: Any, tenant_id: uuid.UUID
 ) -> Candidate | None:
@@ -567,10 +577,7 @@ def previous_candidate(
             expected_fingerprint=loaded.fingerprint,
             expected_shape=prefix_shape(loaded.model.config),
         )
-        base = None
-        if prefix.base_mode == "stack" and prefix.base_prefix_id is not None:
-            _, base = load_base_prefix(engine, store, loaded, prefix.base_prefix_id)
-        served = inference_prefix(prefix, base, base_prefix_id=prefix.base_prefix_id)
+        served = served_prefix(engine, store, loaded, prefix)
     except (BlobNotFoundError, IncompatiblePrefixError, NotFoundError, InvalidInputError) as error:
         return Candidate("previous", None, detail, unavailable=str(error))
     return Candidate("previous", served.key_values, detail)
@@ -692,7 +699,6 @@ def _train_and_publish(
     _record_report(engine, job_id, last, evaluation)
 
     if tenant_id is None:  # an operator job: a new base prefix version
-        del validation, loaded
         try:
             base_id = publish_base_prefix(
                 engine, store, job=job, owner=owner, prefix=result.prefix, result=evaluation
@@ -708,10 +714,11 @@ def _train_and_publish(
     gate = GateDecision(activate=True)
     if job.priority == JobPriority.batch:  # nightly: the quality gate decides activation
         gate = nightly_quality_gate(
-            engine, store, loaded, job, result.prefix, validation,
+            engine, store, loaded, job, served, validation,
             max_regression=settings.nightly_max_regression,
             batch_size=spec.config.batch_size,
             load_examples=lambda ids: load_examples(engine, store, tenant_id, ids),
+            served=functools.partial(served_prefix, engine, store, loaded),
         )  # fmt: skip
         result.prefix.metrics.update(gate.metrics)
         log.info("job %s: quality gate %s", job_id, gate.metrics.get("quality_gate"))
