@@ -26,7 +26,7 @@ from services.api.deps import AdminDep, ContextDep, SessionDep
 from services.api.errors import ApiError
 from services.api.routes.datasets import UPLOAD_BODY
 from services.api.routes.jobs import checked_hyperparameters, job_outs
-from services.api.schemas import Hyperparameters, JobOut, Name, Page
+from services.api.schemas import Hyperparameters, JobOut, Name, Page, _storable
 from services.api.uploads import (
     Spooled,
     body_chunks,
@@ -126,6 +126,16 @@ def _outs(session: Session, jobs: list[TrainingJob]) -> list[BasePrefixJobOut]:
     ]
 
 
+def _storable_query(field: str, value: str | None) -> None:
+    """Query text that reaches PostgreSQL: refused (422) when it could not be stored."""
+    if value is None:
+        return
+    try:
+        _storable(value)
+    except ValueError as error:
+        raise ApiError(422, "invalid_request", f"{field}: {error}") from None
+
+
 # --- operator datasets ------------------------------------------------------------------------
 
 
@@ -154,8 +164,7 @@ async def upload_operator_dataset(
             f"the dataset is larger than max_dataset_bytes ({settings.max_dataset_bytes} bytes)",
         )
 
-    if name is not None and "\x00" in name:
-        raise ApiError(422, "invalid_request", "name must not contain NUL characters")
+    _storable_query("name", name)
     spooled: Spooled | None = None
     try:
         spooled = await spool(
@@ -326,6 +335,7 @@ def list_base_prefixes(
     name: str | None = Query(default=None, min_length=1, max_length=100),
 ) -> Any:
     """Every base prefix version (by name, then version), the default marked."""
+    _storable_query("name", name)
     return Page[BasePrefixOut](
         data=_base_outs(session, crud.list_base_prefixes(session=session, name=name))
     )
