@@ -45,9 +45,9 @@ from common.kv_cache import (
     encoder_decoder_cache,
     pad_cross_right,
     pad_left,
+    pad_prefixes,
     prefix_cache,
     reorder_rows,
-    stack_prefixes,
     sub_prefix,
     trim_left,
 )
@@ -125,7 +125,7 @@ class DecodeBatch:
 
     def add(self, rows: Sequence[GenerationRow]) -> torch.Tensor:
         """Prefill ``rows`` and append them; return their next-token logits ``(n, vocab)``."""
-        key_values, prefix_mask = stack_prefixes(
+        key_values, prefix_mask = pad_prefixes(
             [r.prefix for r in rows],
             prefix_shape(self.model.config),
             dtype=self.dtype,
@@ -222,7 +222,7 @@ class EncoderDecoderBatch(DecodeBatch):
     def add(self, rows: Sequence[GenerationRow]) -> torch.Tensor:
         """Encode ``rows``, run the decoder's first pass and append them; return their
         next-token logits ``(n, vocab)``."""
-        key_values, prefix_mask = stack_prefixes(
+        key_values, prefix_mask = pad_prefixes(
             [r.prefix for r in rows], self.shape, dtype=self.dtype, device=self.device,
             align_right=True,
         )  # (layers, 2, n, kv, Pmax, hs) on the model's device, (n, Pmax)  # fmt: skip

@@ -12,7 +12,7 @@ prefix occupies positions ``0 … P-1`` — whatever the other rows' prefix and 
 
 Encoder-decoder models (BART, T5) use an ``EncoderDecoderCache``: the decoder's
 self-attention cache is laid out as above, except that prefixes are *right-aligned*
-(``| unused | row's prefix | decoder tokens |``, see :func:`stack_prefixes`) so that each
+(``| unused | row's prefix | decoder tokens |``, see :func:`pad_prefixes`) so that each
 row's content is contiguous and relative positions (T5) see the distances they see alone;
 the cross-attention cache starts with the cross-attention prefix, and the model appends the
 projected encoder outputs to it on the first decoder pass (:func:`encoder_decoder_cache`).
@@ -31,7 +31,7 @@ from transformers import DynamicCache, EncoderDecoderCache, PretrainedConfig
 from common.architectures import PrefixShape
 
 
-def stack_prefixes(
+def pad_prefixes(
     prefixes: Sequence[torch.Tensor | None],
     shape: PrefixShape,
     *,

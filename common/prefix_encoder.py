@@ -11,6 +11,7 @@ Args:
     prefix_length: number of virtual positions ``P``.
     mid_dim: ``d'``, width of ``P'`` and of the MLP's hidden layer (the paper's 512).
     reparameterize: ``False`` optimizes ``P`` directly.
+    offset: a warm start (a base prefix's key/values): training begins exactly there.
 
 Example::
 
@@ -36,6 +37,7 @@ class PrefixEncoder(nn.Module):
         *,
         mid_dim: int = 512,
         reparameterize: bool = True,
+        offset: torch.Tensor | None = None,
     ) -> None:
         super().__init__()
         if prefix_length <= 0:
@@ -52,6 +54,30 @@ class PrefixEncoder(nn.Module):
             )
         else:
             self.key_values = nn.Parameter(torch.randn(shape.tensor_shape(prefix_length)))
+        # a buffer: moves with .to(device), never trained, not a parameter AdamW sees
+        self.offset: torch.Tensor | None
+        self.register_buffer("offset", None, persistent=False)
+        if offset is not None:
+            self._start_at(offset)
+
+    @torch.no_grad()
+    def _start_at(self, offset: torch.Tensor) -> None:
+        """Warm start: ``P = offset + MLP(P')`` with the MLP's last layer zeroed (without
+        reparameterization ``P`` is set to ``offset``), so training begins *exactly* at
+        ``offset`` — a fitted MLP only approximates it — and the MLP learns the change."""
+        expected = self.shape.tensor_shape(self.prefix_length)
+        if tuple(offset.shape) != expected:
+            raise InvalidInputError(
+                f"a warm-start prefix must have shape {expected}, got {tuple(offset.shape)}"
+            )
+        if not self.reparameterize:
+            self.key_values.copy_(offset)
+            return
+        last = self.mlp[2]
+        assert isinstance(last, nn.Linear)
+        last.weight.zero_()
+        last.bias.zero_()
+        self.offset = offset.detach().clone().float()
 
     def forward(self) -> torch.Tensor:
         """The prefix ``(layers, 2, kv_heads, P, head_dim)``."""
@@ -59,9 +85,10 @@ class PrefixEncoder(nn.Module):
             return self.key_values
         s = self.shape
         flat = self.mlp(self.embedding)  # (P, layers·2·kv_heads·hs)
-        return flat.view(self.prefix_length, s.layers, 2, s.kv_heads, s.head_dim).permute(
+        key_values = flat.view(self.prefix_length, s.layers, 2, s.kv_heads, s.head_dim).permute(
             1, 2, 3, 0, 4
         )  # (layers, 2, kv_heads, P, hs)
+        return key_values if self.offset is None else self.offset + key_values
 
     @torch.no_grad()
     def set_key_values(self, key_values: torch.Tensor) -> None:
@@ -96,5 +123,7 @@ class PrefixEncoder(nn.Module):
 
     @torch.no_grad()
     def materialize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """``P`` computed once, detached, contiguous, on the CPU: what a prefix file stores."""
-        return self().detach().to(device="cpu", dtype=dtype).contiguous()
+        """``P`` computed once, detached, contiguous, on the CPU: what a prefix file stores.
+        Always a copy: without reparameterization ``self()`` is the trained parameter itself,
+        and a snapshot (the best validation epoch) must not move on with later steps."""
+        return self().detach().to(device="cpu", dtype=dtype).clone().contiguous()

@@ -4,7 +4,9 @@ The file holds one tensor, ``self_attn.key_values`` of shape
 ``(layers, 2, kv_heads, prefix_length, head_dim)`` in float32, float16 or bfloat16 — the
 materialized prefix ``P`` only, never ``P'`` or the reparameterization MLP — and string
 metadata: format version, base-model fingerprint, architecture, prefix length, dtype,
-dimensions, prompt format, training hyperparameters and metrics (JSON), creation time.
+dimensions, prompt format, training hyperparameters and metrics (JSON), creation time, and
+for a prefix built on a base prefix ``base_prefix_id``, ``base_fingerprint`` and
+``base_mode`` (``warm_start`` or ``stack``; absent in files without a base, older ones too).
 
 Encoder-decoder prefixes (BART, T5) hold their three sub-prefixes on the layer axis of the
 same tensor; the metadata then also says ``kind: encoder-decoder`` and the ``layout``
@@ -47,6 +49,8 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 PROMPT_FORMAT = "input-sep-output-eos-v1"
 # Encoder-decoder models: the encoder reads ``input <eos>``, the decoder ``<start> output``.
 SEQ2SEQ_PROMPT_FORMAT = "encoder-input-eos-decoder-output-eos-v1"
+# How a prefix uses its base prefix (common/base_prefix.py); None: it has none.
+BASE_MODES = ("warm_start", "stack")
 
 
 def prompt_format(config: PretrainedConfig) -> str:
@@ -67,6 +71,11 @@ class Prefix:
     metrics: dict[str, Any] = field(default_factory=dict)
     created_at: str = field(default_factory=lambda: datetime.now(UTC).isoformat())
     sections: tuple[tuple[str, int], ...] = ()
+    # The base prefix this one builds on (common/base_prefix.py): its id, the sha256 of its
+    # key/values, and how ("warm_start" or "stack"); all None for a prefix without a base.
+    base_prefix_id: str | None = None
+    base_fingerprint: str | None = None
+    base_mode: str | None = None
 
     @property
     def prefix_length(self) -> int:
@@ -111,6 +120,13 @@ def prefix_to_bytes(prefix: Prefix) -> bytes:
     }
     if shape.sections:
         metadata["layout"] = json.dumps([list(section) for section in shape.sections])
+    if prefix.base_mode is not None and prefix.base_mode not in BASE_MODES:
+        raise IncompatiblePrefixError(
+            f"base mode must be one of {', '.join(BASE_MODES)}, got {prefix.base_mode!r}"
+        )
+    for name in ("base_prefix_id", "base_fingerprint", "base_mode"):
+        if getattr(prefix, name) is not None:  # absent keys: no base (and older files)
+            metadata[name] = str(getattr(prefix, name))
     return save_safetensors({TENSOR_NAME: prefix.key_values.detach().contiguous()}, metadata)
 
 
@@ -179,6 +195,16 @@ def prefix_from_bytes(
             f"{source}: invalid metadata (kind {kind!r} with layout {sections or 'none'}; "
             f"expected {DECODER_ONLY!r} without a layout or {ENCODER_DECODER!r} with one)"
         )
+    base_mode = metadata.get("base_mode")
+    if base_mode is not None and base_mode not in BASE_MODES:
+        raise IncompatiblePrefixError(
+            f"{source}: invalid metadata (base_mode {base_mode!r}; expected one of "
+            f"{', '.join(BASE_MODES)})"
+        )
+    if base_mode == "stack" and not metadata.get("base_fingerprint"):
+        raise IncompatiblePrefixError(
+            f"{source}: invalid metadata (a stacked prefix without its base's fingerprint)"
+        )
     if sections and sum(layers for _, layers in sections) != declared[0]:
         raise IncompatiblePrefixError(
             f"{source}: invalid metadata (layout {sections} does not add up to "
@@ -226,6 +252,9 @@ def prefix_from_bytes(
         metrics=metrics,
         created_at=metadata.get("created_at", ""),
         sections=sections,
+        base_prefix_id=metadata.get("base_prefix_id"),
+        base_fingerprint=metadata.get("base_fingerprint"),
+        base_mode=base_mode,
     )
 
 

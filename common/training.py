@@ -32,16 +32,19 @@ from torch.nn import functional as F
 from transformers import PreTrainedModel, get_linear_schedule_with_warmup
 
 from common.architectures import (
+    PrefixShape,
     decoder_start_id,
     is_encoder_decoder,
     max_positions,
     prefix_shape,
 )
+from common.base_prefix import BASE_MODES, BaseMode, key_values_fingerprint, stack_prefixes
 from common.data import IGNORE_INDEX, Batch, EncodedExample, Example, collate, encode_examples
 from common.encoder_decoder import prefix_seq2seq_logits
 from common.errors import InvalidInputError
 from common.kv_cache import expand_prefix, prefix_cache
 from common.model_loading import LoadedModel
+from common.prefix_encoder import PrefixEncoder
 from common.prefix_file import Prefix, prompt_format
 from common.prefix_init import build_prefix_encoder
 
@@ -192,6 +195,42 @@ def evaluate_loss(
     return total / max(tokens, 1)
 
 
+def _checked_base(
+    shape: PrefixShape, config: TrainingConfig, base: torch.Tensor | None, base_mode: str | None
+) -> torch.Tensor | None:
+    """The base prefix as float32 ``(layers, 2, kv_heads, P_base, head_dim)``, checked."""
+    if (base is None) != (base_mode is None):
+        raise InvalidInputError(
+            "a base prefix needs a base mode and a base mode needs a base prefix; got "
+            f"base {'given' if base is not None else 'none'} and base mode {base_mode!r}"
+        )
+    if base is None:
+        return None
+    if base_mode not in BASE_MODES:
+        raise InvalidInputError(
+            f"base mode must be one of {', '.join(BASE_MODES)}, got {base_mode!r}"
+        )
+    if base.dim() != 5 or base.shape[3] < 1:
+        raise InvalidInputError(
+            "a base prefix must have shape (layers, 2, kv_heads, P, head_dim) with P ≥ 1, "
+            f"got {tuple(base.shape)}"
+        )
+    expected = shape.tensor_shape(base.shape[3])
+    if tuple(base.shape) != expected:
+        raise InvalidInputError(
+            f"the base prefix does not fit the model: expected shape {expected}, got "
+            f"{tuple(base.shape)}"
+        )
+    if base_mode == "warm_start" and config.init != "random":
+        raise InvalidInputError(
+            f"init {config.init!r} and a warm start from a base prefix both choose where the "
+            "prefix starts; give one of them"
+        )
+    if not bool(torch.isfinite(base).all()):
+        raise InvalidInputError("the base prefix holds values that are not finite")
+    return base.detach().float()
+
+
 def train_prefix(
     loaded: LoadedModel,
     examples: Sequence[Example],
@@ -200,29 +239,59 @@ def train_prefix(
     validation: Sequence[Example] | None = None,
     on_progress: Callable[[Progress], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
+    base: torch.Tensor | None = None,
+    base_mode: BaseMode | None = None,
+    base_prefix_id: str | None = None,
 ) -> TrainingResult:
     """Train a prefix on ``examples``; return it materialized (no ``P'``, no MLP).
 
     ``on_progress`` is called after every optimizer step; ``should_stop`` is polled between
-    steps (cancellation) and ends training early with the prefix trained so far."""
+    steps (cancellation) and ends training early with the prefix trained so far.
+
+    ``base`` (a base prefix's key/values ``(layers, 2, kv_heads, P_base, head_dim)``) with
+    ``base_mode`` (:mod:`common.base_prefix`): ``"warm_start"`` starts the prefix exactly at
+    the base (its length becomes ``P_base``); ``"stack"`` keeps the base frozen before the
+    trained part, ``stack_prefixes(base, tenant)``, in every forward, and returns only the
+    tenant's part. The returned prefix records ``base_prefix_id``, the base's fingerprint
+    and the mode."""
     config.validate()
     model, tokenizer = loaded.model, loaded.tokenizer
+    frozen = _checked_base(prefix_shape(model.config), config, base, base_mode)
     torch.manual_seed(config.seed)  # the prefix encoder's initialization
-    encoder = build_prefix_encoder(
-        model,
-        tokenizer,
-        init=config.init,
-        prefix_length=config.prefix_length,
-        mid_dim=config.mid_dim,
-        reparameterize=config.reparameterize,
-    )
+    encoder: PrefixEncoder
+    if frozen is not None and base_mode == "warm_start":
+        encoder = PrefixEncoder(
+            prefix_shape(model.config),
+            frozen.shape[3],
+            mid_dim=config.mid_dim,
+            reparameterize=config.reparameterize,
+            offset=frozen,
+        ).to(model.device)
+    else:
+        encoder = build_prefix_encoder(
+            model,
+            tokenizer,
+            init=config.init,
+            prefix_length=config.prefix_length,
+            mid_dim=config.mid_dim,
+            reparameterize=config.reparameterize,
+        )
+    stacked_base = frozen if base_mode == "stack" else None
+
+    def full_prefix(tenant: torch.Tensor) -> torch.Tensor:
+        """What the model sees: the tenant's prefix, behind the frozen base when stacking."""
+        if stacked_base is None:
+            return tenant
+        return stack_prefixes(stacked_base.to(tenant.device), tenant)  # (…, P_b + P_t, hs)
+
     prefix_length = encoder.prefix_length
-    limit = max_positions(model.config) - prefix_length
+    seen_length = prefix_length + (0 if stacked_base is None else stacked_base.shape[3])
+    limit = max_positions(model.config) - seen_length
     two_sided = is_encoder_decoder(model.config)
     start_id = decoder_start_id(model.config)
     if limit < 2:
         raise InvalidInputError(
-            f"prefix length {prefix_length} leaves {max(limit, 0)} of the model's "
+            f"prefix length {seen_length} leaves {max(limit, 0)} of the model's "
             f"{max_positions(model.config)} context positions; at least 2 are needed"
         )
     train_set = encode_examples(
@@ -263,7 +332,9 @@ def train_prefix(
                 pad_id=pad_id,
                 decoder_start_id=start_id,
             )
-            key_values = expand_prefix(encoder(), len(batch.labels))  # (layers, 2, B, kv, P, hs)
+            key_values = expand_prefix(
+                full_prefix(encoder()), len(batch.labels)
+            )  # (layers, 2, B, kv, P, hs)
             loss = prefix_output_loss(model, key_values, batch, config.loss_reduction)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -279,7 +350,7 @@ def train_prefix(
                 evaluation_started = time.perf_counter()
                 validation_loss = evaluate_loss(
                     model,
-                    encoder.materialize(),
+                    full_prefix(encoder.materialize()),
                     dev_set,
                     batch_size=config.batch_size,
                     pad_id=pad_id,
@@ -324,5 +395,8 @@ def train_prefix(
         hyperparameters=hyperparameters,
         metrics=metrics,
         sections=prefix_shape(model.config).sections,
+        base_prefix_id=base_prefix_id if base is not None else None,
+        base_fingerprint=key_values_fingerprint(base) if base is not None else None,
+        base_mode=base_mode,
     )
     return TrainingResult(prefix, history)

@@ -9,11 +9,12 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
 from prefixd import cli_nightly, cli_up, cli_workers
+from prefixd.cli_base_prefixes import base_prefixes_app
 from prefixd.cli_db import db_app
 from prefixd.cli_peft import peft_app
 from prefixd.cli_support import quiet_libraries, user_errors
@@ -128,6 +129,14 @@ def generate_local(
     prefix: Annotated[
         Path | None, typer.Option("--prefix", help="Prefix file; without it, the bare model.")
     ] = None,
+    base: Annotated[
+        Path | None,
+        typer.Option(
+            "--base",
+            help="The base prefix file a stacked prefix (base_mode stack) was trained on; "
+            "checked by its fingerprint.",
+        ),
+    ] = None,
     model: ModelOption = None,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens")] = 64,
     num_beams: Annotated[int, typer.Option("--num-beams")] = 1,
@@ -154,12 +163,14 @@ def generate_local(
     quiet_libraries()
     loaded = _load(model)
     loaded_prefix = None
+    if base is not None and prefix is None:
+        raise typer.BadParameter("--base needs --prefix (a prefix stacked on it)")
     if prefix is not None:
+        shape = prefix_shape(loaded.model.config)
         loaded_prefix = load_prefix(
-            prefix,
-            expected_fingerprint=loaded.fingerprint,
-            expected_shape=prefix_shape(loaded.model.config),
+            prefix, expected_fingerprint=loaded.fingerprint, expected_shape=shape
         )
+        loaded_prefix = served_local_prefix(loaded_prefix, prefix, base, loaded.fingerprint, shape)
     outputs = generate_texts(loaded, [(loaded_prefix, text) for text in inputs], decoding)
     if as_json:
         typer.echo(
@@ -170,6 +181,36 @@ def generate_local(
     else:
         for output in outputs:
             typer.echo(output)
+
+
+def served_local_prefix(
+    loaded_prefix: Any, path: Path, base: Path | None, fingerprint: str, shape: Any
+) -> Any:
+    """A stacked prefix behind its base file (``--base``), checked by the base's
+    fingerprint; a stacked prefix without ``--base`` is refused, never decoded alone."""
+    from common.base_prefix import inference_prefix
+    from common.errors import IncompatiblePrefixError
+    from common.prefix_file import load_prefix
+
+    if loaded_prefix.base_mode != "stack":
+        if base is not None:
+            raise IncompatiblePrefixError(
+                f"{path} is not stacked on a base prefix (base mode "
+                f"{loaded_prefix.base_mode or 'none'}); drop --base"
+            )
+        return loaded_prefix
+    if base is None:
+        raise IncompatiblePrefixError(
+            f"{path} is stacked on base prefix {loaded_prefix.base_prefix_id}: pass its file "
+            "with --base FILE"
+        )
+    base_prefix = load_prefix(base, expected_fingerprint=fingerprint, expected_shape=shape)
+    try:
+        return inference_prefix(
+            loaded_prefix, base_prefix, base_prefix_id=loaded_prefix.base_prefix_id
+        )
+    except IncompatiblePrefixError as error:
+        raise IncompatiblePrefixError(f"--base {base}: {error}") from None
 
 
 @app.command()
@@ -197,6 +238,11 @@ app.command("up")(user_errors(cli_up.up))
 app.add_typer(cli_workers.jobs_app, name="jobs", help="Training jobs (operators).")
 app.add_typer(tenants_app, name="tenants", help="Tenants (operators): erase, verify.")
 app.add_typer(peft_app, name="peft", help="PEFT prefix-tuning adapters: export, import.")
+app.add_typer(
+    base_prefixes_app,
+    name="base-prefixes",
+    help="Base prefixes (operators): upload operator data, train, list, default, delete.",
+)
 app.command("nightly")(cli_nightly.nightly)
 
 

@@ -217,7 +217,8 @@ def list_jobs(
     typer.echo(f"{'JOB':36}  {'TENANT':36}  {'STATE':9}  {'PRIORITY':11}  {'TRIES':5}  CREATED")
     for job in jobs:
         typer.echo(
-            f"{job.id!s:36}  {job.tenant_id!s:36}  {job.state.value:9}  {job.priority.value:11}  "
+            f"{job.id!s:36}  {job.tenant_id or 'operator'!s:36}  {job.state.value:9}  "
+            f"{job.priority.value:11}  "
             f"{job.attempts}/{job.max_attempts:<3}  {format_time(job.created_at)}"
         )
 

@@ -27,6 +27,10 @@ from common.training import TrainingConfig
 EXTRA_FIELDS: dict[str, Any] = {
     "validation_split": (float, Field(default=0.0, ge=0.0, lt=1.0)),
     "validation_split_method": (Literal["shuffle", "hash"], Field(default="shuffle")),
+    # The operator's base prefix the job trains from (its id; the API resolves "default"
+    # to the id at submission) and how: see common/base_prefix.py. None: no base.
+    "base_prefix": (str | None, Field(default=None, max_length=64)),
+    "base_mode": (Literal["warm_start", "stack"] | None, Field(default=None)),
 }
 
 
@@ -35,6 +39,8 @@ class JobTrainingSpec:
     config: TrainingConfig
     validation_split: float = 0.0
     validation_split_method: str = "shuffle"
+    base_prefix: str | None = None
+    base_mode: str | None = None
 
 
 @functools.cache
@@ -87,9 +93,15 @@ def parse_hyperparameters(raw: Any) -> JobTrainingSpec:
     values = parsed.model_dump()
     validation_split = float(values.pop("validation_split"))
     method = str(values.pop("validation_split_method"))
+    base_prefix, base_mode = values.pop("base_prefix"), values.pop("base_mode")
+    if (base_prefix is None) != (base_mode is None):
+        raise InvalidInputError(
+            "invalid hyperparameters: base_prefix and base_mode go together (base_mode is "
+            "warm_start or stack)"
+        )
     config = TrainingConfig(**values)
     try:
         config.validate()
     except InvalidInputError as error:
         raise InvalidInputError(f"invalid hyperparameters: {error}") from None
-    return JobTrainingSpec(config, validation_split, method)
+    return JobTrainingSpec(config, validation_split, method, base_prefix, base_mode)

@@ -41,6 +41,7 @@ from common.blobstore import BlobNotFoundError, BlobStore
 from common.data import EncodedExample, Example, encode_example
 from common.db import crud
 from common.db.engine import session_scope
+from common.db.errors import NotFoundError
 from common.db.models import TrainingJob
 from common.errors import IncompatiblePrefixError, InvalidInputError
 from common.model_loading import LoadedModel
@@ -168,12 +169,14 @@ def nightly_quality_gate(
     max_regression: float,
     batch_size: int,
     load_examples: Any,
+    served: Any = None,
 ) -> GateDecision:
     """Decide whether the nightly job's new prefix becomes active (module docstring).
     ``load_examples(dataset_ids)`` reads datasets of the job's tenant (the trainer's
     loader)."""
     if not held_out:
         return _not_compared("no_validation_examples")
+    assert job.tenant_id is not None  # nightly jobs are tenants' jobs
     with session_scope(engine) as session:
         active = crud.get_active_prefix(session=session, tenant_id=job.tenant_id)
         active_job = (
@@ -198,7 +201,9 @@ def nightly_quality_gate(
             expected_fingerprint=loaded.fingerprint,
             expected_shape=prefix_shape(loaded.model.config),
         )
-    except (BlobNotFoundError, IncompatiblePrefixError) as error:
+        if served is not None:  # a stacked version is compared as served: behind its base
+            active_prefix = served(active_prefix)
+    except (BlobNotFoundError, IncompatiblePrefixError, NotFoundError, InvalidInputError) as error:
         log.warning("job %s: quality gate cannot read the active prefix: %s", job.id, error)
         return _not_compared(
             "active_version_unreadable", quality_gate_active_version=active.version

@@ -106,7 +106,7 @@ trainer_task = ray.remote(max_calls=1, max_retries=0)(_trainer)
 @dataclass
 class _Running:
     job_id: uuid.UUID
-    tenant_id: uuid.UUID
+    tenant_id: uuid.UUID | None  # None: an operator job (a base prefix)
     owner: str
     attempt: int
     ref: Any  # ray.ObjectRef of the trainer task
@@ -122,7 +122,7 @@ class _Running:
     def public(self) -> dict[str, Any]:
         return {
             "job_id": str(self.job_id),
-            "tenant_id": str(self.tenant_id),
+            "tenant_id": str(self.tenant_id) if self.tenant_id is not None else None,
             "owner": self.owner,
             "attempt": self.attempt,
             "claimed_at": self.claimed_at,
@@ -348,6 +348,8 @@ class Scheduler:
             log.exception("sweeping recently erased tenants failed")
 
     def _sweep_after_trainer(self, entry: _Running) -> None:
+        if entry.tenant_id is None:  # an operator job: nothing under tenants/ to sweep
+            return
         try:
             sweep_if_not_active(
                 self._engine,

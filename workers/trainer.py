@@ -32,6 +32,7 @@ run out again.
 
 from __future__ import annotations
 
+import functools
 import gc
 import logging
 import math
@@ -47,9 +48,18 @@ from typing import Any
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
+from common.architectures import prefix_shape
+from common.base_prefix import inference_prefix
 from common.blobstore import BlobNotFoundError, BlobStore, build_blob_store
 from common.blobstore.base import sha256_hex
-from common.blobstore.keys import key_belongs_to_tenant, prefix_key, prefixes_key_prefix
+from common.blobstore.keys import (
+    OPERATOR_ROOT,
+    base_prefix_key,
+    base_prefixes_key_prefix,
+    key_belongs_to_tenant,
+    prefix_key,
+    prefixes_key_prefix,
+)
 from common.config import Settings
 from common.data import Example, parse_jsonl
 from common.db import crud
@@ -57,6 +67,8 @@ from common.db.crud.prefixes import NO_EXPECTATION, NoExpectation
 from common.db.engine import create_db_engine, session_scope
 from common.db.errors import ConflictError, LeaseLostError, NotFoundError, TenantNotActiveError
 from common.db.models import (
+    BasePrefix,
+    BasePrefixCreate,
     JobEventCreate,
     JobPriority,
     JobState,
@@ -66,10 +78,11 @@ from common.db.models import (
 )
 from common.devices import choose_placement, place
 from common.errors import IncompatiblePrefixError, InvalidInputError
-from common.prefix_file import Prefix, prefix_to_bytes
+from common.prefix_file import Prefix, prefix_from_bytes, prefix_to_bytes
 from common.shared_weights import SharedModel, materialize_model
 from common.training import Progress, train_prefix
 from workers.hyperparameters import JobTrainingSpec, parse_hyperparameters
+from workers.job_report import Candidate, bare_model, json_safe, personalization_report
 from workers.quality_gate import HASH_SPLIT, GateDecision, hash_split, nightly_quality_gate
 
 log = logging.getLogger(__name__)
@@ -203,15 +216,23 @@ class ProgressWriter:
         self._validation_loss = None
 
 
-def delete_orphan_prefix_blobs(engine: Engine, store: BlobStore, tenant_id: uuid.UUID) -> int:
+def delete_orphan_prefix_blobs(
+    engine: Engine, store: BlobStore, tenant_id: uuid.UUID | None
+) -> int:
     """Delete prefix blobs of the tenant that have no prefix row: left by an attempt that
     died between writing its blob and publishing it. Safe only while the caller holds the
-    lease of the tenant's job, because the scheduler runs at most one job per tenant."""
-    blobs = store.list_objects(prefixes_key_prefix(tenant_id))  # listed before the rows
+    lease of the tenant's job, because the scheduler runs at most one job per tenant.
+    ``tenant_id`` None: the operator's base-prefix blobs (at most one operator job runs)."""
+    where = prefixes_key_prefix(tenant_id) if tenant_id is not None else base_prefixes_key_prefix()
+    blobs = store.list_objects(where)  # listed before the rows
     if not blobs:
         return 0
     with session_scope(engine) as session:
-        known = {p.object_key for p in crud.list_prefixes(session=session, tenant_id=tenant_id)}
+        if tenant_id is None:
+            known = {b.object_key for b in crud.list_base_prefixes(session=session)}
+        else:
+            rows = crud.list_prefixes(session=session, tenant_id=tenant_id)
+            known = {p.object_key for p in rows}
     orphans = [b.key for b in blobs if b.key not in known]
     for key in orphans:
         store.delete(key)
@@ -249,13 +270,47 @@ def load_examples(
     return examples
 
 
+def load_operator_examples(
+    engine: Engine, store: BlobStore, dataset_ids: list[Any]
+) -> list[Example]:
+    """Examples of operator datasets (an operator job's data: never a tenant's)."""
+    examples: list[Example] = []
+    for raw_id in dataset_ids:
+        dataset_id = uuid.UUID(str(raw_id))
+        with session_scope(engine) as session:
+            dataset = crud.get_operator_dataset(session=session, dataset_id=dataset_id)
+        if dataset is None:
+            raise NotFoundError(f"operator dataset {dataset_id} of the job no longer exists")
+        if not dataset.object_key.startswith(f"{OPERATOR_ROOT}datasets/"):
+            raise InvalidInputError(f"operator dataset {dataset_id} is stored outside operator/")
+        try:
+            data = store.get_bytes(dataset.object_key)
+        except BlobNotFoundError:
+            raise BlobNotFoundError(
+                f"the data of operator dataset {dataset_id} is missing from object storage"
+            ) from None
+        if sha256_hex(data) != dataset.sha256:
+            raise InvalidInputError(
+                f"operator dataset {dataset_id}: the stored data does not match its SHA-256"
+            )
+        examples.extend(parse_jsonl(data.splitlines(), source=f"operator dataset {dataset_id}"))
+    return examples
+
+
 def job_examples(
     engine: Engine, store: BlobStore, job: TrainingJob, spec: JobTrainingSpec
 ) -> tuple[list[Example], list[Example] | None]:
     """The job's training and validation examples: validation from its
     ``validation_dataset_id``, or a seeded ``validation_split`` of the training data, or
-    none."""
-    train = load_examples(engine, store, job.tenant_id, list(job.dataset_ids))
+    none. An operator job (no tenant) reads operator datasets only; a tenant's job reads
+    only that tenant's datasets."""
+
+    def read(ids: list[Any]) -> list[Example]:
+        if job.tenant_id is None:
+            return load_operator_examples(engine, store, ids)
+        return load_examples(engine, store, job.tenant_id, ids)
+
+    train = read(list(job.dataset_ids))
     if job.validation_dataset_id is None:
         return split_validation(
             train, spec.validation_split, spec.config.seed, method=spec.validation_split_method
@@ -264,7 +319,7 @@ def job_examples(
         raise InvalidInputError(
             "give either validation_dataset_id or hyperparameters.validation_split, not both"
         )
-    return train, load_examples(engine, store, job.tenant_id, [job.validation_dataset_id])
+    return train, read([job.validation_dataset_id])
 
 
 def split_validation(
@@ -297,6 +352,7 @@ def publish_trained_prefix(
     engine: Engine, store: BlobStore, *, job_id: uuid.UUID, tenant_id: uuid.UUID, owner: str,
     prefix: Prefix, activate: bool = True, note: str | None = None,
     expected_active_id: uuid.UUID | NoExpectation | None = NO_EXPECTATION,
+    result: dict[str, Any] | None = None,
 ) -> uuid.UUID:  # fmt: skip
     """Write the blob under a fresh prefix id, then publish it (one transaction), made
     active unless ``activate`` is False (then ``note`` says why, on the job) or the tenant's
@@ -318,6 +374,8 @@ def publish_trained_prefix(
         size_bytes=info.size,
         sha256=info.sha256 or sha256_hex(data),
         metrics=_json_safe(prefix.metrics),
+        base_prefix_id=uuid.UUID(prefix.base_prefix_id) if prefix.base_prefix_id else None,
+        base_mode=prefix.base_mode,
     )
     try:
         for attempt in range(1, _PUBLISH_TRIES + 1):
@@ -326,6 +384,7 @@ def publish_trained_prefix(
                     crud.publish_prefix(
                         session=session, job_id=job_id, owner=owner, prefix_in=prefix_in,
                         activate=activate, note=note, expected_active_id=expected_active_id,
+                        result=result,
                     )  # fmt: skip
                 return prefix_id
             except (TenantNotActiveError, LeaseLostError):
@@ -522,6 +581,129 @@ def run_training_job(
         gc.collect()
 
 
+def load_base_prefix(
+    engine: Engine, store: BlobStore, loaded: Any, base_prefix_id: str
+) -> tuple[BasePrefix, Prefix]:
+    """A base prefix's row and file, checked (SHA-256 of the blob, the model's fingerprint
+    and shape). Gone: :class:`NotFoundError` (a user error: the job fails, no retry)."""
+    try:
+        base_uuid = uuid.UUID(base_prefix_id)
+    except ValueError:
+        raise InvalidInputError(f"base_prefix {base_prefix_id!r} is not a base prefix id") from None
+    with session_scope(engine) as session:
+        row = crud.get_base_prefix(session=session, base_prefix_id=base_uuid)
+        if row is not None:
+            session.expunge(row)
+    if row is None:
+        raise NotFoundError(f"base prefix {base_prefix_id} no longer exists")
+    try:
+        data = store.get_bytes(row.object_key)
+    except BlobNotFoundError:
+        raise BlobNotFoundError(
+            f"the file of base prefix {base_prefix_id} is missing from object storage"
+        ) from None
+    if sha256_hex(data) != row.sha256:
+        raise InvalidInputError(
+            f"base prefix {base_prefix_id}: the stored file does not match its SHA-256"
+        )
+    prefix = prefix_from_bytes(
+        data,
+        source=f"base prefix {base_prefix_id}",
+        expected_fingerprint=loaded.fingerprint,
+        expected_shape=prefix_shape(loaded.model.config),
+    )
+    return row, prefix
+
+
+def served_prefix(engine: Engine, store: BlobStore, loaded: Any, prefix: Prefix) -> Prefix:
+    """A stored version as it is served: a stacked one behind its base (which must still
+    exist: else :class:`NotFoundError`), any other as it is."""
+    base = None
+    if prefix.base_mode == "stack" and prefix.base_prefix_id is not None:
+        _, base = load_base_prefix(engine, store, loaded, prefix.base_prefix_id)
+    return inference_prefix(prefix, base, base_prefix_id=prefix.base_prefix_id)
+
+
+def previous_candidate(
+    engine: Engine, store: BlobStore, loaded: Any, tenant_id: uuid.UUID
+) -> Candidate | None:
+    """The tenant's active version before this job, as served (stacked on its base when it
+    is stacked); None when it has none. A version that cannot be served is reported as
+    unavailable, with the reason, rather than measured without its base."""
+    with session_scope(engine) as session:
+        active = crud.get_active_prefix(session=session, tenant_id=tenant_id)
+        if active is not None:
+            session.expunge(active)
+    if active is None:
+        return None
+    detail = {"prefix_id": str(active.id), "version": active.version}
+    try:
+        if active.base_model_fingerprint != loaded.fingerprint:
+            raise IncompatiblePrefixError("it was trained for another base model")
+        prefix = prefix_from_bytes(
+            store.get_bytes(active.object_key),
+            source=f"prefix version {active.version}",
+            expected_fingerprint=loaded.fingerprint,
+            expected_shape=prefix_shape(loaded.model.config),
+        )
+        served = served_prefix(engine, store, loaded, prefix)
+    except (BlobNotFoundError, IncompatiblePrefixError, NotFoundError, InvalidInputError) as error:
+        return Candidate("previous", None, detail, unavailable=str(error))
+    return Candidate("previous", served.key_values, detail)
+
+
+def _record_report(engine: Engine, job_id: uuid.UUID, last: Any, report: dict[str, Any]) -> None:
+    """The personalization report as a job event (besides the job's ``result``)."""
+    new = (report.get("against") or {}).get("new") or {}
+    event = JobEventCreate(
+        step=last.step if last is not None else 0,
+        total_steps=last.total_steps if last is not None else None,
+        val_loss=new.get("loss"),
+        details={"evaluation": report},
+    )
+    try:
+        with session_scope(engine) as session:
+            crud.record_job_event(session=session, job_id=job_id, event_in=event)
+    except SQLAlchemyError as error:  # informative; the result on the job is what counts
+        log.warning("evaluation event of job %s not written: %s", job_id, error)
+
+
+def publish_base_prefix(
+    engine: Engine, store: BlobStore, *, job: TrainingJob, owner: str, prefix: Prefix,
+    result: dict[str, Any],
+) -> uuid.UUID:  # fmt: skip
+    """Write the base prefix's blob under ``operator/base-prefixes/<new id>``, then publish
+    it (one transaction, lease checked); the blob is deleted again when publishing fails."""
+    assert job.base_prefix_name is not None
+    base_id = uuid.uuid4()
+    key = base_prefix_key(base_id)
+    data = prefix_to_bytes(prefix)
+    info = store.put_bytes(key, data)
+    base_in = BasePrefixCreate(
+        id=base_id,
+        name=job.base_prefix_name,
+        object_key=key,
+        base_model_fingerprint=prefix.base_model_fingerprint,
+        prefix_length=prefix.prefix_length,
+        dtype=prefix.dtype_name,
+        size_bytes=info.size,
+        sha256=info.sha256 or sha256_hex(data),
+        metrics=_json_safe(prefix.metrics),
+    )
+    try:
+        with session_scope(engine) as session:
+            crud.publish_base_prefix(
+                session=session, job_id=job.id, owner=owner, base_in=base_in, result=result
+            )
+    except BaseException:
+        try:
+            store.delete(key)
+        except Exception as delete_error:  # the next operator job sweeps it
+            log.warning("could not delete unpublished base prefix blob %s: %s", key, delete_error)
+        raise
+    return base_id
+
+
 def _train_and_publish(
     settings: Settings,
     shared: SharedModel,
@@ -540,10 +722,14 @@ def _train_and_publish(
     tenant_id = job.tenant_id
     # The active version when the job started: the new one replaces only that one
     # (compare-and-swap at publish), never a rollback or a version published meanwhile.
-    with session_scope(engine) as session:
-        active_at_start = crud.get_active_prefix(session=session, tenant_id=tenant_id)
-        expected_active_id = active_at_start.id if active_at_start is not None else None
+    expected_active_id: uuid.UUID | NoExpectation | None = NO_EXPECTATION  # operator job
+    if tenant_id is not None:
+        with session_scope(engine) as session:
+            active_at_start = crud.get_active_prefix(session=session, tenant_id=tenant_id)
+            expected_active_id = active_at_start.id if active_at_start is not None else None
     spec = parse_hyperparameters(job.hyperparameters)  # before any data or weights
+    if tenant_id is None and spec.base_prefix is not None:
+        raise InvalidInputError("a base prefix cannot itself be trained from a base prefix")
     store = build_blob_store(settings)
     delete_orphan_prefix_blobs(engine, store, tenant_id)
     train, validation = job_examples(engine, store, job, spec)
@@ -552,6 +738,9 @@ def _train_and_publish(
     )
     loaded = place(materialize_model(shared), choose_placement(settings.trainer_num_gpus))
     zero_copy = loaded.zero_copy
+    base_row, base = None, None
+    if spec.base_prefix is not None:
+        base_row, base = load_base_prefix(engine, store, loaded, spec.base_prefix)
     progress = ProgressWriter(engine, job_id, every=settings.progress_event_seconds)
     out_of_time = _Flag()  # set when the runtime limit stopped training (not its end)
     result = train_prefix(
@@ -561,6 +750,9 @@ def _train_and_publish(
         validation=validation,
         on_progress=progress,
         should_stop=lambda: lease.lost.is_set() or out_of_time.set_if(time.monotonic() > deadline),
+        base=base.key_values if base is not None else None,
+        base_mode=spec.base_mode,  # type: ignore[arg-type]
+        base_prefix_id=str(base_row.id) if base_row is not None else None,
     )
     del train
     last = result.history[-1] if result.history else None
@@ -576,13 +768,47 @@ def _train_and_publish(
             steps=steps,
         )
     progress.finish(last)
+
+    # What the new prefix bought, on the validation examples (workers/job_report.py).
+    served = inference_prefix(result.prefix, base, base_prefix_id=result.prefix.base_prefix_id)
+    candidates = [
+        Candidate("new", served.key_values, {}),
+        Candidate("bare_model", bare_model(loaded), {}),
+    ]
+    if base is not None and base_row is not None:
+        detail = {"base_prefix_id": str(base_row.id), "name": base_row.name,
+                  "version": base_row.version, "base_mode": spec.base_mode}  # fmt: skip
+        candidates.append(Candidate("base", base.key_values, detail))
+    if tenant_id is not None:
+        previous = previous_candidate(engine, store, loaded, tenant_id)
+        if previous is not None:
+            candidates.append(previous)
+    evaluation = json_safe(
+        personalization_report(loaded, validation, candidates, batch_size=spec.config.batch_size)
+    )
+    _record_report(engine, job_id, last, evaluation)
+
+    if tenant_id is None:  # an operator job: a new base prefix version
+        try:
+            base_id = publish_base_prefix(
+                engine, store, job=job, owner=owner, prefix=result.prefix, result=evaluation
+            )
+        except LeaseLostError as error:
+            return report(
+                _lost_outcome(engine, job_id), error=str(error), zero_copy=zero_copy, **steps
+            )
+        except NotFoundError as error:
+            return report(Outcome.ERASED, error=str(error), zero_copy=zero_copy, **steps)
+        return report(Outcome.SUCCEEDED, prefix_id=str(base_id), zero_copy=zero_copy, **steps)
+
     gate = GateDecision(activate=True)
     if job.priority == JobPriority.batch:  # nightly: the quality gate decides activation
         gate = nightly_quality_gate(
-            engine, store, loaded, job, result.prefix, validation,
+            engine, store, loaded, job, served, validation,
             max_regression=settings.nightly_max_regression,
             batch_size=spec.config.batch_size,
             load_examples=lambda ids: load_examples(engine, store, tenant_id, ids),
+            served=functools.partial(served_prefix, engine, store, loaded),
         )  # fmt: skip
         result.prefix.metrics.update(gate.metrics)
         log.info("job %s: quality gate %s", job_id, gate.metrics.get("quality_gate"))
@@ -591,6 +817,7 @@ def _train_and_publish(
         prefix_id = publish_trained_prefix(
             engine, store, job_id=job_id, tenant_id=tenant_id, owner=owner, prefix=result.prefix,
             activate=gate.activate, note=gate.note, expected_active_id=expected_active_id,
+            result=evaluation,
         )  # fmt: skip
     except TenantNotActiveError as error:
         _finish(engine, job_id, owner, JobState.cancelled, str(error), retry=False)

@@ -49,3 +49,25 @@ def prefix_key(tenant_id: uuid.UUID | str, prefix_id: uuid.UUID | str) -> str:
 
 def key_belongs_to_tenant(key: str, tenant_id: uuid.UUID | str) -> bool:
     return key.startswith(tenant_key_prefix(tenant_id)) and ".." not in key.split("/")
+
+
+# The operator's objects (base prefixes and their training data) live outside
+# ``tenants/``: erasing a tenant never touches them, and no tenant key prefix covers them.
+OPERATOR_ROOT = "operator/"
+
+
+def operator_dataset_key(dataset_id: uuid.UUID | str) -> str:
+    """``operator/datasets/<dataset_id>.jsonl``"""
+    return f"{OPERATOR_ROOT}datasets/{validate_id(dataset_id, what='dataset id')}.jsonl"
+
+
+def base_prefixes_key_prefix() -> str:
+    return f"{OPERATOR_ROOT}base-prefixes/"
+
+
+def base_prefix_key(base_prefix_id: uuid.UUID | str) -> str:
+    """``operator/base-prefixes/<base_prefix_id>.safetensors``"""
+    return (
+        f"{base_prefixes_key_prefix()}{validate_id(base_prefix_id, what='base prefix id')}"
+        ".safetensors"
+    )

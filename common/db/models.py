@@ -200,7 +200,12 @@ class TrainingJob(TrainingJobBase, table=True):
     )
 
     id: uuid.UUID = Field(default_factory=uuid.uuid4, primary_key=True)
-    tenant_id: uuid.UUID = Field(foreign_key="tenants.id", ondelete="CASCADE")
+    # NULL: an operator job that trains a base prefix (``base_prefix_name``) on operator
+    # datasets only; tenant routes filter by tenant id, so they never see one.
+    tenant_id: uuid.UUID | None = Field(
+        default=None, foreign_key="tenants.id", ondelete="CASCADE", nullable=True
+    )
+    base_prefix_name: str | None = Field(default=None, max_length=100)
     dataset_ids: list[str] = Field(default_factory=list, sa_type=_JSON)
     idempotency_key: str | None = Field(default=None, max_length=200)
     state: JobState = Field(default=JobState.queued, sa_type=_enum(JobState))
@@ -222,11 +227,14 @@ class TrainingJob(TrainingJobBase, table=True):
     # Training tokens the job was estimated to cost at submission (bytes / 4 x epochs);
     # the tenant's daily limit (tenant_training_tokens_per_day) sums them.
     estimated_tokens: int = Field(default=0, ge=0, sa_type=_BIGINT)
+    # What the job's prefix bought, on its validation examples (workers/job_report.py):
+    # loss and token accuracy against the bare model, the base and the previous version.
+    result: dict[str, Any] | None = Field(default=None, sa_type=_JSON)
 
 
 class TrainingJobPublic(TrainingJobBase):
     id: uuid.UUID
-    tenant_id: uuid.UUID
+    tenant_id: uuid.UUID | None
     dataset_ids: list[uuid.UUID]
     idempotency_key: str | None
     state: JobState
@@ -251,6 +259,8 @@ class JobEventBase(SQLModel):
     # Something a user should know that is not progress (e.g. why the new prefix was kept
     # inactive); None for progress events.
     message: str | None = Field(default=None, sa_type=_t(sa.Text()))
+    # An evaluation event (workers/job_report.py): what the new prefix bought.
+    details: dict[str, Any] | None = Field(default=None, sa_type=_JSON)
 
 
 class JobEventCreate(JobEventBase):
@@ -282,6 +292,12 @@ class PrefixVersionBase(SQLModel):
     size_bytes: int = Field(ge=0, sa_type=_BIGINT)
     sha256: str = Field(min_length=64, max_length=64, schema_extra={"pattern": SHA256_PATTERN})
     metrics: dict[str, Any] = Field(default_factory=dict, sa_type=_JSON)
+    # The operator's base prefix this version was trained from (no foreign key: a version
+    # outlives a deleted base, and then, if stacked, is refused at serving with a 409).
+    base_prefix_id: uuid.UUID | None = Field(default=None)
+    base_mode: str | None = Field(
+        default=None, max_length=16, schema_extra={"pattern": r"^(warm_start|stack)$"}
+    )
 
 
 class PrefixVersionCreate(PrefixVersionBase):
@@ -335,7 +351,7 @@ class PendingBlobDelete(SQLModel, table=True):
     """A blob whose row was deleted (a dataset, a prefix version) but whose delete in the
     object store has not been confirmed yet. Recorded in the same transaction as the row's
     deletion, removed once the blob is gone; the scheduler's loop retries the rest
-    (``common/pending_deletes.py``). Ids and a key only, no personal data."""
+    (``common/blob_deletes.py``). Ids and a key only, no personal data."""
 
     __tablename__ = "pending_blob_deletes"
     __table_args__ = (
@@ -354,6 +370,71 @@ class PendingBlobDelete(SQLModel, table=True):
     attempts: int = Field(default=0)
     last_attempt_at: datetime | None = Field(default=None, sa_type=_DT)
     last_error: str | None = Field(default=None, sa_type=_t(sa.Text()))
+
+
+# --- base prefixes and their data (the operator's: never a tenant's) -----------------------
+
+
+class OperatorDataset(SQLModel, table=True):
+    """Training data the operator uploaded for base prefixes, stored under
+    ``operator/datasets/``; no ``tenant_id`` column, so tenant erasure never touches it."""
+
+    __tablename__ = "operator_datasets"
+    __table_args__ = (sa.Index("ix_operator_datasets_created_at", "created_at"),)
+
+    id: uuid.UUID = Field(default_factory=uuid.uuid4, primary_key=True)
+    name: str | None = Field(default=None, max_length=100)
+    sha256: str = Field(max_length=64)
+    size_bytes: int = Field(sa_type=_BIGINT)
+    example_count: int = Field(default=0)
+    object_key: str = Field(max_length=1024)
+    created_at: datetime = Field(default_factory=utcnow, sa_type=_DT)
+
+
+class BasePrefixCreate(SQLModel):
+    id: uuid.UUID = Field(default_factory=uuid.uuid4)
+    name: str = Field(min_length=1, max_length=100)
+    base_model_fingerprint: str = Field(min_length=1, max_length=128)
+    prefix_length: int = Field(ge=1)
+    dtype: str = Field(max_length=16)
+    size_bytes: int = Field(ge=0, sa_type=_BIGINT)
+    sha256: str = Field(min_length=64, max_length=64)
+    object_key: str = Field(min_length=1, max_length=1024)
+    metrics: dict[str, Any] = Field(default_factory=dict, sa_type=_JSON)
+
+
+class BasePrefix(SQLModel, table=True):
+    """One immutable version of an operator's base prefix (``name``, ``version``), trained
+    by an operator job on operator datasets only, stored under ``operator/base-prefixes/``."""
+
+    __tablename__ = "base_prefixes"
+    __table_args__ = (
+        sa.UniqueConstraint("name", "version", name="uq_base_prefixes_name_version"),
+        # At most one default base prefix, enforced by the database.
+        sa.Index(
+            "uq_base_prefixes_one_default",
+            "is_default",
+            unique=True,
+            postgresql_where=sa.text("is_default"),
+            sqlite_where=sa.text("is_default"),
+        ),
+    )
+
+    id: uuid.UUID = Field(default_factory=uuid.uuid4, primary_key=True)
+    name: str = Field(max_length=100)
+    version: int = Field(ge=1)
+    job_id: uuid.UUID | None = Field(
+        default=None, foreign_key="training_jobs.id", ondelete="SET NULL"
+    )
+    base_model_fingerprint: str = Field(max_length=128)
+    prefix_length: int
+    dtype: str = Field(max_length=16)
+    size_bytes: int = Field(sa_type=_BIGINT)
+    sha256: str = Field(max_length=64)
+    object_key: str = Field(max_length=1024)
+    metrics: dict[str, Any] = Field(default_factory=dict, sa_type=_JSON)
+    is_default: bool = Field(default=False)
+    created_at: datetime = Field(default_factory=utcnow, sa_type=_DT)
 
 
 # --- tenant deletion audit (no personal data: ids, times and counts only) ------------------

@@ -13,6 +13,7 @@ from services.api.limits import BodyLimit, BodySizeLimitMiddleware
 from services.api.metrics import ApiMetrics, MetricsMiddleware
 from services.api.routes import (
     admin,
+    base_prefixes,
     chat,
     datasets,
     generate,
@@ -50,7 +51,12 @@ def create_app(context: ApiContext) -> FastAPI:
                 "max_dataset_bytes",
                 settings.max_dataset_bytes + MULTIPART_OVERHEAD_BYTES,
                 framing=MULTIPART_OVERHEAD_BYTES,
-            )
+            ),
+            ("POST", base_prefixes.OPERATOR_DATASETS_PATH): BodyLimit(
+                "max_dataset_bytes",
+                settings.max_dataset_bytes + MULTIPART_OVERHEAD_BYTES,
+                framing=MULTIPART_OVERHEAD_BYTES,
+            ),
         },
     )
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
@@ -61,6 +67,7 @@ def create_app(context: ApiContext) -> FastAPI:
     app.include_router(jobs.router)
     app.include_router(prefixes.router)
     app.include_router(admin.router)
+    app.include_router(base_prefixes.router)
     app.include_router(generate.router, dependencies=[Depends(enforce_generate_rate)])
     app.include_router(chat.router, dependencies=[Depends(enforce_generate_rate)])
     return app

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime
-from typing import Annotated, Any, Generic, TypeVar
+from typing import Annotated, Any, Generic, Literal, TypeVar
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
@@ -170,6 +170,17 @@ class Hyperparameters(BaseModel):
         description="Fraction of the examples held out for validation loss and early "
         "stopping (0: none); not together with `validation_dataset_id`.",
     )
+    base_prefix: Annotated[str, Field(min_length=1, max_length=64)] | None = Field(
+        default=None,
+        description="Train from an operator's base prefix: its id, or `default` (the one the "
+        "operator marked; stored as its id). Absent: no base.",
+    )
+    base_mode: Literal["warm_start", "stack"] | None = Field(
+        default=None,
+        description="With `base_prefix`: `warm_start` (start from the base's key/values; the "
+        "result stands alone; the default) or `stack` (the base stays frozen in front of the "
+        "tenant's own part, at training and at serving).",
+    )
 
 
 class JobSubmit(BaseModel):
@@ -191,6 +202,7 @@ class JobProgress(BaseModel):
     loss: float | None
     val_loss: float | None
     tokens_per_second: float | None
+    details: dict[str, Any] | None = None
     at: datetime
 
     @classmethod
@@ -201,6 +213,7 @@ class JobProgress(BaseModel):
             loss=event.loss,
             val_loss=event.val_loss,
             tokens_per_second=event.tokens_per_second,
+            details=event.details,
             at=event.created_at,
         )
 
@@ -223,6 +236,12 @@ class JobOut(BaseModel):
         description="Why the job's prefix was published inactive (the nightly quality gate); "
         "null when it was made active.",
     )
+    result: dict[str, Any] | None = Field(
+        default=None,
+        description="Once succeeded: what the prefix bought on the job's validation examples "
+        "— loss and token accuracy of the new prefix against the bare model, its base prefix "
+        "and the tenant's previous version (`against`), or `status: no_validation_examples`.",
+    )
     created_at: datetime
     updated_at: datetime
     started_at: datetime | None
@@ -244,6 +263,7 @@ class JobOut(BaseModel):
             prefix_id=prefix_id,
             error=job.error,
             note=job.note,
+            result=job.result,
             created_at=job.created_at,
             updated_at=job.updated_at,
             started_at=job.started_at,

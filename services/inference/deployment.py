@@ -18,7 +18,8 @@ import torch
 from ray import serve
 
 from common.architectures import context_problem, is_encoder_decoder, prefix_shape
-from common.blobstore import build_blob_store
+from common.base_prefix import inference_prefix
+from common.blobstore import BlobNotFoundError, build_blob_store
 from common.config import Settings
 from common.data import encode_prompt
 from common.db.engine import create_db_engine, session_scope
@@ -37,6 +38,9 @@ class InferenceRequest:
     object_key: str
     inputs: list[str]
     decoding: DecodingConfig
+    # A stacked prefix's base prefix (resolved by the ingress); None: the prefix has none.
+    base_prefix_id: str | None = None
+    base_object_key: str | None = None
 
 
 @dataclass(frozen=True)
@@ -83,6 +87,28 @@ class InferenceServer:
             expected_shape=self.shape,
         )
 
+    async def _served_prefix(self, request: InferenceRequest) -> Prefix:
+        """The tenant's prefix as it is served: a stacked prefix behind its base
+        (``stack_prefixes(base, tenant)``, the base checked by id and fingerprint), both
+        from the cache. A stacked prefix whose base is gone is refused (409), never served
+        without it."""
+        prefix = await self.cache.get(request.prefix_id, request.object_key)
+        if prefix.base_mode != "stack":
+            return prefix
+        base = None
+        if request.base_prefix_id is not None and request.base_object_key is not None:
+            try:
+                base = await self.cache.get(request.base_prefix_id, request.base_object_key)
+            except BlobNotFoundError:
+                base = None
+        if base is None:
+            raise IncompatiblePrefixError(
+                f"prefix {request.prefix_id} is stacked on base prefix "
+                f"{prefix.base_prefix_id}, which is no longer available; it is not served "
+                "without its base"
+            )
+        return inference_prefix(prefix, base, base_prefix_id=request.base_prefix_id)
+
     def _ensure_sweeper(self) -> None:
         if self._sweeper is None or self._sweeper.done():
             self._sweeper = asyncio.get_running_loop().create_task(self._sweep_deleted())
@@ -90,7 +116,7 @@ class InferenceServer:
     async def _sweep_deleted(self) -> None:
         """Drop cached prefixes whose rows are gone (tenant or version deleted), so no
         replica keeps a deleted tenant's prefix in memory for long."""
-        from common.db.crud import existing_prefix_ids
+        from common.db.crud import existing_base_prefix_ids, existing_prefix_ids
 
         while True:
             await asyncio.sleep(self.settings.prefix_cache_sweep_seconds)
@@ -101,7 +127,9 @@ class InferenceServer:
 
             def existing(ids: list[uuid.UUID] = ids) -> set[str]:
                 with session_scope(self.db) as session:
-                    return {str(i) for i in existing_prefix_ids(session=session, prefix_ids=ids)}
+                    alive = existing_prefix_ids(session=session, prefix_ids=ids)
+                    alive |= existing_base_prefix_ids(session=session, base_prefix_ids=ids)
+                    return {str(i) for i in alive}
 
             try:
                 alive = await asyncio.to_thread(existing)
@@ -122,7 +150,7 @@ class InferenceServer:
         if not request.inputs:
             raise InvalidInputError("no inputs")
         self._ensure_sweeper()
-        prefix = await self.cache.get(request.prefix_id, request.object_key)
+        prefix = await self._served_prefix(request)
         if prefix.prompt_format != self.prompt_format:
             raise IncompatiblePrefixError(
                 f"prefix {request.prefix_id} has an unknown prompt format"

@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from common.architectures import prefix_shape
+from common.base_prefix import stack_prefixes
 from common.errors import InvalidInputError
 from common.generation import DecodingConfig, GenerationRow, generate, generate_texts
 from common.kv_cache import prefix_cache
@@ -44,6 +45,34 @@ def test_mixed_batch_gives_each_row_its_solo_output(tiny_model):
     solo = [run(tiny_model, [row])[0] for row in rows]
     assert batched == solo
     assert len({tuple(o) for o in solo}) > 1  # the rows really differ
+
+
+def test_mixed_base_and_tenant_combinations_give_each_row_its_solo_output(tiny_model):
+    # Two bases (lengths 4 and 2), two tenants (3 and 5): every row its own stack, or none.
+    base_a, base_b = random_prefix(tiny_model, 4, seed=11), random_prefix(tiny_model, 2, seed=12)
+    tenant_1, tenant_2 = (
+        random_prefix(tiny_model, 3, seed=13),
+        random_prefix(tiny_model, 5, seed=14),
+    )
+    base_a_before = base_a.clone()
+    prefixes = [
+        stack_prefixes(base_a, tenant_1),
+        stack_prefixes(base_b, tenant_1),
+        stack_prefixes(base_a, tenant_2),
+        tenant_1,  # a prefix without a base
+        base_b,  # the base prefix alone
+        None,  # the bare model
+    ]
+    rows = [GenerationRow([10 + i, 20 + i, 30], prefix) for i, prefix in enumerate(prefixes)]
+    batched = run(tiny_model, rows)
+    solo = [run(tiny_model, [row])[0] for row in rows]
+    assert batched == solo
+    assert len({tuple(o) for o in solo}) > 2  # the combinations really differ
+    assert torch.equal(base_a, base_a_before)  # decoding never writes a stored prefix
+    # A stacked row is the stacked prefix, not the tenant alone nor the base alone.
+    same_input = [GenerationRow([10, 20, 30], p) for p in (prefixes[0], tenant_1, base_a)]
+    outputs = [run(tiny_model, [row])[0] for row in same_input]
+    assert outputs[0] != outputs[1] or outputs[0] != outputs[2]
 
 
 def reference_greedy(

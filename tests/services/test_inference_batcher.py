@@ -169,3 +169,56 @@ def test_failed_load_is_not_cached_and_reaches_every_waiter(tiny_llama):
     results, later = asyncio.run(main())
     assert all(isinstance(r, OSError) for r in results)
     assert later.prefix_length == 2 and len(attempts) == 2
+
+
+def stacked(loaded, base, tenant, base_id):
+    """The tenant's prefix as served: ``stack_prefixes(base, tenant)`` via the core's
+    ``inference_prefix``, its base checked by id and fingerprint."""
+    from common.base_prefix import inference_prefix, key_values_fingerprint
+
+    prefix = Prefix(
+        tenant, loaded.fingerprint, loaded.architecture, base_prefix_id=base_id,
+        base_fingerprint=key_values_fingerprint(base), base_mode="stack",
+    )  # fmt: skip
+    base_prefix = Prefix(base, loaded.fingerprint, loaded.architecture)
+    return inference_prefix(prefix, base_prefix, base_prefix_id=base_id).key_values
+
+
+def test_mixed_base_and_tenant_combinations_get_their_solo_outputs(tiny_llama, batcher):
+    base_a, base_b = random_prefix(tiny_llama, 3, seed=70), random_prefix(tiny_llama, 5, seed=71)
+    served = [
+        stacked(tiny_llama, base_a, random_prefix(tiny_llama, 2, seed=72), "a"),
+        stacked(tiny_llama, base_b, random_prefix(tiny_llama, 4, seed=73), "b"),
+        stacked(tiny_llama, base_a, random_prefix(tiny_llama, 6, seed=74), "a"),
+        random_prefix(tiny_llama, 3, seed=75),  # a tenant without a base
+        base_b,  # the base alone
+        None,  # the bare model
+    ]
+    # Stacking is the base first, then the tenant's part, on the prefix axis.
+    assert served[0].shape[3] == 5 and torch.equal(served[0][:, :, :, :3], base_a)
+    assert torch.equal(served[1][:, :, :, 5:], random_prefix(tiny_llama, 4, seed=73))
+    rows = [GenerationRow([10 + i, 11, 12], p) for i, p in enumerate(served)]
+    decoding = DecodingConfig(max_new_tokens=8)
+
+    async def main():
+        return await asyncio.gather(*(batcher.generate(row, decoding) for row in rows))
+
+    outputs = asyncio.run(main())
+    assert outputs == [solo(tiny_llama, row, decoding) for row in rows]
+    assert batcher.stats.max_rows_in_batch > 1
+
+
+def test_a_stacked_prefix_is_refused_without_its_base_or_with_another(tiny_llama):
+    from common.base_prefix import inference_prefix, key_values_fingerprint
+    from common.errors import IncompatiblePrefixError
+
+    base = random_prefix(tiny_llama, 3, seed=80)
+    prefix = Prefix(
+        random_prefix(tiny_llama, 2, seed=81), tiny_llama.fingerprint, tiny_llama.architecture,
+        base_prefix_id="a", base_fingerprint=key_values_fingerprint(base), base_mode="stack",
+    )  # fmt: skip
+    with pytest.raises(IncompatiblePrefixError, match="not available"):
+        inference_prefix(prefix, None, base_prefix_id="a")
+    changed = Prefix(base + 1, tiny_llama.fingerprint, tiny_llama.architecture)
+    with pytest.raises(IncompatiblePrefixError, match="changed"):
+        inference_prefix(prefix, changed, base_prefix_id="a")

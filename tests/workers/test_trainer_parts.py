@@ -83,7 +83,10 @@ def test_hyperparameters_become_a_training_config() -> None:
         ({"loss_reduction": "max"}, "loss_reduction: Input should be 'sequence_sum' or"),
         ({"dtype": "int8"}, "dtype: Input should be"),
         ({"validation_split": 1.0}, "validation_split: Input should be less than 1"),
-        ({"epoch": 3}, "unknown hyperparameter 'epoch' (known: batch_size, dtype, epochs,"),
+        (
+            {"epoch": 3},
+            "unknown hyperparameter 'epoch' (known: base_mode, base_prefix, batch_size, dtype, epochs,",
+        ),
         ([1, 2], "expected a JSON object, got list"),
     ],
 )

@@ -5,12 +5,14 @@ from __future__ import annotations
 import uuid
 from collections.abc import Sequence
 from datetime import datetime
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, func, select
 
 from common.blobstore.keys import key_belongs_to_tenant
+from common.db.crud.base_prefixes import STACK, lock_base_prefix
 from common.db.crud.blob_deletes import add_pending_blob_delete
 from common.db.crud.tenants import require_active_tenant
 from common.db.errors import (
@@ -85,6 +87,7 @@ def publish_prefix(
     activate: bool = True,
     note: str | None = None,
     expected_active_id: uuid.UUID | NoExpectation | None = NO_EXPECTATION,
+    result: dict[str, Any] | None = None,
     now: datetime | None = None,
 ) -> PrefixVersion:
     """Make a trained prefix visible, in one transaction: check that the tenant exists and
@@ -116,6 +119,17 @@ def publish_prefix(
             )
         # Lock order: tenant, then job (tenant deletion takes the tenant lock first too).
         tenant = require_active_tenant(session, tenant_id, lock=True)
+        # Shared lock: the base cannot be deleted until this version is visible (then the
+        # deletion sees it depends on the base and is refused).
+        if (
+            prefix_in.base_mode == STACK
+            and prefix_in.base_prefix_id is not None
+            and lock_base_prefix(session, prefix_in.base_prefix_id) is None
+        ):
+            raise NotFoundError(
+                f"base prefix {prefix_in.base_prefix_id} was deleted while the job trained "
+                "on it; the stacked prefix was not published"
+            )
         job = session.exec(
             select(TrainingJob)
             .where(col(TrainingJob.id) == job_id)
@@ -167,6 +181,7 @@ def publish_prefix(
         job.lease_expires_at = None
         job.error = None
         job.note = None if activate else note
+        job.result = result
         job.finished_at = at
         job.updated_at = at
         session.add(job)
@@ -198,6 +213,15 @@ def activate_prefix(
         ).first()
         if prefix is None:
             raise NotFoundError(f"prefix version {version} of tenant {tenant_id} not found")
+        if (
+            prefix.base_mode == STACK
+            and prefix.base_prefix_id is not None
+            and lock_base_prefix(session, prefix.base_prefix_id) is None
+        ):
+            raise ConflictError(
+                f"prefix version {version} is stacked on base prefix {prefix.base_prefix_id}, "
+                "which the operator deleted: it cannot be served"
+            )
         if not prefix.active:
             deactivate_all(session, tenant_id)
             prefix.active = True

@@ -186,7 +186,8 @@ def claim_next_job(
             tenant_busy = (
                 sa.exists()
                 .where(
-                    col(sibling.tenant_id) == col(TrainingJob.tenant_id),
+                    # IS NOT DISTINCT FROM: operator jobs (NULL tenant) are one "tenant".
+                    col(sibling.tenant_id).is_not_distinct_from(col(TrainingJob.tenant_id)),
                     col(sibling.state) == JobState.running,
                 )
                 .correlate(TrainingJob)
@@ -199,10 +200,15 @@ def claim_next_job(
             )
             stmt = (
                 select(TrainingJob.id, TrainingJob.tenant_id)
-                .join(Tenant, col(Tenant.id) == col(TrainingJob.tenant_id))
+                .join(Tenant, col(Tenant.id) == col(TrainingJob.tenant_id), isouter=True)
                 .where(
                     col(TrainingJob.state) == JobState.queued,
-                    col(Tenant.status) == TenantStatus.active,
+                    # An operator job (no tenant: a base prefix) is claimable like a
+                    # tenant's; its "tenant" compares as NULL, so it is never busy.
+                    sa.or_(
+                        col(Tenant.status) == TenantStatus.active,
+                        col(TrainingJob.tenant_id).is_(None),
+                    ),
                     ~tenant_busy,
                 )
                 .order_by(
@@ -214,24 +220,31 @@ def claim_next_job(
                 .limit(1)
             )
             if skipped:
-                stmt = stmt.where(col(TrainingJob.tenant_id).not_in(skipped))
+                stmt = stmt.where(
+                    sa.or_(
+                        col(TrainingJob.tenant_id).is_(None),
+                        col(TrainingJob.tenant_id).not_in(skipped),
+                    )
+                )
             row = session.exec(stmt).first()
             if row is None:
                 commit(session)
                 return None
             candidate, tenant_id = row
-            locked = session.exec(
-                select(Tenant.id)
-                .where(col(Tenant.id) == tenant_id, col(Tenant.status) == TenantStatus.active)
-                .with_for_update(skip_locked=True, key_share=True)
-            ).first()
-            if locked is None:  # another claimer, a publish or a deletion holds the tenant
-                session.rollback()
-                skipped.add(tenant_id)
-                continue
+            if tenant_id is not None:
+                locked = session.exec(
+                    select(Tenant.id)
+                    .where(col(Tenant.id) == tenant_id, col(Tenant.status) == TenantStatus.active)
+                    .with_for_update(skip_locked=True, key_share=True)
+                ).first()
+                if locked is None:  # another claimer, a publish or a deletion holds the tenant
+                    session.rollback()
+                    skipped.add(tenant_id)
+                    continue
             busy_now = (
                 sa.exists()
                 .where(
+                    # Operator jobs: at most one running at a time (IS NULL).
                     col(sibling.tenant_id) == tenant_id,
                     col(sibling.state) == JobState.running,
                 )

@@ -114,7 +114,7 @@ async def chat_completions(
 
     def request(seed: int | None) -> InferenceRequest:
         decoding = decoding_config(max_tokens, body.temperature, body.top_p, 1, seed)
-        return InferenceRequest(str(prefix.id), prefix.object_key, [prompt], decoding)
+        return prefix.request([prompt], decoding)
 
     if body.stream:
         include_usage = body.stream_options is not None and body.stream_options.include_usage

@@ -13,6 +13,7 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Annotated, Any
 
 from fastapi import APIRouter
@@ -21,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from starlette.concurrency import run_in_threadpool
 
 from common.db import crud
+from common.db.models import BasePrefix, PrefixVersion
 from common.generation import DecodingConfig
 from services.api.deps import ContextDep, CurrentTenant, SessionDep
 from services.api.errors import ApiError, error_body, to_api_error
@@ -106,7 +108,7 @@ class GenerateResponse(BaseModel):
     usage: Usage
 
 
-def _active_prefix(context: Any, session: Any, tenant_id: uuid.UUID) -> Any:
+def _active_prefix(context: Any, session: Any, tenant_id: uuid.UUID) -> ServedPrefix:
     prefix = crud.get_active_prefix(session=session, tenant_id=tenant_id)
     if prefix is None:
         raise ApiError(
@@ -118,7 +120,44 @@ def _active_prefix(context: Any, session: Any, tenant_id: uuid.UUID) -> Any:
         raise ApiError(
             409, "incompatible_prefix", "the active prefix was trained for another base model"
         )
-    return prefix
+    base = None
+    if prefix.base_mode == crud.STACK and prefix.base_prefix_id is not None:
+        base = crud.get_base_prefix(session=session, base_prefix_id=prefix.base_prefix_id)
+        if base is None:
+            raise ApiError(
+                409,
+                "base_prefix_missing",
+                f"the active prefix (version {prefix.version}) is stacked on base prefix "
+                f"{prefix.base_prefix_id}, which the operator deleted; it is not served "
+                "without its base: activate another version or train a new one",
+            )
+    return ServedPrefix(prefix, base)
+
+
+@dataclass(frozen=True)
+class ServedPrefix:
+    """The tenant's active version and, when it is stacked, its base prefix."""
+
+    prefix: PrefixVersion
+    base: BasePrefix | None
+
+    @property
+    def id(self) -> uuid.UUID:
+        return self.prefix.id
+
+    @property
+    def version(self) -> int:
+        return self.prefix.version
+
+    def request(self, inputs: list[str], decoding: DecodingConfig) -> InferenceRequest:
+        return InferenceRequest(
+            str(self.prefix.id),
+            self.prefix.object_key,
+            inputs,
+            decoding,
+            base_prefix_id=str(self.base.id) if self.base is not None else None,
+            base_object_key=self.base.object_key if self.base is not None else None,
+        )
 
 
 async def _run(context: Any, request: InferenceRequest) -> InferenceResult:
@@ -159,18 +198,15 @@ def _stream(
 @router.post(
     "/generate",
     response_model=GenerateResponse,
-    responses={409: {"description": "no active prefix"}},
+    responses={409: {"description": "no active prefix, or its base prefix was deleted"}},
 )
 async def generate(
     body: GenerateRequest, tenant: CurrentTenant, session: SessionDep, context: ContextDep
 ) -> Any:
     """Generate with the calling tenant's active prefix."""
     prefix = await run_in_threadpool(_active_prefix, context, session, tenant.id)
-    request = InferenceRequest(
-        str(prefix.id),
-        prefix.object_key,
-        body.texts(),
-        body.decoding(limit=context.settings.max_new_tokens_limit),
+    request = prefix.request(
+        body.texts(), body.decoding(limit=context.settings.max_new_tokens_limit)
     )
     if body.stream:
         return _stream(context, request, {"prefix_id": str(prefix.id)}, shape="prefixd")
@@ -232,15 +268,13 @@ async def completions(
         decoding = decoding_config(max_tokens, body.temperature, body.top_p, 1, body.seed)
         return _stream(
             context,
-            InferenceRequest(str(prefix.id), prefix.object_key, prompts, decoding),
+            prefix.request(prompts, decoding),
             head,
             shape="openai",
         )
     # n samples: the same prompts with different seeds, decoded concurrently (one batch).
     requests = [
-        InferenceRequest(
-            str(prefix.id),
-            prefix.object_key,
+        prefix.request(
             prompts,
             decoding_config(max_tokens, body.temperature, body.top_p, 1, (body.seed or 0) + sample),
         )

@@ -67,6 +67,40 @@ def checked_hyperparameters(params: Hyperparameters, context: ApiContext) -> dic
     return values
 
 
+def checked_base(values: dict[str, Any], session: Any, context: ApiContext) -> dict[str, Any]:
+    """Resolve ``base_prefix`` (an id or ``default``) to the base prefix's id, check it
+    exists (404 naming it), fits the served model, and that the stacked length fits."""
+    ref, mode = values.get("base_prefix"), values.get("base_mode")
+    if ref is None:
+        if mode is not None:
+            raise _invalid("base_mode needs base_prefix (a base prefix id or 'default')")
+        return values
+    try:
+        base = crud.resolve_base_prefix(session=session, ref=ref)
+    except InvalidInputError as error:
+        raise _invalid(str(error)) from None
+    if base.base_model_fingerprint != context.model_fingerprint:
+        raise _invalid(f"base prefix {base.id} was trained for another base model")
+    mode = mode or crud.WARM_START
+    if mode == crud.WARM_START and values["init"] != "random":
+        raise _invalid(
+            "a warm start begins at the base prefix: init must be 'random' (the default) "
+            f"with base_mode 'warm_start', got {values['init']!r}"
+        )
+    checker = context.example_checker()
+    if mode == crud.STACK:
+        own = values["prefix_length"]
+        if values["init"].startswith(TEXT_INIT):
+            own = checker.text_tokens(values["init"].removeprefix(TEXT_INIT))
+        if base.prefix_length + own > checker.max_prefix_length:
+            raise _invalid(
+                f"stacked on base prefix {base.id} ({base.prefix_length} tokens), a "
+                f"{own}-token prefix makes {base.prefix_length + own}, more than the longest "
+                f"prefix allowed, {checker.max_prefix_length} (max_prefix_length)"
+            )
+    return values | {"base_prefix": str(base.id), "base_mode": mode}
+
+
 def job_out(session: Any, job: TrainingJob) -> JobOut:
     return job_outs(session, [job])[0]
 
@@ -84,7 +118,7 @@ def job_outs(session: Any, jobs: list[TrainingJob]) -> list[JobOut]:
     response_model=JobOut,
     responses={
         200: {"model": JobOut, "description": "idempotency key already used: that job"},
-        404: {"description": "a dataset is not the caller's"},
+        404: {"description": "a dataset is not the caller's, or no such base prefix"},
         422: {"description": "invalid hyperparameters, or more steps than job_max_steps"},
         429: {
             "description": "tenant_unfinished_jobs_quota or tenant_training_tokens_per_day "
@@ -102,7 +136,9 @@ def submit_job(
     """Queue a training job on the caller's datasets: **201** with the new job, or **200**
     with the existing job when this tenant already used `idempotency_key` (the first
     submission wins; a replay's body is not compared)."""
-    hyperparameters = checked_hyperparameters(body.hyperparameters, context)
+    hyperparameters = checked_base(
+        checked_hyperparameters(body.hyperparameters, context), session, context
+    )
     if body.validation_dataset_id is not None:
         if body.hyperparameters.validation_split > 0:
             raise ApiError(
