@@ -20,6 +20,7 @@ from services.api.routes import (
     health,
     jobs,
     metrics,
+    models,
     prefixes,
     tenants,
 )
@@ -66,6 +67,7 @@ def create_app(context: ApiContext) -> FastAPI:
     app.include_router(datasets.router)
     app.include_router(jobs.router)
     app.include_router(prefixes.router)
+    app.include_router(models.router)
     app.include_router(admin.router)
     app.include_router(base_prefixes.router)
     app.include_router(generate.router, dependencies=[Depends(enforce_generate_rate)])

@@ -4,6 +4,8 @@ is the in-process API's TestClient): plain and streamed answers agree, ``n``, ``
 
 from __future__ import annotations
 
+import uuid
+
 import openai
 import pytest
 
@@ -26,19 +28,19 @@ def client(inproc: InProc, key: str) -> openai.OpenAI:
 def test_chat_completions_with_the_openai_sdk(inproc_inference: InProc) -> None:
     inproc = inproc_inference
     tenant_id, key = inproc.new_tenant()
-    inproc.publish(tenant_id, length=2, seed=7)
+    prefix_id = inproc.publish(tenant_id, length=2, seed=7)
     sdk = client(inproc, key)
 
-    plain = sdk.chat.completions.create(model="mine", messages=MESSAGES, max_tokens=6)
+    plain = sdk.chat.completions.create(model="default", messages=MESSAGES, max_tokens=6)
     (choice,) = plain.choices
     assert choice.message.role == "assistant" and choice.finish_reason in ("stop", "length")
-    assert plain.object == "chat.completion" and plain.model == "mine"
+    assert plain.object == "chat.completion" and plain.model == f"prefix-{prefix_id}"
     assert plain.usage is not None and 0 < plain.usage.completion_tokens <= 6
     assert plain.usage.total_tokens == plain.usage.prompt_tokens + plain.usage.completion_tokens
 
     chunks = list(
         sdk.chat.completions.create(
-            model="mine", messages=MESSAGES, max_tokens=6, stream=True,
+            model="default", messages=MESSAGES, max_tokens=6, stream=True,
             stream_options={"include_usage": True},
         )
     )  # fmt: skip
@@ -51,22 +53,22 @@ def test_chat_completions_with_the_openai_sdk(inproc_inference: InProc) -> None:
     words = choice.message.content.split()
     assert len(words) >= 2, choice.message.content  # the tiny model's greedy text here
     stop = " " + words[1]
-    cut = sdk.chat.completions.create(model="mine", messages=MESSAGES, max_tokens=6, stop=[stop])
+    cut = sdk.chat.completions.create(model="default", messages=MESSAGES, max_tokens=6, stop=[stop])
     assert cut.choices[0].message.content == choice.message.content.split(stop)[0]
     assert cut.choices[0].finish_reason == "stop"
 
     many = sdk.chat.completions.create(
-        model="mine", messages=MESSAGES, max_tokens=4, n=3, temperature=1.0, seed=11
+        model="default", messages=MESSAGES, max_tokens=4, n=3, temperature=1.0, seed=11
     )
     assert [c.index for c in many.choices] == [0, 1, 2]
 
     with pytest.raises(openai.UnprocessableEntityError):
-        sdk.chat.completions.create(model="mine", messages=[], max_tokens=4)
+        sdk.chat.completions.create(model="default", messages=[], max_tokens=4)
     with pytest.raises(openai.AuthenticationError):
-        client(inproc, "pfx_" + "x" * 40).chat.completions.create(model="m", messages=MESSAGES)
+        client(inproc, "pfx_" + "x" * 40).chat.completions.create(model="default", messages=MESSAGES)
     _, untrained = inproc.new_tenant()
     with pytest.raises(openai.ConflictError):
-        client(inproc, untrained).chat.completions.create(model="m", messages=MESSAGES)
+        client(inproc, untrained).chat.completions.create(model="default", messages=MESSAGES)
 
 
 def test_chat_prompt_without_a_template_is_the_plain_format() -> None:
@@ -86,3 +88,35 @@ def test_stop_sequences_cut_text_and_streams_hold_back_partial_matches() -> None
     assert "".join(sent) == "abc" and streamer.stopped and streamer.flush() == ""
     open_ended = StopStreamer(["END"])
     assert open_ended.feed("abcE") == "ab" and open_ended.flush() == "cE"
+
+
+def test_models_list_and_select_a_version(inproc_inference: InProc) -> None:
+    inproc = inproc_inference
+    tenant_id, key = inproc.new_tenant()
+    _, other_key = inproc.new_tenant()
+    first = inproc.publish(tenant_id, length=2, seed=1)
+    second = inproc.publish(tenant_id, length=3, seed=2)  # now the active one
+    sdk = client(inproc, key)
+
+    ids = [m.id for m in sdk.models.list()]
+    assert ids == [inproc.settings.model, f"prefix-{first}", f"prefix-{second}"]
+    assert sdk.models.retrieve(f"prefix-{first}").id == f"prefix-{first}"
+
+    def completion(model: str) -> tuple[str, str]:
+        answer = sdk.completions.create(model=model, prompt="alpha beta", max_tokens=4)
+        return answer.model, answer.choices[0].text
+
+    assert completion("default")[0] == completion(inproc.settings.model)[0] == f"prefix-{second}"
+    assert completion(f"prefix-{first}")[0] == f"prefix-{first}"
+    chat = sdk.chat.completions.create(model=f"prefix-{first}", messages=MESSAGES, max_tokens=3)
+    assert chat.model == f"prefix-{first}"
+
+    for unknown in ("gpt-4o", f"prefix-{uuid.uuid4()}", "prefix-nonsense"):
+        with pytest.raises(openai.NotFoundError):
+            completion(unknown)
+    # Another tenant's version is exactly an unknown model.
+    other = client(inproc, other_key)
+    with pytest.raises(openai.NotFoundError):
+        other.completions.create(model=f"prefix-{first}", prompt="alpha", max_tokens=2)
+    with pytest.raises(openai.NotFoundError):
+        other.models.retrieve(f"prefix-{first}")

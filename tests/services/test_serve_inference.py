@@ -157,7 +157,7 @@ def test_openai_compatible_completions(stack):
         stack,
         "/v1/completions",
         key,
-        {"model": "anything", "prompt": ["alpha", "beta"], "max_tokens": 6, "temperature": 0},
+        {"model": "default", "prompt": ["alpha", "beta"], "max_tokens": 6, "temperature": 0},
     ).json()
     assert body["object"] == "text_completion"
     assert [c["text"] for c in body["choices"]] == [

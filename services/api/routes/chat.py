@@ -3,7 +3,8 @@
 The messages become one prompt with the base model's chat template
 (``common/chat_format.py``; a plain ``role: content`` format for a model without one), which
 then goes the way of ``/v1/completions``. Differences from OpenAI (docs/ARCHITECTURE.md):
-``model`` is accepted and ignored (the tenant's active prefix is the model); ``stop``
+``model`` picks one of the caller's versions (``GET /v1/models``), the active one when
+absent; ``stop``
 sequences cut the text after decoding (the row still decodes up to ``max_tokens``);
 a streamed answer counts its usage by re-tokenizing the text; no tools, logprobs or images.
 """
@@ -99,7 +100,7 @@ async def chat_completions(
     body: ChatCompletionRequest, tenant: CurrentTenant, session: SessionDep, context: ContextDep
 ) -> Any:
     """OpenAI-compatible chat completions; the tenant is chosen by its API key."""
-    prefix = await run_in_threadpool(_active_prefix, context, session, tenant.id)
+    prefix = await run_in_threadpool(_active_prefix, context, session, tenant.id, body.model)
     checker = await run_in_threadpool(context.example_checker)
     messages = [{"role": m.role, "content": m.text()} for m in body.messages]
     prompt = await run_in_threadpool(checker.chat_prompt, messages)
@@ -108,7 +109,7 @@ async def chat_completions(
     head = {
         "id": f"chatcmpl-{uuid.uuid4().hex}",
         "created": int(time.time()),
-        "model": body.model or f"prefix-{prefix.id}",
+        "model": f"prefix-{prefix.id}",
     }
     stops = body.stops()
 

@@ -108,8 +108,16 @@ class GenerateResponse(BaseModel):
     usage: Usage
 
 
-def _active_prefix(context: Any, session: Any, tenant_id: uuid.UUID) -> ServedPrefix:
-    prefix = crud.get_active_prefix(session=session, tenant_id=tenant_id)
+def _active_prefix(
+    context: Any, session: Any, tenant_id: uuid.UUID, model: str | None = None
+) -> ServedPrefix:
+    """The version to serve: the tenant's active one, or the one an OpenAI-style ``model``
+    names (``services/api/routes/models.py``)."""
+    from services.api.routes.models import requested_version
+
+    prefix = requested_version(context, session, tenant_id, model)
+    if prefix is None:
+        prefix = crud.get_active_prefix(session=session, tenant_id=tenant_id)
     if prefix is None:
         raise ApiError(
             409,
@@ -117,9 +125,7 @@ def _active_prefix(context: Any, session: Any, tenant_id: uuid.UUID) -> ServedPr
             "this tenant has no trained prefix yet: submit a training job first",
         )
     if prefix.base_model_fingerprint != context.model_fingerprint:
-        raise ApiError(
-            409, "incompatible_prefix", "the active prefix was trained for another base model"
-        )
+        raise ApiError(409, "incompatible_prefix", "the prefix was trained for another base model")
     base = None
     if prefix.base_mode == crud.STACK and prefix.base_prefix_id is not None:
         base = crud.get_base_prefix(session=session, base_prefix_id=prefix.base_prefix_id)
@@ -220,8 +226,8 @@ async def generate(
 
 
 class CompletionRequest(BaseModel):
-    """The OpenAI completions request; ``model`` is accepted and ignored (the tenant's
-    active prefix is the model)."""
+    """The OpenAI completions request; ``model`` picks one of the caller's versions
+    (``GET /v1/models``), the active one when absent or the base model's id."""
 
     model_config = ConfigDict(extra="ignore")
 
@@ -252,8 +258,9 @@ class CompletionRequest(BaseModel):
 async def completions(
     body: CompletionRequest, tenant: CurrentTenant, session: SessionDep, context: ContextDep
 ) -> Any:
-    """OpenAI-compatible completions; the tenant is chosen by its API key."""
-    prefix = await run_in_threadpool(_active_prefix, context, session, tenant.id)
+    """OpenAI-compatible completions; the tenant is chosen by its API key, the version by
+    ``model`` (``GET /v1/models``; absent: the active one)."""
+    prefix = await run_in_threadpool(_active_prefix, context, session, tenant.id, body.model)
     prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
     max_tokens = body.max_tokens or min(16, context.settings.max_new_tokens_limit)
     head = {
