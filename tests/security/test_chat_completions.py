@@ -65,7 +65,9 @@ def test_chat_completions_with_the_openai_sdk(inproc_inference: InProc) -> None:
     with pytest.raises(openai.UnprocessableEntityError):
         sdk.chat.completions.create(model="default", messages=[], max_tokens=4)
     with pytest.raises(openai.AuthenticationError):
-        client(inproc, "pfx_" + "x" * 40).chat.completions.create(model="default", messages=MESSAGES)
+        client(inproc, "pfx_" + "x" * 40).chat.completions.create(
+            model="default", messages=MESSAGES
+        )
     _, untrained = inproc.new_tenant()
     with pytest.raises(openai.ConflictError):
         client(inproc, untrained).chat.completions.create(model="default", messages=MESSAGES)
