@@ -16,6 +16,7 @@ from services.api.routes import (
     base_prefixes,
     chat,
     datasets,
+    fine_tuning,
     generate,
     health,
     jobs,
@@ -68,6 +69,7 @@ def create_app(context: ApiContext) -> FastAPI:
     app.include_router(jobs.router)
     app.include_router(prefixes.router)
     app.include_router(models.router)
+    app.include_router(fine_tuning.router)
     app.include_router(admin.router)
     app.include_router(base_prefixes.router)
     app.include_router(generate.router, dependencies=[Depends(enforce_generate_rate)])

@@ -568,6 +568,26 @@ def test_a_job_runs_when_the_scheduler_does(stack, api):
     assert submitted.status_code == 201
     job_id = submitted.json()["id"]
 
+    # A second tenant drives the same queue with the official OpenAI SDK, over HTTP.
+    import openai
+
+    _, sdk_key = api.new_tenant()
+    sdk = openai.OpenAI(base_url=f"{stack.url}/v1", api_key=sdk_key, max_retries=0)
+    uploaded = sdk.files.create(file=("train.jsonl", jsonl(examples(12))), purpose="fine-tune")
+    assert (uploaded.object, uploaded.purpose, uploaded.status) == (
+        "file",
+        "fine-tune",
+        "processed",
+    )
+    with pytest.raises(openai.UnprocessableEntityError, match="line 1"):
+        sdk.files.create(file=("bad.jsonl", b'{"input": "a"}\n'), purpose="fine-tune")
+    ft_job = sdk.fine_tuning.jobs.create(
+        model="default", training_file=uploaded.id,
+        hyperparameters={"n_epochs": 2, "batch_size": 4, "learning_rate_multiplier": 20},
+    )  # fmt: skip
+    assert ft_job.status == "queued" and ft_job.fine_tuned_model is None
+    assert [j.id for j in sdk.fine_tuning.jobs.list()] == [ft_job.id]
+
     settings = stack.settings.model_copy(
         update=dict(
             scheduler_namespace=f"prefixd-api-test-{uuid.uuid4().hex[:8]}",
@@ -595,8 +615,37 @@ def test_a_job_runs_when_the_scheduler_does(stack, api):
             timeout=180,
             what="the job to finish",
         )
+        finished = wait_until(
+            lambda: (
+                j
+                if (j := sdk.fine_tuning.jobs.retrieve(ft_job.id)).status
+                in ("succeeded", "failed", "cancelled")
+                else None
+            ),
+            timeout=180,
+            what="the fine-tuning job to finish",
+        )
     finally:
         scheduler.stop_scheduler(handle, release=False, timeout=30)
+
+    assert finished.status == "succeeded", finished
+    assert finished.hyperparameters.n_epochs == 2
+    model = finished.fine_tuned_model
+    assert model is not None and model in [m.id for m in sdk.models.list()]
+    events = sdk.fine_tuning.jobs.list_events(ft_job.id, limit=2)
+    assert len(events.data) == 2 and events.has_more and events.data[0].type == "metrics"
+    chat = sdk.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": "alpha red"}], max_tokens=3
+    )
+    assert chat.model == model and chat.choices[0].message.role == "assistant"
+    assert sdk.completions.create(model=model, prompt="alpha red", max_tokens=3).model == model
+    with pytest.raises(openai.NotFoundError):
+        sdk.chat.completions.create(model="prefix-" + str(uuid.uuid4()), messages=[
+            {"role": "user", "content": "alpha"}
+        ])  # fmt: skip
+    assert sdk.files.delete(uploaded.id).deleted
+    with pytest.raises(openai.NotFoundError):
+        sdk.files.retrieve(uploaded.id)
 
     assert job["status"] == "succeeded", job
     assert job["attempts"] == 1 and job["error"] is None
