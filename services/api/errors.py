@@ -12,7 +12,12 @@ from fastapi.responses import JSONResponse
 from sqlalchemy.exc import SQLAlchemyError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from common.errors import IncompatiblePrefixError, InvalidInputError, PrefixdError
+from common.errors import (
+    DecodingFailedError,
+    IncompatiblePrefixError,
+    InvalidInputError,
+    PrefixdError,
+)
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +73,8 @@ def _status_of(error: PrefixdError) -> tuple[int, str]:
         (QuotaExceededError, 429, "quota_exceeded"),
         (IncompatiblePrefixError, 409, "incompatible_prefix"),
         (InvalidInputError, 422, "invalid_input"),
+        # One request's decoding failed alone (non-finite scores); its batch went on.
+        (DecodingFailedError, 422, "decoding_failed"),
         (DatabaseUnavailableError, 503, "database_unavailable"),
         (BlobStoreUnavailableError, 503, "blob_store_unavailable"),
     ]

@@ -28,7 +28,7 @@ import torch
 from common.generation import (
     DecodingConfig,
     GenerationRow,
-    choose_tokens,
+    choose_tokens_per_row,
     decode_batch,
     generate,
     row_generator,
@@ -46,6 +46,7 @@ class EngineStats:
     requests: int = 0
     max_rows_in_batch: int = 0
     tokens: int = 0
+    failed_rows: int = 0  # rows that failed alone (their batch went on)
 
 
 @dataclass
@@ -97,6 +98,7 @@ class ContinuousBatcher:
     async def stream(self, row: GenerationRow, decoding: DecodingConfig) -> AsyncIterator[int]:
         """Token ids as they are decoded (EOS not included)."""
         decoding.validate()
+        decoding = decoding.normalized()
         request = _Request(row, decoding, asyncio.get_running_loop(), asyncio.Queue())
         request.generator = row_generator(decoding)
         self._incoming.put(request)
@@ -186,11 +188,17 @@ class ContinuousBatcher:
         batch = self._batch
         requests = running.requests
         try:
-            tokens = choose_tokens(
+            # A row that cannot be decoded (non-finite scores, sampling failed) fails alone:
+            # its error goes to its request and it leaves the batch like a finished row.
+            tokens, failed = choose_tokens_per_row(
                 running.logits, [r.decoding for r in requests], [r.generator for r in requests]
             )
             keep = []
             for index, (request, token) in enumerate(zip(requests, tokens.tolist(), strict=True)):
+                if index in failed:
+                    self.stats.failed_rows += 1
+                    request.emit(failed[index])
+                    continue
                 finished = token == self.eos_id or request.cancelled
                 if not finished:
                     request.produced += 1
@@ -210,7 +218,7 @@ class ContinuousBatcher:
                 self.stats.decode_steps += 1
             else:
                 running.logits = None
-        except Exception as error:  # the shared forward failed: every row in it fails
+        except Exception as error:  # the shared forward itself failed (e.g. out of memory)
             for request in running.requests:
                 request.emit(error)
             running.requests, running.logits = [], None

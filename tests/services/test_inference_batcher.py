@@ -106,6 +106,63 @@ def test_invalid_decoding_fails_alone(tiny_llama, batcher):
     assert asyncio.run(main()) == solo(tiny_llama, row, DecodingConfig(max_new_tokens=4))
 
 
+def test_a_pathological_temperature_is_greedy_and_never_fails_the_batch(tiny_llama, batcher):
+    """Issue 16: temperature 1e-300 overflowed in the shared sampling step and failed every
+    co-batched row. Below an epsilon it is greedy; nobody else notices it."""
+    rows = [GenerationRow([12 + i, 13], random_prefix(tiny_llama, 2 + i, seed=i)) for i in range(3)]
+    normal = [
+        DecodingConfig(max_new_tokens=6),
+        DecodingConfig(max_new_tokens=6, do_sample=True, temperature=0.8, seed=11),
+    ]
+    tiny = DecodingConfig(max_new_tokens=6, do_sample=True, temperature=1e-300, seed=1)
+
+    async def main():
+        return await asyncio.gather(
+            batcher.generate(rows[0], normal[0]),
+            batcher.generate(rows[1], normal[1]),
+            batcher.generate(rows[2], tiny),
+        )
+
+    outputs = asyncio.run(main())
+    assert outputs[:2] == [solo(tiny_llama, rows[i], normal[i]) for i in range(2)]
+    assert outputs[2] == solo(tiny_llama, rows[2], DecodingConfig(max_new_tokens=6))
+
+
+@pytest.mark.parametrize("sample", [True, False])
+def test_a_row_whose_decoding_fails_fails_alone(tiny_llama, batcher, sample):
+    """A row whose scores are not finite (here a NaN prefix, which prefix loading refuses but
+    the engine does not take on trust) fails with its own error; the rows it shared the
+    batch with continue and get exactly their solo outputs."""
+    from common.errors import DecodingFailedError
+
+    poisoned = random_prefix(tiny_llama, 3, seed=5)
+    poisoned[:, 1] = float("nan")  # every value: the row's logits are NaN
+    bad = GenerationRow([12, 13], poisoned)
+    good = [
+        GenerationRow([14 + i, 15], random_prefix(tiny_llama, 2, seed=30 + i)) for i in range(3)
+    ]
+    decodings = [
+        DecodingConfig(max_new_tokens=8),
+        DecodingConfig(max_new_tokens=8, do_sample=True, temperature=1.2, seed=3),
+        DecodingConfig(max_new_tokens=8, do_sample=True, top_p=0.7, seed=4),
+    ]
+    bad_decoding = DecodingConfig(max_new_tokens=8, do_sample=sample, seed=9)
+
+    async def main():
+        tasks = [
+            asyncio.create_task(batcher.generate(row, d))
+            for row, d in zip(good, decodings, strict=True)
+        ]
+        with pytest.raises(DecodingFailedError, match="not finite"):
+            await batcher.generate(bad, bad_decoding)
+        return await asyncio.gather(*tasks)
+
+    outputs = asyncio.run(main())
+    assert outputs == [solo(tiny_llama, r, d) for r, d in zip(good, decodings, strict=True)]
+    # The replica keeps serving: a later request decodes normally.
+    assert asyncio.run(batcher.generate(good[0], decodings[0])) == outputs[0]
+
+
 def make_prefix(loaded, length, seed=0):
     return Prefix(random_prefix(loaded, length, seed), loaded.fingerprint, "llama")
 
