@@ -22,7 +22,7 @@ model's decoder start token behind its self-attention and cross-attention prefix
 from __future__ import annotations
 
 import secrets
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
 import torch
@@ -443,12 +443,17 @@ def _sample_or_greedy(
     return outputs
 
 
+class GenerationCancelledError(Exception):
+    """The caller asked a running generation to stop (its client went away)."""
+
+
 def _beam_search(
     model: PreTrainedModel,
     rows: Sequence[GenerationRow],
     decoding: DecodingConfig,
     eos_id: int,
     pad_id: int,
+    should_stop: Callable[[], bool] | None = None,
 ) -> list[list[int]]:
     beams, batch = decoding.num_beams, len(rows)
     state = decode_batch(model, pad_id)
@@ -463,6 +468,12 @@ def _beam_search(
 
     logits = state.add([row for row in rows for _ in range(beams)])  # B·K rows
     for step in range(decoding.max_new_tokens):
+        if should_stop is not None and should_stop():
+            raise GenerationCancelledError(f"beam search cancelled after {step} steps")
+        if _unusable_rows(logits).any():
+            raise DecodingFailedError(
+                "decoding failed: the model's scores for this input are not finite"
+            )
         log_probs = F.log_softmax(logits, dim=-1)  # (B·K, vocab)
         vocab = log_probs.shape[-1]
         candidates = (scores.view(-1, 1) + log_probs).view(batch, beams * vocab)
@@ -524,14 +535,16 @@ def generate(
     *,
     eos_token_id: int,
     pad_token_id: int,
+    should_stop: Callable[[], bool] | None = None,
 ) -> list[list[int]]:
-    """Generated token ids per row (EOS not included)."""
+    """Generated token ids per row (EOS not included). ``should_stop`` is asked between
+    beam-search steps (:class:`GenerationCancelledError` when it says so)."""
     decoding.validate()
     decoding = decoding.normalized()
     if not rows:
         return []
     if decoding.num_beams > 1:
-        return _beam_search(model, rows, decoding, eos_token_id, pad_token_id)
+        return _beam_search(model, rows, decoding, eos_token_id, pad_token_id, should_stop)
     return _sample_or_greedy(model, rows, decoding, eos_token_id, pad_token_id)
 
 

@@ -11,7 +11,9 @@ join and decode behind their encoder, decoder and cross-attention prefixes
 (:class:`~common.generation.EncoderDecoderBatch`).
 
 Beam-search requests decode as their own batch (beams need reordering that a shared batch
-of unrelated rows cannot do); they run in the same thread between steps of the shared batch.
+of unrelated rows cannot do) on a lane of their own: a second thread, so a long search of
+one tenant never stalls the shared decode loop of the others. A search checks between
+steps whether its client went away and stops there.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import torch
 
 from common.generation import (
     DecodingConfig,
+    GenerationCancelledError,
     GenerationRow,
     choose_tokens_per_row,
     decode_batch,
@@ -46,6 +49,8 @@ class EngineStats:
     requests: int = 0
     max_rows_in_batch: int = 0
     tokens: int = 0
+    beam_requests: int = 0  # beam searches run on the beam lane
+    beam_cancelled: int = 0  # beam searches stopped mid-search (client gone)
     failed_rows: int = 0  # rows that failed alone (their batch went on)
 
 
@@ -60,7 +65,10 @@ class _Request:
     cancelled: bool = False
 
     def emit(self, item: object) -> None:
-        self.loop.call_soon_threadsafe(self.out.put_nowait, item)
+        try:
+            self.loop.call_soon_threadsafe(self.out.put_nowait, item)
+        except RuntimeError:  # its event loop is closed: nobody is listening any more
+            self.cancelled = True
 
 
 @dataclass
@@ -88,12 +96,20 @@ class ContinuousBatcher:
         # A DecodeBatch, or an EncoderDecoderBatch for BART/T5; touched by the decode thread only.
         self._batch = decode_batch(loaded.model, self.pad_id)
         self._incoming: queue.Queue[_Request | None] = queue.Queue()
+        self._beams: queue.Queue[_Request | None] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="decode-loop", daemon=True)
+        self._beam_thread = threading.Thread(target=self._run_beams, name="beam-lane", daemon=True)
         self._thread.start()
+        self._beam_thread.start()
 
     def close(self) -> None:
         self._incoming.put(None)
+        self._beams.put(None)
         self._thread.join(timeout=10)
+        self._beam_thread.join(timeout=10)
+
+    def alive(self) -> bool:
+        return self._thread.is_alive() and self._beam_thread.is_alive()
 
     async def stream(self, row: GenerationRow, decoding: DecodingConfig) -> AsyncIterator[int]:
         """Token ids as they are decoded (EOS not included)."""
@@ -101,7 +117,7 @@ class ContinuousBatcher:
         decoding = decoding.normalized()
         request = _Request(row, decoding, asyncio.get_running_loop(), asyncio.Queue())
         request.generator = row_generator(decoding)
-        self._incoming.put(request)
+        (self._beams if decoding.num_beams > 1 else self._incoming).put(request)
         try:
             while True:
                 item = await request.out.get()
@@ -125,10 +141,10 @@ class ContinuousBatcher:
             arrivals = self._admit(wait=not running.requests)
             if arrivals is None:
                 return
-            shared = [r for r in arrivals if r.decoding.num_beams == 1 and not r.cancelled]
+            shared = [r for r in arrivals if not r.cancelled]
             for request in arrivals:
-                if request.decoding.num_beams > 1 and not request.cancelled:
-                    self._beam_search(request)
+                if request.cancelled:
+                    request.emit(_DONE)
             if shared:
                 self._join(running, shared)
             if running.requests:
@@ -224,6 +240,15 @@ class ContinuousBatcher:
             running.requests, running.logits = [], None
             self._batch = decode_batch(self.loaded.model, self.pad_id)
 
+    def _run_beams(self) -> None:
+        """The beam lane: one search at a time, in arrival order, beside the decode loop."""
+        torch.set_grad_enabled(False)
+        while (request := self._beams.get()) is not None:
+            if request.cancelled:
+                request.emit(_DONE)
+                continue
+            self._beam_search(request)
+
     def _beam_search(self, request: _Request) -> None:
         try:
             (tokens,) = generate(
@@ -232,11 +257,17 @@ class ContinuousBatcher:
                 request.decoding,
                 eos_token_id=self.eos_id,
                 pad_token_id=self.pad_id,
+                should_stop=lambda: request.cancelled,
             )
+        except GenerationCancelledError:
+            self.stats.beam_cancelled += 1
+            request.emit(_DONE)
+            return
         except Exception as error:
             request.emit(error)
             return
         self.stats.requests += 1
+        self.stats.beam_requests += 1
         for token in tokens:
             request.emit(token)
         request.emit(_DONE)

@@ -197,8 +197,8 @@ class InferenceServer:
         }
 
     async def check_health(self) -> None:
-        if not self.batcher._thread.is_alive():
-            raise RuntimeError("the decode loop stopped")
+        if not self.batcher.alive():
+            raise RuntimeError("the decode loop or the beam lane stopped")
 
 
 InferenceDeployment = serve.deployment(name="inference")(InferenceServer)

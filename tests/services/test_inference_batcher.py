@@ -1,6 +1,7 @@
 """The continuous-batching engine and the prefix cache, on a tiny model, without Ray."""
 
 import asyncio
+import time
 
 import pytest
 import torch
@@ -161,6 +162,38 @@ def test_a_row_whose_decoding_fails_fails_alone(tiny_llama, batcher, sample):
     assert outputs == [solo(tiny_llama, r, d) for r, d in zip(good, decodings, strict=True)]
     # The replica keeps serving: a later request decodes normally.
     assert asyncio.run(batcher.generate(good[0], decodings[0])) == outputs[0]
+
+
+def test_a_long_beam_search_does_not_stall_the_shared_batch_and_stops_when_cancelled(tiny_llama):
+    """Issue 16: beam searches ran on the decode thread, one after another, so one tenant's
+    maximal beam request stalled every other tenant; cancellation was not checked."""
+    engine = ContinuousBatcher(tiny_llama, max_batch_size=8, batch_wait_s=0.0, stop_at_eos=False)
+    row = GenerationRow([12, 13], random_prefix(tiny_llama, 3, seed=1))
+    beams = DecodingConfig(max_new_tokens=100, num_beams=16)
+    greedy = DecodingConfig(max_new_tokens=4)
+
+    async def main():
+        search = asyncio.create_task(engine.generate(row, beams))
+        await asyncio.sleep(0.2)  # the search is under way
+        quick = await asyncio.wait_for(engine.generate(row, greedy), timeout=30)
+        still_searching = not search.done()
+        search.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await search
+        return quick, still_searching
+
+    try:
+        quick, still_searching = asyncio.run(main())
+        assert still_searching  # the greedy request finished first
+        assert len(quick) == 4
+        deadline = time.monotonic() + 10
+        while engine.stats.beam_cancelled < 1:  # stopped mid-search, not run to the end
+            assert time.monotonic() < deadline, "the cancelled search ran on"
+            time.sleep(0.02)
+        short = DecodingConfig(max_new_tokens=3, num_beams=2)
+        assert len(asyncio.run(engine.generate(row, short))) == 3  # the lane is free again
+    finally:
+        engine.close()
 
 
 def make_prefix(loaded, length, seed=0):
