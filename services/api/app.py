@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from fastapi import Depends, FastAPI
+from fastapi import FastAPI
 
 import prefixd
 from services.api.context import ApiContext
-from services.api.deps import enforce_generate_rate
-from services.api.errors import install_error_handlers
+from services.api.errors import RequestIdMiddleware, install_error_handlers
 from services.api.limits import BodyLimit, BodySizeLimitMiddleware
 from services.api.metrics import ApiMetrics, MetricsMiddleware
 from services.api.routes import (
@@ -48,6 +47,7 @@ def create_app(context: ApiContext) -> FastAPI:
         },
     )
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
+    app.add_middleware(RequestIdMiddleware)  # outermost: every answer carries the id
     app.include_router(health.router)
     app.include_router(metrics.router)
     app.include_router(tenants.router)
@@ -55,5 +55,5 @@ def create_app(context: ApiContext) -> FastAPI:
     app.include_router(jobs.router)
     app.include_router(prefixes.router)
     app.include_router(admin.router)
-    app.include_router(generate.router, dependencies=[Depends(enforce_generate_rate)])
+    app.include_router(generate.router)  # admission (rate, cost, concurrency) in the routes
     return app

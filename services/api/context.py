@@ -11,7 +11,7 @@ from sqlalchemy.engine import Engine
 
 from common.blobstore import BlobStore
 from common.config import Settings
-from services.api.limits import TokenBucket
+from services.api.limits import ConcurrencyLimit, TokenBucket
 
 if TYPE_CHECKING:
     from services.api.uploads import ExampleChecker
@@ -26,6 +26,10 @@ class ApiContext:
     model_fingerprint: str
     # Per-tenant token buckets of the generate routes (per replica).
     generate_limiter: TokenBucket = field(init=False)
+    # Per-tenant amounts in flight (per replica): generate cost, open streams, uploads.
+    inflight_cost: ConcurrencyLimit = field(init=False)
+    open_streams: ConcurrencyLimit = field(init=False)
+    open_uploads: ConcurrencyLimit = field(init=False)
     # Work that outlives its request (tenant erasure), off the event loop.
     background: ThreadPoolExecutor = field(init=False)
     _checker: ExampleChecker | None = field(default=None, init=False, repr=False)
@@ -35,6 +39,9 @@ class ApiContext:
         self.generate_limiter = TokenBucket(
             self.settings.generate_rate_per_second, self.settings.generate_burst
         )
+        self.inflight_cost = ConcurrencyLimit(self.settings.tenant_max_inflight_cost)
+        self.open_streams = ConcurrencyLimit(self.settings.tenant_max_concurrent_streams)
+        self.open_uploads = ConcurrencyLimit(self.settings.tenant_max_concurrent_uploads)
         self.background = ThreadPoolExecutor(max_workers=2, thread_name_prefix="prefixd-api-bg")
 
     def example_checker(self) -> ExampleChecker:

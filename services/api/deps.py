@@ -93,16 +93,29 @@ def current_caller(context: ContextDep, session: SessionDep, credentials: Creden
 CallerDep = Annotated[Caller, Depends(current_caller)]
 
 
-def enforce_generate_rate(tenant: CurrentTenant, context: ContextDep) -> None:
-    """The per-tenant token bucket of the generate routes (429 naming the limit)."""
-    wait = context.generate_limiter.acquire(tenant.id)
+def too_many_at_once(what: str, setting: str, limit: int) -> ApiError:
+    """429 for a per-tenant concurrency cap (the client retries once one of its own ends)."""
+    return ApiError(
+        429,
+        "too_many_concurrent",
+        f"too many {what} of this tenant at once: {setting} is {limit}",
+        headers=retry_after_header(1),
+    )
+
+
+def enforce_generate_rate(tenant_id: uuid.UUID, context: ApiContext, cost: int) -> None:
+    """The per-tenant token bucket of the generate routes, charged by the request's cost
+    (429 naming the limit)."""
+    units = -(-cost // context.settings.generate_cost_unit)  # ceil
+    wait = context.generate_limiter.acquire(tenant_id, float(units))
     if wait > 0:
         settings = context.settings
         raise ApiError(
             429,
             "rate_limited",
             f"generate rate limit exceeded: generate_rate_per_second is "
-            f"{settings.generate_rate_per_second}, generate_burst {settings.generate_burst}; "
+            f"{settings.generate_rate_per_second}, generate_burst {settings.generate_burst}, "
+            f"this request costs {units} (generate_cost_unit {settings.generate_cost_unit}); "
             f"retry in {wait:.1f} s",
             headers=retry_after_header(wait),
         )

@@ -142,19 +142,21 @@ class TokenBucket:
         self._buckets: dict[Hashable, tuple[float, float]] = {}  # key -> (tokens, at)
         self._lock = threading.Lock()
 
-    def acquire(self, key: Hashable) -> float:
-        """Take one token for ``key``: 0.0 when granted, else the seconds until one frees."""
+    def acquire(self, key: Hashable, cost: float = 1.0) -> float:
+        """Take ``cost`` tokens for ``key`` (at most ``burst``, so any request can pass a
+        full bucket): 0.0 when granted, else the seconds until they are there."""
+        cost = min(max(cost, 0.0), float(self.burst))
         with self._lock:
             now = self.clock()
             tokens, at = self._buckets.get(key, (float(self.burst), now))
             tokens = min(float(self.burst), tokens + (now - at) * self.rate)
-            if tokens >= 1.0:
-                self._buckets[key] = (tokens - 1.0, now)
+            if tokens >= cost:
+                self._buckets[key] = (tokens - cost, now)
                 if len(self._buckets) > self.max_keys:
                     self._forget_full(now)
                 return 0.0
             self._buckets[key] = (tokens, now)
-            return (1.0 - tokens) / self.rate
+            return (cost - tokens) / self.rate
 
     def _forget_full(self, now: float) -> None:
         for key, (tokens, at) in list(self._buckets.items()):
@@ -164,3 +166,35 @@ class TokenBucket:
 
 def retry_after_header(seconds: float) -> dict[str, str]:
     return {"Retry-After": str(max(1, math.ceil(seconds)))}
+
+
+class ConcurrencyLimit:
+    """Per-key amounts in use at once (a tenant's in-flight generate cost, open streams,
+    uploads): :meth:`try_acquire` takes ``amount`` if the key stays within ``limit``;
+    :meth:`release` gives it back. Thread-safe; keys at zero are forgotten."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._used: dict[Hashable, int] = {}
+        self._lock = threading.Lock()
+
+    def try_acquire(self, key: Hashable, amount: int = 1) -> bool:
+        with self._lock:
+            used = self._used.get(key, 0)
+            # A request larger than the whole limit may run alone (its size is capped elsewhere).
+            if used > 0 and used + amount > self.limit:
+                return False
+            self._used[key] = used + amount
+            return True
+
+    def release(self, key: Hashable, amount: int = 1) -> None:
+        with self._lock:
+            left = self._used.get(key, 0) - amount
+            if left > 0:
+                self._used[key] = left
+            else:
+                self._used.pop(key, None)
+
+    def in_use(self, key: Hashable) -> int:
+        with self._lock:
+            return self._used.get(key, 0)

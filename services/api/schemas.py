@@ -14,6 +14,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from common.db.models import Dataset, JobEvent, JobPriority, JobState, TrainingJob
 from common.training import TrainingConfig
+from services.api.errors import public_message
 
 
 def _storable(text: str) -> str:
@@ -225,7 +226,8 @@ class JobOut(BaseModel):
             max_attempts=job.max_attempts,
             progress=JobProgress.of(event) if event is not None else None,
             prefix_id=prefix_id,
-            error=job.error,
+            # Tenant-safe: lease owners (host, pid), URLs and bucket names are replaced.
+            error=None if job.error is None else public_message(job.error),
             note=job.note,
             created_at=job.created_at,
             updated_at=job.updated_at,

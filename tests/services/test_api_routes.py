@@ -106,7 +106,8 @@ def api(stack) -> Iterator[Api]:
 
 def error(response: httpx.Response) -> tuple[int, str, str]:
     body = response.json()
-    assert set(body) == {"error"} and set(body["error"]) == {"code", "message"}, body
+    assert set(body) == {"error"} and set(body["error"]) == {"code", "message", "request_id"}, body
+    assert body["error"]["request_id"] == response.headers["x-request-id"]
     return response.status_code, body["error"]["code"], body["error"]["message"]
 
 

@@ -17,7 +17,7 @@ from starlette.concurrency import run_in_threadpool
 
 from common.db import crud
 from common.db.errors import NotFoundError
-from services.api.deps import ContextDep, CurrentTenant, SessionDep
+from services.api.deps import ContextDep, CurrentTenant, SessionDep, too_many_at_once
 from services.api.errors import ApiError
 from services.api.schemas import DatasetOut, Page
 from services.api.uploads import (
@@ -71,7 +71,21 @@ UPLOAD_BODY = {
 async def upload_dataset(request: Request, tenant: CurrentTenant, context: ContextDep) -> Any:
     """Upload a dataset. Every line is checked (UTF-8, an object with non-empty `input`
     and `output` strings, within the model's context minus the longest prefix); the first
-    bad line's number is in the error, and a rejected upload leaves nothing behind."""
+    bad line's number is in the error, and a rejected upload leaves nothing behind. A tenant
+    sends at most `tenant_max_concurrent_uploads` at once (429 beyond, before reading)."""
+    if not context.open_uploads.try_acquire(tenant.id):
+        raise too_many_at_once(
+            "dataset uploads",
+            "tenant_max_concurrent_uploads",
+            context.settings.tenant_max_concurrent_uploads,
+        )
+    try:
+        return await _upload(request, tenant, context)
+    finally:
+        context.open_uploads.release(tenant.id)
+
+
+async def _upload(request: Request, tenant: Any, context: Any) -> Any:
     settings = context.settings
     used = await run_in_threadpool(_stored_bytes, context, tenant.id)
     remaining = settings.tenant_dataset_bytes_quota - used
