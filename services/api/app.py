@@ -33,6 +33,7 @@ def create_app(context: ApiContext) -> FastAPI:
     )
     app.state.context = context
     app.state.metrics = ApiMetrics(context.db)
+    app.state.readiness = health.ReadinessProbe()
     install_error_handlers(app)
     # Added innermost first: metrics is outermost, so it also counts the 413s.
     app.add_middleware(

@@ -11,7 +11,7 @@ from sqlalchemy.engine import Engine
 
 from common.blobstore import BlobStore
 from common.config import Settings
-from services.api.limits import ConcurrencyLimit, TokenBucket
+from services.api.limits import ApiKeyCache, ConcurrencyLimit, TokenBucket
 
 if TYPE_CHECKING:
     from services.api.uploads import ExampleChecker
@@ -30,6 +30,8 @@ class ApiContext:
     inflight_cost: ConcurrencyLimit = field(init=False)
     open_streams: ConcurrencyLimit = field(init=False)
     open_uploads: ConcurrencyLimit = field(init=False)
+    # API key → tenant, trusted for api_key_cache_seconds (see ApiKeyCache).
+    api_keys: ApiKeyCache = field(init=False)
     # Work that outlives its request (tenant erasure), off the event loop.
     background: ThreadPoolExecutor = field(init=False)
     _checker: ExampleChecker | None = field(default=None, init=False, repr=False)
@@ -42,6 +44,7 @@ class ApiContext:
         self.inflight_cost = ConcurrencyLimit(self.settings.tenant_max_inflight_cost)
         self.open_streams = ConcurrencyLimit(self.settings.tenant_max_concurrent_streams)
         self.open_uploads = ConcurrencyLimit(self.settings.tenant_max_concurrent_uploads)
+        self.api_keys = ApiKeyCache(self.settings.api_key_cache_seconds)
         self.background = ThreadPoolExecutor(max_workers=2, thread_name_prefix="prefixd-api-bg")
 
     def example_checker(self) -> ExampleChecker:

@@ -41,12 +41,18 @@ def _unauthorized(message: str) -> ApiError:
     return ApiError(401, "unauthorized", message)
 
 
-def current_tenant(session: SessionDep, credentials: Credentials) -> Tenant:
+def current_tenant(context: ContextDep, session: SessionDep, credentials: Credentials) -> Tenant:
     if credentials is None:
         raise _unauthorized("missing API key: send 'Authorization: Bearer <key>'")
+    key_hash = crud.hash_api_key(credentials.credentials)
+    cached = context.api_keys.get(key_hash)
+    if isinstance(cached, Tenant):
+        return cached
     tenant = crud.get_tenant_by_api_key(session=session, api_key=credentials.credentials)
     if tenant is None:  # unknown, revoked, or its tenant is being deleted: same answer
         raise _unauthorized("invalid API key")
+    session.expunge(tenant)  # a read-only snapshot, shared by requests until it expires
+    context.api_keys.put(key_hash, tenant, tenant.id)
     return tenant
 
 
@@ -87,7 +93,7 @@ def current_caller(context: ContextDep, session: SessionDep, credentials: Creden
         raise _unauthorized("missing API key: send 'Authorization: Bearer <key>'")
     if is_admin(context, credentials):
         return Caller(tenant=None)
-    return Caller(tenant=current_tenant(session, credentials))
+    return Caller(tenant=current_tenant(context, session, credentials))
 
 
 CallerDep = Annotated[Caller, Depends(current_caller)]

@@ -198,3 +198,48 @@ class ConcurrencyLimit:
     def in_use(self, key: Hashable) -> int:
         with self._lock:
             return self._used.get(key, 0)
+
+
+class ApiKeyCache:
+    """API key → tenant lookups of one ingress replica, trusted for ``ttl`` seconds (0: never
+    cached), so a burst of requests costs one database round trip per key and interval.
+    Keyed by the key's SHA-256 (the plaintext is never kept). A revocation or a tenant
+    erasure made through this replica drops the tenant's entries at once; one made anywhere
+    else (another replica, the CLI) takes effect within ``ttl``. Misses are not cached, so a
+    new key works at once. Bounded: expired entries are dropped once ``max_keys`` are held."""
+
+    def __init__(
+        self, ttl: float, *, clock: Callable[[], float] = time.monotonic, max_keys: int = 100_000
+    ) -> None:
+        self.ttl, self.clock, self.max_keys = ttl, clock, max_keys
+        self._entries: dict[str, tuple[object, Hashable, float]] = {}  # hash -> (tenant, id, until)
+        self._lock = threading.Lock()
+
+    def get(self, key_hash: str) -> object | None:
+        if self.ttl <= 0:
+            return None
+        with self._lock:
+            entry = self._entries.get(key_hash)
+            if entry is None:
+                return None
+            if entry[2] <= self.clock():
+                del self._entries[key_hash]
+                return None
+            return entry[0]
+
+    def put(self, key_hash: str, tenant: object, tenant_id: Hashable) -> None:
+        if self.ttl <= 0:
+            return
+        with self._lock:
+            now = self.clock()
+            if len(self._entries) >= self.max_keys:
+                for stale in [k for k, e in self._entries.items() if e[2] <= now]:
+                    del self._entries[stale]
+                if len(self._entries) >= self.max_keys:
+                    self._entries.clear()
+            self._entries[key_hash] = (tenant, tenant_id, now + self.ttl)
+
+    def forget_tenant(self, tenant_id: Hashable) -> None:
+        with self._lock:
+            for key_hash in [k for k, e in self._entries.items() if e[1] == tenant_id]:
+                del self._entries[key_hash]

@@ -163,3 +163,42 @@ def test_the_rate_limit_is_charged_by_cost() -> None:
     assert bucket.acquire("t", 100.0) == 8.0  # capped at the burst: passes a full bucket
     now[0] = 8.0
     assert bucket.acquire("t", 100.0) == 0.0
+
+
+def test_a_revoked_key_stops_at_once_on_its_replica_and_within_the_ttl_elsewhere(
+    inproc: InProc,
+) -> None:
+    import time
+
+    from common.db import crud
+    from common.db.engine import session_scope
+
+    tenant_id, key = inproc.new_tenant()
+    keys = inproc.request("GET", f"/v1/tenants/{tenant_id}/keys", key).json()["data"]
+    assert inproc.request("GET", "/v1/datasets", key).status_code == 200  # now cached
+    revoked = inproc.request(
+        "DELETE", f"/v1/tenants/{tenant_id}/keys/{keys[0]['id']}", inproc.admin
+    )
+    assert revoked.status_code == 200
+    assert inproc.request("GET", "/v1/datasets", key).status_code == 401  # at once
+    # Revoked out of band (another replica, the CLI): within api_key_cache_seconds.
+    other_id, other_key = inproc.new_tenant()
+    assert inproc.request("GET", "/v1/datasets", other_key).status_code == 200
+    with session_scope(inproc.db) as session:
+        crud.mark_tenant_deleting(session=session, tenant_id=uuid.UUID(other_id))
+    deadline = time.monotonic() + inproc.settings.api_key_cache_seconds + 1
+    while inproc.request("GET", "/v1/datasets", other_key).status_code != 401:
+        assert time.monotonic() < deadline, "a deleting tenant's key kept working"
+        time.sleep(0.1)
+
+
+def test_metrics_need_the_admin_token_and_readyz_reuses_its_probe(inproc: InProc) -> None:
+    _, key = inproc.new_tenant()
+    assert inproc.request("GET", "/metrics", None).status_code == 401
+    assert inproc.request("GET", "/metrics", key).status_code == 403
+    assert inproc.request("GET", "/metrics", inproc.admin).status_code == 200
+    probe = inproc.client.app.state.readiness
+    before = probe.probes
+    answers = [inproc.request("GET", "/readyz", None) for _ in range(20)]
+    assert all(a.status_code == 200 and a.json()["status"] == "ready" for a in answers)
+    assert probe.probes - before <= 1  # one database + S3 probe, not twenty
