@@ -11,9 +11,10 @@ join and decode behind their encoder, decoder and cross-attention prefixes
 (:class:`~common.generation.EncoderDecoderBatch`).
 
 Beam-search requests decode as their own batch (beams need reordering that a shared batch
-of unrelated rows cannot do) on a lane of their own: a second thread, so a long search of
-one tenant never stalls the shared decode loop of the others. A search checks between
-steps whether its client went away and stops there.
+of unrelated rows cannot do) on a lane of their own: a second thread that takes turns with
+the decode loop step by step (:class:`_Turns`), so a long search of one tenant never stalls
+the shared batch of the others, nor takes more than every other step from it. A search
+checks between steps whether its client went away and stops there.
 """
 
 from __future__ import annotations
@@ -77,6 +78,32 @@ class _Running:
     logits: torch.Tensor | None = None  # (B, vocab): next-token logits of each running row
 
 
+class _Turns:
+    """The replica's compute, shared step by step between the decode loop and the beam lane:
+    whoever holds the turn runs one forward pass; when both wait, they alternate. A replica
+    is given its CPUs (or GPU) for one model at a time, so a beam search gets at most every
+    other step while the shared batch has work, and all of them while it has none."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._busy = False
+        self._last: str | None = None
+        self._waiting: set[str] = set()
+
+    def acquire(self, who: str) -> None:
+        with self._cond:
+            self._waiting.add(who)
+            while self._busy or (self._last == who and len(self._waiting) > 1):
+                self._cond.wait()
+            self._waiting.discard(who)
+            self._busy = True
+
+    def release(self, who: str) -> None:
+        with self._cond:
+            self._busy, self._last = False, who
+            self._cond.notify_all()
+
+
 class ContinuousBatcher:
     def __init__(
         self,
@@ -97,6 +124,7 @@ class ContinuousBatcher:
         self._batch = decode_batch(loaded.model, self.pad_id)
         self._incoming: queue.Queue[_Request | None] = queue.Queue()
         self._beams: queue.Queue[_Request | None] = queue.Queue()
+        self._turns = _Turns()
         self._thread = threading.Thread(target=self._run, name="decode-loop", daemon=True)
         self._beam_thread = threading.Thread(target=self._run_beams, name="beam-lane", daemon=True)
         self._thread.start()
@@ -145,10 +173,14 @@ class ContinuousBatcher:
             for request in arrivals:
                 if request.cancelled:
                     request.emit(_DONE)
-            if shared:
-                self._join(running, shared)
-            if running.requests:
-                self._step(running)
+            self._turns.acquire("decode")
+            try:
+                if shared:
+                    self._join(running, shared)
+                if running.requests:
+                    self._step(running)
+            finally:
+                self._turns.release("decode")
 
     def _admit(self, *, wait: bool) -> list[_Request] | None:
         """New requests, up to the free rows. Idle: block for the first, then wait a moment
@@ -250,6 +282,14 @@ class ContinuousBatcher:
             self._beam_search(request)
 
     def _beam_search(self, request: _Request) -> None:
+        def between_steps() -> bool:
+            # Give the shared batch its turn between two beam steps, then ask whether the
+            # client is still there.
+            self._turns.release("beam")
+            self._turns.acquire("beam")
+            return request.cancelled
+
+        self._turns.acquire("beam")
         try:
             (tokens,) = generate(
                 self.loaded.model,
@@ -257,7 +297,7 @@ class ContinuousBatcher:
                 request.decoding,
                 eos_token_id=self.eos_id,
                 pad_token_id=self.pad_id,
-                should_stop=lambda: request.cancelled,
+                should_stop=between_steps,
             )
         except GenerationCancelledError:
             self.stats.beam_cancelled += 1
@@ -266,6 +306,8 @@ class ContinuousBatcher:
         except Exception as error:
             request.emit(error)
             return
+        finally:
+            self._turns.release("beam")
         self.stats.requests += 1
         self.stats.beam_requests += 1
         for token in tokens:
