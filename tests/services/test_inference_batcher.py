@@ -259,3 +259,33 @@ def test_failed_load_is_not_cached_and_reaches_every_waiter(tiny_llama):
     results, later = asyncio.run(main())
     assert all(isinstance(r, OSError) for r in results)
     assert later.prefix_length == 2 and len(attempts) == 2
+
+
+def test_the_beam_lane_and_the_decode_loop_alternate_steps_when_both_have_work():
+    """A replica's compute is shared step by step: with both waiting, neither runs twice in
+    a row, so a beam search takes at most every other step from the shared batch."""
+    import threading
+
+    from services.inference.batcher import _Turns
+
+    turns, order = _Turns(), []
+    start = threading.Barrier(2)
+
+    def worker(name: str) -> None:
+        start.wait()
+        for _ in range(50):
+            turns.acquire(name)
+            order.append(name)
+            time.sleep(0.001)  # a "forward pass"
+            turns.release(name)
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in ("decode", "beam")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert len(order) == 100
+    # Once both are running, no one takes two turns in a row until the other is done.
+    last_both = min(max(i for i, n in enumerate(order) if n == who) for who in ("decode", "beam"))
+    repeats = sum(order[i] == order[i - 1] for i in range(1, last_both + 1))
+    assert repeats <= 1, order
