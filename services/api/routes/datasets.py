@@ -7,8 +7,10 @@ for how it is streamed, validated and stored.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import uuid
+from functools import partial
 from typing import Any
 
 from fastapi import APIRouter, Query, Request, Response
@@ -119,8 +121,14 @@ async def _upload(request: Request, tenant: Any, context: Any) -> Any:
             too_large=over_size if settings.max_dataset_bytes <= remaining else over_quota,
         )
         checker = await run_in_threadpool(context.example_checker)
-        examples = await run_in_threadpool(
-            count_valid_examples, spooled.path, checker, max_examples=settings.max_dataset_examples
+        examples = await asyncio.get_running_loop().run_in_executor(
+            context.validation,
+            partial(
+                count_valid_examples,
+                spooled.path,
+                checker,
+                max_examples=settings.max_dataset_examples,
+            ),
         )
         dataset = await run_in_threadpool(
             store_dataset,
