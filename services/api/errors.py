@@ -78,6 +78,16 @@ def public_message(text: str) -> str:
     return text
 
 
+def _inside_serve() -> bool:
+    try:
+        from ray import serve
+
+        serve.get_replica_context()
+    except Exception:
+        return False
+    return True
+
+
 class RequestIdMiddleware:
     """Gives every request an id (a client's ``X-Request-ID`` of up to 64 safe characters is
     kept, so a trace spans systems), returned in the ``X-Request-ID`` response header."""
@@ -86,6 +96,9 @@ class RequestIdMiddleware:
 
     def __init__(self, app: Any) -> None:
         self.app = app
+        # Ray Serve's proxy sends its request id as X-Request-ID and puts it on the answer
+        # itself; echoing it here too would give the client the header twice.
+        self.echo_given = not _inside_serve()
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -97,9 +110,10 @@ class RequestIdMiddleware:
         )
         request_id = given if self._SAFE.match(given) else uuid.uuid4().hex
         token = request_id_var.set(request_id)
+        add_header = request_id != given or self.echo_given
 
         async def with_header(message: Any) -> None:
-            if message["type"] == "http.response.start":
+            if message["type"] == "http.response.start" and add_header:
                 headers = list(message.get("headers", []))
                 headers.append((b"x-request-id", request_id.encode()))
                 message = {**message, "headers": headers}
