@@ -12,6 +12,13 @@ that every accepted job reached a final state and that every accepted dataset is
 The base model is a tiny random Llama (2 layers, built here): this measures the service
 (HTTP, auth, database, blob store, batching, scheduling), not the model's compute.
 
+Then a *noisy neighbour* phase (issue 16): the other tenants generate from
+``--concurrency - 1`` clients for ``--phase-seconds`` while one tenant is quiet, then again
+while that tenant sends pathological parameters (temperature 1e-300, out-of-range seeds),
+maximal beam requests and ``--noisy-uploads`` concurrent large uploads. The others must get no
+errors, and their p95 must stay within 2× of the quiet phase. The per-call overhead outside
+the model is the one-at-a-time p50 minus the p50 of the same generation in this process.
+
     .venv/bin/python -m bench.load [--tenants 50] [--seconds 60] [--concurrency 16]
 """
 
@@ -152,7 +159,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         tenants = seed_tenants(home, model_dir, args.tenants)
         print(f"seeded {len(tenants)} tenants in {time.perf_counter() - started:.1f} s", flush=True)
         with local_service(home, model_dir, env=SERVICE_ENV) as (url, token):
-            return drive(args, rng, tenants, url, token, home, model_dir)
+            result = drive(args, rng, tenants, url, token, home, model_dir)
+        result["model_p50"] = model_p50(model_dir, args.max_new_tokens)
+        return result
 
 
 def generate_body(rng: random.Random, max_new_tokens: int) -> dict[str, Any]:
@@ -267,13 +276,119 @@ def drive(
             intact += 1
         else:
             damaged.append(dataset_id)
+    quiet, quiet_seconds, noisy, noisy_seconds, noise = neighbour_phases(
+        args, tenants, client, auth
+    )
     client.close()
     return {
+        "quiet": quiet, "quiet_seconds": quiet_seconds, "noisy": noisy,
+        "noisy_seconds": noisy_seconds, "noise": noise,
         "baseline": baseline, "baseline_seconds": baseline_seconds, "load": load,
         "burst": burst, "burst_seconds": burst_seconds,
         "load_seconds": load_seconds, "job_states": job_states, "jobs_wait": jobs_wait,
         "uploads": len(uploads), "intact": intact, "damaged": damaged,
     }  # fmt: skip
+
+
+def neighbour_phases(
+    args: argparse.Namespace, tenants: list[tuple[str, str]], client: httpx.Client,
+    auth: dict[str, dict[str, str]],
+) -> tuple[Recorder, float, Recorder, float, Recorder]:  # fmt: skip
+    """The others generate for a phase with the noisy tenant quiet, then one with it loud."""
+    _, noisy_key = tenants[0]
+    others = tenants[1:]
+
+    def others_generate(recorder: Recorder, stop: float, seed: int) -> None:
+        local = random.Random(seed)
+        while time.monotonic() < stop:
+            _, key = local.choice(others)
+            recorder.call("generate", client, "POST", "/v1/generate", json=generate_body(local, args.max_new_tokens), headers=auth[key])  # fmt: skip
+
+    def phase(recorder: Recorder, loud: bool, noise: Recorder) -> float:
+        stop = time.monotonic() + args.phase_seconds
+        clients = args.concurrency - 1
+        with ThreadPoolExecutor(clients + 2 + args.noisy_uploads) as pool:
+            started = time.perf_counter()
+            futures = [
+                pool.submit(others_generate, recorder, stop, 5000 + i) for i in range(clients)
+            ]
+            if loud:
+                futures.append(pool.submit(pathological, noise, stop))
+                futures.append(pool.submit(beams, noise, stop))
+                futures += [
+                    pool.submit(big_uploads, noise, stop, i) for i in range(args.noisy_uploads)
+                ]
+            for future in futures:
+                future.result()
+            return time.perf_counter() - started
+
+    def pathological(noise: Recorder, stop: float) -> None:
+        bodies = [
+            {"input": "alpha beta", "temperature": 1e-300, "max_new_tokens": args.max_new_tokens},
+            {"input": "alpha", "temperature": 1.0, "seed": 2**64},
+            {
+                "input": "alpha",
+                "top_p": 5e-324,
+                "temperature": 5.0,
+                "max_new_tokens": args.max_new_tokens,
+            },
+        ]
+        index = 0
+        while time.monotonic() < stop:
+            noise.call("pathological", client, "POST", "/v1/generate", json=bodies[index % 3], headers=auth[noisy_key])  # fmt: skip
+            index += 1
+            time.sleep(0.1)  # ten a second, as in the issue
+
+    def beams(noise: Recorder, stop: float) -> None:
+        allowed = {"input": "alpha beta gamma", "num_beams": 16, "max_new_tokens": 64}
+        refused = {"inputs": ["alpha"] * 64, "num_beams": 16, "max_new_tokens": 256}
+        while time.monotonic() < stop:
+            noise.call("beam (allowed)", client, "POST", "/v1/generate", json=allowed, headers=auth[noisy_key])  # fmt: skip
+            noise.call("beam (over the cost cap)", client, "POST", "/v1/generate", json=refused, headers=auth[noisy_key])  # fmt: skip
+
+    body = big_dataset(args.noisy_upload_mb)
+
+    def big_uploads(noise: Recorder, stop: float, seed: int) -> None:
+        while time.monotonic() < stop:
+            noise.call("upload (large)", client, "POST", "/v1/datasets", content=body, headers={**auth[noisy_key], "content-type": "application/jsonl"})  # fmt: skip
+
+    quiet, noisy, noise = Recorder(), Recorder(), Recorder()
+    quiet_seconds = phase(quiet, False, noise)
+    noisy_seconds = phase(noisy, True, noise)
+    return quiet, quiet_seconds, noisy, noisy_seconds, noise
+
+
+def big_dataset(megabytes: float) -> bytes:
+    line = (
+        json.dumps({"input": " ".join(WORDS[:6]), "output": " ".join(WORDS[6:10])}) + "\n"
+    ).encode()
+    return line * max(1, int(megabytes * 1024 * 1024 / len(line)))
+
+
+def model_p50(model_dir: Path, max_new_tokens: int, calls: int = 30) -> float:
+    """p50 seconds of one generate call of the load's shape in this process (the model's own
+    time, batching and HTTP excluded): the baseline the per-call overhead is measured from."""
+    import torch
+
+    from common.architectures import prefix_shape
+    from common.config import Settings
+    from common.generation import DecodingConfig, generate_texts
+    from common.model_loading import load_model
+    from common.prefix_file import Prefix
+
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory() as tmp:
+        loaded = load_model(str(model_dir), settings=Settings(home=Path(tmp)))
+    values = torch.randn(prefix_shape(loaded.model.config).tensor_shape(4)) * 0.1
+    prefix = Prefix(values, loaded.fingerprint, loaded.architecture)
+    rng = random.Random(1)
+    times = []
+    for _ in range(calls):
+        text = generate_body(rng, max_new_tokens)["input"]
+        started = time.perf_counter()
+        generate_texts(loaded, [(prefix, text)], DecodingConfig(max_new_tokens=max_new_tokens))
+        times.append(time.perf_counter() - started)
+    return percentile(times, 50)
 
 
 def report(args: argparse.Namespace, result: dict[str, Any]) -> str:
@@ -295,6 +410,10 @@ def report(args: argparse.Namespace, result: dict[str, Any]) -> str:
         )
 
     row("one at a time", baseline, "generate", result["baseline_seconds"])
+    row(f"others, quiet neighbour ({args.concurrency - 1} clients)", result["quiet"], "generate", result["quiet_seconds"])  # fmt: skip
+    row(f"others, noisy neighbour ({args.concurrency - 1} clients)", result["noisy"], "generate", result["noisy_seconds"])  # fmt: skip
+    for kind in sorted(result["noise"].latencies):
+        row("the noisy neighbour", result["noise"], kind, result["noisy_seconds"])
     row(f"generate only ({args.concurrency} clients)", result["burst"], "generate", result["burst_seconds"])  # fmt: skip
     for kind in ("generate", "upload", "job"):
         row(f"concurrent ({args.concurrency} clients)", load, kind, result["load_seconds"])
@@ -306,8 +425,14 @@ def report(args: argparse.Namespace, result: dict[str, Any]) -> str:
     for state in result["job_states"].values():
         states[state] += 1
     final = sum(n for s, n in states.items() if s in FINAL)
+    quiet_p95 = percentile(result["quiet"].latencies["generate"], 95)
+    noisy_p95 = percentile(result["noisy"].latencies["generate"], 95)
+    noisy_bad, noisy_total = result["noisy"].errors("generate")
+    noisy_4xx = sum(n for s, n in result["noisy"].statuses["generate"].items() if s != "200")
+    base_p50 = percentile(baseline.latencies["generate"], 50)
+    overhead = base_p50 - result["model_p50"]
     return f"""
-`.venv/bin/python -m bench.load --tenants {args.tenants} --seconds {args.seconds} --concurrency {args.concurrency}`
+`.venv/bin/python -m bench.load --tenants {args.tenants} --seconds {args.seconds} --concurrency {args.concurrency} --phase-seconds {args.phase_seconds:g} --noisy-upload-mb {args.noisy_upload_mb:g}`
 — a `prefixd up` (local Ray, SQLite and a blob directory in a temporary PREFIXD_HOME, a tiny
 random 2-layer Llama so that the service, not the model, is measured) driven over loopback
 from a separate process. {args.tenants} tenants, each with an active prefix; the mix is 85 %
@@ -325,6 +450,14 @@ ratios, not the absolute figures.
   the ceiling is the per-request path (HTTP, key and prefix lookups, the Serve handle), not
   the forward pass that batching shares; `bench/serving.py` measures batching on the real
   model.
+- Per-call overhead outside the model: one-at-a-time p50 {base_p50 * 1000:.0f} ms − the same
+  generation in-process {result["model_p50"] * 1000:.0f} ms = **{overhead * 1000:.0f} ms** (target ≤ 15 ms).
+- Noisy neighbour ({args.phase_seconds:.0f} s per phase; the noisy tenant: temperature 1e-300,
+  seed 2**64, top_p 5e-324 ten times a second, 16-beam × 64-token requests back to back and
+  requests over the cost cap, {args.noisy_uploads} concurrent {args.noisy_upload_mb:g} MB uploads
+  in a loop): the others' p95 **{quiet_p95 * 1000:.0f} ms quiet → {noisy_p95 * 1000:.0f} ms noisy
+  ({noisy_p95 / quiet_p95:.2f}×, target ≤ 2×)**, their errors **{noisy_bad}/{noisy_total}** 5xx or
+  connection, {noisy_4xx} non-200 in all.
 - Error rate over the whole mix: **{all_bad}/{all_total} ({all_bad / max(all_total, 1):.2%})**.
 - Jobs: {len(result["job_states"])} accepted; {final} reached a final state
   ({", ".join(f"{s}: {n}" for s, n in sorted(states.items()))}) within {result["jobs_wait"]:.0f} s
@@ -346,6 +479,9 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=8)
     parser.add_argument("--job-timeout", type=float, default=180)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--phase-seconds", type=float, default=30)
+    parser.add_argument("--noisy-uploads", type=int, default=5)
+    parser.add_argument("--noisy-upload-mb", type=float, default=100)
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
     result = run(args)

@@ -211,6 +211,54 @@ class Settings(BaseSettings):
     generate_burst: int = Field(
         default=20, ge=1, description="Generate requests one tenant may make at once (bucket size)."
     )
+    max_request_cost: int = Field(
+        default=16384,
+        ge=1,
+        description="Largest cost of one generate/completions request: inputs × beams (or n) × new tokens (422 beyond).",
+    )
+    generate_cost_unit: int = Field(
+        default=1024,
+        ge=1,
+        description="Cost (inputs × beams × new tokens) one token of the generate rate limit pays for: a request takes ceil(cost / unit) tokens, at most generate_burst.",
+    )
+    tenant_max_inflight_cost: int = Field(
+        default=32768,
+        ge=1,
+        description="Total cost of one tenant's generate requests in flight at once, per API replica (429 beyond).",
+    )
+    tenant_max_concurrent_streams: int = Field(
+        default=4,
+        ge=1,
+        description="Streaming generate requests one tenant may hold open at once, per API replica (429 beyond).",
+    )
+    tenant_max_concurrent_uploads: int = Field(
+        default=2,
+        ge=1,
+        description="Dataset uploads one tenant may send at once, per API replica (429 beyond).",
+    )
+
+    # --- API ingress (services/app_builder.py, services/api) ----------------------------
+    api_replicas: int = Field(default=1, ge=1, description="API ingress replicas (Ray Serve).")
+    api_max_ongoing_requests: int = Field(
+        default=256,
+        ge=1,
+        description="Requests one API ingress replica handles at once (Serve's default is 5).",
+    )
+    api_max_queued_requests: int = Field(
+        default=1024,
+        ge=-1,
+        description="Requests waiting for an API ingress replica beyond max_ongoing_requests (-1: no limit; the proxy answers 503 beyond).",
+    )
+    api_key_cache_seconds: float = Field(
+        default=2.0,
+        ge=0,
+        description="How long an API replica trusts a looked-up API key (0: look up every request); a revocation or erasure on another replica takes effect within it, on the same replica at once.",
+    )
+    readyz_cache_seconds: float = Field(
+        default=2.0,
+        ge=0,
+        description="How long /readyz reuses its last database and blob store probe.",
+    )
 
     @property
     def home_dir(self) -> Path:

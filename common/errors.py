@@ -20,3 +20,8 @@ class ModelNotFoundError(PrefixdError):
 
 class IncompatiblePrefixError(PrefixdError):
     """A prefix was made for another base model or is malformed."""
+
+
+class DecodingFailedError(PrefixdError):
+    """One request's decoding could not go on (its scores are not finite, or sampling from
+    them failed); the requests it shared a batch with are not affected."""

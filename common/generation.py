@@ -23,8 +23,9 @@ the batch between steps.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+import secrets
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 
 import torch
 from torch.nn import functional as F
@@ -38,7 +39,7 @@ from common.architectures import (
 )
 from common.data import encode_prompt
 from common.encoder_decoder import decode, encode
-from common.errors import IncompatiblePrefixError, InvalidInputError
+from common.errors import DecodingFailedError, IncompatiblePrefixError, InvalidInputError
 from common.kv_cache import (
     concat_rows,
     cross_attention_ready,
@@ -53,6 +54,13 @@ from common.kv_cache import (
 )
 from common.model_loading import LoadedModel
 from common.prefix_file import Prefix, prompt_format
+
+# A sampling temperature below this is greedy decoding: dividing logits by ~1e-300 overflows
+# to inf (NaN probabilities), and anything this small is argmax in all but rounding anyway.
+GREEDY_BELOW_TEMPERATURE = 1e-4
+# Seeds are what a torch generator takes without wrapping: 0 … 2**63 - 1 (signed 64-bit,
+# what every JSON client can send exactly).
+MAX_SEED = 2**63 - 1
 
 
 @dataclass(frozen=True)
@@ -72,10 +80,20 @@ class DecodingConfig:
             raise InvalidInputError(f"num_beams must be at least 1, got {self.num_beams}")
         if self.do_sample and self.num_beams > 1:
             raise InvalidInputError("choose sampling or beam search, not both")
-        if self.temperature <= 0:
+        # Written as "not (in range)" so that NaN is refused too.
+        if not self.temperature > 0 or self.temperature == float("inf"):
             raise InvalidInputError(f"temperature must be positive, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise InvalidInputError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.seed is not None and not 0 <= self.seed <= MAX_SEED:
+            raise InvalidInputError(f"seed must be in [0, {MAX_SEED}], got {self.seed}")
+
+    def normalized(self) -> DecodingConfig:
+        """The same decoding with degenerate sampling made explicit: a temperature below
+        :data:`GREEDY_BELOW_TEMPERATURE` is greedy (so is sampling that keeps one token)."""
+        if self.do_sample and self.temperature < GREEDY_BELOW_TEMPERATURE:
+            return replace(self, do_sample=False, temperature=1.0, top_p=1.0)
+        return self
 
 
 @dataclass(frozen=True)
@@ -323,10 +341,68 @@ def decode_batch(model: PreTrainedModel, pad_id: int) -> DecodeBatch:
 
 
 def row_generator(decoding: DecodingConfig) -> torch.Generator | None:
-    """One generator per sampled row, so a row's samples do not depend on its batch."""
+    """One generator per sampled row, so a row's samples do not depend on its batch. Seeded
+    rows are reproducible; without a seed every row draws fresh randomness (two users
+    sampling the same prompt must not get the same text)."""
     if not decoding.do_sample:
         return None
-    return torch.Generator().manual_seed(decoding.seed if decoding.seed is not None else 0)
+    seed = decoding.seed if decoding.seed is not None else secrets.randbits(63)
+    return torch.Generator().manual_seed(seed)
+
+
+def _unusable_rows(logits: torch.Tensor) -> torch.Tensor:
+    """``(B,)`` True where a row's logits ``(B, vocab)`` cannot be decoded from: a NaN or
+    +inf anywhere, or nothing above -inf."""
+    return logits.isnan().any(dim=-1) | logits.isposinf().any(dim=-1) | logits.isneginf().all(-1)
+
+
+def _sample(
+    logits: torch.Tensor, decoding: DecodingConfig, generator: torch.Generator | None
+) -> int:
+    """One token from finite logits ``(vocab,)`` with temperature and top-p."""
+    # float64 and the max subtracted first: no overflow for any temperature above the
+    # greedy threshold and any finite logits.
+    scaled = (logits.double() - logits.max().double()) / decoding.temperature  # (vocab,)
+    probs = F.softmax(scaled, dim=-1)  # (vocab,)
+    if decoding.top_p < 1.0:
+        sorted_probs, order = probs.sort(descending=True)
+        # Keep the smallest set of tokens whose mass reaches top_p (always the first one).
+        drop = sorted_probs.cumsum(dim=-1) - sorted_probs >= decoding.top_p
+        probs = torch.zeros_like(probs).scatter(0, order, sorted_probs.masked_fill(drop, 0.0))
+    if not bool(torch.isfinite(probs).all()) or not float(probs.sum()) > 0:
+        raise DecodingFailedError("decoding failed: the sampling probabilities are not finite")
+    return int(torch.multinomial(probs, 1, generator=generator)[0])
+
+
+def choose_tokens_per_row(
+    logits: torch.Tensor,
+    decodings: Sequence[DecodingConfig],
+    generators: Sequence[torch.Generator | None],
+) -> tuple[torch.Tensor, dict[int, DecodingFailedError]]:
+    """Next token per row ``(B,)`` from logits ``(B, vocab)``: argmax for greedy rows,
+    temperature and top-p sampling for sampled rows (each with its own generator), and the
+    rows that cannot go on, each with its own error (their token is meaningless). Nothing
+    here trusts that the settings were validated: one row's failure is never the batch's."""
+    tokens = logits.argmax(dim=-1)  # (B,)
+    failed: dict[int, DecodingFailedError] = {
+        int(row): DecodingFailedError(
+            "decoding failed: the model's scores for this input are not finite"
+        )
+        for row in _unusable_rows(logits).nonzero().flatten().tolist()
+    }
+    for row, (decoding, generator) in enumerate(zip(decodings, generators, strict=True)):
+        if row in failed:
+            continue
+        decoding = decoding.normalized()
+        if not decoding.do_sample:
+            continue
+        try:
+            tokens[row] = _sample(logits[row], decoding, generator)
+        except DecodingFailedError as error:
+            failed[row] = error
+        except Exception as error:  # anything else sampling raises: this row only
+            failed[row] = DecodingFailedError(f"decoding failed: {type(error).__name__}")
+    return tokens, failed
 
 
 def choose_tokens(
@@ -334,19 +410,10 @@ def choose_tokens(
     decodings: Sequence[DecodingConfig],
     generators: Sequence[torch.Generator | None],
 ) -> torch.Tensor:
-    """Next token per row ``(B,)`` from logits ``(B, vocab)``: argmax for greedy rows,
-    temperature and top-p sampling for sampled rows (each with its own generator)."""
-    tokens = logits.argmax(dim=-1)
-    for row, (decoding, generator) in enumerate(zip(decodings, generators, strict=True)):
-        if not decoding.do_sample:
-            continue
-        probs = F.softmax(logits[row] / decoding.temperature, dim=-1)  # (vocab,)
-        if decoding.top_p < 1.0:
-            sorted_probs, order = probs.sort(descending=True)
-            # Keep the smallest set of tokens whose mass reaches top_p (always the first one).
-            drop = sorted_probs.cumsum(dim=-1) - sorted_probs >= decoding.top_p
-            probs = torch.zeros_like(probs).scatter(0, order, sorted_probs.masked_fill(drop, 0.0))
-        tokens[row] = torch.multinomial(probs, 1, generator=generator)[0]
+    """:func:`choose_tokens_per_row` for a batch that fails as a whole (one caller's rows)."""
+    tokens, failed = choose_tokens_per_row(logits, decodings, generators)
+    if failed:
+        raise failed[min(failed)]
     return tokens
 
 
@@ -378,12 +445,17 @@ def _sample_or_greedy(
     return outputs
 
 
+class GenerationCancelledError(Exception):
+    """The caller asked a running generation to stop (its client went away)."""
+
+
 def _beam_search(
     model: PreTrainedModel,
     rows: Sequence[GenerationRow],
     decoding: DecodingConfig,
     eos_id: int,
     pad_id: int,
+    should_stop: Callable[[], bool] | None = None,
 ) -> list[list[int]]:
     beams, batch = decoding.num_beams, len(rows)
     state = decode_batch(model, pad_id)
@@ -398,6 +470,12 @@ def _beam_search(
 
     logits = state.add([row for row in rows for _ in range(beams)])  # B·K rows
     for step in range(decoding.max_new_tokens):
+        if should_stop is not None and should_stop():
+            raise GenerationCancelledError(f"beam search cancelled after {step} steps")
+        if _unusable_rows(logits).any():
+            raise DecodingFailedError(
+                "decoding failed: the model's scores for this input are not finite"
+            )
         log_probs = F.log_softmax(logits, dim=-1)  # (B·K, vocab)
         vocab = log_probs.shape[-1]
         candidates = (scores.view(-1, 1) + log_probs).view(batch, beams * vocab)
@@ -459,13 +537,16 @@ def generate(
     *,
     eos_token_id: int,
     pad_token_id: int,
+    should_stop: Callable[[], bool] | None = None,
 ) -> list[list[int]]:
-    """Generated token ids per row (EOS not included)."""
+    """Generated token ids per row (EOS not included). ``should_stop`` is asked between
+    beam-search steps (:class:`GenerationCancelledError` when it says so)."""
     decoding.validate()
+    decoding = decoding.normalized()
     if not rows:
         return []
     if decoding.num_beams > 1:
-        return _beam_search(model, rows, decoding, eos_token_id, pad_token_id)
+        return _beam_search(model, rows, decoding, eos_token_id, pad_token_id, should_stop)
     return _sample_or_greedy(model, rows, decoding, eos_token_id, pad_token_id)
 
 

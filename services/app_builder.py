@@ -30,6 +30,18 @@ class AppArgs(BaseModel):
     settings: dict[str, Any] = {}
 
 
+def ingress_options(settings: Settings) -> dict[str, Any]:
+    """The API ingress sized from settings: Serve's defaults (one replica, 5 requests at
+    once) queued every tenant behind five open streams or slow uploads of one."""
+    return {
+        "name": API_DEPLOYMENT,
+        "num_replicas": settings.api_replicas,
+        "max_ongoing_requests": settings.api_max_ongoing_requests,
+        "max_queued_requests": settings.api_max_queued_requests,
+        "ray_actor_options": {"num_cpus": 0},
+    }
+
+
 def build_app_from_settings(settings: Settings) -> Application:
     shared = get_shared_model(settings)
     inference = InferenceDeployment.options(
@@ -41,9 +53,9 @@ def build_app_from_settings(settings: Settings) -> Application:
             "num_gpus": settings.inference_num_gpus,
         },
     ).bind(shared, settings)
-    return ApiIngress.options(  # type: ignore[attr-defined]  # Serve's decorator hides .options from mypy
-        name=API_DEPLOYMENT, ray_actor_options={"num_cpus": 0}
-    ).bind(inference, settings, shared.fingerprint)
+    return ApiIngress.options(**ingress_options(settings)).bind(  # type: ignore[attr-defined]
+        inference, settings, shared.fingerprint
+    )
 
 
 def build_app(args: AppArgs) -> Application:

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from importlib.metadata import version
 
-from fastapi import Depends, FastAPI
+from fastapi import FastAPI
 
 from services.api.context import ApiContext
-from services.api.deps import enforce_generate_rate
-from services.api.errors import install_error_handlers
+from services.api.errors import RequestIdMiddleware, install_error_handlers
 from services.api.limits import BodyLimit, BodySizeLimitMiddleware
 from services.api.metrics import ApiMetrics, MetricsMiddleware
 from services.api.routes import (
@@ -43,6 +42,7 @@ def create_app(context: ApiContext) -> FastAPI:
     )
     app.state.context = context
     app.state.metrics = ApiMetrics(context.db)
+    app.state.readiness = health.ReadinessProbe()
     install_error_handlers(app)
     # Added innermost first: metrics is outermost, so it also counts the 413s.
     app.add_middleware(
@@ -62,6 +62,7 @@ def create_app(context: ApiContext) -> FastAPI:
         },
     )
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
+    app.add_middleware(RequestIdMiddleware)  # outermost: every answer carries the id
     app.include_router(health.router)
     app.include_router(metrics.router)
     app.include_router(tenants.router)
@@ -72,6 +73,7 @@ def create_app(context: ApiContext) -> FastAPI:
     app.include_router(fine_tuning.router)
     app.include_router(admin.router)
     app.include_router(base_prefixes.router)
-    app.include_router(generate.router, dependencies=[Depends(enforce_generate_rate)])
-    app.include_router(chat.router, dependencies=[Depends(enforce_generate_rate)])
+    # Admission (rate, cost, concurrency) happens in the generate and chat routes.
+    app.include_router(generate.router)
+    app.include_router(chat.router)
     return app

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -11,10 +13,17 @@ from sqlalchemy.engine import Engine
 
 from common.blobstore import BlobStore
 from common.config import Settings
-from services.api.limits import TokenBucket
+from services.api.limits import ApiKeyCache, ConcurrencyLimit, TokenBucket
 
 if TYPE_CHECKING:
     from services.api.uploads import ExampleChecker
+
+
+def _lower_priority() -> None:
+    """Nice this thread (Linux schedules threads by their own nice value); elsewhere, or
+    when not allowed, it runs at normal priority."""
+    with contextlib.suppress(AttributeError, OSError):
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
 
 
 @dataclass
@@ -26,8 +35,18 @@ class ApiContext:
     model_fingerprint: str
     # Per-tenant token buckets of the generate routes (per replica).
     generate_limiter: TokenBucket = field(init=False)
+    # Per-tenant amounts in flight (per replica): generate cost, open streams, uploads.
+    inflight_cost: ConcurrencyLimit = field(init=False)
+    open_streams: ConcurrencyLimit = field(init=False)
+    open_uploads: ConcurrencyLimit = field(init=False)
+    # API key → tenant, trusted for api_key_cache_seconds (see ApiKeyCache).
+    api_keys: ApiKeyCache = field(init=False)
     # Work that outlives its request (tenant erasure), off the event loop.
     background: ThreadPoolExecutor = field(init=False)
+    # Upload validation (parsing and tokenizing every line): at most two at once per replica
+    # (the request thread pool would run dozens), niced. The GIL limits what the lower
+    # priority buys (measured: docs/BENCHMARKS.md, "Load: isolation").
+    validation: ThreadPoolExecutor = field(init=False)
     _checker: ExampleChecker | None = field(default=None, init=False, repr=False)
     _checker_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
 
@@ -35,7 +54,14 @@ class ApiContext:
         self.generate_limiter = TokenBucket(
             self.settings.generate_rate_per_second, self.settings.generate_burst
         )
+        self.inflight_cost = ConcurrencyLimit(self.settings.tenant_max_inflight_cost)
+        self.open_streams = ConcurrencyLimit(self.settings.tenant_max_concurrent_streams)
+        self.open_uploads = ConcurrencyLimit(self.settings.tenant_max_concurrent_uploads)
+        self.api_keys = ApiKeyCache(self.settings.api_key_cache_seconds)
         self.background = ThreadPoolExecutor(max_workers=2, thread_name_prefix="prefixd-api-bg")
+        self.validation = ThreadPoolExecutor(
+            max_workers=2, thread_name_prefix="prefixd-validate", initializer=_lower_priority
+        )
 
     def example_checker(self) -> ExampleChecker:
         """The base model's tokenizer and context length, loaded on first use."""

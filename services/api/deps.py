@@ -41,12 +41,18 @@ def _unauthorized(message: str) -> ApiError:
     return ApiError(401, "unauthorized", message)
 
 
-def current_tenant(session: SessionDep, credentials: Credentials) -> Tenant:
+def current_tenant(context: ContextDep, session: SessionDep, credentials: Credentials) -> Tenant:
     if credentials is None:
         raise _unauthorized("missing API key: send 'Authorization: Bearer <key>'")
+    key_hash = crud.hash_api_key(credentials.credentials)
+    cached = context.api_keys.get(key_hash)
+    if isinstance(cached, Tenant):
+        return cached
     tenant = crud.get_tenant_by_api_key(session=session, api_key=credentials.credentials)
     if tenant is None:  # unknown, revoked, or its tenant is being deleted: same answer
         raise _unauthorized("invalid API key")
+    session.expunge(tenant)  # a read-only snapshot, shared by requests until it expires
+    context.api_keys.put(key_hash, tenant, tenant.id)
     return tenant
 
 
@@ -87,22 +93,35 @@ def current_caller(context: ContextDep, session: SessionDep, credentials: Creden
         raise _unauthorized("missing API key: send 'Authorization: Bearer <key>'")
     if is_admin(context, credentials):
         return Caller(tenant=None)
-    return Caller(tenant=current_tenant(session, credentials))
+    return Caller(tenant=current_tenant(context, session, credentials))
 
 
 CallerDep = Annotated[Caller, Depends(current_caller)]
 
 
-def enforce_generate_rate(tenant: CurrentTenant, context: ContextDep) -> None:
-    """The per-tenant token bucket of the generate routes (429 naming the limit)."""
-    wait = context.generate_limiter.acquire(tenant.id)
+def too_many_at_once(what: str, setting: str, limit: int) -> ApiError:
+    """429 for a per-tenant concurrency cap (the client retries once one of its own ends)."""
+    return ApiError(
+        429,
+        "too_many_concurrent",
+        f"too many {what} of this tenant at once: {setting} is {limit}",
+        headers=retry_after_header(1),
+    )
+
+
+def enforce_generate_rate(tenant_id: uuid.UUID, context: ApiContext, cost: int) -> None:
+    """The per-tenant token bucket of the generate routes, charged by the request's cost
+    (429 naming the limit)."""
+    units = -(-cost // context.settings.generate_cost_unit)  # ceil
+    wait = context.generate_limiter.acquire(tenant_id, float(units))
     if wait > 0:
         settings = context.settings
         raise ApiError(
             429,
             "rate_limited",
             f"generate rate limit exceeded: generate_rate_per_second is "
-            f"{settings.generate_rate_per_second}, generate_burst {settings.generate_burst}; "
+            f"{settings.generate_rate_per_second}, generate_burst {settings.generate_burst}, "
+            f"this request costs {units} (generate_cost_unit {settings.generate_cost_unit}); "
             f"retry in {wait:.1f} s",
             headers=retry_after_header(wait),
         )

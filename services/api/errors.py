@@ -5,6 +5,10 @@ they come back from another deployment wrapped in a Ray error) map to 4xx, never
 from __future__ import annotations
 
 import logging
+import re
+import uuid
+from contextvars import ContextVar
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -12,7 +16,12 @@ from fastapi.responses import JSONResponse
 from sqlalchemy.exc import SQLAlchemyError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from common.errors import IncompatiblePrefixError, InvalidInputError, PrefixdError
+from common.errors import (
+    DecodingFailedError,
+    IncompatiblePrefixError,
+    InvalidInputError,
+    PrefixdError,
+)
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +47,82 @@ class ApiError(Exception):
         self.headers = headers
 
 
+# The id of the request being handled (set by RequestIdMiddleware): every error body and
+# the X-Request-ID header carry it, and the log lines about the error name it, so an
+# operator finds the details a tenant is never shown.
+request_id_var: ContextVar[str | None] = ContextVar("prefixd_request_id", default=None)
+REQUEST_ID_HEADER = "X-Request-ID"
+
+
 def error_body(code: str, message: str) -> dict:
-    return {"error": {"code": code, "message": message}}
+    body: dict = {"code": code, "message": message}
+    request_id = request_id_var.get()
+    if request_id is not None:
+        body["request_id"] = request_id
+    return {"error": body}
+
+
+# Internal details that must never reach a tenant: URLs (S3 endpoints, database hosts),
+# bucket names, lease owners such as ``scheduler@host:pid:…`` and ``worker …@host``.
+_INTERNAL = [
+    re.compile(r"\b[a-z][a-z0-9+.-]*://\S+", re.IGNORECASE),
+    re.compile(r"\bbucket\s+'[^']*'", re.IGNORECASE),
+    re.compile(r"\S+@[\w.-]+(?::[\w.-]+)+\S*"),
+]
+
+
+def public_message(text: str) -> str:
+    """``text`` with internal details replaced by ``[internal]`` (job errors, blob errors)."""
+    for pattern in _INTERNAL:
+        text = pattern.sub("[internal]", text)
+    return text
+
+
+def _inside_serve() -> bool:
+    try:
+        from ray import serve
+
+        serve.get_replica_context()
+    except Exception:
+        return False
+    return True
+
+
+class RequestIdMiddleware:
+    """Gives every request an id (a client's ``X-Request-ID`` of up to 64 safe characters is
+    kept, so a trace spans systems), returned in the ``X-Request-ID`` response header."""
+
+    _SAFE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        # Ray Serve's proxy sends its request id as X-Request-ID and puts it on the answer
+        # itself; echoing it here too would give the client the header twice.
+        self.echo_given = not _inside_serve()
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        given = next(
+            (v.decode("latin-1") for k, v in scope.get("headers", []) if k == b"x-request-id"),
+            "",
+        )
+        request_id = given if self._SAFE.match(given) else uuid.uuid4().hex
+        token = request_id_var.set(request_id)
+        add_header = request_id != given or self.echo_given
+
+        async def with_header(message: Any) -> None:
+            if message["type"] == "http.response.start" and add_header:
+                headers = list(message.get("headers", []))
+                headers.append((b"x-request-id", request_id.encode()))
+                message = {**message, "headers": headers}
+            await send(message)
+
+        try:
+            await self.app(scope, receive, with_header)
+        finally:
+            request_id_var.reset(token)
 
 
 def unwrap(error: BaseException) -> BaseException:
@@ -68,6 +151,8 @@ def _status_of(error: PrefixdError) -> tuple[int, str]:
         (QuotaExceededError, 429, "quota_exceeded"),
         (IncompatiblePrefixError, 409, "incompatible_prefix"),
         (InvalidInputError, 422, "invalid_input"),
+        # One request's decoding failed alone (non-finite scores); its batch went on.
+        (DecodingFailedError, 422, "decoding_failed"),
         (DatabaseUnavailableError, 503, "database_unavailable"),
         (BlobStoreUnavailableError, 503, "blob_store_unavailable"),
     ]
@@ -105,13 +190,32 @@ def database_unavailable() -> ApiError:
     )
 
 
+# Errors of the storage layer name buckets, endpoints and S3's own text: a tenant gets one of
+# these instead, the details go to the log under the request id.
+_GENERIC = {
+    "blob_store_unavailable": "the blob store is temporarily unavailable; retry shortly",
+    "database_unavailable": DATABASE_UNAVAILABLE_MESSAGE,
+}
+
+
+def _tenant_message(error: PrefixdError, code: str) -> str:
+    from common.blobstore.base import BlobNotFoundError, BlobStoreError
+
+    if code in _GENERIC or isinstance(error, BlobStoreError):
+        log.warning("request %s: %s: %s", request_id_var.get(), type(error).__name__, error)
+        if isinstance(error, BlobNotFoundError):
+            return "not found (it was deleted)"
+        return _GENERIC.get(code, "the blob store could not complete the request")
+    return public_message(str(error))
+
+
 def to_api_error(error: BaseException) -> ApiError | None:
     inner = unwrap(error)
     if isinstance(inner, ApiError):
         return inner
     if isinstance(inner, PrefixdError):
         status, code = _status_of(inner)
-        return ApiError(status, code, str(inner))
+        return ApiError(status, code, _tenant_message(inner, code))
     if is_database_outage(inner):
         return database_unavailable()
     if is_replica_failure(error) or is_replica_failure(inner):
@@ -179,7 +283,8 @@ def install_error_handlers(app: FastAPI) -> None:
         # An outage, not a bug: one line in the log and a 503 the client can retry; the
         # replica keeps serving and recovers with the database (pre-pinged pool).
         log.warning(
-            "database unavailable on %s %s: %s",
+            "request %s: database unavailable on %s %s: %s",
+            request_id_var.get(),
             request.method,
             request.url.path,
             type(getattr(error, "orig", None) or error).__name__,
@@ -194,7 +299,8 @@ def install_error_handlers(app: FastAPI) -> None:
         # The traceback goes to the replica's log (no request body, no headers: no secrets);
         # the client learns only that it was our fault.
         log.error(
-            "unhandled %s on %s %s",
+            "request %s: unhandled %s on %s %s",
+            request_id_var.get(),
             type(error).__name__,
             request.method,
             request.url.path,

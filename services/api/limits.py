@@ -142,19 +142,21 @@ class TokenBucket:
         self._buckets: dict[Hashable, tuple[float, float]] = {}  # key -> (tokens, at)
         self._lock = threading.Lock()
 
-    def acquire(self, key: Hashable) -> float:
-        """Take one token for ``key``: 0.0 when granted, else the seconds until one frees."""
+    def acquire(self, key: Hashable, cost: float = 1.0) -> float:
+        """Take ``cost`` tokens for ``key`` (at most ``burst``, so any request can pass a
+        full bucket): 0.0 when granted, else the seconds until they are there."""
+        cost = min(max(cost, 0.0), float(self.burst))
         with self._lock:
             now = self.clock()
             tokens, at = self._buckets.get(key, (float(self.burst), now))
             tokens = min(float(self.burst), tokens + (now - at) * self.rate)
-            if tokens >= 1.0:
-                self._buckets[key] = (tokens - 1.0, now)
+            if tokens >= cost:
+                self._buckets[key] = (tokens - cost, now)
                 if len(self._buckets) > self.max_keys:
                     self._forget_full(now)
                 return 0.0
             self._buckets[key] = (tokens, now)
-            return (1.0 - tokens) / self.rate
+            return (cost - tokens) / self.rate
 
     def _forget_full(self, now: float) -> None:
         for key, (tokens, at) in list(self._buckets.items()):
@@ -164,3 +166,80 @@ class TokenBucket:
 
 def retry_after_header(seconds: float) -> dict[str, str]:
     return {"Retry-After": str(max(1, math.ceil(seconds)))}
+
+
+class ConcurrencyLimit:
+    """Per-key amounts in use at once (a tenant's in-flight generate cost, open streams,
+    uploads): :meth:`try_acquire` takes ``amount`` if the key stays within ``limit``;
+    :meth:`release` gives it back. Thread-safe; keys at zero are forgotten."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._used: dict[Hashable, int] = {}
+        self._lock = threading.Lock()
+
+    def try_acquire(self, key: Hashable, amount: int = 1) -> bool:
+        with self._lock:
+            used = self._used.get(key, 0)
+            # A request larger than the whole limit may run alone (its size is capped elsewhere).
+            if used > 0 and used + amount > self.limit:
+                return False
+            self._used[key] = used + amount
+            return True
+
+    def release(self, key: Hashable, amount: int = 1) -> None:
+        with self._lock:
+            left = self._used.get(key, 0) - amount
+            if left > 0:
+                self._used[key] = left
+            else:
+                self._used.pop(key, None)
+
+    def in_use(self, key: Hashable) -> int:
+        with self._lock:
+            return self._used.get(key, 0)
+
+
+class ApiKeyCache:
+    """API key → tenant lookups of one ingress replica, trusted for ``ttl`` seconds (0: never
+    cached), so a burst of requests costs one database round trip per key and interval.
+    Keyed by the key's SHA-256 (the plaintext is never kept). A revocation or a tenant
+    erasure made through this replica drops the tenant's entries at once; one made anywhere
+    else (another replica, the CLI) takes effect within ``ttl``. Misses are not cached, so a
+    new key works at once. Bounded: expired entries are dropped once ``max_keys`` are held."""
+
+    def __init__(
+        self, ttl: float, *, clock: Callable[[], float] = time.monotonic, max_keys: int = 100_000
+    ) -> None:
+        self.ttl, self.clock, self.max_keys = ttl, clock, max_keys
+        self._entries: dict[str, tuple[object, Hashable, float]] = {}  # hash -> (tenant, id, until)
+        self._lock = threading.Lock()
+
+    def get(self, key_hash: str) -> object | None:
+        if self.ttl <= 0:
+            return None
+        with self._lock:
+            entry = self._entries.get(key_hash)
+            if entry is None:
+                return None
+            if entry[2] <= self.clock():
+                del self._entries[key_hash]
+                return None
+            return entry[0]
+
+    def put(self, key_hash: str, tenant: object, tenant_id: Hashable) -> None:
+        if self.ttl <= 0:
+            return
+        with self._lock:
+            now = self.clock()
+            if len(self._entries) >= self.max_keys:
+                for stale in [k for k, e in self._entries.items() if e[2] <= now]:
+                    del self._entries[stale]
+                if len(self._entries) >= self.max_keys:
+                    self._entries.clear()
+            self._entries[key_hash] = (tenant, tenant_id, now + self.ttl)
+
+    def forget_tenant(self, tenant_id: Hashable) -> None:
+        with self._lock:
+            for key_hash in [k for k, e in self._entries.items() if e[1] == tenant_id]:
+                del self._entries[key_hash]

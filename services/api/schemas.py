@@ -15,6 +15,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from common.db.crud.jobs import RESERVED_IDEMPOTENCY_KEY_PREFIX, is_reserved_idempotency_key
 from common.db.models import Dataset, JobEvent, JobPriority, JobState, TrainingJob
 from common.training import TrainingConfig
+from services.api.errors import public_message
 
 
 def _storable(text: str) -> str:
@@ -261,7 +262,8 @@ class JobOut(BaseModel):
             max_attempts=job.max_attempts,
             progress=JobProgress.of(event) if event is not None else None,
             prefix_id=prefix_id,
-            error=job.error,
+            # Tenant-safe: lease owners (host, pid), URLs and bucket names are replaced.
+            error=None if job.error is None else public_message(job.error),
             note=job.note,
             result=job.result,
             created_at=job.created_at,

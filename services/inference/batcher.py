@@ -8,9 +8,13 @@ Requests arrive on the event loop; a decode thread admits them into the running
 :class:`~common.generation.DecodeBatch` (:class:`~common.generation.EncoderDecoderBatch` for
 BART, T5) between steps — each row with its own prefix, position offset and decoding
 settings — and hands tokens back as they are produced. Finished rows leave at once, so a
-short request never waits for a long one, nor a new one for a batch to drain. Beam-search
-requests decode as a batch of their own (beams need reordering that a batch of unrelated
-rows cannot do), in the same thread, between steps of the shared batch.
+short request never waits for a long one, nor a new one for a batch to drain.
+
+Beam-search requests decode as their own batch (beams need reordering that a shared batch
+of unrelated rows cannot do) on a lane of their own: a second thread that takes turns with
+the decode loop step by step (:class:`_Turns`), so a long search of one tenant never stalls
+the shared batch of the others, nor takes more than every other step from it. A search
+checks between steps whether its client went away and stops there.
 """
 
 from __future__ import annotations
@@ -26,8 +30,9 @@ import torch
 
 from common.generation import (
     DecodingConfig,
+    GenerationCancelledError,
     GenerationRow,
-    choose_tokens,
+    choose_tokens_per_row,
     decode_batch,
     generate,
     row_generator,
@@ -45,6 +50,9 @@ class EngineStats:
     requests: int = 0
     max_rows_in_batch: int = 0
     tokens: int = 0
+    beam_requests: int = 0  # beam searches run on the beam lane
+    beam_cancelled: int = 0  # beam searches stopped mid-search (client gone)
+    failed_rows: int = 0  # rows that failed alone (their batch went on)
 
 
 @dataclass
@@ -58,13 +66,42 @@ class _Request:
     cancelled: bool = False
 
     def emit(self, item: object) -> None:
-        self.loop.call_soon_threadsafe(self.out.put_nowait, item)
+        try:
+            self.loop.call_soon_threadsafe(self.out.put_nowait, item)
+        except RuntimeError:  # its event loop is closed: nobody is listening any more
+            self.cancelled = True
 
 
 @dataclass
 class _Running:
     requests: list[_Request] = field(default_factory=list)
     logits: torch.Tensor | None = None  # (B, vocab): next-token logits of each running row
+
+
+class _Turns:
+    """The replica's compute, shared step by step between the decode loop and the beam lane:
+    whoever holds the turn runs one forward pass; when both wait, they alternate. A replica
+    is given its CPUs (or GPU) for one model at a time, so a beam search gets at most every
+    other step while the shared batch has work, and all of them while it has none."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._busy = False
+        self._last: str | None = None
+        self._waiting: set[str] = set()
+
+    def acquire(self, who: str) -> None:
+        with self._cond:
+            self._waiting.add(who)
+            while self._busy or (self._last == who and len(self._waiting) > 1):
+                self._cond.wait()
+            self._waiting.discard(who)
+            self._busy = True
+
+    def release(self, who: str) -> None:
+        with self._cond:
+            self._busy, self._last = False, who
+            self._cond.notify_all()
 
 
 class ContinuousBatcher:
@@ -86,24 +123,30 @@ class ContinuousBatcher:
         # A DecodeBatch, or an EncoderDecoderBatch for BART/T5; touched by the decode thread only.
         self._batch = decode_batch(loaded.model, self.pad_id)
         self._incoming: queue.Queue[_Request | None] = queue.Queue()
+        self._beams: queue.Queue[_Request | None] = queue.Queue()
+        self._turns = _Turns()
         self._thread = threading.Thread(target=self._run, name="decode-loop", daemon=True)
+        self._beam_thread = threading.Thread(target=self._run_beams, name="beam-lane", daemon=True)
         self._thread.start()
-
-    @property
-    def alive(self) -> bool:
-        """Whether the decode loop's thread still runs (the replica's health check)."""
-        return self._thread.is_alive()
+        self._beam_thread.start()
 
     def close(self) -> None:
         self._incoming.put(None)
+        self._beams.put(None)
         self._thread.join(timeout=10)
+        self._beam_thread.join(timeout=10)
+
+    def alive(self) -> bool:
+        """Whether the decode loop and the beam lane still run (the replica's health check)."""
+        return self._thread.is_alive() and self._beam_thread.is_alive()
 
     async def stream(self, row: GenerationRow, decoding: DecodingConfig) -> AsyncIterator[int]:
         """Token ids as they are decoded (EOS not included)."""
         decoding.validate()
+        decoding = decoding.normalized()
         request = _Request(row, decoding, asyncio.get_running_loop(), asyncio.Queue())
         request.generator = row_generator(decoding)
-        self._incoming.put(request)
+        (self._beams if decoding.num_beams > 1 else self._incoming).put(request)
         try:
             while True:
                 item = await request.out.get()
@@ -127,14 +170,18 @@ class ContinuousBatcher:
             arrivals = self._admit(wait=not running.requests)
             if arrivals is None:
                 return
-            shared = [r for r in arrivals if r.decoding.num_beams == 1 and not r.cancelled]
+            shared = [r for r in arrivals if not r.cancelled]
             for request in arrivals:
-                if request.decoding.num_beams > 1 and not request.cancelled:
-                    self._beam_search(request)
-            if shared:
-                self._join(running, shared)
-            if running.requests:
-                self._step(running)
+                if request.cancelled:
+                    request.emit(_DONE)
+            self._turns.acquire("decode")
+            try:
+                if shared:
+                    self._join(running, shared)
+                if running.requests:
+                    self._step(running)
+            finally:
+                self._turns.release("decode")
 
     def _admit(self, *, wait: bool) -> list[_Request] | None:
         """New requests, up to the free rows. Idle: block for the first, then wait a moment
@@ -190,11 +237,17 @@ class ContinuousBatcher:
         batch = self._batch
         requests = running.requests
         try:
-            tokens = choose_tokens(
+            # A row that cannot be decoded (non-finite scores, sampling failed) fails alone:
+            # its error goes to its request and it leaves the batch like a finished row.
+            tokens, failed = choose_tokens_per_row(
                 running.logits, [r.decoding for r in requests], [r.generator for r in requests]
             )
             keep = []
             for index, (request, token) in enumerate(zip(requests, tokens.tolist(), strict=True)):
+                if index in failed:
+                    self.stats.failed_rows += 1
+                    request.emit(failed[index])
+                    continue
                 finished = token == self.eos_id or request.cancelled
                 if not finished:
                     request.produced += 1
@@ -214,13 +267,30 @@ class ContinuousBatcher:
                 self.stats.decode_steps += 1
             else:
                 running.logits = None
-        except Exception as error:  # the shared forward failed: every row in it fails
+        except Exception as error:  # the shared forward itself failed (e.g. out of memory)
             for request in running.requests:
                 request.emit(error)
             running.requests, running.logits = [], None
             self._batch = decode_batch(self.loaded.model, self.pad_id)
 
+    def _run_beams(self) -> None:
+        """The beam lane: one search at a time, in arrival order, beside the decode loop."""
+        torch.set_grad_enabled(False)
+        while (request := self._beams.get()) is not None:
+            if request.cancelled:
+                request.emit(_DONE)
+                continue
+            self._beam_search(request)
+
     def _beam_search(self, request: _Request) -> None:
+        def between_steps() -> bool:
+            # Give the shared batch its turn between two beam steps, then ask whether the
+            # client is still there.
+            self._turns.release("beam")
+            self._turns.acquire("beam")
+            return request.cancelled
+
+        self._turns.acquire("beam")
         try:
             (tokens,) = generate(
                 self.loaded.model,
@@ -228,11 +298,19 @@ class ContinuousBatcher:
                 request.decoding,
                 eos_token_id=self.eos_id,
                 pad_token_id=self.pad_id,
+                should_stop=between_steps,
             )
+        except GenerationCancelledError:
+            self.stats.beam_cancelled += 1
+            request.emit(_DONE)
+            return
         except Exception as error:
             request.emit(error)
             return
+        finally:
+            self._turns.release("beam")
         self.stats.requests += 1
+        self.stats.beam_requests += 1
         for token in tokens:
             request.emit(token)
         request.emit(_DONE)

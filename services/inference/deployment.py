@@ -225,8 +225,8 @@ class InferenceServer:
         }
 
     async def check_health(self) -> None:
-        if not self.batcher.alive:
-            raise RuntimeError("the decode loop stopped")
+        if not self.batcher.alive():
+            raise RuntimeError("the decode loop or the beam lane stopped")
 
 
 InferenceDeployment = serve.deployment(name="inference")(InferenceServer)

@@ -232,3 +232,35 @@ def test_rows_joining_and_leaving_mid_decode_match_their_solo_outputs(tiny_model
         logits = batch.step(tokens[kept]) if running else torch.zeros((0, logits.shape[1]))
     assert [outputs[i] for i in range(len(rows))] == solo
     assert batch.forward_passes < sum(len(o) + 1 for o in solo)  # shared forward passes
+
+
+def test_choose_tokens_survives_pathological_settings_it_was_not_told_about():
+    """The engine does not trust validation: a temperature of 1e-300 is greedy (it used to
+    overflow to NaN probabilities and raise), top_p at the smallest float keeps one token,
+    and a row with non-finite logits is reported alone."""
+    from common.errors import DecodingFailedError
+    from common.generation import choose_tokens, choose_tokens_per_row
+
+    logits = torch.randn((3, 50), generator=torch.Generator().manual_seed(0)) * 30  # (B, vocab)
+    settings = [
+        DecodingConfig(do_sample=True, temperature=1e-300, seed=1),
+        DecodingConfig(do_sample=True, temperature=2e-4, seed=2),  # just above greedy
+        DecodingConfig(do_sample=True, top_p=5e-324, seed=3),
+    ]
+    generators = [torch.Generator().manual_seed(i) for i in range(3)]
+    assert choose_tokens(logits, settings, generators).tolist() == logits.argmax(-1).tolist()
+    logits[1, 7] = float("nan")
+    tokens, failed = choose_tokens_per_row(logits, settings, generators)
+    assert set(failed) == {1} and isinstance(failed[1], DecodingFailedError)
+    assert tokens[[0, 2]].tolist() == logits[[0, 2]].argmax(-1).tolist()
+
+
+def test_unseeded_sampling_draws_fresh_randomness_and_seeded_repeats(tiny_model):
+    """Issue 16: without a seed every request used seed 0 (two users got the same text)."""
+    rows = mixed_rows(tiny_model)[:1]
+    unseeded = DecodingConfig(max_new_tokens=12, do_sample=True, temperature=3.0)
+    assert len({tuple(run(tiny_model, rows, unseeded)[0]) for _ in range(4)}) > 1
+    seeded = DecodingConfig(max_new_tokens=12, do_sample=True, temperature=3.0, seed=2**63 - 1)
+    assert run(tiny_model, rows, seeded) == run(tiny_model, rows, seeded)
+    with pytest.raises(InvalidInputError, match=r"seed must be in \[0, 9223372036854775807\]"):
+        run(tiny_model, rows, DecodingConfig(do_sample=True, seed=2**64))

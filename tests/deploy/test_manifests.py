@@ -121,3 +121,114 @@ def test_unfinished_multipart_uploads_expire_in_every_deployment(s3_client, make
     assert minio["environment"]["MINIO_API_STALE_UPLOADS_EXPIRY"] == "24h"
     operations = (DEPLOY.parent / "docs" / "OPERATIONS.md").read_text()
     assert "put-bucket-lifecycle-configuration" in operations and "s3-lifecycle.json" in operations
+
+
+# --- exposure (issue 16): nothing but the API port beyond loopback ---------------------------
+
+API_PORT = 8000
+# Ray's GCS, dashboard (its job API runs code with our credentials), client server and
+# dashboard agent; PostgreSQL; S3 (MinIO API and console).
+INTERNAL_PORTS = {6379, 8265, 10001, 52365, 5432, 9000, 9001}
+
+
+def _published(entry: object) -> tuple[str | None, int]:
+    """(host address or None for all interfaces, container port) of a compose port entry."""
+    if isinstance(entry, dict):
+        return entry.get("host_ip"), int(str(entry["target"]).split("/")[0])
+    parts = str(entry).split("/")[0].split(":")
+    host_ip = parts[0] if len(parts) == 3 else None
+    return host_ip, int(parts[-1])
+
+
+def compose_exposure_problems(compose: dict) -> list[str]:
+    problems = []
+    for name, service in compose["services"].items():
+        if service.get("network_mode") == "host":
+            problems.append(f"{name}: network_mode host publishes every port")
+        for entry in service.get("ports", []):
+            host_ip, port = _published(entry)
+            if port != API_PORT and host_ip not in ("127.0.0.1", "::1", "[::1]"):
+                problems.append(f"{name}: port {port} published on all interfaces")
+    return problems
+
+
+def _walk(node: object):
+    if isinstance(node, dict):
+        yield node
+        for value in node.values():
+            yield from _walk(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from _walk(value)
+
+
+def kubernetes_exposure_problems(docs: list[tuple[str, dict]]) -> list[str]:
+    problems = []
+    for name, document in docs:
+        for node in _walk(document):
+            if node.get("hostNetwork") is True:
+                problems.append(f"{name}: hostNetwork")
+            if "hostPort" in node:
+                problems.append(f"{name}: hostPort {node['hostPort']}")
+            if node.get("serviceType") in ("NodePort", "LoadBalancer"):
+                problems.append(f"{name}: head service of type {node['serviceType']}")
+        if document["kind"] == "Service" and document["spec"].get("type") in (
+            "NodePort",
+            "LoadBalancer",
+        ):
+            ports = {int(p.get("targetPort", p["port"])) for p in document["spec"]["ports"]}
+            if ports - {API_PORT}:
+                problems.append(f"{name}: publishes {sorted(ports - {API_PORT})}")
+    # Ray heads must listen on the pod network (KubeRay's operator and our own pods talk to
+    # the dashboard and GCS), so a NetworkPolicy admits only those to anything but the API.
+    policies = [d for _, d in docs if d["kind"] == "NetworkPolicy"]
+    guarded = any(
+        p["spec"]["podSelector"].get("matchLabels", {}).get("app.kubernetes.io/name") == "prefixd"
+        and all(
+            rule.get("from") or {int(x["port"]) for x in rule.get("ports", [])} <= {API_PORT}
+            for rule in p["spec"].get("ingress", [])
+        )
+        for p in policies
+    )
+    if not guarded:
+        problems.append("no NetworkPolicy limits the Ray pods' internal ports to our own pods")
+    for name, document in docs:
+        if document["apiVersion"] != "ray.io/v1":
+            continue
+        for node in _walk(document):
+            template = node.get("template")
+            if (
+                isinstance(template, dict)
+                and "spec" in template
+                and "containers" in template["spec"]
+            ):
+                labels = template.get("metadata", {}).get("labels", {})
+                if labels.get("app.kubernetes.io/name") != "prefixd":
+                    problems.append(f"{name}: a pod template outside the NetworkPolicy")
+    return problems
+
+
+def test_only_the_api_port_is_published_beyond_loopback():
+    compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
+    assert compose_exposure_problems(compose) == []
+    assert kubernetes_exposure_problems(all_documents()) == []
+
+
+def test_the_exposure_check_catches_a_published_dashboard_gcs_or_database():
+    """The check itself fails on what issue 16 found (and its cousins)."""
+    for ports in (
+        ["8000:8000", "8265:8265"],
+        ["0.0.0.0:6379:6379"],
+        [{"target": 5432, "published": 5432}],
+    ):
+        compose = {"services": {"ray-head": {"ports": ports}}}
+        assert compose_exposure_problems(compose), ports
+    assert compose_exposure_problems({"services": {"db": {"network_mode": "host"}}})
+    assert not compose_exposure_problems({"services": {"h": {"ports": ["127.0.0.1:8265:8265"]}}})
+    dashboard = {
+        "kind": "Service", "apiVersion": "v1", "metadata": {"name": "x"},
+        "spec": {"type": "LoadBalancer", "ports": [{"port": 8265}]},
+    }  # fmt: skip
+    assert any(
+        "8265" in p for p in kubernetes_exposure_problems([*all_documents(), ("x", dashboard)])
+    )

@@ -124,7 +124,8 @@ class InProc:
 
 def error(response: Any) -> tuple[int, str, str]:
     body = response.json()
-    assert set(body) == {"error"} and set(body["error"]) == {"code", "message"}, body
+    assert set(body) == {"error"} and set(body["error"]) == {"code", "message", "request_id"}, body
+    assert body["error"]["request_id"] == response.headers["x-request-id"]
     return response.status_code, body["error"]["code"], body["error"]["message"]
 
 

@@ -179,3 +179,36 @@ def test_huge_lines_and_too_many_examples_are_refused(
     row = json.dumps({"input": "alpha", "output": "beta"}).encode() + b"\n"
     with pytest.raises(ApiError, match=r"line 3: more examples than max_dataset_examples \(2\)"):
         count_valid_examples(write(tmp_path, row * 3), checker, max_examples=2)
+
+
+# --- API key cache --------------------------------------------------------------------------
+
+
+def test_the_api_key_cache_expires_and_forgets_a_tenant_at_once() -> None:
+    from services.api.limits import ApiKeyCache
+
+    now = [0.0]
+    cache = ApiKeyCache(2.0, clock=lambda: now[0])
+    cache.put("hash-a", "tenant A", "a")
+    cache.put("hash-b", "tenant B", "b")
+    assert cache.get("hash-a") == "tenant A"
+    cache.forget_tenant("a")  # revoked or erased through this replica: at once
+    assert cache.get("hash-a") is None and cache.get("hash-b") == "tenant B"
+    now[0] = 2.0  # elsewhere: within the TTL
+    assert cache.get("hash-b") is None
+    off = ApiKeyCache(0.0)
+    off.put("hash-a", "tenant A", "a")
+    assert off.get("hash-a") is None
+
+
+def test_the_api_ingress_is_sized_from_settings() -> None:
+    """Issue 16: ApiIngress took Serve's defaults (one replica, 5 requests at once)."""
+    from services.api.ingress import ApiIngress
+    from services.app_builder import ingress_options
+
+    settings = Settings(api_replicas=3, api_max_ongoing_requests=300, api_max_queued_requests=900)
+    deployment = ApiIngress.options(**ingress_options(settings))
+    assert deployment.num_replicas == 3
+    assert deployment.max_ongoing_requests == 300
+    assert deployment.max_queued_requests == 900
+    assert Settings().api_max_ongoing_requests > 5

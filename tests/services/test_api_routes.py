@@ -106,7 +106,8 @@ def api(stack) -> Iterator[Api]:
 
 def error(response: httpx.Response) -> tuple[int, str, str]:
     body = response.json()
-    assert set(body) == {"error"} and set(body["error"]) == {"code", "message"}, body
+    assert set(body) == {"error"} and set(body["error"]) == {"code", "message", "request_id"}, body
+    assert body["error"]["request_id"] == response.headers["x-request-id"]
     return response.status_code, body["error"]["code"], body["error"]["message"]
 
 
@@ -468,7 +469,10 @@ def test_metrics_are_prometheus_text(stack, api):
     _, key = api.new_tenant()
     api.get("/v1/datasets", key)
     api.get(f"/v1/jobs/{uuid.uuid4()}", key)
-    response = api.get("/metrics", None)
+    # Behind the admin token (issue 16): 401 without it, 403 with a tenant's key.
+    assert api.get("/metrics", None).status_code == 401
+    assert api.get("/metrics", key).status_code == 403
+    response = api.get("/metrics", api.admin)
     assert response.status_code == 200
     assert response.headers["content-type"].startswith("text/plain")
     text = response.text

@@ -1,6 +1,7 @@
 """The continuous-batching engine and the prefix cache, on a tiny model, without Ray."""
 
 import asyncio
+import time
 
 import pytest
 import torch
@@ -104,6 +105,95 @@ def test_invalid_decoding_fails_alone(tiny_llama, batcher):
         return await good
 
     assert asyncio.run(main()) == solo(tiny_llama, row, DecodingConfig(max_new_tokens=4))
+
+
+def test_a_pathological_temperature_is_greedy_and_never_fails_the_batch(tiny_llama, batcher):
+    """Issue 16: temperature 1e-300 overflowed in the shared sampling step and failed every
+    co-batched row. Below an epsilon it is greedy; nobody else notices it."""
+    rows = [GenerationRow([12 + i, 13], random_prefix(tiny_llama, 2 + i, seed=i)) for i in range(3)]
+    normal = [
+        DecodingConfig(max_new_tokens=6),
+        DecodingConfig(max_new_tokens=6, do_sample=True, temperature=0.8, seed=11),
+    ]
+    tiny = DecodingConfig(max_new_tokens=6, do_sample=True, temperature=1e-300, seed=1)
+
+    async def main():
+        return await asyncio.gather(
+            batcher.generate(rows[0], normal[0]),
+            batcher.generate(rows[1], normal[1]),
+            batcher.generate(rows[2], tiny),
+        )
+
+    outputs = asyncio.run(main())
+    assert outputs[:2] == [solo(tiny_llama, rows[i], normal[i]) for i in range(2)]
+    assert outputs[2] == solo(tiny_llama, rows[2], DecodingConfig(max_new_tokens=6))
+
+
+@pytest.mark.parametrize("sample", [True, False])
+def test_a_row_whose_decoding_fails_fails_alone(tiny_llama, batcher, sample):
+    """A row whose scores are not finite (here a NaN prefix, which prefix loading refuses but
+    the engine does not take on trust) fails with its own error; the rows it shared the
+    batch with continue and get exactly their solo outputs."""
+    from common.errors import DecodingFailedError
+
+    poisoned = random_prefix(tiny_llama, 3, seed=5)
+    poisoned[:, 1] = float("nan")  # every value: the row's logits are NaN
+    bad = GenerationRow([12, 13], poisoned)
+    good = [
+        GenerationRow([14 + i, 15], random_prefix(tiny_llama, 2, seed=30 + i)) for i in range(3)
+    ]
+    decodings = [
+        DecodingConfig(max_new_tokens=8),
+        DecodingConfig(max_new_tokens=8, do_sample=True, temperature=1.2, seed=3),
+        DecodingConfig(max_new_tokens=8, do_sample=True, top_p=0.7, seed=4),
+    ]
+    bad_decoding = DecodingConfig(max_new_tokens=8, do_sample=sample, seed=9)
+
+    async def main():
+        tasks = [
+            asyncio.create_task(batcher.generate(row, d))
+            for row, d in zip(good, decodings, strict=True)
+        ]
+        with pytest.raises(DecodingFailedError, match="not finite"):
+            await batcher.generate(bad, bad_decoding)
+        return await asyncio.gather(*tasks)
+
+    outputs = asyncio.run(main())
+    assert outputs == [solo(tiny_llama, r, d) for r, d in zip(good, decodings, strict=True)]
+    # The replica keeps serving: a later request decodes normally.
+    assert asyncio.run(batcher.generate(good[0], decodings[0])) == outputs[0]
+
+
+def test_a_long_beam_search_does_not_stall_the_shared_batch_and_stops_when_cancelled(tiny_llama):
+    """Issue 16: beam searches ran on the decode thread, one after another, so one tenant's
+    maximal beam request stalled every other tenant; cancellation was not checked."""
+    engine = ContinuousBatcher(tiny_llama, max_batch_size=8, batch_wait_s=0.0, stop_at_eos=False)
+    row = GenerationRow([12, 13], random_prefix(tiny_llama, 3, seed=1))
+    beams = DecodingConfig(max_new_tokens=100, num_beams=16)
+    greedy = DecodingConfig(max_new_tokens=4)
+
+    async def main():
+        search = asyncio.create_task(engine.generate(row, beams))
+        await asyncio.sleep(0.2)  # the search is under way
+        quick = await asyncio.wait_for(engine.generate(row, greedy), timeout=30)
+        still_searching = not search.done()
+        search.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await search
+        return quick, still_searching
+
+    try:
+        quick, still_searching = asyncio.run(main())
+        assert still_searching  # the greedy request finished first
+        assert len(quick) == 4
+        deadline = time.monotonic() + 10
+        while engine.stats.beam_cancelled < 1:  # stopped mid-search, not run to the end
+            assert time.monotonic() < deadline, "the cancelled search ran on"
+            time.sleep(0.02)
+        short = DecodingConfig(max_new_tokens=3, num_beams=2)
+        assert len(asyncio.run(engine.generate(row, short))) == 3  # the lane is free again
+    finally:
+        engine.close()
 
 
 def make_prefix(loaded, length, seed=0):
@@ -222,3 +312,33 @@ def test_a_stacked_prefix_is_refused_without_its_base_or_with_another(tiny_llama
     changed = Prefix(base + 1, tiny_llama.fingerprint, tiny_llama.architecture)
     with pytest.raises(IncompatiblePrefixError, match="changed"):
         inference_prefix(prefix, changed, base_prefix_id="a")
+
+
+def test_the_beam_lane_and_the_decode_loop_alternate_steps_when_both_have_work():
+    """A replica's compute is shared step by step: with both waiting, neither runs twice in
+    a row, so a beam search takes at most every other step from the shared batch."""
+    import threading
+
+    from services.inference.batcher import _Turns
+
+    turns, order = _Turns(), []
+    start = threading.Barrier(2)
+
+    def worker(name: str) -> None:
+        start.wait()
+        for _ in range(50):
+            turns.acquire(name)
+            order.append(name)
+            time.sleep(0.001)  # a "forward pass"
+            turns.release(name)
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in ("decode", "beam")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert len(order) == 100
+    # Once both are running, no one takes two turns in a row until the other is done.
+    last_both = min(max(i for i, n in enumerate(order) if n == who) for who in ("decode", "beam"))
+    repeats = sum(order[i] == order[i - 1] for i in range(1, last_both + 1))
+    assert repeats <= 1, order

@@ -23,13 +23,17 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from starlette.concurrency import run_in_threadpool
 
 from common.chat_format import StopStreamer, cut_at_stop
+from common.generation import MAX_SEED
 from services.api.deps import ContextDep, CurrentTenant, SessionDep
 from services.api.errors import ApiError, error_body, to_api_error
 from services.api.routes.generate import (
     MAX_INPUTS,
+    Admission,
     _active_prefix,
     _run,
+    _sample_seed,
     _sse,
+    admit,
     decoding_config,
 )
 from services.inference.deployment import InferenceRequest
@@ -75,7 +79,7 @@ class ChatCompletionRequest(BaseModel):
         | Annotated[list[Annotated[str, Field(min_length=1, max_length=200)]], Field(max_length=4)]
         | None
     ) = None
-    seed: int | None = Field(default=None, ge=0, le=2**63 - 1 - 16)
+    seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
     stream: bool = False
     stream_options: StreamOptions | None = None
 
@@ -99,13 +103,29 @@ def _finish(completion_tokens: int, max_tokens: int, stopped: bool) -> str:
 async def chat_completions(
     body: ChatCompletionRequest, tenant: CurrentTenant, session: SessionDep, context: ContextDep
 ) -> Any:
-    """OpenAI-compatible chat completions; the tenant is chosen by its API key."""
+    """OpenAI-compatible chat completions; the tenant is chosen by its API key, the version
+    by ``model``."""
+    limit = context.settings.max_new_tokens_limit
+    max_tokens = body.max_completion_tokens or body.max_tokens or limit
+    admission = admit(context, tenant.id, body.n * max_tokens, stream=body.stream)
+    try:
+        return await _chat(body, max_tokens, tenant, session, context, admission)
+    finally:
+        admission.end_of_handler()
+
+
+async def _chat(
+    body: ChatCompletionRequest,
+    max_tokens: int,
+    tenant: Any,
+    session: Any,
+    context: Any,
+    admission: Admission,
+) -> Any:
     prefix = await run_in_threadpool(_active_prefix, context, session, tenant.id, body.model)
     checker = await run_in_threadpool(context.example_checker)
     messages = [{"role": m.role, "content": m.text()} for m in body.messages]
     prompt = await run_in_threadpool(checker.chat_prompt, messages)
-    limit = context.settings.max_new_tokens_limit
-    max_tokens = body.max_completion_tokens or body.max_tokens or limit
     head = {
         "id": f"chatcmpl-{uuid.uuid4().hex}",
         "created": int(time.time()),
@@ -119,10 +139,12 @@ async def chat_completions(
 
     if body.stream:
         include_usage = body.stream_options is not None and body.stream_options.include_usage
-        return _stream(context, request(body.seed), head, stops, prompt, include_usage, max_tokens)
+        return _stream(
+            context, request(body.seed), head, stops, prompt, include_usage, max_tokens, admission
+        )
 
     # n choices: the same prompt with n seeds, decoded concurrently (one batch).
-    seeds = [None if body.seed is None else body.seed + i for i in range(body.n)]
+    seeds = [_sample_seed(body.seed, i) for i in range(body.n)]
     results = await asyncio.gather(*(_run(context, request(seed)) for seed in seeds))
     choices = []
     for index, result in enumerate(results):
@@ -153,13 +175,22 @@ def _stream(
     prompt: str,
     include_usage: bool,
     max_tokens: int,
+    admission: Admission,
 ) -> StreamingResponse:
     chunk = {**head, "object": "chat.completion.chunk"}
+    admission.streaming = True
 
     def delta(payload: dict[str, Any], finish: str | None = None) -> str:
         return _sse({**chunk, "choices": [{"index": 0, "delta": payload, "finish_reason": finish}]})
 
     async def events() -> AsyncIterator[str]:
+        try:
+            async for event in _events():
+                yield event
+        finally:  # the stream ended, failed or its client left
+            admission.release()
+
+    async def _events() -> AsyncIterator[str]:
         streamer = StopStreamer(stops)
         text = ""
         yield delta({"role": "assistant", "content": ""})

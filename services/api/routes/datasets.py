@@ -7,8 +7,10 @@ for how it is streamed, validated and stored.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import uuid
+from functools import partial
 from typing import Any
 
 from fastapi import APIRouter, Query, Request, Response
@@ -21,7 +23,7 @@ from common.blob_deletes import delete_blob
 from common.db import crud
 from common.db.errors import NotFoundError
 from common.erasure import sweep_if_not_active
-from services.api.deps import ContextDep, CurrentTenant, SessionDep
+from services.api.deps import ContextDep, CurrentTenant, SessionDep, too_many_at_once
 from services.api.errors import ApiError
 from services.api.schemas import DatasetOut, Page
 from services.api.uploads import (
@@ -75,7 +77,21 @@ UPLOAD_BODY = {
 async def upload_dataset(request: Request, tenant: CurrentTenant, context: ContextDep) -> Any:
     """Upload a dataset. Every line is checked (UTF-8, an object with non-empty `input`
     and `output` strings, within the model's context minus the longest prefix); the first
-    bad line's number is in the error, and a rejected upload leaves nothing behind."""
+    bad line's number is in the error, and a rejected upload leaves nothing behind. A tenant
+    sends at most `tenant_max_concurrent_uploads` at once (429 beyond, before reading)."""
+    if not context.open_uploads.try_acquire(tenant.id):
+        raise too_many_at_once(
+            "dataset uploads",
+            "tenant_max_concurrent_uploads",
+            context.settings.tenant_max_concurrent_uploads,
+        )
+    try:
+        return await _upload(request, tenant, context)
+    finally:
+        context.open_uploads.release(tenant.id)
+
+
+async def _upload(request: Request, tenant: Any, context: Any) -> Any:
     settings = context.settings
     used = await run_in_threadpool(_stored_bytes, context, tenant.id)
     remaining = settings.tenant_dataset_bytes_quota - used
@@ -109,8 +125,14 @@ async def upload_dataset(request: Request, tenant: CurrentTenant, context: Conte
             too_large=over_size if settings.max_dataset_bytes <= remaining else over_quota,
         )
         checker = await run_in_threadpool(context.example_checker)
-        examples = await run_in_threadpool(
-            count_valid_examples, spooled.path, checker, max_examples=settings.max_dataset_examples
+        examples = await asyncio.get_running_loop().run_in_executor(
+            context.validation,
+            partial(
+                count_valid_examples,
+                spooled.path,
+                checker,
+                max_examples=settings.max_dataset_examples,
+            ),
         )
         dataset = await run_in_threadpool(
             store_dataset,

@@ -12,7 +12,7 @@ import asyncio
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Annotated, Any
 
@@ -23,8 +23,14 @@ from starlette.concurrency import run_in_threadpool
 
 from common.db import crud
 from common.db.models import BasePrefix, PrefixVersion
-from common.generation import DecodingConfig
-from services.api.deps import ContextDep, CurrentTenant, SessionDep
+from common.generation import MAX_SEED, DecodingConfig
+from services.api.deps import (
+    ContextDep,
+    CurrentTenant,
+    SessionDep,
+    enforce_generate_rate,
+    too_many_at_once,
+)
 from services.api.errors import ApiError, error_body, to_api_error
 from services.inference.deployment import InferenceRequest, InferenceResult
 
@@ -53,7 +59,9 @@ class GenerateRequest(BaseModel):
     temperature: float | None = Field(default=None, ge=0, le=10, description="0 or absent: greedy")
     top_p: float | None = Field(default=None, gt=0, le=1)
     num_beams: int = Field(default=1, ge=1, le=16)
-    seed: int | None = Field(default=None, ge=0)
+    seed: int | None = Field(
+        default=None, ge=0, le=MAX_SEED, description="absent: fresh randomness per request"
+    )
     stream: bool = False
 
     @model_validator(mode="after")
@@ -106,6 +114,58 @@ class GenerateResponse(BaseModel):
     prefix_id: uuid.UUID
     prefix_version: int
     usage: Usage
+
+
+class Admission:
+    """What an admitted request holds; released once, by the handler or (streams) by the
+    stream when it ends."""
+
+    def __init__(self, release: Callable[[], None]) -> None:
+        self._release, self.released, self.streaming = release, False, False
+
+    def release(self) -> None:
+        if not self.released:
+            self.released = True
+            self._release()
+
+    def end_of_handler(self) -> None:
+        if not self.streaming:
+            self.release()
+
+
+def admit(context: Any, tenant_id: uuid.UUID, cost: int, *, stream: bool) -> Admission:
+    """Cost-aware admission, before any work: the request's cost (inputs × beams or samples
+    × new tokens) within ``max_request_cost`` (422), the tenant's rate limit charged by cost
+    and its in-flight cost (and open streams) within their caps (429). Returns the release
+    to call when the request ends."""
+    settings = context.settings
+    if cost > settings.max_request_cost:
+        raise ApiError(
+            422,
+            "request_too_costly",
+            f"this request costs {cost} (inputs × beams or n × new tokens); max_request_cost "
+            f"is {settings.max_request_cost}",
+        )
+    enforce_generate_rate(tenant_id, context, cost)
+    if stream and not context.open_streams.try_acquire(tenant_id):
+        raise too_many_at_once(
+            "open streams", "tenant_max_concurrent_streams", settings.tenant_max_concurrent_streams
+        )
+    if not context.inflight_cost.try_acquire(tenant_id, cost):
+        if stream:
+            context.open_streams.release(tenant_id)
+        raise too_many_at_once(
+            "generate requests (by cost)",
+            "tenant_max_inflight_cost",
+            settings.tenant_max_inflight_cost,
+        )
+
+    def release() -> None:
+        context.inflight_cost.release(tenant_id, cost)
+        if stream:
+            context.open_streams.release(tenant_id)
+
+    return Admission(release)
 
 
 def _active_prefix(
@@ -181,9 +241,22 @@ def _sse(payload: Any) -> str:
 
 
 def _stream(
-    context: Any, request: InferenceRequest, head: dict[str, Any], shape: str
+    context: Any,
+    request: InferenceRequest,
+    head: dict[str, Any],
+    shape: str,
+    admission: Admission,
 ) -> StreamingResponse:
+    admission.streaming = True
+
     async def events() -> AsyncIterator[str]:
+        try:
+            async for event in _events():
+                yield event
+        finally:  # the stream ended, failed or its client left
+            admission.release()
+
+    async def _events() -> AsyncIterator[str]:
         handle = context.inference.options(stream=True)
         try:
             async for delta in handle.stream.remote(request):
@@ -210,13 +283,18 @@ async def generate(
     body: GenerateRequest, tenant: CurrentTenant, session: SessionDep, context: ContextDep
 ) -> Any:
     """Generate with the calling tenant's active prefix."""
-    prefix = await run_in_threadpool(_active_prefix, context, session, tenant.id)
-    request = prefix.request(
-        body.texts(), body.decoding(limit=context.settings.max_new_tokens_limit)
-    )
-    if body.stream:
-        return _stream(context, request, {"prefix_id": str(prefix.id)}, shape="prefixd")
-    result = await _run(context, request)
+    decoding = body.decoding(limit=context.settings.max_new_tokens_limit)
+    cost = len(body.texts()) * decoding.num_beams * decoding.max_new_tokens
+    admission = admit(context, tenant.id, cost, stream=body.stream)
+    try:
+        prefix = await run_in_threadpool(_active_prefix, context, session, tenant.id)
+        request = prefix.request(body.texts(), decoding)
+        if body.stream:
+            head = {"prefix_id": str(prefix.id)}
+            return _stream(context, request, head, shape="prefixd", admission=admission)
+        result = await _run(context, request)
+    finally:
+        admission.end_of_handler()
     return GenerateResponse(
         outputs=result.outputs,
         prefix_id=prefix.id,
@@ -240,7 +318,12 @@ class CompletionRequest(BaseModel):
     top_p: float = Field(default=1.0, gt=0, le=1)
     n: int = Field(default=1, ge=1, le=16)
     stream: bool = False
-    seed: int | None = Field(default=None, ge=0)
+    seed: int | None = Field(
+        default=None,
+        ge=0,
+        le=MAX_SEED,
+        description="sample i uses seed + i (mod 2**63); absent: fresh randomness per sample",
+    )
 
     @model_validator(mode="after")
     def bounded(self) -> CompletionRequest:
@@ -260,9 +343,31 @@ async def completions(
 ) -> Any:
     """OpenAI-compatible completions; the tenant is chosen by its API key, the version by
     ``model`` (``GET /v1/models``; absent: the active one)."""
-    prefix = await run_in_threadpool(_active_prefix, context, session, tenant.id, body.model)
     prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
     max_tokens = body.max_tokens or min(16, context.settings.max_new_tokens_limit)
+    admission = admit(context, tenant.id, len(prompts) * body.n * max_tokens, stream=body.stream)
+    try:
+        return await _completions(body, prompts, max_tokens, tenant, session, context, admission)
+    finally:
+        admission.end_of_handler()
+
+
+def _sample_seed(seed: int | None, sample: int) -> int | None:
+    """Sample ``sample``'s seed: reproducible from ``seed`` (wrapping, never past
+    :data:`MAX_SEED`), or None (fresh randomness) when no seed was given."""
+    return None if seed is None else (seed + sample) % (MAX_SEED + 1)
+
+
+async def _completions(
+    body: CompletionRequest,
+    prompts: list[str],
+    max_tokens: int,
+    tenant: Any,
+    session: Any,
+    context: Any,
+    admission: Admission,
+) -> Any:
+    prefix = await run_in_threadpool(_active_prefix, context, session, tenant.id, body.model)
     head = {
         "id": f"cmpl-{uuid.uuid4().hex}",
         "object": "text_completion",
@@ -278,12 +383,15 @@ async def completions(
             prefix.request(prompts, decoding),
             head,
             shape="openai",
+            admission=admission,
         )
     # n samples: the same prompts with different seeds, decoded concurrently (one batch).
     requests = [
         prefix.request(
             prompts,
-            decoding_config(max_tokens, body.temperature, body.top_p, 1, (body.seed or 0) + sample),
+            decoding_config(
+                max_tokens, body.temperature, body.top_p, 1, _sample_seed(body.seed, sample)
+            ),
         )
         for sample in range(body.n)
     ]

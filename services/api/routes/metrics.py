@@ -6,6 +6,8 @@ from fastapi import APIRouter, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.concurrency import run_in_threadpool
 
+from services.api.deps import AdminDep
+
 router = APIRouter(tags=["metrics"])
 
 
@@ -14,8 +16,10 @@ router = APIRouter(tags=["metrics"])
     response_class=Response,
     responses={200: {"content": {CONTENT_TYPE_LATEST: {}}, "description": "Prometheus text"}},
 )
-async def metrics(request: Request) -> Response:
-    """Requests by route and status, request latency, and training jobs by state."""
+async def metrics(request: Request, _: AdminDep) -> Response:
+    """Requests by route and status, request latency, and training jobs by state. Needs the
+    admin token (Prometheus: `authorization: {credentials_file: ...}`): the API port is the
+    one port published, and the job gauge reads the database on every scrape."""
     registry = request.app.state.metrics.registry
     body = await run_in_threadpool(generate_latest, registry)  # the job gauge reads the database
     return Response(body, media_type=CONTENT_TYPE_LATEST)

@@ -162,6 +162,7 @@ def delete_tenant(
     if _erasure_for(session, caller, tenant_id) is None:
         _tenant_for(session, caller, tenant_id)
     start_tenant_erasure(context=context, tenant_id=tenant_id)
+    context.api_keys.forget_tenant(tenant_id)  # its keys stop working here at once
     return TenantDeletion(id=tenant_id, status=TenantStatus.deleting.value)
 
 
@@ -196,8 +197,15 @@ def create_key(
     "/{tenant_id}/keys/{key_id}", response_model=ApiKeyPublic, responses=NOT_FOUND | GONE
 )
 def revoke_key(
-    tenant_id: uuid.UUID, key_id: uuid.UUID, caller: CallerDep, session: SessionDep
+    tenant_id: uuid.UUID,
+    key_id: uuid.UUID,
+    caller: CallerDep,
+    session: SessionDep,
+    context: ContextDep,
 ) -> Any:
-    """Revoke a key: it stops working at once (revoking again changes nothing)."""
+    """Revoke a key: it stops working at once on this API replica, on the others within
+    `api_key_cache_seconds` (revoking again changes nothing)."""
     _active_tenant_for(session, caller, tenant_id)
-    return crud.revoke_api_key(session=session, tenant_id=tenant_id, key_id=key_id)
+    revoked = crud.revoke_api_key(session=session, tenant_id=tenant_id, key_id=key_id)
+    context.api_keys.forget_tenant(tenant_id)
+    return revoked
