@@ -31,7 +31,9 @@ def test_chat_completions_with_the_openai_sdk(inproc_inference: InProc) -> None:
     prefix_id = inproc.publish(tenant_id, length=2, seed=7)
     sdk = client(inproc, key)
 
-    plain = sdk.chat.completions.create(model="default", messages=MESSAGES, max_tokens=6)
+    plain = sdk.chat.completions.create(
+        model="default", messages=MESSAGES, max_tokens=6, temperature=0
+    )
     (choice,) = plain.choices
     assert choice.message.role == "assistant" and choice.finish_reason in ("stop", "length")
     assert plain.object == "chat.completion" and plain.model == f"prefix-{prefix_id}"
@@ -40,7 +42,7 @@ def test_chat_completions_with_the_openai_sdk(inproc_inference: InProc) -> None:
 
     chunks = list(
         sdk.chat.completions.create(
-            model="default", messages=MESSAGES, max_tokens=6, stream=True,
+            model="default", messages=MESSAGES, max_tokens=6, stream=True, temperature=0,
             stream_options={"include_usage": True},
         )
     )  # fmt: skip
@@ -53,7 +55,9 @@ def test_chat_completions_with_the_openai_sdk(inproc_inference: InProc) -> None:
     words = choice.message.content.split()
     assert len(words) >= 2, choice.message.content  # the tiny model's greedy text here
     stop = " " + words[1]
-    cut = sdk.chat.completions.create(model="default", messages=MESSAGES, max_tokens=6, stop=[stop])
+    cut = sdk.chat.completions.create(
+        model="default", messages=MESSAGES, max_tokens=6, stop=[stop], temperature=0
+    )
     assert cut.choices[0].message.content == choice.message.content.split(stop)[0]
     assert cut.choices[0].finish_reason == "stop"
 
