@@ -81,7 +81,7 @@ def test_hyperparameters_become_a_training_config() -> None:
     [
         ({"epochs": "3"}, "epochs: Input should be a valid integer"),
         ({"epochs": True}, "epochs: Input should be a valid integer"),
-        ({"epochs": 0}, "epochs must be at least 1, got 0"),
+        ({"epochs": 0}, "epochs must be at least 1 (or unset: automatic), got 0"),
         ({"prefix_length": -1}, "prefix length must be at least 1"),
         ({"loss_reduction": "max"}, "loss_reduction: Input should be 'sequence_sum' or"),
         ({"dtype": "int8"}, "dtype: Input should be"),
