@@ -9,8 +9,10 @@ optimizer state. The objective is ``log p(y | x, P)``: loss on output tokens onl
     loss_reduction="token_mean":   mean over every output token of the batch
 
 AdamW, linear warmup then linear decay (warmup matters in low-data runs), gradient clipping,
-a seed, and an optional validation set evaluated after every epoch with early stopping: the
-returned prefix is the one with the best validation loss.
+a seed, and an optional validation set with early stopping: the returned prefix is the one
+with the best validation loss. How many steps, and how often validation runs, is
+:func:`common.training_budget.plan_budget`: ``epochs`` given, that many epochs validated at
+each epoch's end; ``epochs=None`` (the default), an automatic budget from the data size.
 
 Encoder-decoder models (BART, T5) train the same way: the prefix carries three sub-prefixes
 (encoder self-attention, decoder self-attention, cross-attention; see
@@ -20,7 +22,6 @@ on the decoder's tokens.
 
 from __future__ import annotations
 
-import math
 import random
 import time
 from collections.abc import Callable, Sequence
@@ -47,6 +48,7 @@ from common.model_loading import LoadedModel
 from common.prefix_encoder import PrefixEncoder
 from common.prefix_file import Prefix, prompt_format
 from common.prefix_init import build_prefix_encoder
+from common.training_budget import plan_budget
 
 
 @dataclass
@@ -55,7 +57,7 @@ class TrainingConfig:
     mid_dim: int = 512
     reparameterize: bool = True
     init: str = "random"  # or "text:WORDS"
-    epochs: int = 5
+    epochs: int | None = None  # None: automatic (common/training_budget.py)
     learning_rate: float = 5e-4
     batch_size: int = 8
     warmup_ratio: float = 0.1
@@ -63,7 +65,9 @@ class TrainingConfig:
     max_grad_norm: float = 1.0
     seed: int = 0
     loss_reduction: Literal["sequence_sum", "token_mean"] = "token_mean"
-    patience: int | None = None  # epochs without validation improvement before stopping
+    # validations without improvement before stopping (None: never with a fixed epoch
+    # count; the automatic budget's default otherwise)
+    patience: int | None = None
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"  # of the stored prefix
 
     def validate(self) -> None:
@@ -72,7 +76,14 @@ class TrainingConfig:
                 self.prefix_length >= 1,
                 f"prefix length must be at least 1, got {self.prefix_length}",
             ),
-            (self.epochs >= 1, f"epochs must be at least 1, got {self.epochs}"),
+            (
+                self.epochs is None or self.epochs >= 1,
+                f"epochs must be at least 1 (or unset: automatic), got {self.epochs}",
+            ),
+            (
+                self.patience is None or self.patience >= 1,
+                f"patience must be at least 1, got {self.patience}",
+            ),
             (self.batch_size >= 1, f"batch size must be at least 1, got {self.batch_size}"),
             (self.learning_rate > 0, f"learning rate must be positive, got {self.learning_rate}"),
             (
@@ -305,8 +316,11 @@ def train_prefix(
         )  # fmt: skip
     pad_id = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
 
-    steps_per_epoch = math.ceil(len(train_set) / config.batch_size)
-    total_steps = steps_per_epoch * config.epochs
+    budget = plan_budget(
+        len(train_set), config.batch_size, epochs=config.epochs, has_validation=bool(dev_set),
+        patience=config.patience,
+    )  # fmt: skip
+    total_steps = budget.total_steps
     optimizer = torch.optim.AdamW(
         encoder.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay
     )
@@ -315,12 +329,14 @@ def train_prefix(
     )
     order = random.Random(config.seed)
     history: list[Progress] = []
-    best: tuple[float, torch.Tensor] | None = None
-    epochs_without_improvement, step, tokens_seen = 0, 0, 0
+    best: tuple[float, int, torch.Tensor] | None = None  # (loss, step, prefix)
+    validations_without_improvement, step, tokens_seen = 0, 0, 0
     started = time.perf_counter()
     evaluating_seconds = 0.0
-    stopped = False
-    for epoch in range(1, config.epochs + 1):
+    stopped = validation_stopped = False
+    epoch = 0
+    while step < total_steps and not (stopped or validation_stopped):
+        epoch += 1
         indices = list(range(len(train_set)))
         order.shuffle(indices)
         for start in range(0, len(indices), config.batch_size):
@@ -343,19 +359,29 @@ def train_prefix(
             scheduler.step()
             step += 1
             tokens_seen += batch.tokens
+            end_of_epoch = start + config.batch_size >= len(indices)
+            if budget.evaluate_every is None:
+                evaluate_now = end_of_epoch
+            else:
+                evaluate_now = step % budget.evaluate_every == 0 or step == total_steps
+            validation_loss = None
+            if dev_set and evaluate_now:
+                evaluation_started = time.perf_counter()
+                current = encoder.materialize()
+                validation_loss = evaluate_loss(
+                    model, full_prefix(current), dev_set, batch_size=config.batch_size,
+                    pad_id=pad_id,
+                )  # fmt: skip
+                evaluating_seconds += time.perf_counter() - evaluation_started
+                if best is None or validation_loss < best[0]:
+                    best = (validation_loss, step, current)
+                    validations_without_improvement = 0
+                else:
+                    validations_without_improvement += 1
+                    if budget.patience is not None:
+                        validation_stopped = validations_without_improvement >= budget.patience
             elapsed = time.perf_counter() - started
             training_seconds = elapsed - evaluating_seconds  # tokens/s of training alone
-            validation_loss = None
-            if dev_set and start + config.batch_size >= len(indices):  # end of epoch
-                evaluation_started = time.perf_counter()
-                validation_loss = evaluate_loss(
-                    model,
-                    full_prefix(encoder.materialize()),
-                    dev_set,
-                    batch_size=config.batch_size,
-                    pad_id=pad_id,
-                )
-                evaluating_seconds += time.perf_counter() - evaluation_started
             report = Progress(
                 step, total_steps, epoch, float(loss.detach()), validation_loss,
                 tokens_seen / max(training_seconds, 1e-9), elapsed,
@@ -363,22 +389,15 @@ def train_prefix(
             history.append(report)
             if on_progress is not None:
                 on_progress(report)
-        if stopped:
-            break
-        if dev_set:
-            validation_loss = history[-1].validation_loss
-            assert validation_loss is not None
-            if best is None or validation_loss < best[0]:
-                best = (validation_loss, encoder.materialize())
-                epochs_without_improvement = 0
-            else:
-                epochs_without_improvement += 1
-                if config.patience is not None and epochs_without_improvement >= config.patience:
-                    break
+            if validation_stopped or step >= total_steps:
+                break
 
-    key_values = best[1] if best is not None else encoder.materialize()
+    key_values = best[2] if best is not None else encoder.materialize()
     metrics: dict[str, float | int | bool] = {
         "steps": step,
+        "planned_steps": total_steps,
+        "automatic_budget": budget.automatic,
+        "early_stopped": validation_stopped,
         "train_loss": history[-1].loss if history else float("nan"),
         "tokens_per_second": history[-1].tokens_per_second if history else 0.0,
         "examples": len(train_set),
@@ -386,6 +405,8 @@ def train_prefix(
     }
     if best is not None:
         metrics["validation_loss"] = best[0]
+        metrics["best_step"] = best[1]
+        metrics["validation_examples"] = len(dev_set)
     hyperparameters = asdict(config) | {"prefix_length": prefix_length}
     prefix = Prefix(
         key_values=key_values.to(getattr(torch, config.dtype)),

@@ -55,7 +55,14 @@ def train_local(
     out: Annotated[Path, typer.Option("--out", help="Where to write the prefix (.safetensors).")],
     model: ModelOption = None,
     prefix_length: Annotated[int, typer.Option("--prefix-length")] = 10,
-    epochs: Annotated[int, typer.Option("--epochs")] = 5,
+    epochs: Annotated[
+        int | None,
+        typer.Option(
+            "--epochs",
+            help="Passes over the data. Unset: an automatic budget from the data size, with a "
+            "validation split and early stopping from 40 examples (common/training_budget.py).",
+        ),
+    ] = None,
     learning_rate: Annotated[float, typer.Option("--learning-rate")] = 5e-4,
     batch_size: Annotated[int, typer.Option("--batch-size")] = 8,
     init: Annotated[str, typer.Option("--init", help="'random' or 'text:WORDS'.")] = "random",
@@ -83,6 +90,7 @@ def train_local(
     from common.data import read_jsonl
     from common.prefix_file import save_prefix
     from common.training import Progress, TrainingConfig, train_prefix
+    from common.training_budget import automatic_validation_split
 
     if dtype not in ("float32", "float16", "bfloat16"):
         raise typer.BadParameter(
@@ -97,6 +105,14 @@ def train_local(
     config.validate()  # before the (slow) model load: bad flags fail at once
     examples = read_jsonl(data)
     validation_examples = read_jsonl(validation) if validation else None
+    if validation_examples is None and epochs is None:  # the rule jobs follow too
+        examples, validation_examples = automatic_validation_split(examples, seed)
+        if validation_examples:
+            typer.echo(
+                f"holding out {len(validation_examples)} of the {len(examples) + len(validation_examples)} "
+                "examples for validation and early stopping (automatic budget)",
+                err=True,
+            )
     quiet_libraries()
     loaded = _load(model)
     with tqdm(total=None, unit="step", desc="training", file=sys.stderr) as bar:

@@ -3,7 +3,7 @@ store directly (like ``prefixd tenants``); registered by prefixd/cli.py.
 
     prefixd base-prefixes upload FILE [--name N]        # operator data (JSONL)
     prefixd base-prefixes datasets                      # operator datasets
-    prefixd base-prefixes train NAME --dataset ID … [--wait]   # queue an operator job
+    prefixd base-prefixes train NAME --dataset ID … [--epochs N] [--wait]   # queue an operator job
     prefixd base-prefixes list [--name N]               # versions, default marked
     prefixd base-prefixes set-default ID | --clear
     prefixd base-prefixes delete ID                     # refused while tenants depend on it
@@ -145,7 +145,12 @@ def train(
     dataset: Annotated[
         list[str], typer.Option("--dataset", help="Operator dataset id (repeatable).")
     ],
-    validation_split: Annotated[float, typer.Option("--validation-split")] = 0.1,
+    validation_split: Annotated[
+        float | None,
+        typer.Option(
+            "--validation-split", help="Held out for validation (default: automatic, as for jobs)."
+        ),
+    ] = None,
     epochs: Annotated[int | None, typer.Option("--epochs")] = None,
     prefix_length: Annotated[int | None, typer.Option("--prefix-length")] = None,
     learning_rate: Annotated[float | None, typer.Option("--learning-rate")] = None,
@@ -160,9 +165,10 @@ def train(
     from common.db.engine import session_scope
     from workers.hyperparameters import parse_hyperparameters
 
-    params: dict[str, Any] = {"validation_split": validation_split}
+    params: dict[str, Any] = {}
     for key, value in (("epochs", epochs), ("prefix_length", prefix_length),
-                       ("learning_rate", learning_rate), ("seed", seed)):  # fmt: skip
+                       ("learning_rate", learning_rate), ("seed", seed),
+                       ("validation_split", validation_split)):  # fmt: skip
         if value is not None:
             params[key] = value
     spec = parse_hyperparameters(params)  # bad values fail before anything is queued

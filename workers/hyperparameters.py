@@ -2,7 +2,8 @@
 
 Every field of :class:`~common.training.TrainingConfig` may be given, with its type checked,
 plus ``validation_split`` (the fraction of the job's examples held out for validation
-losses and early stopping; 0 means none) and ``validation_split_method``: ``shuffle`` (a
+losses and early stopping; 0 means none; unset, the automatic rule of
+:mod:`common.training_budget` when ``epochs`` is unset too, else none) and ``validation_split_method``: ``shuffle`` (a
 seeded shuffle, the default) or ``hash`` (an example is held out when a hash of the seed and
 its text falls under the fraction: the same example stays on the same side as a tenant's
 data grows, which nightly jobs use so that successive versions are compared on examples
@@ -25,7 +26,7 @@ from common.errors import InvalidInputError
 from common.training import TrainingConfig
 
 EXTRA_FIELDS: dict[str, Any] = {
-    "validation_split": (float, Field(default=0.0, ge=0.0, lt=1.0)),
+    "validation_split": (float | None, Field(default=None, ge=0.0, lt=1.0)),
     "validation_split_method": (Literal["shuffle", "hash"], Field(default="shuffle")),
     # The operator's base prefix the job trains from (its id; the API resolves "default"
     # to the id at submission) and how: see common/base_prefix.py. None: no base.
@@ -37,7 +38,7 @@ EXTRA_FIELDS: dict[str, Any] = {
 @dataclasses.dataclass(frozen=True)
 class JobTrainingSpec:
     config: TrainingConfig
-    validation_split: float = 0.0
+    validation_split: float | None = None  # None: automatic (common/training_budget.py)
     validation_split_method: str = "shuffle"
     base_prefix: str | None = None
     base_mode: str | None = None
@@ -91,7 +92,8 @@ def parse_hyperparameters(raw: Any) -> JobTrainingSpec:
             message += f" (known: {', '.join(known_hyperparameters())})"
         raise InvalidInputError(message) from None
     values = parsed.model_dump()
-    validation_split = float(values.pop("validation_split"))
+    raw_split = values.pop("validation_split")
+    validation_split = None if raw_split is None else float(raw_split)
     method = str(values.pop("validation_split_method"))
     base_prefix, base_mode = values.pop("base_prefix"), values.pop("base_mode")
     if (base_prefix is None) != (base_mode is None):

@@ -55,7 +55,7 @@ from common.db.models import (
     TrainingJobCreate,
 )
 from common.errors import InvalidInputError, PrefixdError
-from common.training import TrainingConfig
+from common.training_budget import EPOCHS_WITH_VALIDATION
 from workers.quality_gate import HASH_SPLIT
 
 log = logging.getLogger(__name__)
@@ -147,8 +147,9 @@ def nightly_hyperparameters(last: dict[str, Any] | None, validation_split: float
 
 def estimate_tokens(size_bytes: int, params: dict[str, Any]) -> int:
     """Training tokens of a job: its data's bytes / ``BYTES_PER_TOKEN``, less the
-    held-out part, times the epochs."""
-    epochs = int(params.get("epochs") or TrainingConfig().epochs)
+    held-out part, times the epochs (the automatic budget's nominal epochs when unset: an
+    estimate, as its floor and ceiling and early stopping move the real count)."""
+    epochs = int(params.get("epochs") or EPOCHS_WITH_VALIDATION)
     held_out = float(params.get("validation_split") or 0.0)
     return round(size_bytes * (1.0 - held_out) / BYTES_PER_TOKEN) * epochs
 

@@ -106,7 +106,7 @@ def comparison_slice(
     seen = set(active_job_examples)
     params = active_job.hyperparameters or {}
     if params.get("validation_split_method") == HASH_SPLIT:
-        fraction = float(params.get("validation_split", 0.0))
+        fraction = float(params.get("validation_split") or 0.0)
         seed = int(params.get("seed", 0))
         seen = {e for e in seen if hash_fraction(e, seed) >= fraction}
     return [e for e in held_out if e not in seen], "unseen_by_active"

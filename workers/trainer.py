@@ -81,6 +81,7 @@ from common.errors import IncompatiblePrefixError, InvalidInputError
 from common.prefix_file import Prefix, prefix_from_bytes, prefix_to_bytes
 from common.shared_weights import SharedModel, materialize_model
 from common.training import Progress, train_prefix
+from common.training_budget import automatic_validation_split
 from workers.hyperparameters import JobTrainingSpec, parse_hyperparameters
 from workers.job_report import Candidate, bare_model, json_safe, personalization_report
 from workers.quality_gate import HASH_SPLIT, GateDecision, hash_split, nightly_quality_gate
@@ -302,8 +303,10 @@ def job_examples(
 ) -> tuple[list[Example], list[Example] | None]:
     """The job's training and validation examples: validation from its
     ``validation_dataset_id``, or a seeded ``validation_split`` of the training data, or
-    none. An operator job (no tenant) reads operator datasets only; a tenant's job reads
-    only that tenant's datasets."""
+    — neither given and ``epochs`` unset — the automatic split of
+    :mod:`common.training_budget` (the same rule as ``prefixd train-local``), or none. An
+    operator job (no tenant) reads operator datasets only; a tenant's job reads only that
+    tenant's datasets."""
 
     def read(ids: list[Any]) -> list[Example]:
         if job.tenant_id is None:
@@ -312,10 +315,14 @@ def job_examples(
 
     train = read(list(job.dataset_ids))
     if job.validation_dataset_id is None:
+        if spec.validation_split is None:
+            if spec.config.epochs is None:
+                return automatic_validation_split(train, spec.config.seed)
+            return train, None
         return split_validation(
             train, spec.validation_split, spec.config.seed, method=spec.validation_split_method
         )
-    if spec.validation_split > 0:
+    if spec.validation_split:
         raise InvalidInputError(
             "give either validation_dataset_id or hyperparameters.validation_split, not both"
         )

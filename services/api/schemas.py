@@ -154,7 +154,12 @@ class Hyperparameters(BaseModel):
         description="Virtual tokens per layer (at most the service's longest prefix); "
         "ignored with `text:` init, where the text's token count is the length.",
     )
-    epochs: int = Field(default=_DEFAULTS.epochs, le=1000)
+    epochs: int | None = Field(
+        default=_DEFAULTS.epochs,
+        le=1000,
+        description="Passes over the data; unset: an automatic budget from the data size, "
+        "with a validation split and early stopping (see docs/ARCHITECTURE.md).",
+    )
     learning_rate: float = Field(default=_DEFAULTS.learning_rate, le=10, allow_inf_nan=False)
     batch_size: int = Field(default=_DEFAULTS.batch_size, le=1024)
     init: InitText = Field(
@@ -163,13 +168,14 @@ class Hyperparameters(BaseModel):
         "activations for WORDS (the paper's better low-data init).",
     )
     seed: int = Field(default=_DEFAULTS.seed, ge=0, le=2**32 - 1)
-    validation_split: float = Field(
-        default=0.0,
+    validation_split: float | None = Field(
+        default=None,
         ge=0,
         lt=1,
         allow_inf_nan=False,
         description="Fraction of the examples held out for validation loss and early "
-        "stopping (0: none); not together with `validation_dataset_id`.",
+        "stopping (0: none; unset: automatic when `epochs` is unset, else none); not "
+        "together with `validation_dataset_id`.",
     )
     base_prefix: Annotated[str, Field(min_length=1, max_length=64)] | None = Field(
         default=None,

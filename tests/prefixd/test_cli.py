@@ -28,6 +28,24 @@ def data_file(tmp_path) -> Path:
     return path
 
 
+def test_train_local_without_epochs_uses_the_automatic_budget(runner, tmp_path, tiny_model_dirs):
+    from common.prefix_file import load_prefix
+
+    data = tmp_path / "many.jsonl"
+    rows = [{"input": f"alpha {w}", "output": w} for w in "red green blue one two".split()] * 9
+    data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")  # 45 examples
+    out = tmp_path / "auto.safetensors"
+    result = runner.invoke(app, [
+        "train-local", "--data", str(data), "--out", str(out), "--model",
+        str(tiny_model_dirs["llama"]), "--prefix-length", "3", "--mid-dim", "16",
+    ])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "holding out 7 of the 45 examples for validation" in result.stderr
+    metrics = load_prefix(out).metrics
+    assert metrics["automatic_budget"] is True and metrics["validation_examples"] == 7
+    assert metrics["examples"] == 38 and metrics["planned_steps"] == 50  # 10 × ceil(38 / 8)
+
+
 def test_train_then_generate(runner, data_file, tmp_path, tiny_model_dirs):
     model = str(tiny_model_dirs["llama"])
     out = tmp_path / "p.safetensors"

@@ -294,7 +294,7 @@ def test_job_submission_is_validated(stack, api):
     dataset_id = api.dataset(key)
     foreign = api.dataset(other_key)
     cases: list[tuple[dict[str, Any], tuple[int, str, str]]] = [
-        ({"epochs": 0}, (422, "invalid_hyperparameters", r"epochs must be at least 1, got 0")),
+        ({"epochs": 0}, (422, "invalid_hyperparameters", r"epochs must be at least 1 \(or unset: automatic\), got 0")),
         ({"learning_rate": -1}, (422, "invalid_hyperparameters", r"learning rate must be positive")),
         ({"prefix_length": 0}, (422, "invalid_hyperparameters", r"prefix length must be at least 1")),
         ({"prefix_length": 17}, (422, "invalid_hyperparameters", r"longest prefix allowed, 16 \(max_prefix_length")),

@@ -36,6 +36,7 @@ from workers.scheduler import describe_trainer_error
 from workers.trainer import (
     ProgressWriter,
     delete_orphan_prefix_blobs,
+    job_examples,
     publish_trained_prefix,
     split_validation,
 )
@@ -70,7 +71,9 @@ def test_hyperparameters_become_a_training_config() -> None:
     spec = parse_hyperparameters({"epochs": 2, "learning_rate": 1, "validation_split": 0.2})
     assert spec.config.epochs == 2 and spec.config.learning_rate == 1.0
     assert spec.validation_split == 0.2 and spec.config.prefix_length == 10  # a default
-    assert parse_hyperparameters(None).config.epochs == 5
+    automatic = parse_hyperparameters(None)
+    assert automatic.config.epochs is None and automatic.validation_split is None
+    assert parse_hyperparameters({"epochs": None}).config.epochs is None
 
 
 @pytest.mark.parametrize(
@@ -78,7 +81,7 @@ def test_hyperparameters_become_a_training_config() -> None:
     [
         ({"epochs": "3"}, "epochs: Input should be a valid integer"),
         ({"epochs": True}, "epochs: Input should be a valid integer"),
-        ({"epochs": 0}, "epochs must be at least 1, got 0"),
+        ({"epochs": 0}, "epochs must be at least 1 (or unset: automatic), got 0"),
         ({"prefix_length": -1}, "prefix length must be at least 1"),
         ({"loss_reduction": "max"}, "loss_reduction: Input should be 'sequence_sum' or"),
         ({"dtype": "int8"}, "dtype: Input should be"),
@@ -107,6 +110,47 @@ def test_validation_split_holds_out_examples_reproducibly() -> None:
     assert split_validation(examples, 0.0, seed=1) == (examples, None)
     with pytest.raises(InvalidInputError, match="leaves nothing to train on"):
         split_validation(examples[:1], 0.5, seed=1)
+
+
+def put_dataset(session: Session, store: Any, tenant: Tenant, examples: int) -> Dataset:
+    """A dataset row and its JSONL blob, as an upload leaves them."""
+    import hashlib
+    import json
+
+    dataset = make_dataset(session, tenant, example_count=examples)
+    data = "".join(
+        json.dumps({"input": f"in {i}", "output": f"out {i}"}) + "\n" for i in range(examples)
+    ).encode()
+    store.put_bytes(dataset.object_key, data)
+    dataset.sha256 = hashlib.sha256(data).hexdigest()
+    session.add(dataset)
+    session.commit()
+    session.refresh(dataset)
+    return dataset
+
+
+@pytest.mark.parametrize(
+    ("examples", "hyperparameters", "held_out"),
+    [
+        (60, {"prefix_length": 4}, 9),  # automatic: 15 % of 60 held out for early stopping
+        (30, {"prefix_length": 4}, 0),  # automatic, too few examples to spare any
+        (60, {"epochs": 3}, 0),  # a fixed epoch count asks for no validation
+        (60, {"validation_split": 0.0}, 0),  # explicitly none
+        (60, {"validation_split": 0.5}, 30),  # explicitly half
+    ],
+)
+def test_jobs_follow_the_automatic_validation_rule(
+    db_engine, s3_store, examples, hyperparameters, held_out
+) -> None:
+    with Session(db_engine) as session:
+        tenant = make_tenant(session)
+        dataset = put_dataset(session, s3_store, tenant, examples)
+        job = make_job(session, tenant, datasets=[dataset], hyperparameters=hyperparameters)
+        spec = parse_hyperparameters(job.hyperparameters)
+        train, validation = job_examples(db_engine, s3_store, job, spec)
+    assert len(validation or []) == held_out and len(train) == examples - held_out
+    if held_out:
+        assert validation is not None and not set(train) & set(validation)
 
 
 # --- publishing -----------------------------------------------------------------------------

@@ -127,7 +127,7 @@ def test_bad_hyperparameters_bad_data_and_foreign_datasets_fail_without_retry(
         session.commit()
     run_scheduler()
     expected = {
-        bad_hyperparameters.id: "invalid hyperparameters: epochs must be at least 1, got 0",
+        bad_hyperparameters.id: "invalid hyperparameters: epochs must be at least 1 (or unset: automatic), got 0",
         unknown.id: "unknown hyperparameter 'learning_rat'",
         bad_data.id: f"dataset {bad_data.dataset_ids[0]}:2: invalid JSON",
         foreign.id: f"dataset {bad_hyperparameters.dataset_ids[0]} of the job no longer exists",

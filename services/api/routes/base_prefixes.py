@@ -253,7 +253,7 @@ def submit_base_prefix_job(
             422, "invalid_hyperparameters", "a base prefix is not trained from a base prefix"
         )
     if body.validation_dataset_id is not None:
-        if body.hyperparameters.validation_split > 0:
+        if body.hyperparameters.validation_split:  # None (automatic) or 0: none asked for
             raise ApiError(
                 422,
                 "invalid_request",

@@ -140,7 +140,7 @@ def submit_job(
         checked_hyperparameters(body.hyperparameters, context), session, context
     )
     if body.validation_dataset_id is not None:
-        if body.hyperparameters.validation_split > 0:
+        if body.hyperparameters.validation_split:  # None (automatic) or 0: none asked for
             raise ApiError(
                 422,
                 "invalid_request",
