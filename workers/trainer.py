@@ -81,7 +81,7 @@ from common.errors import IncompatiblePrefixError, InvalidInputError
 from common.prefix_file import Prefix, prefix_from_bytes, prefix_to_bytes
 from common.shared_weights import SharedModel, materialize_model
 from common.training import Progress, train_prefix
-from common.training_budget import automatic_validation_split
+from common.training_budget import automatic_validation_split, plan_budget
 from workers.hyperparameters import JobTrainingSpec, parse_hyperparameters
 from workers.job_report import Candidate, bare_model, json_safe, personalization_report
 from workers.quality_gate import HASH_SPLIT, GateDecision, hash_split, nightly_quality_gate
@@ -509,13 +509,22 @@ def out_of_memory_message(engine: Engine, job_id: uuid.UUID, error: BaseExceptio
     )
 
 
-def check_step_budget(train_examples: int, batch_size: int, epochs: int, max_steps: int) -> int:
-    """The job's optimizer steps; :class:`InvalidInputError` (no retry) beyond ``max_steps``."""
-    steps = math.ceil(train_examples / batch_size) * epochs
+def check_step_budget(
+    train_examples: int,
+    batch_size: int,
+    epochs: int | None,
+    max_steps: int,
+    *,
+    has_validation: bool = False,
+) -> int:
+    """The job's optimizer steps (``epochs`` None: the automatic budget,
+    ``common/training_budget.py``); :class:`InvalidInputError` (no retry) beyond ``max_steps``."""
+    budget = plan_budget(train_examples, batch_size, epochs=epochs, has_validation=has_validation)
+    steps = budget.total_steps
     if steps > max_steps:
         raise InvalidInputError(
-            f"the job needs {steps} optimizer steps ({epochs} epoch(s) x "
-            f"{math.ceil(train_examples / batch_size)} batch(es) of {batch_size}), more than "
+            f"the job needs {steps} optimizer steps ({steps // budget.steps_per_epoch} epoch(s) "
+            f"x {budget.steps_per_epoch} batch(es) of {batch_size}), more than "
             f"job_max_steps ({max_steps}): use fewer epochs, a larger batch_size or less data"
         )
     return steps
@@ -741,7 +750,11 @@ def _train_and_publish(
     delete_orphan_prefix_blobs(engine, store, tenant_id)
     train, validation = job_examples(engine, store, job, spec)
     check_step_budget(
-        len(train), spec.config.batch_size, spec.config.epochs, settings.job_max_steps
+        len(train),
+        spec.config.batch_size,
+        spec.config.epochs,
+        settings.job_max_steps,
+        has_validation=bool(validation),
     )
     loaded = place(materialize_model(shared), choose_placement(settings.trainer_num_gpus))
     zero_copy = loaded.zero_copy

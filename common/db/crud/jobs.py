@@ -45,9 +45,10 @@ BYTES_PER_TOKEN = 4  # a rough average of English text in a BPE vocabulary
 def estimate_job_tokens(size_bytes: int, hyperparameters: dict[str, Any]) -> int:
     """Training tokens of a job: its data's bytes / ``BYTES_PER_TOKEN``, less the held-out
     part, times the epochs."""
-    from common.training import TrainingConfig
+    from common.training_budget import EPOCHS_WITH_VALIDATION
 
-    epochs = int(hyperparameters.get("epochs") or TrainingConfig().epochs)
+    # Epochs unset: the automatic budget, at most EPOCHS_WITH_VALIDATION passes over the data.
+    epochs = int(hyperparameters.get("epochs") or EPOCHS_WITH_VALIDATION)
     held_out = float(hyperparameters.get("validation_split") or 0.0)
     return round(size_bytes * (1.0 - held_out) / BYTES_PER_TOKEN) * epochs
 
@@ -55,13 +56,16 @@ def estimate_job_tokens(size_bytes: int, hyperparameters: dict[str, Any]) -> int
 def estimate_job_steps(examples: int, hyperparameters: dict[str, Any]) -> int:
     """Optimizer steps of a job: batches per epoch (after the held-out part) x epochs."""
     from common.training import TrainingConfig
+    from common.training_budget import plan_budget
 
-    defaults = TrainingConfig()
-    epochs = int(hyperparameters.get("epochs") or defaults.epochs)
-    batch = int(hyperparameters.get("batch_size") or defaults.batch_size)
+    epochs = hyperparameters.get("epochs")
+    batch = int(hyperparameters.get("batch_size") or TrainingConfig().batch_size)
     held_out = float(hyperparameters.get("validation_split") or 0.0)
     train = max(1, examples - round(examples * held_out))
-    return math.ceil(train / batch) * epochs
+    budget = plan_budget(
+        train, batch, epochs=int(epochs) if epochs else None, has_validation=held_out > 0
+    )
+    return budget.total_steps
 
 
 def next_utc_midnight(now: datetime) -> datetime:
