@@ -636,6 +636,7 @@ def section(runs: Sequence[Run], args: argparse.Namespace, init_tokens: int) -> 
         f"\n\n    {command}",
         protocol,
         table(runs, seeds),
+        not_run(runs),
         "Targets (issue 20): each of our rows at least full fine-tuning at every N ≤ 200, "
         "and at least PEFT and in-context at every N. Mean BLEU per N:\n\n"
         + "\n".join(verdicts(runs)),
@@ -643,6 +644,17 @@ def section(runs: Sequence[Run], args: argparse.Namespace, init_tokens: int) -> 
         "\n".join(samples),
     ]
     return "\n\n".join(part for part in parts if part)
+
+
+def not_run(runs: Sequence[Run]) -> str:
+    """Say plainly which rows have no result (a cut run), so no reader takes a gap for a win."""
+    missing = [m for m in METHODS if not any(r.method == m for r in runs)]
+    if not missing:
+        return ""
+    return (
+        f"**Not run** (the run was cut before them): {', '.join(missing)}. Their targets are "
+        "neither met nor missed here: they were not measured."
+    )
 
 
 def parse_args(argv: Iterable[str] | None = None) -> argparse.Namespace:

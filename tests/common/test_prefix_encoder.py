@@ -63,3 +63,12 @@ def test_unknown_init_is_refused(tiny_llama):
             tiny_llama.model, tiny_llama.tokenizer, init="zeros", prefix_length=2, mid_dim=8,
             reparameterize=True,
         )  # fmt: skip
+
+
+def test_materialize_is_a_snapshot_even_without_reparameterization():
+    # The best validation epoch is kept as materialize(); it must not move with training.
+    encoder = PrefixEncoder(PrefixShape(2, 1, 4), 3, reparameterize=False)
+    snapshot = encoder.materialize()
+    with torch.no_grad():
+        encoder.key_values.add_(1.0)
+    assert not torch.equal(snapshot, encoder.materialize())
