@@ -256,19 +256,22 @@ def load_examples(
             raise NotFoundError(f"dataset {dataset_id} of the job no longer exists")
         if not key_belongs_to_tenant(dataset.object_key, tenant_id):
             raise InvalidInputError(f"dataset {dataset_id} is stored outside its tenant's prefix")
-        try:
-            data = store.get_bytes(dataset.object_key)
-        except BlobNotFoundError:
-            raise BlobNotFoundError(
-                f"the data of dataset {dataset_id} is missing from object storage"
-            ) from None
-        if sha256_hex(data) != dataset.sha256:
-            raise InvalidInputError(
-                f"dataset {dataset_id}: the stored data does not match its recorded SHA-256"
-            )
-        examples.extend(parse_jsonl(data.splitlines(), source=f"dataset {dataset_id}"))
-        del data
+        examples.extend(
+            _stored_examples(store, dataset.object_key, dataset.sha256, f"dataset {dataset_id}")
+        )
     return examples
+
+
+def _stored_examples(store: BlobStore, key: str, sha256: str, what: str) -> list[Example]:
+    """A dataset's examples, read into memory (never to disk) and checked against the SHA-256
+    its row recorded."""
+    try:
+        data = store.get_bytes(key)
+    except BlobNotFoundError:
+        raise BlobNotFoundError(f"the data of {what} is missing from object storage") from None
+    if sha256_hex(data) != sha256:
+        raise InvalidInputError(f"{what}: the stored data does not match its recorded SHA-256")
+    return parse_jsonl(data.splitlines(), source=what)
 
 
 def load_operator_examples(
@@ -284,17 +287,8 @@ def load_operator_examples(
             raise NotFoundError(f"operator dataset {dataset_id} of the job no longer exists")
         if not dataset.object_key.startswith(f"{OPERATOR_ROOT}datasets/"):
             raise InvalidInputError(f"operator dataset {dataset_id} is stored outside operator/")
-        try:
-            data = store.get_bytes(dataset.object_key)
-        except BlobNotFoundError:
-            raise BlobNotFoundError(
-                f"the data of operator dataset {dataset_id} is missing from object storage"
-            ) from None
-        if sha256_hex(data) != dataset.sha256:
-            raise InvalidInputError(
-                f"operator dataset {dataset_id}: the stored data does not match its SHA-256"
-            )
-        examples.extend(parse_jsonl(data.splitlines(), source=f"operator dataset {dataset_id}"))
+        what = f"operator dataset {dataset_id}"
+        examples.extend(_stored_examples(store, dataset.object_key, dataset.sha256, what))
     return examples
 
 

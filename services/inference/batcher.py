@@ -43,7 +43,7 @@ _DONE = object()
 
 
 @dataclass
-class EngineStats:
+class BatcherStats:
     forward_passes: int = 0  # prefill and decode passes of the shared batch (beams excluded)
     prefill_passes: int = 0  # one per group of requests admitted together
     decode_steps: int = 0
@@ -119,7 +119,7 @@ class ContinuousBatcher:
         self.eos_id = int(loaded.tokenizer.eos_token_id) if stop_at_eos else -1
         pad = loaded.tokenizer.pad_token_id
         self.pad_id = int(pad if pad is not None else loaded.tokenizer.eos_token_id)
-        self.stats = EngineStats()
+        self.stats = BatcherStats()
         # A DecodeBatch, or an EncoderDecoderBatch for BART/T5; touched by the decode thread only.
         self._batch = decode_batch(loaded.model, self.pad_id)
         self._incoming: queue.Queue[_Request | None] = queue.Queue()
