@@ -1,6 +1,7 @@
 """The continuous-batching engine and the prefix cache, on a tiny model, without Ray."""
 
 import asyncio
+import contextlib
 import time
 
 import pytest
@@ -178,13 +179,19 @@ def test_a_long_beam_search_does_not_stall_the_shared_batch_and_stops_when_cance
         quick = await asyncio.wait_for(engine.generate(row, greedy), timeout=30)
         still_searching = not search.done()
         search.cancel()
-        with pytest.raises(asyncio.CancelledError):
+        with contextlib.suppress(asyncio.CancelledError):
             await search
         return quick, still_searching
 
     try:
-        quick, still_searching = asyncio.run(main())
-        assert still_searching  # the greedy request finished first
+        # On a loaded machine the OS may leave the decode thread unscheduled long enough for
+        # the whole search to end first: try again. With the search on the decode thread (the
+        # defect) the greedy request could never finish first, in any attempt.
+        for _attempt in range(3):
+            quick, still_searching = asyncio.run(main())
+            if still_searching:
+                break
+        assert still_searching  # the greedy request finished while the search went on
         assert len(quick) == 4
         deadline = time.monotonic() + 10
         while engine.stats.beam_cancelled < 1:  # stopped mid-search, not run to the end
