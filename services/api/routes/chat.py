@@ -178,19 +178,11 @@ def _stream(
     admission: Admission,
 ) -> StreamingResponse:
     chunk = {**head, "object": "chat.completion.chunk"}
-    admission.streaming = True
 
     def delta(payload: dict[str, Any], finish: str | None = None) -> str:
         return _sse({**chunk, "choices": [{"index": 0, "delta": payload, "finish_reason": finish}]})
 
     async def events() -> AsyncIterator[str]:
-        try:
-            async for event in _events():
-                yield event
-        finally:  # the stream ended, failed or its client left
-            admission.release()
-
-    async def _events() -> AsyncIterator[str]:
         streamer = StopStreamer(stops)
         text = ""
         yield delta({"role": "assistant", "content": ""})
@@ -224,4 +216,4 @@ def _stream(
             yield _sse({**chunk, "choices": [], "usage": usage})
         yield _sse("[DONE]")
 
-    return StreamingResponse(events(), media_type="text/event-stream")
+    return admission.streaming_response(events())

@@ -132,6 +132,20 @@ class Admission:
         if not self.streaming:
             self.release()
 
+    def streaming_response(self, events: AsyncIterator[str]) -> StreamingResponse:
+        """Server-sent ``events`` that hold this admission until the stream ends, fails or
+        its client leaves (the handler's own end then releases nothing)."""
+        self.streaming = True
+
+        async def held() -> AsyncIterator[str]:
+            try:
+                async for event in events:
+                    yield event
+            finally:
+                self.release()
+
+        return StreamingResponse(held(), media_type="text/event-stream")
+
 
 def admit(context: Any, tenant_id: uuid.UUID, cost: int, *, stream: bool) -> Admission:
     """Cost-aware admission, before any work: the request's cost (inputs × beams or samples
@@ -247,16 +261,7 @@ def _stream(
     shape: str,
     admission: Admission,
 ) -> StreamingResponse:
-    admission.streaming = True
-
     async def events() -> AsyncIterator[str]:
-        try:
-            async for event in _events():
-                yield event
-        finally:  # the stream ended, failed or its client left
-            admission.release()
-
-    async def _events() -> AsyncIterator[str]:
         handle = context.inference.options(stream=True)
         try:
             async for delta in handle.stream.remote(request):
@@ -271,7 +276,7 @@ def _stream(
             yield _sse(error_body(mapped.code, mapped.message))
         yield _sse("[DONE]")
 
-    return StreamingResponse(events(), media_type="text/event-stream")
+    return admission.streaming_response(events())
 
 
 @router.post(
