@@ -19,14 +19,12 @@ import json
 import sys
 import time
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
-from prefixd.cli_support import user_errors
+from prefixd.cli_support import migrated_storage, user_errors
 
 base_prefixes_app = typer.Typer(
     help="Base prefixes (operators): upload operator data, train, list, default, delete.",
@@ -38,22 +36,6 @@ def _id(text: str, what: str) -> uuid.UUID:
     from common.blobstore.keys import validate_id
 
     return uuid.UUID(validate_id(text.strip().lower(), what=what))
-
-
-@contextmanager
-def _storage() -> Iterator[tuple[Any, Any, Any]]:
-    """Settings, a migrated database's engine and the blob store."""
-    from common.blobstore import build_blob_store
-    from common.config import get_settings
-    from common.db.engine import create_db_engine, require_migrated
-
-    settings = get_settings()
-    engine = create_db_engine(settings)
-    try:
-        require_migrated(engine)
-        yield settings, engine, build_blob_store(settings)
-    finally:
-        engine.dispose()
 
 
 @base_prefixes_app.command("upload")
@@ -78,7 +60,7 @@ def upload(
     if not examples:
         raise InvalidInputError(f"{data}: no examples")
     raw = data.read_bytes()
-    with _storage() as (settings, engine, store):
+    with migrated_storage() as (settings, engine, store):
         if len(raw) > settings.max_dataset_bytes:
             raise InvalidInputError(
                 f"{data} has {len(raw)} bytes, more than max_dataset_bytes "
@@ -109,7 +91,7 @@ def datasets(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     from common.db import crud
     from common.db.engine import session_scope
 
-    with _storage() as (_, engine, _store), session_scope(engine) as session:
+    with migrated_storage() as (_, engine, _store), session_scope(engine) as session:
         rows = [
             {"id": str(d.id), "name": d.name, "examples": d.example_count,
              "bytes": d.size_bytes, "created_at": d.created_at.isoformat()}
@@ -131,7 +113,7 @@ def delete_dataset(dataset_id: Annotated[str, typer.Argument()]) -> None:
     from common.db.engine import session_scope
 
     wanted = _id(dataset_id, "dataset id")
-    with _storage() as (_, engine, store):
+    with migrated_storage() as (_, engine, store):
         with session_scope(engine) as session:
             dataset = crud.delete_operator_dataset(session=session, dataset_id=wanted)
         store.delete(dataset.object_key)
@@ -175,7 +157,7 @@ def train(
     hyperparameters = {k: v for k, v in params.items()}
     hyperparameters |= {"prefix_length": spec.config.prefix_length}
     ids = [_id(d, "dataset id") for d in dataset]
-    with _storage() as (_, engine, _store):
+    with migrated_storage() as (_, engine, _store):
         with session_scope(engine) as session:
             job = crud.enqueue_base_prefix_job(
                 session=session, name=name, dataset_ids=ids, validation_dataset_id=None,
@@ -235,7 +217,7 @@ def list_bases(
     from common.db import crud
     from common.db.engine import session_scope
 
-    with _storage() as (_, engine, _store), session_scope(engine) as session:
+    with migrated_storage() as (_, engine, _store), session_scope(engine) as session:
         bases = crud.list_base_prefixes(session=session, name=name)
         counts = crud.base_prefix_dependents(session=session, base_prefix_ids=[b.id for b in bases])
         rows = [
@@ -273,7 +255,7 @@ def set_default(
     if clear == (base_prefix_id is not None):
         raise InvalidInputError("give a base prefix id or --clear")
     wanted = _id(base_prefix_id, "base prefix id") if base_prefix_id is not None else None
-    with _storage() as (_, engine, _store), session_scope(engine) as session:
+    with migrated_storage() as (_, engine, _store), session_scope(engine) as session:
         crud.set_default_base_prefix(session=session, base_prefix_id=wanted)
     typer.echo(f"default base prefix: {wanted or 'none'}")
 
@@ -287,7 +269,7 @@ def delete(base_prefix_id: Annotated[str, typer.Argument()]) -> None:
     from common.db.engine import session_scope
 
     wanted = _id(base_prefix_id, "base prefix id")
-    with _storage() as (_, engine, store):
+    with migrated_storage() as (_, engine, store):
         with session_scope(engine) as session:
             base = crud.delete_base_prefix(session=session, base_prefix_id=wanted)
         store.delete(base.object_key)

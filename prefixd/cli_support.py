@@ -54,6 +54,18 @@ def migrated_database() -> Iterator[Any]:
         engine.dispose()
 
 
+@contextmanager
+def migrated_storage() -> Iterator[tuple[Any, Any, Any]]:
+    """Settings, an engine on the migrated database (as :func:`migrated_database`) and the
+    blob store."""
+    from common.blobstore import build_blob_store
+    from common.config import get_settings
+
+    settings = get_settings()
+    with migrated_database() as engine:
+        yield settings, engine, build_blob_store(settings)
+
+
 class StopRequested(Exception):
     """Ctrl-C or SIGTERM reached a long-running command (``up``, ``worker``)."""
 

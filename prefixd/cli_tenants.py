@@ -21,7 +21,7 @@ from typing import Annotated, Any
 
 import typer
 
-from prefixd.cli_support import format_time, user_errors
+from prefixd.cli_support import format_time, migrated_storage, user_errors
 
 tenants_app = typer.Typer(
     help="Tenants (operators): erase one everywhere, verify that nothing of it is left.",
@@ -35,22 +35,6 @@ def _tenant_id(text: str) -> uuid.UUID:
     from common.blobstore.keys import validate_id
 
     return uuid.UUID(validate_id(text.strip().lower(), what="tenant id"))
-
-
-@contextmanager
-def _storage() -> Iterator[tuple[Any, Any, Any]]:
-    """Settings, a migrated database's engine and the blob store."""
-    from common.blobstore import build_blob_store
-    from common.config import get_settings
-    from common.db.engine import create_db_engine, require_migrated
-
-    settings = get_settings()
-    engine = create_db_engine(settings)
-    try:
-        require_migrated(engine)
-        yield settings, engine, build_blob_store(settings)
-    finally:
-        engine.dispose()
 
 
 @contextmanager
@@ -99,7 +83,7 @@ def delete_tenant(
     from common.erasure import ErasureOptions, erase_tenant, find_tenant_leftovers, runner_name
 
     wanted = _tenant_id(tenant_id)
-    with _storage() as (settings, engine, store):
+    with migrated_storage() as (settings, engine, store):
         with session_scope(engine) as session:
             tenant = crud.get_tenant(session=session, tenant_id=wanted)
             erasure = crud.get_tenant_erasure(session=session, tenant_id=wanted)
@@ -205,7 +189,7 @@ def verify_deleted(
     from common.erasure import find_tenant_leftovers
 
     wanted = _tenant_id(tenant_id)
-    with _storage() as (_settings, engine, store):
+    with migrated_storage() as (_settings, engine, store):
         found = find_tenant_leftovers(engine, store, wanted)
         with session_scope(engine) as session:
             audit = crud.get_deletion_audit(session=session, tenant_id=wanted)
@@ -221,7 +205,7 @@ def list_erasures(
     from common.db import crud
     from common.db.engine import session_scope
 
-    with _storage() as (_settings, engine, _store), session_scope(engine) as session:
+    with migrated_storage() as (_settings, engine, _store), session_scope(engine) as session:
         rows = [
             {
                 "tenant_id": str(e.tenant_id),
