@@ -145,7 +145,7 @@ def train(
     datasets (through the same queue as tenants' jobs; `prefixd worker` runs it)."""
     from common.db import crud
     from common.db.engine import session_scope
-    from workers.hyperparameters import parse_hyperparameters
+    from common.hyperparameters import parse_hyperparameters
 
     params: dict[str, Any] = {}
     for key, value in (("epochs", epochs), ("prefix_length", prefix_length),

@@ -78,8 +78,8 @@ from common.erasure import (
     sweep_if_not_active,
 )
 from common.errors import InvalidInputError, PrefixdError
+from common.hyperparameters import parse_hyperparameters
 from common.shared_weights import SharedModel, get_shared_model
-from workers.hyperparameters import parse_hyperparameters
 from workers.trainer import TrainerReport, delete_orphan_prefix_blobs, run_training_job
 
 log = logging.getLogger(__name__)

@@ -9,7 +9,7 @@ The scheduler claims the job (holding the lease as ``owner``) and runs this as a
 1. renews the lease every ``job_heartbeat_seconds`` from a thread (the first renewal
    replaces the start-up lease with ``job_lease_seconds``); a failed renewal (cancelled,
    reclaimed, erased) stops training between two steps, without publishing;
-2. validates the hyperparameters (:mod:`workers.hyperparameters`) and reads the job's
+2. validates the hyperparameters (:mod:`common.hyperparameters`) and reads the job's
    datasets — looked up with the job's tenant id — into memory, never to disk;
 3. maps the frozen weights zero-copy (:func:`materialize_model`) and trains, writing
    progress events at most every ``progress_event_seconds``;
@@ -78,11 +78,11 @@ from common.db.models import (
 )
 from common.devices import choose_placement, place
 from common.errors import IncompatiblePrefixError, InvalidInputError
+from common.hyperparameters import JobTrainingSpec, parse_hyperparameters
 from common.prefix_file import Prefix, prefix_from_bytes, prefix_to_bytes
 from common.shared_weights import SharedModel, materialize_model
 from common.training import Progress, train_prefix
 from common.training_budget import automatic_validation_split, plan_budget
-from workers.hyperparameters import JobTrainingSpec, parse_hyperparameters
 from workers.job_report import Candidate, bare_model, json_safe, personalization_report
 from workers.quality_gate import HASH_SPLIT, GateDecision, hash_split, nightly_quality_gate
 

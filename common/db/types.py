@@ -56,3 +56,15 @@ def json_type() -> sa.types.TypeEngine[Any]:
 def big_int_pk_type() -> sa.types.TypeEngine[int]:
     """A 64-bit autoincrement key (SQLite only autoincrements ``INTEGER PRIMARY KEY``)."""
     return sa.BigInteger().with_variant(sa.Integer(), "sqlite")
+
+
+def storable_text(text: str) -> str:
+    """``text`` unchanged when every backend can store it; PostgreSQL refuses NUL characters
+    and lone surrogates, so such input must be a user error (422), never a 500 on insert."""
+    if "\x00" in text:
+        raise ValueError("must not contain NUL characters")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("must be valid Unicode (no lone surrogates)") from None
+    return text

@@ -8,27 +8,17 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime
-from typing import Annotated, Any, Generic, Literal, TypeVar
+from typing import Annotated, Any, Generic, TypeVar
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from common.db.crud.jobs import RESERVED_IDEMPOTENCY_KEY_PREFIX, is_reserved_idempotency_key
 from common.db.models import Dataset, JobEvent, JobPriority, JobState, TrainingJob
-from common.training import TrainingConfig
+from common.db.types import storable_text
+from common.hyperparameters import Hyperparameters
 from services.api.errors import public_message
 
-
-def _storable(text: str) -> str:
-    if "\x00" in text:
-        raise ValueError("must not contain NUL characters")
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        raise ValueError("must be valid Unicode (no lone surrogates)") from None
-    return text
-
-
-Name = Annotated[str, Field(min_length=1, max_length=100), AfterValidator(_storable)]
+Name = Annotated[str, Field(min_length=1, max_length=100), AfterValidator(storable_text)]
 
 
 def _not_reserved(key: str) -> str:
@@ -43,10 +33,9 @@ def _not_reserved(key: str) -> str:
 IdempotencyKey = Annotated[
     str,
     Field(min_length=1, max_length=200),
-    AfterValidator(_storable),
+    AfterValidator(storable_text),
     AfterValidator(_not_reserved),
 ]
-InitText = Annotated[str, Field(min_length=1, max_length=1000), AfterValidator(_storable)]
 
 
 T = TypeVar("T")
@@ -139,55 +128,6 @@ class DatasetOut(BaseModel):
 
 
 # --- jobs -----------------------------------------------------------------------------------
-
-_DEFAULTS = TrainingConfig()
-
-
-class Hyperparameters(BaseModel):
-    """Training hyperparameters; ranges are checked by ``TrainingConfig.validate`` and the
-    API limits. Types are strict: ``"3"`` is not a number, ``true`` is not 1."""
-
-    model_config = ConfigDict(extra="forbid", strict=True)
-
-    prefix_length: int = Field(
-        default=_DEFAULTS.prefix_length,
-        description="Virtual tokens per layer (at most the service's longest prefix); "
-        "ignored with `text:` init, where the text's token count is the length.",
-    )
-    epochs: int | None = Field(
-        default=_DEFAULTS.epochs,
-        le=1000,
-        description="Passes over the data; unset: an automatic budget from the data size, "
-        "with a validation split and early stopping (see docs/ARCHITECTURE.md).",
-    )
-    learning_rate: float = Field(default=_DEFAULTS.learning_rate, le=10, allow_inf_nan=False)
-    batch_size: int = Field(default=_DEFAULTS.batch_size, le=1024)
-    init: InitText = Field(
-        default=_DEFAULTS.init,
-        description="`random`, or `text:WORDS`: start from the frozen model's own "
-        "activations for WORDS (the paper's better low-data init).",
-    )
-    seed: int = Field(default=_DEFAULTS.seed, ge=0, le=2**32 - 1)
-    validation_split: float | None = Field(
-        default=None,
-        ge=0,
-        lt=1,
-        allow_inf_nan=False,
-        description="Fraction of the examples held out for validation loss and early "
-        "stopping (0: none; unset: automatic when `epochs` is unset, else none); not "
-        "together with `validation_dataset_id`.",
-    )
-    base_prefix: Annotated[str, Field(min_length=1, max_length=64)] | None = Field(
-        default=None,
-        description="Train from an operator's base prefix: its id, or `default` (the one the "
-        "operator marked; stored as its id). Absent: no base.",
-    )
-    base_mode: Literal["warm_start", "stack"] | None = Field(
-        default=None,
-        description="With `base_prefix`: `warm_start` (start from the base's key/values; the "
-        "result stands alone; the default) or `stack` (the base stays frozen in front of the "
-        "tenant's own part, at training and at serving).",
-    )
 
 
 class JobSubmit(BaseModel):

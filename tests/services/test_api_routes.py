@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from common.architectures import prefix_shape
+from common.hyperparameters import known_hyperparameters, parse_hyperparameters
 from tests.fixtures.factories import examples, jsonl
 
 pytestmark = pytest.mark.slow
@@ -305,6 +306,8 @@ def test_job_submission_is_validated(stack, api):
         ({"epochs": True}, (422, "invalid_request", r"hyperparameters\.epochs")),
         ({"learning_rate": 1e9}, (422, "invalid_request", r"hyperparameters\.learning_rate")),
         ({"mystery": 1}, (422, "invalid_request", r"hyperparameters\.mystery: Extra inputs")),
+        ({"mid_dim": 5000}, (422, "invalid_request", r"hyperparameters\.mid_dim: Input should be less than or equal to 4096")),
+        ({"warmup_ratio": 1.0}, (422, "invalid_hyperparameters", r"warmup ratio must be in \[0, 1\)")),
     ]  # fmt: skip
     for hyperparameters, (status, code, pattern) in cases:
         got = error(api.submit(key, dataset_id, hyperparameters=hyperparameters))
@@ -334,6 +337,20 @@ def test_job_submission_is_validated(stack, api):
     validation = api.dataset(key)
     ok = api.submit(key, dataset_id, validation_dataset_id=validation)
     assert ok.status_code == 201 and ok.json()["validation_dataset_id"] == validation
+
+
+def test_the_api_and_the_workers_share_one_hyperparameter_schema(stack, api):
+    # Every training knob the workers take is accepted at submission, and what the API stores
+    # is exactly what the trainer parses: one schema (common/hyperparameters.py), not two.
+    _, key = api.new_tenant()
+    given = {"mid_dim": 16, "warmup_ratio": 0.2, "patience": 2, "validation_split_method": "hash"}
+    created = api.submit(key, api.dataset(key), hyperparameters=given)
+    assert created.status_code == 201, created.text
+    stored = created.json()["hyperparameters"]
+    spec = parse_hyperparameters(stored)
+    assert (spec.config.mid_dim, spec.config.warmup_ratio, spec.config.patience) == (16, 0.2, 2)
+    assert spec.validation_split_method == "hash"
+    assert set(stored) == set(known_hyperparameters())
 
 
 def test_idempotent_job_submission(stack, api):

@@ -11,8 +11,8 @@ from torch.nn import functional as F
 from common.architectures import prefix_shape
 from common.data import IGNORE_INDEX, Example, collate, encode_examples
 from common.errors import InvalidInputError
+from common.hyperparameters import parse_hyperparameters
 from common.training import TrainingConfig, train_prefix
-from workers.hyperparameters import parse_hyperparameters
 from workers.job_report import (
     NO_VALIDATION,
     Candidate,

@@ -27,11 +27,11 @@ from common.db.models import (
 )
 from common.erasure import erase_tenant
 from common.errors import InvalidInputError
+from common.hyperparameters import parse_hyperparameters
 from common.prefix_file import Prefix as PrefixArtifact
 from common.prefix_file import prefix_from_bytes
 from common.training import Progress
 from tests.fixtures.factories import make_dataset, make_job, make_tenant
-from workers.hyperparameters import parse_hyperparameters
 from workers.scheduler import describe_trainer_error
 from workers.trainer import (
     ProgressWriter,

@@ -22,11 +22,13 @@ from common.blobstore.keys import operator_dataset_key
 from common.db import crud
 from common.db.errors import NotFoundError
 from common.db.models import BasePrefix, JobEventPublic, OperatorDataset, TrainingJob
+from common.db.types import storable_text
+from common.hyperparameters import Hyperparameters
 from services.api.deps import AdminDep, ContextDep, SessionDep
 from services.api.errors import ApiError
 from services.api.routes.datasets import UPLOAD_BODY
 from services.api.routes.jobs import checked_hyperparameters, job_outs
-from services.api.schemas import Hyperparameters, JobOut, Name, Page, _storable
+from services.api.schemas import JobOut, Name, Page
 from services.api.uploads import (
     Spooled,
     body_chunks,
@@ -131,7 +133,7 @@ def _storable_query(field: str, value: str | None) -> None:
     if value is None:
         return
     try:
-        _storable(value)
+        storable_text(value)
     except ValueError as error:
         raise ApiError(422, "invalid_request", f"{field}: {error}") from None
 

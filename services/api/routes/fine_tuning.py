@@ -23,12 +23,13 @@ from pydantic import BaseModel, ConfigDict, Field
 from common.db import crud
 from common.db.errors import NotFoundError
 from common.db.models import JobState, TrainingJob
+from common.hyperparameters import Hyperparameters
 from common.training import TrainingConfig
 from services.api.deps import ContextDep, CurrentTenant, SessionDep
 from services.api.errors import ApiError
 from services.api.routes import datasets as dataset_routes
 from services.api.routes import jobs as job_routes
-from services.api.schemas import DatasetOut, Hyperparameters, JobOut, JobSubmit
+from services.api.schemas import DatasetOut, JobOut, JobSubmit
 
 router = APIRouter(prefix="/v1", tags=["fine-tuning"])
 

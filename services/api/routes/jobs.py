@@ -16,12 +16,13 @@ from common.db import crud
 from common.db.errors import NotFoundError, QuotaExceededError
 from common.db.models import JobEventPublic, JobState, TrainingJob, TrainingJobCreate
 from common.errors import InvalidInputError
+from common.hyperparameters import Hyperparameters
 from common.prefix_init import TEXT_INIT
 from common.training import TrainingConfig
 from services.api.context import ApiContext
 from services.api.deps import ContextDep, CurrentTenant, SessionDep
 from services.api.errors import ApiError
-from services.api.schemas import Hyperparameters, JobOut, JobSubmit, Page
+from services.api.schemas import JobOut, JobSubmit, Page
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
