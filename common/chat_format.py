@@ -19,6 +19,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from common.errors import InvalidInputError
+
 ROLES = ("system", "developer", "user", "assistant")
 
 
@@ -30,9 +32,16 @@ def render_chat(tokenizer: Any, messages: Sequence[dict[str, str]]) -> str:
             {"role": "system" if m["role"] == "developer" else m["role"], "content": m["content"]}
             for m in messages
         ]
-        return str(
-            tokenizer.apply_chat_template(normalized, tokenize=False, add_generation_prompt=True)
-        )
+        try:
+            rendered = tokenizer.apply_chat_template(
+                normalized, tokenize=False, add_generation_prompt=True
+            )
+        except Exception as error:  # a template may refuse (e.g. "roles must alternate")
+            message = str(error)[:300] or type(error).__name__
+            raise InvalidInputError(
+                f"the model's chat template refused these messages: {message}"
+            ) from None
+        return str(rendered)
     lines = [
         f"{'system' if m['role'] == 'developer' else m['role']}: {m['content']}" for m in messages
     ]

@@ -577,7 +577,17 @@ def test_a_job_runs_when_the_scheduler_does(stack, api):
 
     _, sdk_key = api.new_tenant()
     sdk = openai.OpenAI(base_url=f"{stack.url}/v1", api_key=sdk_key, max_retries=0)
-    uploaded = sdk.files.create(file=("train.jsonl", jsonl(examples(12))), purpose="fine-tune")
+
+    # OpenAI's chat fine-tuning format: two trained assistant turns a line.
+    def chat(first: dict[str, str], second: dict[str, str]) -> dict[str, Any]:
+        turns = [("user", "input"), ("assistant", "output")]
+        messages = [{"role": "system", "content": "alpha"}]
+        for pair in (first, second):
+            messages += [{"role": role, "content": pair[field]} for role, field in turns]
+        return {"messages": messages}
+
+    chats = [chat(a, b) for a, b in zip(examples(6), examples(12)[6:], strict=True)]
+    uploaded = sdk.files.create(file=("train.jsonl", jsonl(chats)), purpose="fine-tune")
     assert (uploaded.object, uploaded.purpose, uploaded.status) == (
         "file",
         "fine-tune",
