@@ -1,4 +1,4 @@
-"""Chat messages → the prompt text the model reads, and stop sequences.
+"""Chat messages → the prompt text the model reads.
 
 A model whose tokenizer has a chat template gets its own template (with the generation
 prompt for the assistant's turn), exactly as ``transformers`` renders it. A model without
@@ -11,7 +11,6 @@ one gets a documented plain format, one line per message and an open assistant t
 Example::
 
     render_chat(tokenizer, [{"role": "user", "content": "hi"}])   # → the prompt text
-    cut_at_stop("red. blue.", ["."])                                # → ("red", True)
 """
 
 from __future__ import annotations
@@ -46,39 +45,3 @@ def render_chat(tokenizer: Any, messages: Sequence[dict[str, str]]) -> str:
         f"{'system' if m['role'] == 'developer' else m['role']}: {m['content']}" for m in messages
     ]
     return "\n".join([*lines, "assistant:"])
-
-
-def cut_at_stop(text: str, stops: Sequence[str]) -> tuple[str, bool]:
-    """``text`` up to the earliest stop sequence (which is not returned), and whether one
-    was found."""
-    cut = min((i for i in (text.find(s) for s in stops if s) if i >= 0), default=-1)
-    return (text[:cut], True) if cut >= 0 else (text, False)
-
-
-class StopStreamer:
-    """Streams text deltas, holding back what could still become a stop sequence."""
-
-    def __init__(self, stops: Sequence[str]) -> None:
-        self.stops = [s for s in stops if s]
-        self.hold = max((len(s) for s in self.stops), default=1) - 1
-        self.pending = ""
-        self.stopped = False
-
-    def feed(self, delta: str) -> str:
-        """The text that is safe to send now ("" once a stop sequence was seen)."""
-        if self.stopped:
-            return ""
-        self.pending += delta
-        text, found = cut_at_stop(self.pending, self.stops)
-        if found:
-            self.stopped, self.pending = True, ""
-            return text
-        ready = len(self.pending) - self.hold
-        if ready <= 0:
-            return ""
-        out, self.pending = self.pending[:ready], self.pending[ready:]
-        return out
-
-    def flush(self) -> str:
-        out, self.pending = ("" if self.stopped else self.pending), ""
-        return out

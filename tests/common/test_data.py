@@ -105,9 +105,13 @@ def test_a_chat_line_is_one_example_per_trained_assistant_message():
     assert first.output == "one" and second.output == "three"
     assert first.context == (("system", "say one"), ("user", "alpha"))
     assert second.context == (
-        ("system", "say one"), ("user", "alpha"), ("assistant", "one"), ("user", "beta"),
-        ("assistant", "two"), ("user", "gamma"),
-    )  # fmt: skip
+        ("system", "say one"),
+        ("user", "alpha"),
+        ("assistant", "one"),
+        ("user", "beta"),
+        ("assistant", "two"),
+        ("user", "gamma"),
+    )
     # Without a template, the input is the documented plain format.
     assert first.input == "system: say one\nuser: alpha\nassistant:"
 
@@ -213,8 +217,9 @@ def test_a_prefix_trains_on_chat_data(tiny_llama):
     )
     examples = parse_jsonl([line] * 4, source="x")
     result = train_prefix(
-        tiny_llama, examples,
+        tiny_llama,
+        examples,
         TrainingConfig(prefix_length=2, mid_dim=8, epochs=2, batch_size=4, learning_rate=0.05),
-    )  # fmt: skip
+    )
     assert result.prefix.metrics["examples"] == 8  # two turns a line
     assert result.history[-1].loss < result.history[0].loss

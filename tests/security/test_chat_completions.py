@@ -1,6 +1,7 @@
 """``POST /v1/chat/completions`` driven by the official ``openai`` package (its HTTP client
-is the in-process API's TestClient): plain and streamed answers agree, ``n``, ``stop``,
-``finish_reason``, usage, and errors raise the SDK's own exception classes."""
+is the in-process API's TestClient): plain and streamed answers agree, ``n``, ``stop`` (on
+chat, completions and generate: decoding ends there), ``finish_reason``, usage, and errors
+raise the SDK's own exception classes."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ import uuid
 import openai
 import pytest
 
-from common.chat_format import StopStreamer, cut_at_stop, render_chat
+from common.chat_format import render_chat
+from common.stop_sequences import StopStreamer, cut_at_stop
 from tests.fixtures.models import tiny_tokenizer
 from tests.security.conftest import InProc
 
@@ -60,6 +62,8 @@ def test_chat_completions_with_the_openai_sdk(inproc_inference: InProc) -> None:
     )
     assert cut.choices[0].message.content == choice.message.content.split(stop)[0]
     assert cut.choices[0].finish_reason == "stop"
+    # Decoding ended at the stop sequence: its second word's token was the last one.
+    assert cut.usage is not None and cut.usage.completion_tokens == 2
 
     many = sdk.chat.completions.create(
         model="default", messages=MESSAGES, max_tokens=4, n=3, temperature=1.0, seed=11
@@ -91,9 +95,93 @@ def test_stop_sequences_cut_text_and_streams_hold_back_partial_matches() -> None
     assert cut_at_stop("red", ["x"]) == ("red", False)
     streamer = StopStreamer(["END"])
     sent = [streamer.feed(piece) for piece in ["ab", "cE", "N", "Dxyz"]]
-    assert "".join(sent) == "abc" and streamer.stopped and streamer.flush() == ""
-    open_ended = StopStreamer(["END"])
-    assert open_ended.feed("abcE") == "ab" and open_ended.flush() == "cE"
+    assert sent == ["ab", "c", "", ""] and streamer.stopped and streamer.flush() == ""
+    # Only what may still become a stop sequence waits: here "E", then "EN" is not "ED".
+    open_ended = StopStreamer(["END", "ED"])
+    assert open_ended.feed("abcE") == "abc"
+    assert open_ended.feed("Nx") == "ENx" and open_ended.flush() == ""
+    assert StopStreamer(["END"]).feed("xEN") == "x"
+
+
+def test_stop_sequences_end_decoding_on_every_route(inproc_inference: InProc) -> None:
+    """``stop`` on chat, completions and generate, plain and streamed: the answer ends
+    before the stop sequence, decoding ended at the token that completed it (usage), the
+    finish reason is "stop", and a stream never sends a piece of a stop sequence."""
+    inproc = inproc_inference
+    tenant_id, key = inproc.new_tenant()
+    inproc.publish(tenant_id, length=2, seed=7)
+    sdk = client(inproc, key)
+    free = sdk.completions.create(model="default", prompt="alpha beta", max_tokens=8, temperature=0)
+    words = free.choices[0].text.split()
+    assert len(words) >= 4 and free.usage is not None, free  # the tiny model's greedy text
+    assert free.choices[0].finish_reason == "length"
+    stop = f" {words[1]} {words[2]}"  # two tokens: the first is held back, then it stops
+
+    cut = sdk.completions.create(
+        model="default", prompt="alpha beta", max_tokens=8, temperature=0, stop=[stop, "zzz"]
+    )
+    assert (cut.choices[0].text, cut.choices[0].finish_reason) == (words[0], "stop")
+    assert cut.usage is not None and cut.usage.completion_tokens == 3  # nothing decoded after
+
+    chunks = list(
+        sdk.completions.create(
+            model="default",
+            prompt="alpha beta",
+            max_tokens=8,
+            temperature=0,
+            stop=stop,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    pieces = [c.choices[0].text for c in chunks if c.choices]
+    assert "".join(pieces) == words[0] and not any(words[1] in p for p in pieces)
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 3
+
+    # A partial match that does not complete is held back, then sent: nothing is lost.
+    whole = list(
+        sdk.completions.create(
+            model="default",
+            prompt="alpha beta",
+            max_tokens=8,
+            temperature=0,
+            stop=f" {words[1]} nothing",
+            stream=True,
+        )
+    )
+    assert "".join(c.choices[0].text for c in whole if c.choices) == " ".join(words)
+
+    generated = inproc.request(
+        "POST", "/v1/generate", key, json={"input": "alpha beta", "max_new_tokens": 8, "stop": stop}
+    ).json()
+    assert generated["outputs"] == [words[0]] and generated["finish_reasons"] == ["stop"]
+    assert generated["usage"]["completion_tokens"] == 3
+    beams = inproc.request(
+        "POST",
+        "/v1/generate",
+        key,
+        json={"input": "alpha beta", "max_new_tokens": 8, "num_beams": 2, "stop": words[0]},
+    ).json()
+    assert words[0] not in beams["outputs"][0], beams
+
+    chat = sdk.chat.completions.create(
+        model="default",
+        messages=MESSAGES,
+        max_tokens=8,
+        temperature=0,
+        stream=True,
+        stop=stop,
+        stream_options={"include_usage": True},
+    )
+    streamed = list(chat)
+    assert streamed[-1].usage is not None
+    assert [c.choices[0].finish_reason for c in streamed if c.choices][-1] in ("stop", "length")
+
+    too_many = inproc.request(
+        "POST", "/v1/completions", key, json={"prompt": "a", "stop": ["a", "b", "c", "d", "e"]}
+    )
+    assert too_many.status_code in (400, 422), too_many.text
 
 
 def test_models_list_and_select_a_version(inproc_inference: InProc) -> None:
