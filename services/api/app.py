@@ -38,7 +38,9 @@ def create_app(context: ApiContext) -> FastAPI:
         version=version("prefixd"),
         description="Per-tenant prefix-tuning on one frozen language model. Authenticate "
         "with `Authorization: Bearer <key>`: a tenant's API key, or the admin token for "
-        'tenant management. Every error is `{"error": {"code": "...", "message": "..."}}`.',
+        'tenant management. Every error is `{"error": {"code": "...", "message": "..."}}`, '
+        "except on the OpenAI-shaped routes (chat, completions, models, files, fine-tuning), "
+        'which answer OpenAI\'s `{"error": {"message", "type", "param", "code"}}`.',
     )
     app.state.context = context
     app.state.metrics = ApiMetrics(context.db)

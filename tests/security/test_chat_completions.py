@@ -70,7 +70,7 @@ def test_chat_completions_with_the_openai_sdk(inproc_inference: InProc) -> None:
     )
     assert [c.index for c in many.choices] == [0, 1, 2]
 
-    with pytest.raises(openai.UnprocessableEntityError):
+    with pytest.raises(openai.BadRequestError):
         sdk.chat.completions.create(model="default", messages=[], max_tokens=4)
     with pytest.raises(openai.AuthenticationError):
         client(inproc, "pfx_" + "x" * 40).chat.completions.create(
@@ -178,10 +178,9 @@ def test_stop_sequences_end_decoding_on_every_route(inproc_inference: InProc) ->
     assert streamed[-1].usage is not None
     assert [c.choices[0].finish_reason for c in streamed if c.choices][-1] in ("stop", "length")
 
-    too_many = inproc.request(
-        "POST", "/v1/completions", key, json={"prompt": "a", "stop": ["a", "b", "c", "d", "e"]}
-    )
-    assert too_many.status_code in (400, 422), too_many.text
+    with pytest.raises(openai.BadRequestError) as refused:
+        sdk.completions.create(model="default", prompt="a", stop=["a", "b", "c", "d", "e"])
+    assert refused.value.param == "stop"
 
 
 def test_models_list_and_select_a_version(inproc_inference: InProc) -> None:
@@ -214,3 +213,107 @@ def test_models_list_and_select_a_version(inproc_inference: InProc) -> None:
         other.completions.create(model=f"prefix-{first}", prompt="alpha", max_tokens=2)
     with pytest.raises(openai.NotFoundError):
         other.models.retrieve(f"prefix-{first}")
+
+
+def test_openai_routes_answer_errors_in_openai_shape(inproc_inference: InProc) -> None:
+    """Errors of the OpenAI-shaped routes are OpenAI's body and status, so the SDK raises
+    its usual classes with ``type``, ``param`` and ``code``, and the request id from the
+    header; prefixd's own routes keep prefixd's body."""
+    inproc = inproc_inference
+    tenant_id, key = inproc.new_tenant()
+    inproc.publish(tenant_id, length=2, seed=3)
+    sdk = client(inproc, key)
+
+    with pytest.raises(openai.NotFoundError) as unknown:
+        sdk.chat.completions.create(model="gpt-4o", messages=MESSAGES, max_tokens=2)
+    error = unknown.value
+    assert (error.type, error.param, error.code) == (
+        "invalid_request_error",
+        "model",
+        "model_not_found",
+    )
+    assert error.request_id and error.request_id == error.response.headers["x-request-id"]
+    assert set(error.response.json()["error"]) == {"message", "type", "param", "code"}
+    with pytest.raises(openai.NotFoundError):
+        sdk.models.retrieve("gpt-4o")
+    with pytest.raises(openai.NotFoundError):
+        sdk.files.retrieve(str(uuid.uuid4()))
+
+    datasets = inproc.dataset_rows(tenant_id)  # publishing a version made one
+    with pytest.raises(openai.BadRequestError) as bad_file:
+        sdk.files.create(
+            file=("bad.jsonl", b'{"input": "a", "output": "b"}\n{"input": 1}\n'),
+            purpose="fine-tune",
+        )
+    assert bad_file.value.param == "file" and "line 2" in bad_file.value.message
+    assert inproc.dataset_rows(tenant_id) == datasets
+    with pytest.raises(openai.BadRequestError) as bad_purpose:
+        sdk.files.create(file=("x.jsonl", b'{"input": "a", "output": "b"}\n'), purpose="batch")
+    assert bad_purpose.value.param == "purpose"
+    with pytest.raises(openai.BadRequestError) as no_file:
+        sdk.fine_tuning.jobs.create(model="default", training_file=str(uuid.uuid4()))
+    assert no_file.value.param == "training_file"
+
+    for bad, param in (
+        ({"temperature": 5}, "temperature"),
+        ({"messages": [{"role": "robot", "content": "hi"}]}, "messages[0].role"),
+        ({"n": 0}, "n"),
+    ):
+        with pytest.raises(openai.BadRequestError) as refused:
+            sdk.chat.completions.create(**{"model": "default", "messages": MESSAGES, **bad})
+        assert (refused.value.type, refused.value.param) == ("invalid_request_error", param)
+        assert refused.value.code in ("invalid_value", "invalid_type"), refused.value.body
+    with pytest.raises(openai.BadRequestError) as missing:
+        inproc_sdk_post(inproc, key, "/v1/chat/completions", {"model": "default"})
+    assert (missing.value.param, missing.value.code) == ("messages", "missing_required_parameter")
+    with pytest.raises(openai.BadRequestError) as too_big:
+        sdk.completions.create(model="default", prompt="alpha " * 20_000)
+    assert too_big.value.code == "payload_too_large"
+
+    with pytest.raises(openai.AuthenticationError) as unauthorized:
+        client(inproc, "pfx_" + "x" * 40).models.list()
+    assert (unauthorized.value.type, unauthorized.value.code) == (
+        "authentication_error",
+        "invalid_api_key",
+    )
+    anonymous = inproc.request("GET", "/v1/models", None)
+    assert anonymous.status_code == 401
+    assert anonymous.json()["error"]["code"] == "invalid_api_key"
+
+    # Too many at once (the tenant's in-flight cost is full): the SDK's RateLimitError.
+    cap = inproc.settings.tenant_max_inflight_cost
+    assert inproc.context.inflight_cost.try_acquire(uuid.UUID(tenant_id), cap)
+    try:
+        with pytest.raises(openai.RateLimitError) as limited:
+            sdk.chat.completions.create(model="default", messages=MESSAGES, max_tokens=2)
+    finally:
+        inproc.context.inflight_cost.release(uuid.UUID(tenant_id), cap)
+    assert limited.value.type == "rate_limit_error"
+    assert limited.value.response.headers["retry-after"]
+
+    # A stream that fails after it began sends OpenAI's error event; the SDK raises it.
+    from common.blobstore import prefix_key
+
+    broken_id, broken_key = inproc.new_tenant()
+    prefix_id = inproc.publish(broken_id, length=2, seed=4)
+    inproc.blobs.delete(prefix_key(uuid.UUID(broken_id), prefix_id))
+    with pytest.raises(openai.APIError) as failed:
+        list(
+            client(inproc, broken_key).chat.completions.create(
+                model="default", messages=MESSAGES, max_tokens=2, stream=True
+            )
+        )
+    assert failed.value.body["type"] == "invalid_request_error", failed.value.body
+
+    # prefixd's own routes keep prefixd's body.
+    native = inproc.request("POST", "/v1/generate", key, json={"input": "a", "top_p": 5})
+    assert native.status_code == 422 and set(native.json()["error"]) == {
+        "code",
+        "message",
+        "request_id",
+    }
+
+
+def inproc_sdk_post(inproc: InProc, key: str, path: str, body: dict) -> object:
+    """A raw POST through the SDK (what a client sends that the typed methods refuse)."""
+    return client(inproc, key).post(path.removeprefix("/v1"), body=body, cast_to=object)

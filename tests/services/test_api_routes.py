@@ -593,8 +593,9 @@ def test_a_job_runs_when_the_scheduler_does(stack, api):
         "fine-tune",
         "processed",
     )
-    with pytest.raises(openai.UnprocessableEntityError, match="line 1"):
+    with pytest.raises(openai.BadRequestError, match="line 1") as bad_file:
         sdk.files.create(file=("bad.jsonl", b'{"input": "a"}\n'), purpose="fine-tune")
+    assert bad_file.value.param == "file"
     ft_job = sdk.fine_tuning.jobs.create(
         model="default", training_file=uploaded.id,
         hyperparameters={"n_epochs": 2, "batch_size": 4, "learning_rate_multiplier": 20},
@@ -653,7 +654,7 @@ def test_a_job_runs_when_the_scheduler_does(stack, api):
     )
     assert chat.model == model and chat.choices[0].message.role == "assistant"
     assert sdk.completions.create(model=model, prompt="alpha red", max_tokens=3).model == model
-    with pytest.raises(openai.NotFoundError):
+    with pytest.raises(openai.NotFoundError, match="does not exist"):
         sdk.chat.completions.create(model="prefix-" + str(uuid.uuid4()), messages=[
             {"role": "user", "content": "alpha"}
         ])  # fmt: skip

@@ -23,7 +23,7 @@ from starlette.concurrency import run_in_threadpool
 
 from common.generation import MAX_SEED
 from services.api.deps import ContextDep, CurrentTenant, SessionDep
-from services.api.errors import ApiError, error_body, to_api_error
+from services.api.errors import ApiError, stream_error_body, to_api_error
 from services.api.routes.generate import (
     MAX_INPUTS,
     Admission,
@@ -175,7 +175,7 @@ def _stream(
                     yield delta({"content": item})
         except Exception as error:
             mapped = to_api_error(error) or ApiError(500, "internal", "generation failed")
-            yield _sse(error_body(mapped.code, mapped.message))
+            yield _sse(stream_error_body(mapped, openai=True))
         yield _sse("[DONE]")
 
     return admission.streaming_response(events())

@@ -32,7 +32,7 @@ from services.api.deps import (
     enforce_generate_rate,
     too_many_at_once,
 )
-from services.api.errors import ApiError, error_body, to_api_error
+from services.api.errors import ApiError, stream_error_body, to_api_error
 from services.inference.deployment import InferenceRequest, InferenceResult, StreamEnd
 
 router = APIRouter(prefix="/v1", tags=["generate"])
@@ -189,6 +189,7 @@ def admit(context: Any, tenant_id: uuid.UUID, cost: int, *, stream: bool) -> Adm
             "request_too_costly",
             f"this request costs {cost} (inputs × beams or n × new tokens); max_request_cost "
             f"is {settings.max_request_cost}",
+            param="max_tokens",
         )
     enforce_generate_rate(tenant_id, context, cost)
     if stream and not context.open_streams.try_acquire(tenant_id):
@@ -332,7 +333,7 @@ def _stream(
                     yield _sse({"delta": item, **head})
         except Exception as error:
             mapped = to_api_error(error) or ApiError(500, "internal", "generation failed")
-            yield _sse(error_body(mapped.code, mapped.message))
+            yield _sse(stream_error_body(mapped, openai=shape == "openai"))
         yield _sse("[DONE]")
 
     return admission.streaming_response(events())
