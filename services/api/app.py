@@ -56,6 +56,11 @@ def create_app(context: ApiContext) -> FastAPI:
                 settings.max_dataset_bytes + MULTIPART_OVERHEAD_BYTES,
                 framing=MULTIPART_OVERHEAD_BYTES,
             ),
+            ("POST", prefixes.PEFT_IMPORT_PATH): BodyLimit(
+                "max_peft_adapter_bytes",
+                settings.max_peft_adapter_bytes + MULTIPART_OVERHEAD_BYTES,
+                framing=MULTIPART_OVERHEAD_BYTES,
+            ),
             ("POST", base_prefixes.OPERATOR_DATASETS_PATH): BodyLimit(
                 "max_dataset_bytes",
                 settings.max_dataset_bytes + MULTIPART_OVERHEAD_BYTES,

@@ -49,8 +49,9 @@ SPOOL_FILE_PREFIX = "prefixd-upload-"
 
 
 class ExampleChecker:
-    """The base model's tokenizer and context length (no weights), loaded once per API
-    replica: an example must fit in the context minus the longest prefix a job may ask for."""
+    """The base model's tokenizer, config and context length (no weights), loaded once per
+    API replica: an example must fit in the context minus the longest prefix a job may ask
+    for."""
 
     def __init__(
         self,
@@ -59,9 +60,11 @@ class ExampleChecker:
         settings: Settings,
         *,
         encoder_decoder: bool = False,
+        config: Any = None,
     ) -> None:
         self.tokenizer = tokenizer
         self.context_length = context_length
+        self.config = config  # the base model's config (PEFT imports check shapes against it)
         # Encoder-decoder: input and output sit on different sides, each with its own prefix
         # and context, so an example is as long as its longer side.
         self.encoder_decoder = encoder_decoder
@@ -88,6 +91,7 @@ class ExampleChecker:
             max_positions(config),
             settings,
             encoder_decoder=is_encoder_decoder(config),
+            config=config,
         )
 
     def example_tokens(self, example: Any) -> int:
