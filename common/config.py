@@ -185,6 +185,12 @@ class Settings(BaseSettings):
     max_dataset_examples: int = Field(
         default=100_000, ge=1, description="Most examples in one dataset (413 beyond)."
     )
+    max_peft_adapter_bytes: int = Field(
+        default=64 * 1024 * 1024,
+        ge=1,
+        description="Largest PEFT adapter upload (POST /v1/prefixes/peft), in bytes, and the "
+        "largest file inside its archive once unpacked (413 beyond).",
+    )
     max_prefix_length: int = Field(
         default=200,
         ge=1,

@@ -1,9 +1,25 @@
 """Training examples: JSONL parsing with line-precise errors, tokenization, batching.
 
-A dataset is JSONL, one ``{"input": str, "output": str}`` object a line (or OpenAI's
-legacy ``{"prompt": str, "completion": str}``; blank lines are ignored). An example becomes ``input <sep> output <eos>``: ``<sep>`` is the tokenizer's
-BOS token (EOS when it has none). The model learns ``log p(output, eos | prefix, input)``:
-input tokens, the separator and padding carry no loss (label ``-100``).
+A dataset is JSONL, one object a line (blank lines are ignored), in any of three shapes:
+
+- ``{"input": str, "output": str}``;
+- ``{"prompt": str, "completion": str}`` (OpenAI's legacy fine-tuning format, the same pair);
+- ``{"messages": [{"role", "content", "weight"?}, ...]}`` (OpenAI's chat fine-tuning
+  format; roles ``system``, ``developer``, ``user``, ``assistant``).
+
+An example becomes ``input <sep> output <eos>``: ``<sep>`` is the tokenizer's BOS token
+(EOS when it has none). The model learns ``log p(output, eos | prefix, input)``: input
+tokens, the separator and padding carry no loss (label ``-100``).
+
+A chat line becomes **one example per assistant message** (``weight`` 1, the default; an
+assistant message with ``weight`` 0 is context only): its input is the conversation before
+that message rendered with the base model's chat template (``common/chat_format.py``,
+exactly what ``/v1/chat/completions`` renders for the same messages, so a prefix trained on
+chat data is served through the same template), its output the message's content. So the
+loss is on assistant tokens only, every turn sees the whole conversation before it, and an
+example is byte for byte what the chat route later feeds the model. (One sequence with a
+mask over every assistant turn would be cheaper, but the template renders an earlier
+assistant turn differently from the ``<sep> output <eos>`` a served answer follows.)
 
 For an encoder-decoder model (``encoder_decoder=True``) the encoder reads ``input <eos>``
 and the decoder ``<decoder start> output`` with targets ``output <eos>``: every decoder
@@ -20,15 +36,31 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from common.chat_format import ROLES, render_chat
 from common.errors import InvalidInputError
 
 IGNORE_INDEX = -100
 
+# A line of chat data: at most this many messages (OpenAI's chat route takes as many).
+MAX_CHAT_MESSAGES = 256
+
 
 @dataclass(frozen=True)
 class Example:
+    """``input`` → ``output``. A chat example also keeps ``context``, the ``(role, content)``
+    messages before its assistant message: the model reads them through the chat template
+    (:meth:`prompt`), and ``input`` is their plain rendering (what a model without a template
+    reads), so an example always has a readable, comparable input."""
+
     input: str
     output: str
+    context: tuple[tuple[str, str], ...] | None = None
+
+    def prompt(self, tokenizer: PreTrainedTokenizerBase) -> str:
+        """The text the model reads before the separator."""
+        if self.context is None:
+            return self.input
+        return render_chat(tokenizer, [{"role": r, "content": c} for r, c in self.context])
 
 
 @dataclass(frozen=True)
@@ -45,15 +77,15 @@ class EncodedExample:
         return max(len(self.prompt_ids), len(self.target_ids))
 
 
-def parse_jsonl_line(raw: str | bytes, *, where: str) -> Example | None:
-    """One JSONL line → an :class:`Example`, or ``None`` for a blank line; an error names
-    ``where`` (e.g. ``data.jsonl:3``)."""
+def parse_jsonl_line(raw: str | bytes, *, where: str) -> list[Example]:
+    """One JSONL line → its examples: none for a blank line, one for a pair, one per trained
+    assistant message for a chat; an error names ``where`` (e.g. ``data.jsonl:3``)."""
     try:
         line = raw.decode("utf-8") if isinstance(raw, bytes) else raw
     except UnicodeDecodeError as error:
         raise InvalidInputError(f"{where}: not valid UTF-8 ({error.reason})") from None
     if not line.strip():
-        return None
+        return []
     try:
         record = json.loads(line)
     except json.JSONDecodeError as error:
@@ -62,8 +94,15 @@ def parse_jsonl_line(raw: str | bytes, *, where: str) -> Example | None:
         raise InvalidInputError(f"{where}: invalid JSON (nested too deeply)") from None
     if not isinstance(record, dict):
         raise InvalidInputError(
-            f'{where}: expected an object {{"input": ..., "output": ...}}, got {type(record).__name__}'
+            f'{where}: expected an object {{"input": ..., "output": ...}} or '
+            f'{{"messages": [...]}}, got {type(record).__name__}'
         )
+    if "messages" in record:
+        if {"input", "output", "prompt", "completion"} & set(record):
+            raise InvalidInputError(
+                f"{where}: use one of input/output, prompt/completion or messages"
+            )
+        return _chat_examples(record["messages"], where=where)
     # OpenAI's legacy fine-tuning shape is the same pair under other names.
     fields = ("prompt", "completion") if "input" not in record and "prompt" in record else None
     if fields is not None and "output" in record:
@@ -72,28 +111,103 @@ def parse_jsonl_line(raw: str | bytes, *, where: str) -> Example | None:
     for name in fields:
         if name not in record:
             raise InvalidInputError(f"{where}: missing field {name!r}")
-        if not isinstance(record[name], str):
+        _check_text(record[name], where=where, what=f"field {name!r}")
+    return [Example(record[fields[0]], record[fields[1]])]
+
+
+def _check_text(value: object, *, where: str, what: str) -> str:
+    if not isinstance(value, str):
+        raise InvalidInputError(f"{where}: {what} must be a string, got {type(value).__name__}")
+    if not value.strip():
+        raise InvalidInputError(f"{where}: {what} is empty")
+    try:  # a JSON escape can make a lone surrogate, which no tokenizer takes
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidInputError(
+            f"{where}: {what} is not valid Unicode (a lone surrogate escape)"
+        ) from None
+    return value
+
+
+def _message_text(content: object, *, where: str, what: str) -> str:
+    """A message's content: a string, or a list of ``{"type": "text", "text": ...}`` parts
+    (joined, as the chat route joins them)."""
+    if isinstance(content, list):
+        texts = []
+        for index, part in enumerate(content):
+            if not isinstance(part, dict) or part.get("type") != "text":
+                raise InvalidInputError(
+                    f"{where}: {what} part {index} must be "
+                    f'{{"type": "text", "text": ...}} (only text is trained on)'
+                )
+            if not isinstance(part.get("text"), str):
+                raise InvalidInputError(f"{where}: {what} part {index} has no text string")
+            texts.append(part["text"])
+        content = "".join(texts)
+    elif content is None:
+        raise InvalidInputError(f"{where}: {what} is missing")
+    return _check_text(content, where=where, what=what)
+
+
+def _chat_examples(messages: object, *, where: str) -> list[Example]:
+    """One example per assistant message of weight 1, its context the messages before it."""
+    if not isinstance(messages, list):
+        raise InvalidInputError(
+            f"{where}: field 'messages' must be a list, got {type(messages).__name__}"
+        )
+    if not messages:
+        raise InvalidInputError(f"{where}: field 'messages' is empty")
+    if len(messages) > MAX_CHAT_MESSAGES:
+        raise InvalidInputError(
+            f"{where}: {len(messages)} messages; the limit is {MAX_CHAT_MESSAGES}"
+        )
+    context: list[tuple[str, str]] = []
+    examples: list[Example] = []
+    for number, message in enumerate(messages, start=1):
+        what = f"message {number}"
+        if not isinstance(message, dict):
             raise InvalidInputError(
-                f"{where}: field {name!r} must be a string, got {type(record[name]).__name__}"
+                f'{where}: {what} must be an object {{"role": ..., "content": ...}}, '
+                f"got {type(message).__name__}"
             )
-        if not record[name].strip():
-            raise InvalidInputError(f"{where}: field {name!r} is empty")
-        try:  # a JSON escape can make a lone surrogate, which no tokenizer takes
-            record[name].encode("utf-8")
-        except UnicodeEncodeError:
+        role = message.get("role")
+        if role is None:
+            raise InvalidInputError(f"{where}: {what} has no 'role'")
+        if role not in ROLES:
             raise InvalidInputError(
-                f"{where}: field {name!r} is not valid Unicode (a lone surrogate escape)"
-            ) from None
-    return Example(record[fields[0]], record[fields[1]])
+                f"{where}: {what} has role {str(role)[:40]!r}; expected one of "
+                f"{', '.join(ROLES)} (tool and function messages are not trained on)"
+            )
+        if role == "assistant" and message.get("tool_calls"):
+            raise InvalidInputError(
+                f"{where}: {what} has tool_calls; only text answers are trained on"
+            )
+        text = _message_text(message.get("content"), where=where, what=f"{what}'s content")
+        weight = message.get("weight", 1)
+        if "weight" in message and role != "assistant":
+            raise InvalidInputError(
+                f"{where}: {what} has a weight, which only assistant messages take"
+            )
+        if isinstance(weight, bool) or weight not in (0, 1):
+            raise InvalidInputError(f"{where}: {what}'s weight must be 0 or 1, got {weight!r}")
+        if role == "assistant" and weight == 1:
+            plain = render_chat(None, [{"role": r, "content": c} for r, c in context])
+            examples.append(Example(plain, text, tuple(context)))
+        context.append((role, text))
+    if not examples:
+        assistants = sum(1 for m in messages if m.get("role") == "assistant")
+        raise InvalidInputError(
+            f"{where}: no assistant message to train on"
+            + (" (every assistant message has weight 0)" if assistants else "")
+        )
+    return examples
 
 
 def parse_jsonl(lines: Iterable[str | bytes], *, source: str) -> list[Example]:
     """Parse JSONL lines; every error names ``source`` and the 1-based line number."""
     examples: list[Example] = []
     for number, raw in enumerate(lines, start=1):
-        example = parse_jsonl_line(raw, where=f"{source}:{number}")
-        if example is not None:
-            examples.append(example)
+        examples.extend(parse_jsonl_line(raw, where=f"{source}:{number}"))
     if not examples:
         raise InvalidInputError(f"{source}: no examples (the file is empty)")
     return examples
@@ -132,12 +246,12 @@ def encode_example(
     tokenizer: PreTrainedTokenizerBase, example: Example, *, encoder_decoder: bool = False
 ) -> EncodedExample:
     """``input <sep>`` (encoder-decoder: ``input <eos>``) as the prompt, ``output <eos>`` as
-    the target."""
+    the target; a chat example's input is its context through the chat template."""
     eos = tokenizer.eos_token_id
     if eos is None:
         raise InvalidInputError("the tokenizer has no EOS token")
     return EncodedExample(
-        encode_prompt(tokenizer, example.input, encoder_decoder=encoder_decoder),
+        encode_prompt(tokenizer, example.prompt(tokenizer), encoder_decoder=encoder_decoder),
         [*tokenizer.encode(example.output, add_special_tokens=False), int(eos)],
     )
 

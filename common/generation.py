@@ -26,6 +26,7 @@ from __future__ import annotations
 import secrets
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 from torch.nn import functional as F
@@ -54,6 +55,7 @@ from common.kv_cache import (
 )
 from common.model_loading import LoadedModel
 from common.prefix_file import Prefix, prompt_format
+from common.stop_sequences import StopChecker, cut_at_stop, validate_stops
 
 # A sampling temperature below this is greedy decoding: dividing logits by ~1e-300 overflows
 # to inf (NaN probabilities), and anything this small is argmax in all but rounding anyway.
@@ -72,6 +74,8 @@ class DecodingConfig:
     top_p: float = 1.0
     length_penalty: float = 1.0
     seed: int | None = None
+    # Text that ends a row (common/stop_sequences.py); it and what follows is not returned.
+    stop: tuple[str, ...] = ()
 
     def validate(self) -> None:
         if self.max_new_tokens < 1:
@@ -87,6 +91,7 @@ class DecodingConfig:
             raise InvalidInputError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.seed is not None and not 0 <= self.seed <= MAX_SEED:
             raise InvalidInputError(f"seed must be in [0, {MAX_SEED}], got {self.seed}")
+        validate_stops(self.stop)
 
     def normalized(self) -> DecodingConfig:
         """The same decoding with degenerate sampling made explicit: a temperature below
@@ -423,6 +428,7 @@ def _sample_or_greedy(
     decoding: DecodingConfig,
     eos_id: int,
     pad_id: int,
+    stop_hit: StopChecker | None = None,
 ) -> list[list[int]]:
     generators = [row_generator(decoding) for _ in rows]
     state = decode_batch(model, pad_id)
@@ -431,10 +437,12 @@ def _sample_or_greedy(
     logits = state.add(rows)
     for step in range(decoding.max_new_tokens):
         tokens = choose_tokens(logits, [decoding] * len(running), [generators[i] for i in running])
-        for row, token in zip(running.tolist(), tokens.tolist(), strict=True):
+        keep = tokens != eos_id
+        for index, (row, token) in enumerate(zip(running.tolist(), tokens.tolist(), strict=True)):
             if token != eos_id:
                 outputs[row].append(token)
-        keep = tokens != eos_id
+                if stop_hit is not None and stop_hit(outputs[row]):
+                    keep[index] = False  # its text now holds a stop sequence: it is done
         if step + 1 == decoding.max_new_tokens or not keep.any():
             break
         if not keep.all():
@@ -456,7 +464,10 @@ def _beam_search(
     eos_id: int,
     pad_id: int,
     should_stop: Callable[[], bool] | None = None,
+    stop_hit: StopChecker | None = None,
 ) -> list[list[int]]:
+    """Beam search; a hypothesis whose text reaches a stop sequence is finished like one
+    that reached EOS (with the token that completed it: the text is cut afterwards)."""
     beams, batch = decoding.num_beams, len(rows)
     state = decode_batch(model, pad_id)
     scores = torch.zeros((batch, beams))
@@ -489,11 +500,17 @@ def _beam_search(
             slot = 0
             for score, index in zip(top_scores[b].tolist(), top_index[b].tolist(), strict=True):
                 origin, token = divmod(index, vocab)
-                if token == eos_id:
-                    # An EOS ranked outside the top K beams is not a finished hypothesis.
+                stopped = (
+                    token != eos_id
+                    and stop_hit is not None
+                    and stop_hit([*sequences[b * beams + origin].tolist(), token])
+                )
+                if token == eos_id or stopped:
+                    # An end ranked outside the top K beams is not a finished hypothesis.
                     if slot < beams and score > float("-inf"):
                         tokens = sequences[b * beams + origin].tolist()
-                        finished[b].append((normalized(score, step + 1), tokens))
+                        ended = [*tokens, token] if stopped else tokens
+                        finished[b].append((normalized(score, step + 1), ended))
                 else:
                     next_scores[b, slot], next_tokens[b, slot] = score, token
                     origins[b, slot] = b * beams + origin
@@ -538,16 +555,26 @@ def generate(
     eos_token_id: int,
     pad_token_id: int,
     should_stop: Callable[[], bool] | None = None,
+    tokenizer: Any = None,
 ) -> list[list[int]]:
     """Generated token ids per row (EOS not included). ``should_stop`` is asked between
-    beam-search steps (:class:`GenerationCancelledError` when it says so)."""
+    beam-search steps (:class:`GenerationCancelledError` when it says so). A row with stop
+    sequences (``decoding.stop``, which needs the ``tokenizer``) ends with the token whose
+    text completes one; cut the text with :func:`common.stop_sequences.cut_at_stop`."""
     decoding.validate()
     decoding = decoding.normalized()
     if not rows:
         return []
+    stop_hit = None
+    if decoding.stop:
+        if tokenizer is None:
+            raise ValueError("stop sequences need the tokenizer")
+        stop_hit = StopChecker(tokenizer, decoding.stop)
     if decoding.num_beams > 1:
-        return _beam_search(model, rows, decoding, eos_token_id, pad_token_id, should_stop)
-    return _sample_or_greedy(model, rows, decoding, eos_token_id, pad_token_id)
+        return _beam_search(
+            model, rows, decoding, eos_token_id, pad_token_id, should_stop, stop_hit
+        )
+    return _sample_or_greedy(model, rows, decoding, eos_token_id, pad_token_id, stop_hit)
 
 
 def generate_texts(
@@ -588,5 +615,7 @@ def generate_texts(
         decoding,
         eos_token_id=int(tokenizer.eos_token_id),
         pad_token_id=int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0),
+        tokenizer=tokenizer,
     )
-    return [str(tokenizer.decode(ids, skip_special_tokens=True)).strip() for ids in outputs]
+    texts = [str(tokenizer.decode(ids, skip_special_tokens=True)) for ids in outputs]
+    return [cut_at_stop(text, decoding.stop)[0].strip() for text in texts]

@@ -10,6 +10,7 @@ positions, so the same values give the same logits (tests/common/test_peft_adapt
     files = peft_adapter_files(prefix, base_model_name="HuggingFaceTB/SmolLM2-135M-Instruct")
     write_peft_adapter(files, "adapter/")             # PeftModel.from_pretrained(model, "adapter/")
     prefix = read_peft_adapter(files, loaded)         # a prefixd Prefix for this base model
+    files = read_peft_adapter_archive(data)           # the adapter files of a zip or tar upload
 
 What maps: decoder-only models (every family in ``common/architectures.py``), PEFT adapters
 saved with ``prefix_projection=False`` (or any adapter after PEFT materialized it). What does
@@ -26,7 +27,10 @@ from __future__ import annotations
 
 import io
 import json
+import lzma
+import tarfile
 import zipfile
+import zlib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -35,6 +39,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
+from transformers import PretrainedConfig
 
 from common.architectures import is_encoder_decoder, prefix_shape
 from common.errors import IncompatiblePrefixError
@@ -46,6 +51,7 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 README = "README.md"
 PEFT_TENSOR = "prompt_embeddings"
 MAX_ZIP_MEMBER_BYTES = 1 << 30  # a prefix is megabytes; refuse a zip bomb before inflating
+MAX_ARCHIVE_MEMBERS = 64  # an adapter directory holds a handful of files
 
 
 def peft_adapter_files(prefix: Prefix, *, base_model_name: str) -> dict[str, bytes]:
@@ -93,7 +99,15 @@ def peft_adapter_files(prefix: Prefix, *, base_model_name: str) -> dict[str, byt
 
 def read_peft_adapter(files: Mapping[str, bytes], loaded: LoadedModel) -> Prefix:
     """A PEFT prefix-tuning adapter's files → a validated prefixd :class:`Prefix`."""
-    if is_encoder_decoder(loaded.model.config):
+    return peft_prefix(files, config=loaded.model.config, fingerprint=loaded.fingerprint)
+
+
+def peft_prefix(
+    files: Mapping[str, bytes], *, config: PretrainedConfig, fingerprint: str
+) -> Prefix:
+    """:func:`read_peft_adapter` from the base model's config and fingerprint alone (the API
+    has no weights): the same checks, the same prefix."""
+    if is_encoder_decoder(config):
         raise IncompatiblePrefixError(
             "cannot import a PEFT adapter for an encoder-decoder model: only decoder-only "
             "models map (PEFT's encoder-decoder prefix covers the decoder's self-attention only)"
@@ -102,14 +116,14 @@ def read_peft_adapter(files: Mapping[str, bytes], loaded: LoadedModel) -> Prefix
         if name not in files:
             raise IncompatiblePrefixError(f"PEFT adapter: {name} is missing")
     try:
-        config = json.loads(files[ADAPTER_CONFIG])
+        adapter = json.loads(files[ADAPTER_CONFIG])
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise IncompatiblePrefixError(
             f"PEFT adapter: {ADAPTER_CONFIG} is not JSON: {error}"
         ) from None
-    if not isinstance(config, dict):
+    if not isinstance(adapter, dict):
         raise IncompatiblePrefixError(f"PEFT adapter: {ADAPTER_CONFIG} must be a JSON object")
-    shape = prefix_shape(loaded.model.config)
+    shape = prefix_shape(config)
     expected = {
         "peft_type": "PREFIX_TUNING",
         "task_type": "CAUSAL_LM",
@@ -118,7 +132,7 @@ def read_peft_adapter(files: Mapping[str, bytes], loaded: LoadedModel) -> Prefix
         "num_transformer_submodules": 1,
     }
     for field, want in expected.items():
-        got = config.get(field, want if field == "num_transformer_submodules" else None)
+        got = adapter.get(field, want if field == "num_transformer_submodules" else None)
         if got != want:
             raise IncompatiblePrefixError(
                 f"PEFT adapter: {ADAPTER_CONFIG} field {field} must be {want!r} for this "
@@ -136,7 +150,7 @@ def read_peft_adapter(files: Mapping[str, bytes], loaded: LoadedModel) -> Prefix
             f"got {sorted(tensors)}"
         )
     flat = tensors[PEFT_TENSOR]
-    length = config.get("num_virtual_tokens")
+    length = adapter.get("num_virtual_tokens")
     width = shape.layers * 2 * shape.kv_heads * shape.head_dim
     if not isinstance(length, int) or tuple(flat.shape) != (length, width):
         raise IncompatiblePrefixError(
@@ -150,17 +164,20 @@ def read_peft_adapter(files: Mapping[str, bytes], loaded: LoadedModel) -> Prefix
         key_values = key_values.float()
     prefix = Prefix(
         key_values=key_values,
-        base_model_fingerprint=loaded.fingerprint,
-        architecture=loaded.architecture,
-        prompt_format=prompt_format(loaded.model.config),
-        metrics={"imported_from": "peft", "peft_base_model": config.get("base_model_name_or_path")},
+        base_model_fingerprint=fingerprint,
+        architecture=str(config.model_type),
+        prompt_format=prompt_format(config),
+        metrics={
+            "imported_from": "peft",
+            "peft_base_model": adapter.get("base_model_name_or_path"),
+        },
     )
     # One validation path for every prefix that enters prefixd: the file format's checks
     # (finite values, zero length, dtype, shape against the model).
     return prefix_from_bytes(
         prefix_to_bytes(prefix),
         source="PEFT adapter",
-        expected_fingerprint=loaded.fingerprint,
+        expected_fingerprint=fingerprint,
         expected_shape=shape,
     )
 
@@ -192,7 +209,24 @@ def peft_adapter_zip(files: Mapping[str, bytes]) -> bytes:
     return buffer.getvalue()
 
 
-def read_peft_adapter_zip(data: bytes) -> dict[str, bytes]:
+def _wanted(path: str, size: int, files: Mapping[str, bytes], max_member_bytes: int) -> bool:
+    """Whether an archive member is one of the adapter's files (at the root or in one
+    folder), refusing a second copy of one and one over the size limit before reading it."""
+    name = path.rsplit("/", 1)[-1]
+    if name not in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
+        return False
+    if name in files:
+        raise IncompatiblePrefixError(f"PEFT adapter: the archive holds {name} more than once")
+    if size > max_member_bytes:
+        raise IncompatiblePrefixError(
+            f"PEFT adapter: {path} unpacks to {size} bytes, over the limit of {max_member_bytes}"
+        )
+    return True
+
+
+def read_peft_adapter_zip(
+    data: bytes, *, max_member_bytes: int = MAX_ZIP_MEMBER_BYTES
+) -> dict[str, bytes]:
     """The adapter files of a zip (at its root or in one folder), sizes checked first."""
     try:
         archive = zipfile.ZipFile(io.BytesIO(data))
@@ -200,17 +234,59 @@ def read_peft_adapter_zip(data: bytes) -> dict[str, bytes]:
         raise IncompatiblePrefixError(f"PEFT adapter: not a zip file: {error}") from error
     files: dict[str, bytes] = {}
     with archive:
-        for info in archive.infolist():
-            name = info.filename.rsplit("/", 1)[-1]
-            if name not in (ADAPTER_CONFIG, ADAPTER_WEIGHTS) or info.is_dir():
+        members = archive.infolist()
+        if len(members) > MAX_ARCHIVE_MEMBERS:
+            raise IncompatiblePrefixError(
+                f"PEFT adapter: the archive holds {len(members)} files; at most "
+                f"{MAX_ARCHIVE_MEMBERS} are read"
+            )
+        for info in members:
+            if info.is_dir() or not _wanted(info.filename, info.file_size, files, max_member_bytes):
                 continue
-            if info.file_size > MAX_ZIP_MEMBER_BYTES:
-                raise IncompatiblePrefixError(
-                    f"PEFT adapter: {info.filename} inflates to {info.file_size} bytes, "
-                    f"over the limit of {MAX_ZIP_MEMBER_BYTES}"
-                )
-            try:
-                files[name] = archive.read(info)
-            except (zipfile.BadZipFile, OSError) as error:  # a size or CRC that lies
+            try:  # reads at most file_size bytes, whatever the compressed stream holds
+                files[info.filename.rsplit("/", 1)[-1]] = archive.read(info)
+            except (zipfile.BadZipFile, OSError, NotImplementedError, zlib.error) as error:
                 raise IncompatiblePrefixError(f"PEFT adapter: {info.filename}: {error}") from error
     return files
+
+
+def read_peft_adapter_tar(
+    data: bytes, *, max_member_bytes: int = MAX_ZIP_MEMBER_BYTES
+) -> dict[str, bytes]:
+    """The adapter files of a tar (plain or gzip/bzip2/xz-compressed), each member's size
+    checked from its header before it is read; only regular files are read (no links)."""
+    files: dict[str, bytes] = {}
+    try:
+        with tarfile.open(fileobj=io.BytesIO(data), mode="r:*") as archive:
+            for count, member in enumerate(archive, start=1):
+                if count > MAX_ARCHIVE_MEMBERS:
+                    raise IncompatiblePrefixError(
+                        f"PEFT adapter: the archive holds more than {MAX_ARCHIVE_MEMBERS} files"
+                    )
+                if member.isdir() or not _wanted(member.name, member.size, files, max_member_bytes):
+                    continue
+                content = archive.extractfile(member) if member.isfile() else None
+                if content is None:
+                    raise IncompatiblePrefixError(
+                        f"PEFT adapter: {member.name} is not a regular file"
+                    )
+                files[member.name.rsplit("/", 1)[-1]] = content.read(member.size)
+    except (tarfile.TarError, EOFError, OSError, zlib.error, lzma.LZMAError) as error:
+        raise IncompatiblePrefixError(f"PEFT adapter: not a readable tar file: {error}") from None
+    return files
+
+
+def read_peft_adapter_archive(
+    data: bytes, *, max_member_bytes: int = MAX_ZIP_MEMBER_BYTES
+) -> dict[str, bytes]:
+    """The adapter files of an uploaded zip or tar (the adapter directory, packed)."""
+    if zipfile.is_zipfile(io.BytesIO(data)):
+        return read_peft_adapter_zip(data, max_member_bytes=max_member_bytes)
+    try:
+        tarfile.open(fileobj=io.BytesIO(data), mode="r:*").close()
+    except (tarfile.TarError, EOFError, OSError, zlib.error, lzma.LZMAError):
+        raise IncompatiblePrefixError(
+            "PEFT adapter: not a zip or tar archive (pack the adapter directory with "
+            "`zip -r` or `tar -czf`)"
+        ) from None
+    return read_peft_adapter_tar(data, max_member_bytes=max_member_bytes)

@@ -38,7 +38,9 @@ def create_app(context: ApiContext) -> FastAPI:
         version=version("prefixd"),
         description="Per-tenant prefix-tuning on one frozen language model. Authenticate "
         "with `Authorization: Bearer <key>`: a tenant's API key, or the admin token for "
-        'tenant management. Every error is `{"error": {"code": "...", "message": "..."}}`.',
+        'tenant management. Every error is `{"error": {"code": "...", "message": "..."}}`, '
+        "except on the OpenAI-shaped routes (chat, completions, models, files, fine-tuning), "
+        'which answer OpenAI\'s `{"error": {"message", "type", "param", "code"}}`.',
     )
     app.state.context = context
     app.state.metrics = ApiMetrics(context.db)
@@ -52,6 +54,11 @@ def create_app(context: ApiContext) -> FastAPI:
             ("POST", "/v1/datasets"): BodyLimit(
                 "max_dataset_bytes",
                 settings.max_dataset_bytes + MULTIPART_OVERHEAD_BYTES,
+                framing=MULTIPART_OVERHEAD_BYTES,
+            ),
+            ("POST", prefixes.PEFT_IMPORT_PATH): BodyLimit(
+                "max_peft_adapter_bytes",
+                settings.max_peft_adapter_bytes + MULTIPART_OVERHEAD_BYTES,
                 framing=MULTIPART_OVERHEAD_BYTES,
             ),
             ("POST", base_prefixes.OPERATOR_DATASETS_PATH): BodyLimit(

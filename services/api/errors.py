@@ -1,6 +1,16 @@
 """Every error leaves the API as ``{"error": {"code": "...", "message": "..."}}`` with the
 right status; user errors raised anywhere below (``PrefixdError`` subclasses, also when
-they come back from another deployment wrapped in a Ray error) map to 4xx, never 500."""
+they come back from another deployment wrapped in a Ray error) map to 4xx, never 500.
+
+The routes in OpenAI's shape (:data:`OPENAI_ROUTES`) answer in OpenAI's shape instead,
+``{"error": {"message", "type", "param", "code"}}``, with the statuses OpenAI uses, so the
+official SDKs raise their usual classes: a refused request (prefixd's 422, 413 and 415) is
+a 400 ``invalid_request_error`` (``BadRequestError``) naming the parameter in ``param``
+where there is one; 401 ``authentication_error``, 403 ``permission_error``, 404, 409 and
+410 ``invalid_request_error``, 429 ``rate_limit_error`` (``Retry-After`` kept), 5xx
+``server_error``. ``code`` keeps prefixd's code (``unauthorized`` is OpenAI's
+``invalid_api_key``, ``rate_limited`` its ``rate_limit_exceeded``). The request id stays in
+the ``X-Request-ID`` header, where the SDKs read it (``error.request_id``)."""
 
 from __future__ import annotations
 
@@ -40,11 +50,18 @@ HTTP_ERROR_CODES = {
 
 class ApiError(Exception):
     def __init__(
-        self, status: int, code: str, message: str, *, headers: dict[str, str] | None = None
+        self,
+        status: int,
+        code: str,
+        message: str,
+        *,
+        headers: dict[str, str] | None = None,
+        param: str | None = None,
     ) -> None:
         super().__init__(message)
         self.status, self.code, self.message = status, code, message
         self.headers = headers
+        self.param = param  # the request parameter at fault (OpenAI's ``param``), if one is
 
 
 # The id of the request being handled (set by RequestIdMiddleware): every error body and
@@ -60,6 +77,82 @@ def error_body(code: str, message: str) -> dict:
     if request_id is not None:
         body["request_id"] = request_id
     return {"error": body}
+
+
+# The routes in OpenAI's shape: their errors are in OpenAI's shape too (module docstring).
+OPENAI_ROUTES = (
+    "/v1/chat/completions",
+    "/v1/completions",
+    "/v1/models",
+    "/v1/files",
+    "/v1/fine_tuning",
+)
+_OPENAI_STATUS = {413: 400, 415: 400, 422: 400}
+_OPENAI_CODES = {"unauthorized": "invalid_api_key", "rate_limited": "rate_limit_exceeded"}
+
+
+def route_path(scope: Any) -> str:
+    """The request's path below the app's root path (Serve may mount the app under one)."""
+    path: str = scope.get("path", "")
+    root: str = scope.get("root_path", "")
+    if root and path.startswith(root):
+        path = path[len(root) :] or "/"
+    return path
+
+
+def is_openai_route(path: str) -> bool:
+    return any(path == route or path.startswith(route + "/") for route in OPENAI_ROUTES)
+
+
+def openai_status(status: int) -> int:
+    return _OPENAI_STATUS.get(status, status)
+
+
+def _openai_type(status: int) -> str:
+    if status >= 500:
+        return "server_error"
+    return {401: "authentication_error", 403: "permission_error", 429: "rate_limit_error"}.get(
+        status, "invalid_request_error"
+    )
+
+
+def openai_error_body(status: int, code: str, message: str, param: str | None = None) -> dict:
+    """OpenAI's error body for an error of (prefixd's) ``status`` and ``code``."""
+    return {
+        "error": {
+            "message": message,
+            "type": _openai_type(openai_status(status)),
+            "param": param,
+            "code": _OPENAI_CODES.get(code, code),
+        }
+    }
+
+
+def error_response(
+    scope: Any,
+    status: int,
+    code: str,
+    message: str,
+    *,
+    headers: dict[str, str] | None = None,
+    param: str | None = None,
+) -> JSONResponse:
+    """The error answer of a request: OpenAI's shape and status on an OpenAI route,
+    prefixd's everywhere else."""
+    if is_openai_route(route_path(scope)):
+        return JSONResponse(
+            openai_error_body(status, code, message, param),
+            status_code=openai_status(status),
+            headers=headers,
+        )
+    return JSONResponse(error_body(code, message), status_code=status, headers=headers)
+
+
+def stream_error_body(error: ApiError, *, openai: bool) -> dict:
+    """The event a stream sends when it fails after its answer began."""
+    if openai:
+        return openai_error_body(error.status, error.code, error.message, error.param)
+    return error_body(error.code, error.message)
 
 
 # Internal details that must never reach a tenant: URLs (S3 endpoints, database hosts),
@@ -244,33 +337,79 @@ def is_replica_failure(error: BaseException) -> bool:
     )
 
 
+# Parts of a pydantic error location that name a union member, not a field:
+# ``constrained-str``, ``list[constrained-str]``, ``function-after[…]``, ``str``.
+_UNION_MEMBER = re.compile(r"[\[\]-]|^(str|int|float|bool|list|dict|none)$")
+
+
+def _field_path(location: tuple) -> list[str | int]:
+    """The fields of a pydantic error location: without where it was (body, query…) and
+    without the union member that was tried."""
+    return [
+        p
+        for p in location
+        if p not in ("body", "query", "path", "header")
+        and not (isinstance(p, str) and _UNION_MEMBER.search(p))
+    ]
+
+
+def _validation_param(location: tuple) -> str | None:
+    """``("body", "messages", 0, "role")`` → ``messages[0].role`` (OpenAI's ``param``)."""
+    parts = _field_path(location)
+    param = ""
+    for part in parts:
+        param += f"[{part}]" if isinstance(part, int) else f"{'.' if param else ''}{part}"
+    return param or None
+
+
+def _validation_code(kind: str) -> str:
+    """OpenAI's code for a pydantic error type (``missing``, ``int_type``, ``less_than``…)."""
+    if kind == "missing":
+        return "missing_required_parameter"
+    return "invalid_type" if kind.endswith("_type") else "invalid_value"
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def api_error(request: Request, error: ApiError) -> JSONResponse:
-        return JSONResponse(
-            error_body(error.code, error.message), status_code=error.status, headers=error.headers
+        return error_response(
+            request.scope,
+            error.status,
+            error.code,
+            error.message,
+            headers=error.headers,
+            param=error.param,
         )
 
     @app.exception_handler(PrefixdError)
     async def user_error(request: Request, error: PrefixdError) -> JSONResponse:
         mapped = to_api_error(error)
         assert mapped is not None
-        return JSONResponse(error_body(mapped.code, mapped.message), status_code=mapped.status)
+        return error_response(request.scope, mapped.status, mapped.code, mapped.message)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
         first = error.errors()[0] if error.errors() else {}
-        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+        location = tuple(first.get("loc", ()))
+        where = ".".join(str(p) for p in _field_path(location))
         message = (
             f"{where}: {first.get('msg', 'invalid')}" if where else first.get("msg", "invalid")
         )
+        kind = str(first.get("type", ""))
+        if is_openai_route(route_path(request.scope)):
+            param = None if kind == "json_invalid" else _validation_param(location)
+            return JSONResponse(
+                openai_error_body(422, _validation_code(kind), message, param), status_code=400
+            )
         return JSONResponse(error_body("invalid_request", message), status_code=422)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
-        return JSONResponse(
-            error_body(HTTP_ERROR_CODES.get(error.status_code, "http_error"), str(error.detail)),
-            status_code=error.status_code,
+        return error_response(
+            request.scope,
+            error.status_code,
+            HTTP_ERROR_CODES.get(error.status_code, "http_error"),
+            str(error.detail),
             headers=getattr(error, "headers", None),
         )
 
@@ -290,8 +429,8 @@ def install_error_handlers(app: FastAPI) -> None:
             type(getattr(error, "orig", None) or error).__name__,
         )
         outage = database_unavailable()
-        return JSONResponse(
-            error_body(outage.code, outage.message), status_code=503, headers=outage.headers
+        return error_response(
+            request.scope, 503, outage.code, outage.message, headers=outage.headers
         )
 
     @app.exception_handler(Exception)
@@ -306,4 +445,4 @@ def install_error_handlers(app: FastAPI) -> None:
             request.url.path,
             exc_info=error,
         )
-        return JSONResponse(error_body("internal", "internal server error"), status_code=500)
+        return error_response(request.scope, 500, "internal", "internal server error")

@@ -17,7 +17,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from services.api.errors import error_body
+from services.api.errors import error_response, route_path
 
 
 @dataclass(frozen=True)
@@ -61,10 +61,7 @@ class BodySizeLimitMiddleware:
         self.per_route = per_route or {}
 
     def limit_for(self, scope: Scope) -> BodyLimit:
-        path: str = scope.get("path", "")
-        root: str = scope.get("root_path", "")
-        if root and path.startswith(root):
-            path = path[len(root) :] or "/"
+        path = route_path(scope)
         return self.per_route.get((scope.get("method", ""), path.rstrip("/") or "/"), self.default)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -74,7 +71,7 @@ class BodySizeLimitMiddleware:
         limit = self.limit_for(scope)
         declared = _content_length(scope)
         if declared is not None and declared > limit.max_bytes:
-            await _too_large(limit)(scope, receive, send)
+            await _too_large(limit, scope)(scope, receive, send)
             return
 
         received = 0
@@ -101,7 +98,7 @@ class BodySizeLimitMiddleware:
         except BodyTooLargeError:
             if started:
                 raise
-            await _too_large(limit)(scope, receive, send)
+            await _too_large(limit, scope)(scope, receive, send)
 
 
 def _content_length(scope: Scope) -> int | None:
@@ -114,11 +111,13 @@ def _content_length(scope: Scope) -> int | None:
     return None
 
 
-def _too_large(limit: BodyLimit) -> JSONResponse:
+def _too_large(limit: BodyLimit, scope: Scope) -> JSONResponse:
     # The client may still be sending: closing after the answer is the server's business.
-    return JSONResponse(
-        error_body("payload_too_large", body_too_large_message(limit)),
-        status_code=413,
+    return error_response(
+        scope,
+        413,
+        "payload_too_large",
+        body_too_large_message(limit),
         headers={"Connection": "close"},
     )
 

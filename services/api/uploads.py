@@ -49,8 +49,9 @@ SPOOL_FILE_PREFIX = "prefixd-upload-"
 
 
 class ExampleChecker:
-    """The base model's tokenizer and context length (no weights), loaded once per API
-    replica: an example must fit in the context minus the longest prefix a job may ask for."""
+    """The base model's tokenizer, config and context length (no weights), loaded once per
+    API replica: an example must fit in the context minus the longest prefix a job may ask
+    for."""
 
     def __init__(
         self,
@@ -59,9 +60,11 @@ class ExampleChecker:
         settings: Settings,
         *,
         encoder_decoder: bool = False,
+        config: Any = None,
     ) -> None:
         self.tokenizer = tokenizer
         self.context_length = context_length
+        self.config = config  # the base model's config (PEFT imports check shapes against it)
         # Encoder-decoder: input and output sit on different sides, each with its own prefix
         # and context, so an example is as long as its longer side.
         self.encoder_decoder = encoder_decoder
@@ -88,6 +91,7 @@ class ExampleChecker:
             max_positions(config),
             settings,
             encoder_decoder=is_encoder_decoder(config),
+            config=config,
         )
 
     def example_tokens(self, example: Any) -> int:
@@ -212,8 +216,9 @@ def sweep_stale_spool_files(
 
 
 def count_valid_examples(path: Path, checker: ExampleChecker, *, max_examples: int) -> int:
-    """Validate every line (UTF-8, a JSON object with non-empty ``input`` and ``output``
-    strings, within the token limit); the first bad line's number is in the error."""
+    """Validate every line (UTF-8, a JSON object in one of the shapes of ``common/data.py``,
+    each example within the token limit) and count the examples (a chat line has one per
+    trained assistant message); the first bad line's number is in the error."""
     count = 0
     with path.open("rb") as lines:
         number = 0
@@ -221,27 +226,35 @@ def count_valid_examples(path: Path, checker: ExampleChecker, *, max_examples: i
             number += 1
             if len(raw) > MAX_LINE_BYTES:
                 raise InvalidInputError(f"line {number}: longer than {MAX_LINE_BYTES} bytes")
-            example = parse_jsonl_line(raw, where=f"line {number}")
-            if example is None:
-                continue
-            tokens = checker.example_tokens(example)
-            if tokens > checker.max_example_tokens:
-                measured = "its longer side has" if checker.encoder_decoder else "the example has"
-                raise InvalidInputError(
-                    f"line {number}: {measured} {tokens} tokens; the limit is "
-                    f"{checker.max_example_tokens} (the model's context of "
-                    f"{checker.context_length} tokens minus the longest prefix, "
-                    f"{checker.max_prefix_length})"
-                )
-            count += 1
-            if count > max_examples:
-                raise ApiError(
-                    413,
-                    "payload_too_large",
-                    f"line {number}: more examples than max_dataset_examples ({max_examples})",
-                )
+            for example in parse_jsonl_line(raw, where=f"line {number}"):
+                where = f"line {number}"
+                if example.context is not None:  # a chat: name the assistant message
+                    where += f", message {len(example.context) + 1}"
+                try:
+                    tokens = checker.example_tokens(example)
+                except InvalidInputError as error:  # e.g. the chat template refused it
+                    raise InvalidInputError(f"{where}: {error}") from None
+                if tokens > checker.max_example_tokens:
+                    measured = (
+                        "its longer side has" if checker.encoder_decoder else "the example has"
+                    )
+                    raise InvalidInputError(
+                        f"{where}: {measured} {tokens} tokens; the limit is "
+                        f"{checker.max_example_tokens} (the model's context of "
+                        f"{checker.context_length} tokens minus the longest prefix, "
+                        f"{checker.max_prefix_length})"
+                    )
+                count += 1
+                if count > max_examples:
+                    raise ApiError(
+                        413,
+                        "payload_too_large",
+                        f"line {number}: more examples than max_dataset_examples ({max_examples})",
+                    )
     if count == 0:
-        raise InvalidInputError('no examples: send one {"input": ..., "output": ...} a line')
+        raise InvalidInputError(
+            'no examples: send one {"input": ..., "output": ...} or {"messages": [...]} a line'
+        )
     return count
 
 

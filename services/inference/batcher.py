@@ -10,6 +10,9 @@ BART, T5) between steps — each row with its own prefix, position offset and de
 settings — and hands tokens back as they are produced. Finished rows leave at once, so a
 short request never waits for a long one, nor a new one for a batch to drain.
 
+A row with stop sequences ends as soon as its decoded text contains one (the token that
+completed it is the row's last), so it leaves the batch at once and spends no more tokens.
+
 Beam-search requests decode as their own batch (beams need reordering that a shared batch
 of unrelated rows cannot do) on a lane of their own: a second thread that takes turns with
 the decode loop step by step (:class:`_Turns`), so a long search of one tenant never stalls
@@ -20,6 +23,7 @@ checks between steps whether its client went away and stops there.
 from __future__ import annotations
 
 import asyncio
+import copy
 import queue
 import threading
 import time
@@ -38,6 +42,7 @@ from common.generation import (
     row_generator,
 )
 from common.model_loading import LoadedModel
+from common.stop_sequences import StopChecker
 
 _DONE = object()
 
@@ -53,6 +58,7 @@ class BatcherStats:
     beam_requests: int = 0  # beam searches run on the beam lane
     beam_cancelled: int = 0  # beam searches stopped mid-search (client gone)
     failed_rows: int = 0  # rows that failed alone (their batch went on)
+    stopped_rows: int = 0  # rows of the shared batch ended by a stop sequence
 
 
 @dataclass
@@ -64,6 +70,8 @@ class _Request:
     generator: torch.Generator | None = None
     produced: int = 0
     cancelled: bool = False
+    stop_hit: StopChecker | None = None  # when the decoding has stop sequences
+    ids: list[int] = field(default_factory=list)  # what it produced, kept for stop_hit only
 
     def emit(self, item: object) -> None:
         try:
@@ -120,6 +128,10 @@ class ContinuousBatcher:
         pad = loaded.tokenizer.pad_token_id
         self.pad_id = int(pad if pad is not None else loaded.tokenizer.eos_token_id)
         self.stats = BatcherStats()
+        # Stop checks decode on the decode thread and the beam lane: their own tokenizer, so
+        # they never share one with the event loop's encoding (a fast tokenizer's settings
+        # are not safe to share between threads).
+        self._stop_tokenizer = copy.deepcopy(loaded.tokenizer)
         # A DecodeBatch, or an EncoderDecoderBatch for BART/T5; touched by the decode thread only.
         self._batch = decode_batch(loaded.model, self.pad_id)
         self._incoming: queue.Queue[_Request | None] = queue.Queue()
@@ -146,6 +158,8 @@ class ContinuousBatcher:
         decoding = decoding.normalized()
         request = _Request(row, decoding, asyncio.get_running_loop(), asyncio.Queue())
         request.generator = row_generator(decoding)
+        if decoding.stop:
+            request.stop_hit = StopChecker(self._stop_tokenizer, decoding.stop)
         (self._beams if decoding.num_beams > 1 else self._incoming).put(request)
         try:
             while True:
@@ -254,6 +268,11 @@ class ContinuousBatcher:
                     self.stats.tokens += 1
                     request.emit(token)
                     finished = request.produced >= request.decoding.max_new_tokens
+                    if request.stop_hit is not None:
+                        request.ids.append(token)
+                        if request.stop_hit(request.ids):
+                            finished = True
+                            self.stats.stopped_rows += 1
                 if finished:
                     request.emit(_DONE)
                 else:
@@ -299,6 +318,7 @@ class ContinuousBatcher:
                 eos_token_id=self.eos_id,
                 pad_token_id=self.pad_id,
                 should_stop=between_steps,
+                tokenizer=self._stop_tokenizer,
             )
         except GenerationCancelledError:
             self.stats.beam_cancelled += 1

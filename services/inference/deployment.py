@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 from ray import serve
@@ -28,6 +28,7 @@ from common.errors import IncompatiblePrefixError, InvalidInputError
 from common.generation import DecodingConfig, GenerationRow
 from common.prefix_file import Prefix, prefix_from_bytes, prompt_format
 from common.shared_weights import SharedModel, materialize_model
+from common.stop_sequences import StopStreamer, cut_at_stop
 from services.inference.batcher import ContinuousBatcher
 from services.inference.prefix_cache import PrefixCache
 
@@ -48,6 +49,23 @@ class InferenceResult:
     outputs: list[str]
     prompt_tokens: int
     completion_tokens: int
+    # Per output: "stop" (EOS or a stop sequence) or "length" (max_new_tokens reached).
+    finish_reasons: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class StreamEnd:
+    """The last item of :meth:`InferenceServer.stream`, after the text deltas."""
+
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+
+
+def finish_reason(ids: list[int], decoding: DecodingConfig, stopped: bool) -> str:
+    """OpenAI's: "stop" when a stop sequence or EOS ended the row, "length" when
+    ``max_new_tokens`` did."""
+    return "stop" if stopped or len(ids) < decoding.max_new_tokens else "length"
 
 
 class InferenceServer:
@@ -172,34 +190,63 @@ class InferenceServer:
             rows.append(GenerationRow(ids, prefix.key_values))
         return rows
 
-    def _text(self, ids: list[int]) -> str:
-        return str(self.loaded.tokenizer.decode(ids, skip_special_tokens=True)).strip()
+    def _decode(self, ids: list[int]) -> str:
+        return str(self.loaded.tokenizer.decode(ids, skip_special_tokens=True))
+
+    def _text(self, ids: list[int], stops: tuple[str, ...]) -> tuple[str, bool]:
+        """The output text, cut before its earliest stop sequence, and whether one was
+        found (cut before stripping: a stop sequence may be whitespace)."""
+        text, stopped = cut_at_stop(self._decode(ids), stops)
+        return text.strip(), stopped
 
     async def generate(self, request: InferenceRequest) -> InferenceResult:
         rows = await self._rows(request)
         outputs = await asyncio.gather(
             *(self.batcher.generate(row, request.decoding) for row in rows)
         )
+        texts = [self._text(ids, request.decoding.stop) for ids in outputs]
         return InferenceResult(
-            outputs=[self._text(ids) for ids in outputs],
+            outputs=[text for text, _ in texts],
             prompt_tokens=sum(len(r.input_ids) for r in rows),
             completion_tokens=sum(len(ids) for ids in outputs),
+            finish_reasons=[
+                finish_reason(ids, request.decoding, stopped)
+                for ids, (_, stopped) in zip(outputs, texts, strict=True)
+            ],
         )
 
-    async def stream(self, request: InferenceRequest) -> AsyncIterator[str]:
-        """Text deltas of the first input, token by token."""
+    async def stream(self, request: InferenceRequest) -> AsyncIterator[str | StreamEnd]:
+        """Text deltas of the first input, token by token, then a :class:`StreamEnd`. Text
+        that may still turn out to be the start of a stop sequence is held back until it
+        cannot; a stop sequence and what follows are never sent."""
         (row,) = (await self._rows(request))[:1]
+        stops = request.decoding.stop
+        streamer = StopStreamer(stops)
         ids: list[int] = []
-        sent = ""
+        seen = ""
         async for token in self.batcher.stream(row, request.decoding):
             ids.append(token)
-            text = str(self.loaded.tokenizer.decode(ids, skip_special_tokens=True))
+            text = self._decode(ids)
             # Hold back a trailing replacement character: the next token may complete it.
-            if text.endswith("\ufffd"):
+            if text.endswith("\ufffd") or len(text) <= len(seen):
                 continue
-            if len(text) > len(sent):
-                yield text[len(sent) :]
-                sent = text
+            piece = streamer.feed(text[len(seen) :])
+            seen = text
+            if piece:
+                yield piece
+            if streamer.stopped:
+                break  # the decode loop ended the row on the same text
+        if not streamer.stopped and len(text := self._decode(ids)) > len(seen):
+            piece = streamer.feed(text[len(seen) :])  # the end, incomplete character or not
+            if piece:
+                yield piece
+        if rest := streamer.flush():
+            yield rest
+        yield StreamEnd(
+            finish_reason(ids, request.decoding, streamer.stopped),
+            prompt_tokens=len(row.input_ids),
+            completion_tokens=len(ids),
+        )
 
     async def evict(self, prefix_ids: list[str]) -> int:
         return self.cache.evict(prefix_ids)

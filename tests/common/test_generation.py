@@ -188,6 +188,77 @@ def test_bad_decoding_settings_are_refused(tiny_llama, decoding, message):
         run(tiny_llama, mixed_rows(tiny_llama), decoding)
 
 
+def test_stop_sequences_end_each_row_at_the_token_that_completes_one(tiny_llama):
+    """Greedy and beam: a row whose text reaches a stop sequence ends with that token (the
+    decode spends nothing after it); the others decode as without stops."""
+    tokenizer = tiny_llama.tokenizer
+    rows = mixed_rows(tiny_llama)
+    free = run(tiny_llama, rows, DecodingConfig(max_new_tokens=12))
+    special = set(tokenizer.all_special_ids)
+    # A word the greedy text reaches after a few tokens (stop there, at its first use).
+    row, word = next(
+        (i, tokenizer.decode([ids[k]]))
+        for i, ids in enumerate(free)
+        for k in range(3, len(ids))
+        if ids[k] not in special
+    )
+    first = free[row].index(tokenizer.convert_tokens_to_ids(word))
+    stop = DecodingConfig(max_new_tokens=12, stop=(word, "never said"))
+    stopped = generate(
+        tiny_llama.model,
+        rows,
+        stop,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tokenizer=tokenizer,
+    )
+    assert stopped[row] == free[row][: first + 1]  # ends with the token that completed it
+    for other, ids in enumerate(free):
+        if word not in tokenizer.decode(ids):
+            assert stopped[other] == ids
+    with pytest.raises(ValueError, match="stop sequences need the tokenizer"):
+        run(tiny_llama, rows, stop)
+
+    (beam_free,) = run(tiny_llama, [rows[row]], DecodingConfig(max_new_tokens=12, num_beams=3))
+    beam_word = tokenizer.decode([next(t for t in beam_free[2:] if t not in special)])
+    beam_stop = DecodingConfig(max_new_tokens=12, num_beams=3, stop=(beam_word,))
+    (beam_stopped,) = generate(
+        tiny_llama.model,
+        [rows[row]],
+        beam_stop,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tokenizer=tokenizer,
+    )
+    # The best hypothesis either ended at the stop word or never said it (beam search
+    # keeps the best of the finished and the running ones); never says it and goes on.
+    assert beam_word not in tokenizer.decode(beam_stopped[:-1], skip_special_tokens=True)
+    assert beam_stopped != beam_free
+
+
+def test_generate_texts_cuts_at_the_earliest_stop_sequence(tiny_llama):
+    (free,) = generate_texts(tiny_llama, [(None, "alpha beta")], GREEDY)
+    words = free.split()
+    assert len(words) >= 3, free
+    (cut,) = generate_texts(
+        tiny_llama, [(None, "alpha beta")], DecodingConfig(max_new_tokens=10, stop=(words[2],))
+    )
+    assert cut == free[: free.index(words[2])].strip()
+
+
+@pytest.mark.parametrize(
+    ("stop", "message"),
+    [
+        (("a", "b", "c", "d", "e"), "at most 4 stop sequences, got 5"),
+        (("a", ""), "stop sequence 2 must be a non-empty string"),
+        (("x" * 201,), "stop sequence 1 has 201 characters; the limit is 200"),
+    ],
+)
+def test_stop_sequences_are_bounded(stop, message):
+    with pytest.raises(InvalidInputError, match=message):
+        DecodingConfig(stop=stop).validate()
+
+
 def test_input_longer_than_context_is_refused_before_any_work(tiny_llama):
     prefix = Prefix(random_prefix(tiny_llama, 20, seed=1), tiny_llama.fingerprint, "llama")
     text = "alpha " * 100

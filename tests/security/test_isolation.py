@@ -28,14 +28,15 @@ def test_pathological_temperature_is_greedy_and_seeds_are_bounded(inproc_inferen
     assert tiny.status_code == 200, tiny.text
     assert tiny.json()["outputs"] == greedy.json()["outputs"]
     # Seeds: up to 2**63 - 1, reproducible; beyond, a 422 naming the field (was a 500).
-    for route, body in (
-        ("/v1/generate", {"input": "alpha"}),
-        ("/v1/completions", {"prompt": "alpha"}),
-    ):
-        status, code, message = error(
-            inproc.request("POST", route, key, json={**body, "seed": 2**64, "temperature": 1.0})
-        )
-        assert (status, code) == (422, "invalid_request") and message.startswith("seed"), message
+    status, code, message = error(
+        _generate(inproc, key, seed=2**64, temperature=1.0, max_new_tokens=4)
+    )
+    assert (status, code) == (422, "invalid_request") and message.startswith("seed"), message
+    openai_shaped = inproc.request(
+        "POST", "/v1/completions", key, json={"prompt": "alpha", "seed": 2**64, "temperature": 1}
+    )
+    assert openai_shaped.status_code == 400, openai_shaped.text
+    assert openai_shaped.json()["error"]["param"] == "seed"
     sampled = dict(max_new_tokens=12, temperature=3.0, seed=MAX_SEED)
     first, again = _generate(inproc, key, **sampled), _generate(inproc, key, **sampled)
     assert first.status_code == 200 and first.json()["outputs"] == again.json()["outputs"]

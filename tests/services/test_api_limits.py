@@ -181,6 +181,20 @@ def test_huge_lines_and_too_many_examples_are_refused(
         count_valid_examples(write(tmp_path, row * 3), checker, max_examples=2)
 
 
+def test_a_chat_line_counts_its_trained_turns_and_a_long_turn_is_named(
+    tmp_path: Path, checker: ExampleChecker
+) -> None:
+    """Plain format (no template): each later turn reads the whole conversation before it,
+    so a late turn can outgrow the context; the error names the line and the message."""
+    words = "alpha beta gamma"  # "user: alpha beta gamma" is 4 tokens
+    turn = [{"role": "user", "content": words}, {"role": "assistant", "content": words}]
+    row = json.dumps({"messages": turn * 2}).encode()  # message 4: 3 × 4 + 1, sep, 3, eos
+    assert count_valid_examples(write(tmp_path, row), checker, max_examples=5) == 2
+    long = json.dumps({"messages": turn * 3}).encode()  # message 6: 5 × 4 + 1 + 5
+    with pytest.raises(InvalidInputError, match=r"^line 2, message 6: the example has 26 tokens"):
+        count_valid_examples(write(tmp_path, row + b"\n" + long), checker, max_examples=9)
+
+
 # --- API key cache --------------------------------------------------------------------------
 
 

@@ -594,14 +594,25 @@ def test_a_job_runs_when_the_scheduler_does(stack, api):
 
     _, sdk_key = api.new_tenant()
     sdk = openai.OpenAI(base_url=f"{stack.url}/v1", api_key=sdk_key, max_retries=0)
-    uploaded = sdk.files.create(file=("train.jsonl", jsonl(examples(12))), purpose="fine-tune")
+
+    # OpenAI's chat fine-tuning format: two trained assistant turns a line.
+    def chat(first: dict[str, str], second: dict[str, str]) -> dict[str, Any]:
+        turns = [("user", "input"), ("assistant", "output")]
+        messages = [{"role": "system", "content": "alpha"}]
+        for pair in (first, second):
+            messages += [{"role": role, "content": pair[field]} for role, field in turns]
+        return {"messages": messages}
+
+    chats = [chat(a, b) for a, b in zip(examples(6), examples(12)[6:], strict=True)]
+    uploaded = sdk.files.create(file=("train.jsonl", jsonl(chats)), purpose="fine-tune")
     assert (uploaded.object, uploaded.purpose, uploaded.status) == (
         "file",
         "fine-tune",
         "processed",
     )
-    with pytest.raises(openai.UnprocessableEntityError, match="line 1"):
+    with pytest.raises(openai.BadRequestError, match="line 1") as bad_file:
         sdk.files.create(file=("bad.jsonl", b'{"input": "a"}\n'), purpose="fine-tune")
+    assert bad_file.value.param == "file"
     ft_job = sdk.fine_tuning.jobs.create(
         model="default", training_file=uploaded.id,
         hyperparameters={"n_epochs": 2, "batch_size": 4, "learning_rate_multiplier": 20},
@@ -660,7 +671,7 @@ def test_a_job_runs_when_the_scheduler_does(stack, api):
     )
     assert chat.model == model and chat.choices[0].message.role == "assistant"
     assert sdk.completions.create(model=model, prompt="alpha red", max_tokens=3).model == model
-    with pytest.raises(openai.NotFoundError):
+    with pytest.raises(openai.NotFoundError, match="does not exist"):
         sdk.chat.completions.create(model="prefix-" + str(uuid.uuid4()), messages=[
             {"role": "user", "content": "alpha"}
         ])  # fmt: skip

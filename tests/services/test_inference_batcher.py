@@ -94,6 +94,30 @@ def test_streaming_yields_the_same_tokens(tiny_llama, batcher):
     assert asyncio.run(main()) == solo(tiny_llama, row, decoding)
 
 
+def test_a_row_ends_at_its_stop_sequence_and_leaves_the_batch(tiny_llama, batcher):
+    """The decode loop ends a row as soon as its text holds a stop sequence: it produces
+    no token after the one that completed it (its slot is free), and its batch neighbour
+    decodes on, unchanged."""
+    tokenizer = tiny_llama.tokenizer
+    row = GenerationRow([12, 13], random_prefix(tiny_llama, 2, seed=4))
+    neighbour = GenerationRow([15, 16], random_prefix(tiny_llama, 4, seed=3))
+    free = DecodingConfig(max_new_tokens=12)
+    expected = solo(tiny_llama, row, free)
+    special = set(tokenizer.all_special_ids)
+    at = next(k for k in range(2, len(expected)) if expected[k] not in special)
+    at = expected.index(expected[at])  # the word's first use
+    stop = DecodingConfig(max_new_tokens=12, stop=(tokenizer.decode([expected[at]]),))
+
+    async def main():
+        return await asyncio.gather(batcher.generate(row, stop), batcher.generate(neighbour, free))
+
+    stopped, other = asyncio.run(main())
+    assert stopped == expected[: at + 1] and len(stopped) < len(expected)
+    assert other == solo(tiny_llama, neighbour, free)
+    assert batcher.stats.stopped_rows == 1
+    assert batcher.stats.tokens == len(stopped) + len(other)  # nothing decoded past the stop
+
+
 def test_invalid_decoding_fails_alone(tiny_llama, batcher):
     from common.errors import InvalidInputError
 

@@ -91,6 +91,7 @@ from common.db.crud.nightly import (
 )
 from common.db.crud.prefixes import (
     activate_prefix,
+    add_imported_prefix,
     deactivate_all,
     delete_prefix_version,
     existing_prefix_ids,
@@ -139,6 +140,7 @@ __all__ = [
     "NightlyJobCounts",
     "activate_prefix",
     "add_dataset",
+    "add_imported_prefix",
     "add_operator_dataset",
     "add_pending_blob_delete",
     "base_prefix_dependents",

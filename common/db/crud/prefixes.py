@@ -1,4 +1,4 @@
-"""Prefix versions of a tenant: publish, activate (roll back), look up, delete."""
+"""Prefix versions of a tenant: publish, import, activate (roll back), look up, delete."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from common.blobstore.keys import key_belongs_to_tenant
 from common.db.crud.base_prefixes import STACK, lock_base_prefix
 from common.db.crud.blob_deletes import add_pending_blob_delete
 from common.db.crud.tenants import require_active_tenant
+from common.db.crud.transaction import commit
 from common.db.errors import (
     ConflictError,
     LeaseLostError,
@@ -190,6 +191,58 @@ def publish_prefix(
         session.rollback()
         raise ConflictError(
             f"a concurrent change to tenant prefixes of job {job_id} won; retry the publish"
+        ) from None
+    except BaseException:
+        session.rollback()
+        raise
+    session.refresh(prefix)
+    return prefix
+
+
+def add_imported_prefix(
+    *,
+    session: Session,
+    tenant_id: uuid.UUID,
+    prefix_in: PrefixVersionCreate,
+    activate: bool = False,
+    now: datetime | None = None,
+) -> PrefixVersion:
+    """A prefix version no job trained (an imported PEFT adapter), in one transaction: the
+    tenant's next version number (under its row lock, refused for a tenant that is not
+    active), inactive unless ``activate`` (then the previous active one is deactivated).
+    Call it only after the blob is completely written; when it raises, nothing was changed
+    and the caller deletes its blob."""
+    at = now or utcnow()
+    if not key_belongs_to_tenant(prefix_in.object_key, tenant_id):
+        raise InvalidInputError(
+            f"prefix object key {prefix_in.object_key!r} is outside tenant {tenant_id}'s prefix"
+        )
+    try:
+        tenant = require_active_tenant(session, tenant_id, lock=True)
+        latest = session.exec(
+            select(func.max(PrefixVersion.version)).where(col(PrefixVersion.tenant_id) == tenant_id)
+        ).one()
+        number = max(tenant.last_prefix_version, latest or 0) + 1
+        tenant.last_prefix_version = number
+        session.add(tenant)
+        if activate:
+            deactivate_all(session, tenant_id)
+        prefix = PrefixVersion.model_validate(
+            prefix_in,
+            update={
+                "tenant_id": tenant_id,
+                "job_id": None,
+                "version": number,
+                "active": activate,
+                "created_at": at,
+                "activated_at": at if activate else None,
+            },
+        )
+        session.add(prefix)
+        commit(session)
+    except IntegrityError:
+        raise ConflictError(
+            f"a concurrent change to the prefixes of tenant {tenant_id} won; retry the import"
         ) from None
     except BaseException:
         session.rollback()

@@ -2,11 +2,10 @@
 
 The messages become one prompt with the base model's chat template
 (``common/chat_format.py``; a plain ``role: content`` format for a model without one), which
-then goes the way of ``/v1/completions``. Differences from OpenAI (docs/ARCHITECTURE.md):
-``model`` picks one of the caller's versions (``GET /v1/models``), the active one when
-absent; ``stop``
-sequences cut the text after decoding (the row still decodes up to ``max_tokens``);
-a streamed answer counts its usage by re-tokenizing the text; no tools, logprobs or images.
+then goes the way of ``/v1/completions``: ``stop`` sequences end the row in the decode loop
+(``common/stop_sequences.py``). Differences from OpenAI (docs/ARCHITECTURE.md): ``model``
+picks one of the caller's versions (``GET /v1/models``), the active one when absent; no
+tools, logprobs or images.
 """
 
 from __future__ import annotations
@@ -22,21 +21,24 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from starlette.concurrency import run_in_threadpool
 
-from common.chat_format import StopStreamer, cut_at_stop
 from common.generation import MAX_SEED
 from services.api.deps import ContextDep, CurrentTenant, SessionDep
-from services.api.errors import ApiError, error_body, to_api_error
+from services.api.errors import ApiError, stream_error_body, to_api_error
 from services.api.routes.generate import (
     MAX_INPUTS,
     Admission,
+    StopField,
+    StreamOptions,
     _active_prefix,
     _run,
     _sample_seed,
     _sse,
+    _usage,
     admit,
     decoding_config,
+    stop_sequences,
 )
-from services.inference.deployment import InferenceRequest
+from services.inference.deployment import InferenceRequest, StreamEnd
 
 router = APIRouter(prefix="/v1", tags=["generate"])
 
@@ -60,10 +62,6 @@ class ChatMessage(BaseModel):
         )
 
 
-class StreamOptions(BaseModel):
-    include_usage: bool = False
-
-
 class ChatCompletionRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
@@ -74,11 +72,7 @@ class ChatCompletionRequest(BaseModel):
     temperature: float = Field(default=1.0, ge=0, le=2)
     top_p: float = Field(default=1.0, gt=0, le=1)
     n: int = Field(default=1, ge=1, le=16)
-    stop: (
-        Annotated[str, Field(min_length=1, max_length=200)]
-        | Annotated[list[Annotated[str, Field(min_length=1, max_length=200)]], Field(max_length=4)]
-        | None
-    ) = None
+    stop: StopField = None
     seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -90,13 +84,6 @@ class ChatCompletionRequest(BaseModel):
         if self.n > MAX_INPUTS:
             raise ValueError(f"n must be at most {MAX_INPUTS}")
         return self
-
-    def stops(self) -> list[str]:
-        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
-
-
-def _finish(completion_tokens: int, max_tokens: int, stopped: bool) -> str:
-    return "stop" if stopped or completion_tokens < max_tokens else "length"
 
 
 @router.post("/chat/completions")
@@ -131,32 +118,29 @@ async def _chat(
         "created": int(time.time()),
         "model": f"prefix-{prefix.id}",
     }
-    stops = body.stops()
 
     def request(seed: int | None) -> InferenceRequest:
-        decoding = decoding_config(max_tokens, body.temperature, body.top_p, 1, seed)
+        decoding = decoding_config(
+            max_tokens, body.temperature, body.top_p, 1, seed, stop=stop_sequences(body.stop)
+        )
         return prefix.request([prompt], decoding)
 
     if body.stream:
         include_usage = body.stream_options is not None and body.stream_options.include_usage
-        return _stream(
-            context, request(body.seed), head, stops, prompt, include_usage, max_tokens, admission
-        )
+        return _stream(context, request(body.seed), head, include_usage, admission)
 
     # n choices: the same prompt with n seeds, decoded concurrently (one batch).
     seeds = [_sample_seed(body.seed, i) for i in range(body.n)]
     results = await asyncio.gather(*(_run(context, request(seed)) for seed in seeds))
-    choices = []
-    for index, result in enumerate(results):
-        text, stopped = cut_at_stop(result.outputs[0], stops)
-        choices.append(
-            {
-                "index": index,
-                "message": {"role": "assistant", "content": text},
-                "logprobs": None,
-                "finish_reason": _finish(result.completion_tokens, max_tokens, stopped),
-            }
-        )
+    choices = [
+        {
+            "index": index,
+            "message": {"role": "assistant", "content": result.outputs[0]},
+            "logprobs": None,
+            "finish_reason": result.finish_reasons[0],
+        }
+        for index, result in enumerate(results)
+    ]
     prompt_tokens = results[0].prompt_tokens
     completion_tokens = sum(r.completion_tokens for r in results)
     usage = {
@@ -171,10 +155,7 @@ def _stream(
     context: Any,
     request: InferenceRequest,
     head: dict[str, Any],
-    stops: list[str],
-    prompt: str,
     include_usage: bool,
-    max_tokens: int,
     admission: Admission,
 ) -> StreamingResponse:
     chunk = {**head, "object": "chat.completion.chunk"}
@@ -183,37 +164,18 @@ def _stream(
         return _sse({**chunk, "choices": [{"index": 0, "delta": payload, "finish_reason": finish}]})
 
     async def events() -> AsyncIterator[str]:
-        streamer = StopStreamer(stops)
-        text = ""
         yield delta({"role": "assistant", "content": ""})
         try:
-            async for piece in context.inference.options(stream=True).stream.remote(request):
-                out = streamer.feed(piece)
-                text += out
-                if out:
-                    yield delta({"content": out})
-                if streamer.stopped:
-                    break
-            rest = streamer.flush()
-            if rest:
-                text += rest
-                yield delta({"content": rest})
+            async for item in context.inference.options(stream=True).stream.remote(request):
+                if isinstance(item, StreamEnd):
+                    yield delta({}, item.finish_reason)
+                    if include_usage:
+                        yield _sse({**chunk, "choices": [], "usage": _usage(item)})
+                else:
+                    yield delta({"content": item})
         except Exception as error:
             mapped = to_api_error(error) or ApiError(500, "internal", "generation failed")
-            yield _sse(error_body(mapped.code, mapped.message))
-            yield _sse("[DONE]")
-            return
-        checker = context.example_checker()
-        completion_tokens = await run_in_threadpool(checker.text_tokens, text)
-        yield delta({}, _finish(completion_tokens, max_tokens, streamer.stopped))
-        if include_usage:
-            prompt_tokens = await run_in_threadpool(checker.text_tokens, prompt)
-            usage = {
-                "prompt_tokens": prompt_tokens,
-                "completion_tokens": completion_tokens,
-                "total_tokens": prompt_tokens + completion_tokens,
-            }
-            yield _sse({**chunk, "choices": [], "usage": usage})
+            yield _sse(stream_error_body(mapped, openai=True))
         yield _sse("[DONE]")
 
     return admission.streaming_response(events())

@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from common.db import crud
 from common.db.errors import NotFoundError
 from common.db.models import JobState, TrainingJob
+from common.errors import InvalidInputError
 from common.hyperparameters import Hyperparameters
 from common.training import TrainingConfig
 from services.api.deps import ContextDep, CurrentTenant, SessionDep
@@ -63,8 +64,16 @@ async def create_file(request: Request, tenant: CurrentTenant, context: ContextD
     form = await request.form(max_files=1, max_fields=8)
     purpose = form.get("purpose")
     if purpose != FINE_TUNE:
-        raise ApiError(422, "invalid_request", f"purpose must be 'fine-tune', got {purpose!r}")
-    dataset = await dataset_routes.upload_dataset(request, tenant, context)
+        raise ApiError(
+            422,
+            "invalid_request",
+            f"purpose must be 'fine-tune', got {str(purpose)[:40]!r}",
+            param="purpose",
+        )
+    try:
+        dataset = await dataset_routes.upload_dataset(request, tenant, context)
+    except InvalidInputError as error:  # a bad line: the file is the parameter at fault
+        raise ApiError(422, "invalid_file", str(error), param="file") from None
     return _file(dataset)
 
 
@@ -180,7 +189,11 @@ def create_fine_tuning_job(
         validation_dataset_id=body.validation_file,
         hyperparameters=_hyperparameters(body),
     )
-    out = job_routes.submit_job(submit, tenant, session, context, response)
+    try:
+        out = job_routes.submit_job(submit, tenant, session, context, response)
+    except NotFoundError as error:  # OpenAI: a 400 naming the file parameter
+        param = "training_file" if str(body.training_file) in str(error) else "validation_file"
+        raise ApiError(400, "invalid_file", f"{param}: {error}", param=param) from None
     response.status_code = 200  # OpenAI answers 200 with the new job
     return _job(out, body.model or _served_model(context))
 

@@ -24,6 +24,7 @@ from starlette.concurrency import run_in_threadpool
 from common.db import crud
 from common.db.models import BasePrefix, PrefixVersion
 from common.generation import MAX_SEED, DecodingConfig
+from common.stop_sequences import MAX_STOP_CHARS, MAX_STOP_SEQUENCES
 from services.api.deps import (
     ContextDep,
     CurrentTenant,
@@ -31,13 +32,29 @@ from services.api.deps import (
     enforce_generate_rate,
     too_many_at_once,
 )
-from services.api.errors import ApiError, error_body, to_api_error
-from services.inference.deployment import InferenceRequest, InferenceResult
+from services.api.errors import ApiError, stream_error_body, to_api_error
+from services.inference.deployment import InferenceRequest, InferenceResult, StreamEnd
 
 router = APIRouter(prefix="/v1", tags=["generate"])
 
 MAX_INPUTS = 64
 DEFAULT_MAX_NEW_TOKENS = 64
+
+
+StopText = Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]
+# OpenAI's ``stop``: one string or up to 4; the row ends when its text contains one.
+StopField = Annotated[
+    StopText | Annotated[list[StopText], Field(max_length=MAX_STOP_SEQUENCES)] | None,
+    Field(description=f"up to {MAX_STOP_SEQUENCES} sequences that end the output (not returned)"),
+]
+
+
+def stop_sequences(stop: str | list[str] | None) -> tuple[str, ...]:
+    return (stop,) if isinstance(stop, str) else tuple(stop or ())
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
 
 
 class GenerateRequest(BaseModel):
@@ -62,6 +79,7 @@ class GenerateRequest(BaseModel):
     seed: int | None = Field(
         default=None, ge=0, le=MAX_SEED, description="absent: fresh randomness per request"
     )
+    stop: StopField = None
     stream: bool = False
 
     @model_validator(mode="after")
@@ -79,7 +97,14 @@ class GenerateRequest(BaseModel):
         """``limit``: the server's ``max_new_tokens_limit``, which an absent ``max_new_tokens``
         never exceeds (an explicit one over it is refused by the inference server)."""
         wanted = self.max_new_tokens or min(DEFAULT_MAX_NEW_TOKENS, limit)
-        return decoding_config(wanted, self.temperature, self.top_p, self.num_beams, self.seed)
+        return decoding_config(
+            wanted,
+            self.temperature,
+            self.top_p,
+            self.num_beams,
+            self.seed,
+            stop=stop_sequences(self.stop),
+        )
 
 
 def decoding_config(
@@ -88,6 +113,8 @@ def decoding_config(
     top_p: float | None,
     num_beams: int,
     seed: int | None,
+    *,
+    stop: tuple[str, ...] = (),
 ) -> DecodingConfig:
     sample = (temperature or 0) > 0 or (top_p is not None and top_p < 1)
     if sample and num_beams > 1:
@@ -101,6 +128,7 @@ def decoding_config(
         temperature=temperature if temperature else 1.0,
         top_p=top_p if top_p is not None else 1.0,
         seed=seed,
+        stop=stop,
     )
 
 
@@ -111,6 +139,8 @@ class Usage(BaseModel):
 
 class GenerateResponse(BaseModel):
     outputs: list[str]
+    # Per output: "stop" (EOS or a stop sequence) or "length" (max_new_tokens reached).
+    finish_reasons: list[str]
     prefix_id: uuid.UUID
     prefix_version: int
     usage: Usage
@@ -159,6 +189,7 @@ def admit(context: Any, tenant_id: uuid.UUID, cost: int, *, stream: bool) -> Adm
             "request_too_costly",
             f"this request costs {cost} (inputs × beams or n × new tokens); max_request_cost "
             f"is {settings.max_request_cost}",
+            param="max_tokens",
         )
     enforce_generate_rate(tenant_id, context, cost)
     if stream and not context.open_streams.try_acquire(tenant_id):
@@ -254,26 +285,55 @@ def _sse(payload: Any) -> str:
     return f"data: {json.dumps(payload) if not isinstance(payload, str) else payload}\n\n"
 
 
+def _usage(end: StreamEnd) -> dict[str, int]:
+    return {
+        "prompt_tokens": end.prompt_tokens,
+        "completion_tokens": end.completion_tokens,
+        "total_tokens": end.prompt_tokens + end.completion_tokens,
+    }
+
+
 def _stream(
     context: Any,
     request: InferenceRequest,
     head: dict[str, Any],
     shape: str,
     admission: Admission,
+    *,
+    include_usage: bool = False,
 ) -> StreamingResponse:
+    """``shape`` "prefixd": ``{"delta"}`` events, then one with ``finish_reason`` and
+    ``usage``; "openai": completion chunks, the last with ``finish_reason``, then (when
+    asked) a usage chunk with no choices."""
+
     async def events() -> AsyncIterator[str]:
         handle = context.inference.options(stream=True)
         try:
-            async for delta in handle.stream.remote(request):
-                if shape == "openai":
+            async for item in handle.stream.remote(request):
+                if isinstance(item, StreamEnd):
+                    if shape == "openai":
+                        choice = {"text": "", "index": 0, "finish_reason": item.finish_reason}
+                        yield _sse({**head, "choices": [choice]})
+                        if include_usage:
+                            yield _sse({**head, "choices": [], "usage": _usage(item)})
+                    else:
+                        yield _sse(
+                            {
+                                "delta": "",
+                                "finish_reason": item.finish_reason,
+                                "usage": _usage(item),
+                                **head,
+                            }
+                        )
+                elif shape == "openai":
                     yield _sse(
-                        {**head, "choices": [{"text": delta, "index": 0, "finish_reason": None}]}
+                        {**head, "choices": [{"text": item, "index": 0, "finish_reason": None}]}
                     )
                 else:
-                    yield _sse({"delta": delta, **head})
+                    yield _sse({"delta": item, **head})
         except Exception as error:
             mapped = to_api_error(error) or ApiError(500, "internal", "generation failed")
-            yield _sse(error_body(mapped.code, mapped.message))
+            yield _sse(stream_error_body(mapped, openai=shape == "openai"))
         yield _sse("[DONE]")
 
     return admission.streaming_response(events())
@@ -302,6 +362,7 @@ async def generate(
         admission.end_of_handler()
     return GenerateResponse(
         outputs=result.outputs,
+        finish_reasons=result.finish_reasons,
         prefix_id=prefix.id,
         prefix_version=prefix.version,
         usage=Usage(prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens),
@@ -322,7 +383,9 @@ class CompletionRequest(BaseModel):
     temperature: float = Field(default=1.0, ge=0, le=10)
     top_p: float = Field(default=1.0, gt=0, le=1)
     n: int = Field(default=1, ge=1, le=16)
+    stop: StopField = None
     stream: bool = False
+    stream_options: StreamOptions | None = None
     seed: int | None = Field(
         default=None,
         ge=0,
@@ -381,36 +444,40 @@ async def _completions(
     }
     choices: list[dict[str, Any]] = []
     prompt_tokens = completion_tokens = 0
+    stop = stop_sequences(body.stop)
     if body.stream:
-        decoding = decoding_config(max_tokens, body.temperature, body.top_p, 1, body.seed)
+        decoding = decoding_config(
+            max_tokens, body.temperature, body.top_p, 1, body.seed, stop=stop
+        )
         return _stream(
             context,
             prefix.request(prompts, decoding),
             head,
             shape="openai",
             admission=admission,
+            include_usage=body.stream_options is not None and body.stream_options.include_usage,
         )
     # n samples: the same prompts with different seeds, decoded concurrently (one batch).
+    seeds = [_sample_seed(body.seed, sample) for sample in range(body.n)]
     requests = [
         prefix.request(
-            prompts,
-            decoding_config(
-                max_tokens, body.temperature, body.top_p, 1, _sample_seed(body.seed, sample)
-            ),
+            prompts, decoding_config(max_tokens, body.temperature, body.top_p, 1, seed, stop=stop)
         )
-        for sample in range(body.n)
+        for seed in seeds
     ]
     results = await asyncio.gather(*(_run(context, r) for r in requests))
     for sample, result in enumerate(results):
         prompt_tokens += result.prompt_tokens if sample == 0 else 0
         completion_tokens += result.completion_tokens
-        for index, text in enumerate(result.outputs):
+        for index, (text, finish) in enumerate(
+            zip(result.outputs, result.finish_reasons, strict=True)
+        ):
             choices.append(
                 {
                     "text": text,
                     "index": index * body.n + sample,
                     "logprobs": None,
-                    "finish_reason": "stop",
+                    "finish_reason": finish,
                 }
             )
     choices.sort(key=lambda c: c["index"])

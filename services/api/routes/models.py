@@ -54,6 +54,7 @@ def requested_version(
             404,
             "model_not_found",
             f"model {model[:120]!r} does not exist: GET /v1/models lists this key's models",
+            param="model",
         )
     return prefix
 
@@ -89,4 +90,4 @@ def get_model(model: str, tenant: CurrentTenant, session: SessionDep, context: C
     for entry in _listing(context, session, tenant.id):
         if entry["id"] == model:
             return entry
-    raise ApiError(404, "model_not_found", f"model {model[:120]!r} does not exist")
+    raise ApiError(404, "model_not_found", f"model {model[:120]!r} does not exist", param="model")

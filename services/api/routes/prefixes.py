@@ -1,7 +1,9 @@
-"""Prefix versions: one immutable row (and blob) per successful training job; at most one
-is the tenant's active prefix, the one generate uses. Activating an older version is a
-rollback, effective from the next generate request; deleting a version removes its row and
-blob (the active one falls back to the highest remaining version)."""
+"""Prefix versions: one immutable row (and blob) per successful training job or imported
+PEFT adapter; at most one is the tenant's active prefix, the one generate uses. Activating
+an older version is a rollback, effective from the next generate request; deleting a
+version removes its row and blob (the active one falls back to the highest remaining
+version). A version goes out as a PEFT adapter (``GET …/{id}/peft``) and one comes in
+(``POST /v1/prefixes/peft``, ``services/api/prefix_import.py``)."""
 
 from __future__ import annotations
 
@@ -9,24 +11,54 @@ import logging
 import uuid
 from typing import Any
 
-from fastapi import APIRouter, Response
+from fastapi import APIRouter, Query, Request, Response
 from pydantic import BaseModel, Field
+from starlette.concurrency import run_in_threadpool
 
 from common.blob_deletes import delete_blob
 from common.db import crud
 from common.db.errors import NotFoundError
 from common.db.models import PrefixVersion, PrefixVersionPublic
+from common.erasure import sweep_if_not_active
 from common.errors import IncompatiblePrefixError
 from common.model_loading import EMBEDDED, EMBEDDED_MODEL_ID
 from common.peft_adapter import peft_adapter_files, peft_adapter_zip
 from common.prefix_file import prefix_from_bytes
-from services.api.deps import ContextDep, CurrentTenant, SessionDep
+from services.api.deps import ContextDep, CurrentTenant, SessionDep, too_many_at_once
 from services.api.errors import ApiError
+from services.api.prefix_import import (
+    ARCHIVE_MEDIA_TYPES,
+    adapter_archive,
+    store_imported_prefix,
+    validated_adapter,
+)
 from services.api.schemas import Page
+from services.api.uploads import MULTIPART_FIELD, MULTIPART_MEDIA_TYPE
 
 log = logging.getLogger(__name__)
 
 router = APIRouter(prefix="/v1/prefixes", tags=["prefixes"])
+PEFT_IMPORT_PATH = "/v1/prefixes/peft"
+
+_ARCHIVE = {"schema": {"type": "string", "format": "binary"}}
+PEFT_UPLOAD_BODY = {
+    "requestBody": {
+        "required": True,
+        "description": "A PEFT prefix-tuning adapter directory (`adapter_config.json`, "
+        "`adapter_model.safetensors`) as a zip or tar (optionally gzip-compressed), as the "
+        "multipart file field `file` or as the body.",
+        "content": {
+            **{media: _ARCHIVE for media in ARCHIVE_MEDIA_TYPES},
+            MULTIPART_MEDIA_TYPE: {
+                "schema": {
+                    "type": "object",
+                    "properties": {MULTIPART_FIELD: {"type": "string", "format": "binary"}},
+                    "required": [MULTIPART_FIELD],
+                }
+            },
+        },
+    }
+}
 
 
 class PrefixDeleted(BaseModel):
@@ -97,6 +129,60 @@ def export_peft_adapter(
         media_type="application/zip",
         headers={"Content-Disposition": f'attachment; filename="prefix-{prefix_id}-peft.zip"'},
     )
+
+
+@router.post(
+    "/peft",
+    status_code=201,
+    response_model=PrefixVersionPublic,
+    openapi_extra=PEFT_UPLOAD_BODY,
+    responses={
+        400: {"description": "not an adapter for the served model: the message says why"},
+        413: {"description": "over max_peft_adapter_bytes"},
+        415: {"description": "neither multipart nor an archive body"},
+    },
+)
+async def import_peft_adapter(
+    request: Request,
+    tenant: CurrentTenant,
+    context: ContextDep,
+    activate: bool = Query(default=False, description="make the new version the active one"),
+) -> Any:
+    """Import a Hugging Face PEFT prefix-tuning adapter as the caller's next prefix version
+    (inactive unless `activate=true`). Checked like `prefixd peft import`: a prefix-tuning
+    adapter saved without projection for this base model's layers and shapes, finite
+    values, at most `max_prefix_length` virtual tokens. A refused upload leaves nothing
+    behind. A tenant sends at most `tenant_max_concurrent_uploads` at once."""
+    if not context.open_uploads.try_acquire(tenant.id):
+        raise too_many_at_once(
+            "uploads",
+            "tenant_max_concurrent_uploads",
+            context.settings.tenant_max_concurrent_uploads,
+        )
+    try:
+        data = await adapter_archive(request, max_bytes=context.settings.max_peft_adapter_bytes)
+        prefix = await run_in_threadpool(validated_adapter, data, context)
+        row = await run_in_threadpool(
+            store_imported_prefix,
+            engine=context.db,
+            blobs=context.blobs,
+            tenant_id=tenant.id,
+            prefix=prefix,
+            activate=activate,
+        )
+    finally:
+        context.open_uploads.release(tenant.id)
+        # A tenant erased while its import ran: whatever the import wrote goes again.
+        await run_in_threadpool(_sweep_if_erased, context, tenant.id)
+    log.info("tenant %s imported prefix version %s from a PEFT adapter", tenant.id, row.id)
+    return PrefixVersionPublic.model_validate(row)
+
+
+def _sweep_if_erased(context: Any, tenant_id: uuid.UUID) -> None:
+    try:
+        sweep_if_not_active(context.db, context.blobs, tenant_id, "a prefix import ended")
+    except Exception as error:  # the scheduler's periodic re-sweep catches it
+        log.warning("sweep after a prefix import of tenant %s failed: %s", tenant_id, error)
 
 
 @router.post(
