@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import ray
+from ray.exceptions import RayActorError
 
 from common.config import Settings
 from common.shared_weights import SharedModel
@@ -322,9 +323,11 @@ def _one_line(error: BaseException) -> str:
     cause = getattr(error, "cause", None)  # a RayTaskError: what the process itself raised
     if isinstance(cause, BaseException):
         error = cause
-    text = str(error).strip()
-    first = text.splitlines()[0] if text else ""
-    return f"{type(error).__name__}: {first}" if first else type(error).__name__
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    if isinstance(error, RayActorError) and error.actor_init_failed and lines:
+        # "...error raised in its creation task, <traceback>": its last line is the error.
+        return lines[-1]
+    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
 
 
 __all__ = [
