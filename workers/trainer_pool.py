@@ -77,12 +77,15 @@ def run_claimed_job(
 
 
 class TrainerProcess:
-    """One trainer process (a Ray actor): prepared at its start, then one job."""
+    """One trainer process (a Ray actor): prepared at its start (``prepare``; else by its
+    job, in the job's time), then one job."""
 
-    def __init__(self, settings: Settings, shared: SharedModel, entry: JobEntry) -> None:
+    def __init__(
+        self, settings: Settings, shared: SharedModel, entry: JobEntry, prepare: bool = True
+    ) -> None:
         began = time.monotonic()
         self._settings, self._shared, self._entry = settings, shared, entry
-        self._prepared: PreparedTrainer | None = prepare_trainer(settings, shared)
+        self._prepared = prepare_trainer(settings, shared) if prepare else None
         self._used = False
         self._info = {
             "pid": os.getpid(),
@@ -146,7 +149,7 @@ class TrainerPool:
 
     # --- processes ----------------------------------------------------------------------------
 
-    def _spawn(self) -> PooledProcess:
+    def _spawn(self, *, prepare: bool = True) -> PooledProcess:
         s = self.settings
         actor: Any = TrainerProcessActor.options(  # type: ignore[attr-defined]
             num_cpus=s.trainer_num_cpus,
@@ -154,7 +157,7 @@ class TrainerPool:
             resources=s.trainer_resources or None,
             max_restarts=0,
             max_task_retries=0,
-        ).remote(s, self.shared, self.entry)
+        ).remote(s, self.shared, self.entry, prepare)
         self.counts["started"] += 1
         return PooledProcess(actor=actor, created=time.monotonic(), starting=actor.ready.remote())
 
@@ -162,7 +165,7 @@ class TrainerPool:
         """A process started now for a job claimed now (no warm process: ``target`` 0). Its
         ``run`` call waits for its start; a failed start fails that call."""
         with self._lock:
-            process = self._spawn()
+            process = self._spawn(prepare=False)  # its job prepares it: in the job's time
             self.counts["handed_out"] += 1
             return process
 
