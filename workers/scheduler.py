@@ -8,23 +8,35 @@ queue (the database) on trainer processes.
 
 At start the actor checks the schema and the blob store and gets the frozen weights with
 :func:`get_shared_model` (one object-store copy per cluster, shared with the inference
-replicas); every trainer maps that :class:`SharedModel` zero-copy. Then, every
-``scheduler_poll_seconds``:
+replicas); every trainer maps that :class:`SharedModel` zero-copy.
 
-1. collects finished trainers. A trainer finishes its own job (published, failed, cancelled);
-   a trainer whose process died (killed, out of memory, node lost: ``WorkerCrashedError``,
-   ``NodeDiedError``, …) or that raised is failed here *with retry*: its orphan blob, if any,
-   is swept and the job goes back to the queue while attempts remain;
+Trainers are processes of a :class:`~workers.trainer_pool.TrainerPool`: Ray actors that
+each run exactly one job and are then killed (``ray.kill``), never reused; the pool keeps
+``trainer_warm_processes`` of them started and prepared (torch imported, model mapped,
+database connected) before any job is claimed for them, so a job does not pay a process
+start (0: a process is started for each claimed job). Then, every ``scheduler_poll_seconds``:
+
+1. collects finished trainers and kills their processes. A trainer finishes its own job
+   (published, failed, cancelled); a trainer whose process died (killed, out of memory,
+   node lost: ``RayActorError``, ``NodeDiedError``, …) or that raised is failed here *with
+   retry*: its orphan blob, if any, is swept and the job goes back to the queue while
+   attempts remain;
 2. returns expired leases to the queue (``attempts`` + 1; failed after ``max_attempts``) —
-   that is how jobs of a dead scheduler come back: its trainers die with it (Ray kills the
-   tasks of a dead owner), their leases stop being renewed and run out;
-3. force-stops trainers whose job is no longer theirs (cancelled, reclaimed, erased) and
-   did not stop by themselves within a grace period;
-4. claims jobs (:func:`crud.claim_next_job`: interactive first, one running job per
-   tenant, round-robin across tenants) while trainer slots are free, fails at once a job
-   whose hyperparameters are invalid (a user error), and starts one trainer task per job (``max_calls=1``: a fresh worker process that exits afterwards;
-   ``max_retries=0``: retries go through the queue with a new lease owner);
-5. resumes unfinished tenant erasures (``common/erasure.py``: a runner died or failed), on
+   that is how jobs of a dead scheduler come back: its trainer processes die with it (Ray
+   kills the actors of a dead owner), their leases stop being renewed and run out;
+3. force-stops (kills the process of) trainers whose job is no longer theirs (cancelled,
+   reclaimed, erased) and did not stop by themselves within a grace period;
+4. tends the pool (:meth:`TrainerPool.maintain`): starts processes up to the warm ones plus
+   one per queued job a free slot could take, replaces one that failed to start (after a
+   backoff) or died while waiting, ends idle ones beyond that;
+5. claims jobs (:func:`crud.claim_next_job`: interactive first, one running job per
+   tenant, round-robin across tenants) while trainer slots are free *and* a prepared
+   process waits (or none are kept warm, or their starts keep failing: then a process is
+   started for the claimed job, whose attempt fails with the reason), fails at once a job
+   whose hyperparameters are invalid (a user error), and hands each job to its process
+   (``max_restarts=0``, ``max_task_retries=0``: retries go through the queue with a new
+   lease owner);
+6. resumes unfinished tenant erasures (``common/erasure.py``: a runner died or failed), on
    a thread of its own — the one place that does; on the same thread, every
    ``storage_sweep_seconds``, retries pending blob deletes (``common/blob_deletes.py``) and
    sweeps again the prefix of every tenant erased within ``erasure_resweep_window_seconds``.
@@ -33,8 +45,9 @@ Whenever a trainer ends (however: finished, crashed, force-stopped, cut off), th
 its tenant is swept again if the tenant is being deleted or gone, so nothing it wrote
 outlives the erasure. A trainer running longer than ``job_max_runtime_seconds`` (plus a
 grace period: the trainer stops itself first) is force-stopped and its job failed without
-retry; a trainer Ray killed for memory fails its job without retry too (the same batch
-would run out of memory again).
+retry; a trainer Ray killed for memory (``OutOfMemoryError``: for an actor, Ray reports the
+out-of-memory kill through its death cause) fails its job without retry too (the same
+batch would run out of memory again).
 
 A claimed job's first lease is ``trainer_start_timeout_seconds``; the trainer's first
 heartbeat shortens it to ``job_lease_seconds``.

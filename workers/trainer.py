@@ -1,18 +1,23 @@
-"""The trainer: one training job in its own Ray worker process.
+"""The trainer: one training job in a Ray worker process of its own.
 
-    report = run_training_job(settings, shared, job_id, owner)   # a Ray task, max_calls=1
+    prepared = prepare_trainer(settings, shared)          # before the claim: no job data
+    report = run_training_job(settings, shared, job_id, owner, prepared=prepared)
 
-The scheduler claims the job (holding the lease as ``owner``) and runs this as a task with
-``max_calls=1`` (the process exits after the job, keeping nothing) and ``max_retries=0``
-(a retry is a new claim with a new owner). The trainer:
+The scheduler claims the job (holding the lease as ``owner``) and hands it to a trainer
+process of :mod:`workers.trainer_pool`: a process that runs this one job and is then killed
+(nothing of the job stays behind for another), usually started and prepared
+(:func:`prepare_trainer`: torch's threads, a database engine, the store's client, the frozen
+weights mapped) before the claim; a retry is a new claim with a new owner, in another
+process. The trainer:
 
 1. renews the lease every ``job_heartbeat_seconds`` from a thread (the first renewal
    replaces the start-up lease with ``job_lease_seconds``); a failed renewal (cancelled,
    reclaimed, erased) stops training between two steps, without publishing;
 2. validates the hyperparameters (:mod:`workers.hyperparameters`) and reads the job's
    datasets — looked up with the job's tenant id — into memory, never to disk;
-3. maps the frozen weights zero-copy (:func:`materialize_model`) and trains, writing
-   progress events at most every ``progress_event_seconds``;
+3. trains on the frozen weights mapped zero-copy (:func:`materialize_model`, at the
+   process's preparation), writing progress events at most every
+   ``progress_event_seconds``;
 4. for a nightly (``batch``) job, runs the quality gate (:mod:`workers.quality_gate`);
 5. writes the prefix blob under a fresh id, then :func:`crud.publish_prefix` (tenant still
    active, lease still ours, version activated or kept inactive by the gate, job
