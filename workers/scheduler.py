@@ -94,7 +94,7 @@ from common.errors import InvalidInputError, PrefixdError
 from common.shared_weights import SharedModel, get_shared_model
 from workers.hyperparameters import parse_hyperparameters
 from workers.trainer import TrainerReport, delete_orphan_prefix_blobs
-from workers.trainer_pool import PooledProcess, TrainerPool
+from workers.trainer_pool import PooledProcess, TrainerPool, error_line
 
 log = logging.getLogger(__name__)
 
@@ -141,6 +141,8 @@ def describe_trainer_error(error: BaseException) -> str:
         )
     if isinstance(error, NodeDiedError):
         return "the node running the trainer died"
+    if isinstance(error, RayActorError) and error.actor_init_failed:
+        return f"the trainer process failed to start: {error_line(error)}"
     # A trainer process is an actor: its death (killed, out of memory, node lost) fails
     # its job's call with RayActorError (ActorDiedError), a task's with WorkerCrashedError.
     if isinstance(error, WorkerCrashedError | RayActorError):

@@ -237,7 +237,7 @@ class TrainerPool:
             try:
                 info: dict[str, Any] = ray.get(ref, timeout=10)
             except Exception as error:
-                self._start_failed(process, _one_line(error))
+                self._start_failed(process, error_line(error))
                 continue
             process.starting = None
             process.pid, process.node_id = info.get("pid"), info.get("node_id")
@@ -280,7 +280,7 @@ class TrainerPool:
                     self.counts["died_idle"] += 1
                     self.last_error = (
                         f"trainer process {process.pid} died while waiting for a job: "
-                        f"{_one_line(error)}"
+                        f"{error_line(error)}"
                     )
                     log.warning("%s; replacing it", self.last_error)
                     self.retire(process)
@@ -322,7 +322,9 @@ class TrainerPool:
             }
 
 
-def _one_line(error: BaseException) -> str:
+def error_line(error: BaseException) -> str:
+    """One line of what went wrong in a trainer process (the error its start raised, for a
+    start that failed)."""
     cause = getattr(error, "cause", None)  # a RayTaskError: what the process itself raised
     if isinstance(cause, BaseException):
         error = cause
@@ -338,5 +340,6 @@ __all__ = [
     "TrainerPool",
     "TrainerProcess",
     "TrainerProcessActor",
+    "error_line",
     "run_claimed_job",
 ]
