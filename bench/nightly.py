@@ -1,5 +1,5 @@
-"""Nightly retraining: one nightly run over many small tenants on one machine, at 1 and 2
-trainer slots.
+"""Nightly retraining: one nightly run over many small tenants on one machine, per number
+of trainer slots and of warm trainer processes.
 
 Each configuration gets a fresh world — a SQLite database and a blob directory, as in the
 single-machine mode — with the same tenants:
@@ -12,13 +12,20 @@ single-machine mode — with the same tenants:
 
 The model is a **tiny random Llama built from a config** (tests/fixtures/models.py: 2 layers,
 hidden 64, grouped-query attention; no download), so a job trains in about a second and the
-figures measure the queue itself: planning, claiming, a fresh trainer process per job,
-reading data, the quality gate's evaluation of both versions, publishing. The scheduler is
-started first (its start is reported apart); wall time runs from the planning pass's start
-to the last job's final state (``nightly_runs.wall_seconds``). Then a second planning pass
-the same night must enqueue nothing.
+figures measure the queue itself: planning, claiming, the trainer process (started for the
+job with ``--warm 0``, the former behaviour; waiting, prepared, with ``--warm N``:
+``PREFIXD_TRAINER_WARM_PROCESSES``), reading data, the quality gate's evaluation of both
+versions, publishing. The scheduler is started first (its start is reported apart); wall
+time runs from the planning pass's start to the last job's final state
+(``nightly_runs.wall_seconds``). Then a second planning pass the same night must enqueue
+nothing. A job's time runs from its claim to its publish (the job row's ``started_at`` and
+``finished_at``); where it goes comes from the trainers' reports (``phases``), and what is
+outside the trainer (claim to the trainer's start, the trainer's end to the row) is the rest.
 
-    .venv/bin/python -m bench.nightly [--tenants 50] [--unchanged 10] [--slots 1 2]
+Ray gets as many CPUs as the most slots plus the most warm processes measured: a warm process
+holds a trainer's CPU while it waits.
+
+    .venv/bin/python -m bench.nightly [--tenants 50] [--unchanged 10] [--slots 1 2] [--warm 0 2]
 """
 
 from __future__ import annotations
@@ -103,7 +110,12 @@ def previous_version(
 
 
 def build_world(
-    root: Path, model_dir: Path, loaded: LoadedModel, args: argparse.Namespace, slots: int
+    root: Path,
+    model_dir: Path,
+    loaded: LoadedModel,
+    args: argparse.Namespace,
+    slots: int,
+    warm: int,
 ) -> tuple[Settings, Any]:
     settings = Settings(
         home=root / "home",
@@ -112,6 +124,7 @@ def build_world(
         blob_url=str(root / "blobs"),
         scheduler_namespace=f"prefixd-bench-{uuid.uuid4().hex[:8]}",
         trainer_slots=slots,
+        trainer_warm_processes=warm,
         trainer_num_cpus=1,
         scheduler_poll_seconds=0.25,
         progress_event_seconds=5.0,
@@ -145,12 +158,25 @@ def night_jobs(engine: Any) -> list[TrainingJob]:
     return jobs
 
 
-def measure(
-    root: Path, model_dir: Path, loaded: LoadedModel, args: argparse.Namespace, slots: int
-) -> dict[str, Any]:
-    from workers.scheduler import start_scheduler, stop_scheduler, wait_until_ready
+PHASES = ("prepare", "lease", "read", "train", "evaluate", "gate", "publish")
 
-    settings, engine = build_world(root, model_dir, loaded, args, slots)
+
+def measure(
+    root: Path,
+    model_dir: Path,
+    loaded: LoadedModel,
+    args: argparse.Namespace,
+    slots: int,
+    warm: int,
+) -> dict[str, Any]:
+    from workers.scheduler import (
+        scheduler_status,
+        start_scheduler,
+        stop_scheduler,
+        wait_until_ready,
+    )
+
+    settings, engine = build_world(root, model_dir, loaded, args, slots, warm)
     started = time.monotonic()
     handle, _ = start_scheduler(settings)
     wait_until_ready(handle, timeout=600)
@@ -167,6 +193,15 @@ def measure(
                 raise TimeoutError(f"the night did not finish within {args.timeout} s")
             time.sleep(0.5)
         rerun = run_nightly(engine, run_date=NIGHT, validation_split=0.1, defaults=PARAMS)
+        # The scheduler collects a finished trainer's report within a round or two.
+        ids = {str(j.id) for j in jobs}
+        while True:
+            status = scheduler_status(handle)
+            if len({r["job_id"] for r in status["reports"]} & ids) == len(ids):
+                break
+            if time.monotonic() > deadline:
+                raise TimeoutError("the trainers' reports did not all arrive")
+            time.sleep(0.5)
     finally:
         stop_scheduler(handle, release=False, timeout=30)
     with session_scope(engine) as session:
@@ -177,15 +212,32 @@ def measure(
                 if prefix.job_id == job.id:
                     outcome_name = str(prefix.metrics.get("quality_gate", "-"))
                     gates[outcome_name] = gates.get(outcome_name, 0) + 1
-    durations = [
-        (j.finished_at - j.started_at).total_seconds()
+    job_seconds = {
+        str(j.id): (j.finished_at - j.started_at).total_seconds()
         for j in jobs
         if j.started_at and j.finished_at
+    }
+    durations = list(job_seconds.values())
+    done = [
+        r for r in status["reports"] if r["job_id"] in job_seconds and r["outcome"] == "succeeded"
     ]
+    phases = {
+        phase: statistics.median(r["phases"].get(phase, 0.0) for r in done) for phase in PHASES
+    }
+    phases["outside the trainer"] = statistics.median(
+        job_seconds[r["job_id"]] - r["seconds"] for r in done
+    )
+    # Everything but training itself: the per-job overhead.
+    overhead = statistics.median(job_seconds[r["job_id"]] - r["phases"]["train"] for r in done)
     engine.dispose()
     wall = run.wall_seconds or float("nan")
     return {
         "slots": slots,
+        "warm": warm,
+        "warm_jobs": sum(bool(r.get("warm")) for r in done),
+        "overhead_median_s": overhead,
+        "reported": len(done),
+        "phases": phases,
         "planned": planned,
         "skipped": len(outcome.plan.skipped),
         "never_trained": sum(t.reason == "never trained" for t in outcome.plan.tenants),
@@ -209,30 +261,61 @@ def report(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
         f"({results[0]['never_trained']} never trained, the others with a previous version and "
         f"one new dataset) plus {args.unchanged} unchanged tenants, {args.examples} examples "
         f"per dataset, on a **tiny random Llama built from a config** (2 layers, hidden 64; "
-        f"tests/fixtures/models.py) — so the figures measure the queue (planning, claiming, a "
-        f"fresh trainer process per job, data reads, the quality gate, publishing), not model "
-        f"compute. SQLite and a blob directory (the single-machine mode), a local Ray, "
-        f"hyperparameters `{json.dumps(PARAMS)}` plus the nightly validation split.",
+        f"tests/fixtures/models.py) — so the figures measure the queue (planning, claiming, the "
+        f"trainer process, data reads, the quality gate, publishing), not model compute. "
+        f"SQLite and a blob directory (the single-machine mode), a local Ray with "
+        f"{max(args.slots) + max(args.warm)} CPUs, hyperparameters `{json.dumps(PARAMS)}` plus "
+        f"the nightly validation split. **Warm processes 0** is the baseline: a trainer process "
+        f"started for each job after its claim, as before the warm pool "
+        f"(`PREFIXD_TRAINER_WARM_PROCESSES=0`); **N > 0**: N prepared processes wait for jobs "
+        f"(workers/trainer_pool.py). A job's time runs from its claim to its publish.",
         "",
-        "| trainer slots | jobs | wall time | jobs/hour | median job | planning | skipped | "
+        "| trainer slots | warm processes | jobs | wall time | jobs/hour | median job | "
+        "median overhead (job − training) | jobs run in a warm process | planning | skipped | "
         "succeeded / failed | gate: passed / kept inactive / not compared | rerun enqueued |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         gates = r["gates"]
         not_compared = sum(v for k, v in gates.items() if k not in ("passed", "kept_inactive"))
         lines.append(
-            f"| {r['slots']} | {r['planned']} | {r['wall_s']:.0f} s | {r['jobs_per_hour']:.0f} | "
-            f"{r['job_median_s']:.1f} s | {r['planning_s'] * 1000:.0f} ms | {r['skipped']} | "
-            f"{r['succeeded']} / {r['failed']} | {gates.get('passed', 0)} / "
+            f"| {r['slots']} | {r['warm']} | {r['planned']} | {r['wall_s']:.0f} s | "
+            f"{r['jobs_per_hour']:.0f} | {r['job_median_s']:.2f} s | "
+            f"{r['overhead_median_s']:.2f} s | {r['warm_jobs']} / {r['reported']} | {r['planning_s'] * 1000:.0f} ms | "
+            f"{r['skipped']} | {r['succeeded']} / {r['failed']} | {gates.get('passed', 0)} / "
             f"{gates.get('kept_inactive', 0)} / {not_compared} | {r['rerun_created']} |"
         )
-    if len(results) >= 2:
-        base = results[0]["jobs_per_hour"]
-        ratios = ", ".join(
-            f"{r['slots']} slots {r['jobs_per_hour'] / base:.2f}×" for r in results[1:]
+    ratios = []
+    for r in results:
+        base = next(
+            (b for b in results if b["slots"] == r["slots"] and b["warm"] == 0 and b is not r),
+            None,
         )
-        lines += ["", f"Throughput against 1 slot: {ratios}."]
+        if base is not None:
+            ratios.append(
+                f"{r['slots']} slot(s), {r['warm']} warm: median job "
+                f"{r['job_median_s'] / base['job_median_s']:.2f}× the baseline's, median "
+                f"overhead {r['overhead_median_s'] / base['overhead_median_s']:.2f}×, jobs/hour "
+                f"{r['jobs_per_hour'] / base['jobs_per_hour']:.2f}×"
+            )
+    if ratios:
+        lines += [
+            "",
+            "Against the baseline (0 warm processes, same slots): " + "; ".join(ratios) + ".",
+        ]
+    lines += [
+        "",
+        "Where a job's time goes (medians over the succeeded jobs, from the trainers' reports: "
+        "`prepare` is the process's own start — imports, connections, the model mapped — paid "
+        "in the job only without a warm process; `outside the trainer` is the claim to the "
+        "trainer's start plus its end to the job row):",
+        "",
+        "| trainer slots | warm processes | " + " | ".join(PHASES) + " | outside the trainer |",
+        "|---|---|" + "---|" * (len(PHASES) + 1),
+    ]
+    for r in results:
+        cells = " | ".join(f"{r['phases'][p]:.2f} s" for p in (*PHASES, "outside the trainer"))
+        lines.append(f"| {r['slots']} | {r['warm']} | {cells} |")
     starts = ", ".join(f"{r['scheduler_start_s']:.0f} s" for r in results)
     lines += [
         "",
@@ -249,7 +332,8 @@ def report(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
         "",
         "Reproduce: `.venv/bin/python -m bench.nightly "
         f"--tenants {args.tenants} --unchanged {args.unchanged} --examples {args.examples} "
-        f"--slots {' '.join(str(s) for s in args.slots)}`",
+        f"--slots {' '.join(str(s) for s in args.slots)} "
+        f"--warm {' '.join(str(w) for w in args.warm)}`",
     ]
     return "\n".join(lines)
 
@@ -260,6 +344,13 @@ def main() -> None:
     parser.add_argument("--unchanged", type=int, default=10, help="tenants without new data")
     parser.add_argument("--examples", type=int, default=24, help="examples per first dataset")
     parser.add_argument("--slots", type=int, nargs="+", default=[1, 2])
+    parser.add_argument(
+        "--warm",
+        type=int,
+        nargs="+",
+        default=[0, 2],
+        help="warm trainer processes (0: a process started per job, the baseline)",
+    )
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds per night")
     parser.add_argument("--no-write", action="store_true", help="print only, leave docs/ alone")
     args = parser.parse_args()
@@ -274,7 +365,8 @@ def main() -> None:
         loaded = load_model(str(model_dir), settings=Settings(home=root / "home"))
         ray.init(
             address="local",  # never join another cluster on this machine
-            num_cpus=max(args.slots),
+            # A warm process holds a trainer's CPU while it waits.
+            num_cpus=max(args.slots) + max(args.warm),
             include_dashboard=False,
             log_to_driver=False,
             configure_logging=False,
@@ -282,8 +374,10 @@ def main() -> None:
         try:
             results = []
             for slots in args.slots:
-                results.append(measure(root / f"slots-{slots}", model_dir, loaded, args, slots))
-                print(json.dumps(results[-1]), flush=True)
+                for warm in args.warm:
+                    where = root / f"slots-{slots}-warm-{warm}"
+                    results.append(measure(where, model_dir, loaded, args, slots, warm))
+                    print(json.dumps(results[-1]), flush=True)
         finally:
             ray.shutdown()
     body = report(results, args)

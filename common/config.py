@@ -88,13 +88,18 @@ class Settings(BaseSettings):
     trainer_slots: int | None = Field(
         default=None,
         ge=1,
-        description="Trainers running at once; default as many as the cluster's CPUs/GPUs allow.",
+        description="Trainers running at once; default as many as the cluster's CPUs/GPUs allow, less trainer_warm_processes (at least 1).",
     )
     trainer_num_cpus: float = Field(default=1.0, gt=0, description="CPUs per trainer process.")
     trainer_num_gpus: float = Field(default=0.0, ge=0, description="GPUs per trainer process.")
     trainer_resources: dict[str, float] = Field(
         default_factory=dict,
         description='Custom Ray resources per trainer, JSON (e.g. `{"trainer": 1}` to run trainers only on nodes started with that resource).',
+    )
+    trainer_warm_processes: int = Field(
+        default=1,
+        ge=0,
+        description="Trainer processes kept started and prepared (torch imported, the frozen model mapped, database connected) beyond the running ones, so a claimed job starts at once instead of after a process start (seconds). Each still runs one job and is then replaced in the background; each holds a trainer's resources (CPUs, GPUs, custom resources) while it waits, and the automatic trainer_slots leaves room for them. 0: a process is started for each job after its claim.",
     )
     job_lease_seconds: float = Field(
         default=60.0,

@@ -140,7 +140,10 @@ def up(
             scheduler, created = start_scheduler(settings)
             status = wait_until_ready(scheduler)
             typer.echo(f"prefixd is up: {url}  (OpenAPI: {url}/docs)")
-            typer.echo(f"scheduler: {status['slots']} trainer slot(s)")
+            typer.echo(
+                f"scheduler: {status['slots']} trainer slot(s), "
+                f"{status['warm_processes']} warm trainer process(es)"
+            )
             if generated:
                 typer.echo(
                     f"admin token (generated, kept in {settings.home_dir / ADMIN_TOKEN_FILE}): {token}"

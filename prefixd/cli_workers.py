@@ -105,13 +105,15 @@ def worker(
                 configure_logging=False,
             )
             seen: set[tuple[str, int]] = set()
+            last_pool_error: str | None = None
             while True:
                 if handle is None:
                     handle, created = start_scheduler(settings)
                     status = wait_until_ready(handle)
                     role = "started" if created else "found running (started by another process)"
                     typer.echo(
-                        f"scheduler {role} on {status['host']}: {status['slots']} trainer slot(s); "
+                        f"scheduler {role} on {status['host']}: {status['slots']} trainer slot(s), "
+                        f"{status['warm_processes']} warm trainer process(es); "
                         f"database {where}; blobs {store.url}; Ctrl-C stops"
                         + ("" if created else " watching")
                     )
@@ -131,6 +133,10 @@ def worker(
                     if key not in seen:
                         seen.add(key)
                         _print_report(report)
+                pool_error = (status.get("trainer_pool") or {}).get("last_error")
+                if pool_error and pool_error != last_pool_error:
+                    typer.echo(f"warning: {pool_error}", err=True)
+                last_pool_error = pool_error
                 if nightly_time is not None and nightly is None:
                     from common.db.engine import create_db_engine
                     from workers.nightly import NightlyRunner

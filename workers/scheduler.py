@@ -8,23 +8,35 @@ queue (the database) on trainer processes.
 
 At start the actor checks the schema and the blob store and gets the frozen weights with
 :func:`get_shared_model` (one object-store copy per cluster, shared with the inference
-replicas); every trainer maps that :class:`SharedModel` zero-copy. Then, every
-``scheduler_poll_seconds``:
+replicas); every trainer maps that :class:`SharedModel` zero-copy.
 
-1. collects finished trainers. A trainer finishes its own job (published, failed, cancelled);
-   a trainer whose process died (killed, out of memory, node lost: ``WorkerCrashedError``,
-   ``NodeDiedError``, …) or that raised is failed here *with retry*: its orphan blob, if any,
-   is swept and the job goes back to the queue while attempts remain;
+Trainers are processes of a :class:`~workers.trainer_pool.TrainerPool`: Ray actors that
+each run exactly one job and are then killed (``ray.kill``), never reused; the pool keeps
+``trainer_warm_processes`` of them started and prepared (torch imported, model mapped,
+database connected) before any job is claimed for them, so a job does not pay a process
+start (0: a process is started for each claimed job). Then, every ``scheduler_poll_seconds``:
+
+1. collects finished trainers and kills their processes. A trainer finishes its own job
+   (published, failed, cancelled); a trainer whose process died (killed, out of memory,
+   node lost: ``RayActorError``, ``NodeDiedError``, …) or that raised is failed here *with
+   retry*: its orphan blob, if any, is swept and the job goes back to the queue while
+   attempts remain;
 2. returns expired leases to the queue (``attempts`` + 1; failed after ``max_attempts``) —
-   that is how jobs of a dead scheduler come back: its trainers die with it (Ray kills the
-   tasks of a dead owner), their leases stop being renewed and run out;
-3. force-stops trainers whose job is no longer theirs (cancelled, reclaimed, erased) and
-   did not stop by themselves within a grace period;
-4. claims jobs (:func:`crud.claim_next_job`: interactive first, one running job per
-   tenant, round-robin across tenants) while trainer slots are free, fails at once a job
-   whose hyperparameters are invalid (a user error), and starts one trainer task per job (``max_calls=1``: a fresh worker process that exits afterwards;
-   ``max_retries=0``: retries go through the queue with a new lease owner);
-5. resumes unfinished tenant erasures (``common/erasure.py``: a runner died or failed), on
+   that is how jobs of a dead scheduler come back: its trainer processes die with it (Ray
+   kills the actors of a dead owner), their leases stop being renewed and run out;
+3. force-stops (kills the process of) trainers whose job is no longer theirs (cancelled,
+   reclaimed, erased) and did not stop by themselves within a grace period;
+4. tends the pool (:meth:`TrainerPool.maintain`): starts processes up to the warm ones plus
+   one per queued job a free slot could take, replaces one that failed to start (after a
+   backoff) or died while waiting, ends idle ones beyond that;
+5. claims jobs (:func:`crud.claim_next_job`: interactive first, one running job per
+   tenant, round-robin across tenants) while trainer slots are free *and* a prepared
+   process waits (or none are kept warm, or their starts keep failing: then a process is
+   started for the claimed job, whose attempt fails with the reason), fails at once a job
+   whose hyperparameters are invalid (a user error), and hands each job to its process
+   (``max_restarts=0``, ``max_task_retries=0``: retries go through the queue with a new
+   lease owner);
+6. resumes unfinished tenant erasures (``common/erasure.py``: a runner died or failed), on
    a thread of its own — the one place that does; on the same thread, every
    ``storage_sweep_seconds``, retries pending blob deletes (``common/blob_deletes.py``) and
    sweeps again the prefix of every tenant erased within ``erasure_resweep_window_seconds``.
@@ -33,8 +45,9 @@ Whenever a trainer ends (however: finished, crashed, force-stopped, cut off), th
 its tenant is swept again if the tenant is being deleted or gone, so nothing it wrote
 outlives the erasure. A trainer running longer than ``job_max_runtime_seconds`` (plus a
 grace period: the trainer stops itself first) is force-stopped and its job failed without
-retry; a trainer Ray killed for memory fails its job without retry too (the same batch
-would run out of memory again).
+retry; a trainer Ray killed for memory (``OutOfMemoryError``: for an actor, Ray reports the
+out-of-memory kill through its death cause) fails its job without retry too (the same
+batch would run out of memory again).
 
 A claimed job's first lease is ``trainer_start_timeout_seconds``; the trainer's first
 heartbeat shortens it to ``job_lease_seconds``.
@@ -80,27 +93,13 @@ from common.erasure import (
 from common.errors import InvalidInputError, PrefixdError
 from common.hyperparameters import parse_hyperparameters
 from common.shared_weights import SharedModel, get_shared_model
-from workers.trainer import TrainerReport, delete_orphan_prefix_blobs, run_training_job
+from workers.trainer import TrainerReport, delete_orphan_prefix_blobs
+from workers.trainer_pool import PooledProcess, TrainerPool, error_line
 
 log = logging.getLogger(__name__)
 
 SCHEDULER_NAME = "prefixd-scheduler"
 _REPORTS_KEPT = 200
-
-
-def _trainer(
-    settings: Settings, shared: SharedModel, job_id: str, owner: str, scheduler: Any
-) -> TrainerReport:
-    def on_start(info: dict[str, Any]) -> None:
-        if scheduler is not None:  # fire and forget: the scheduler may be gone
-            scheduler.trainer_started.remote(info)
-
-    return run_training_job(settings, shared, job_id, owner, on_start=on_start)
-
-
-# A fresh worker process per job that exits after it (nothing of the job stays behind);
-# Ray itself never re-runs it: a new attempt is a new claim with a new lease owner.
-trainer_task = ray.remote(max_calls=1, max_retries=0)(_trainer)
 
 
 @dataclass
@@ -109,7 +108,8 @@ class _Running:
     tenant_id: uuid.UUID | None  # None: an operator job (a base prefix)
     owner: str
     attempt: int
-    ref: Any  # ray.ObjectRef of the trainer task
+    process: PooledProcess  # the trainer process running it (its one job)
+    ref: Any  # ray.ObjectRef of the job's report
     claimed_at: str
     pid: int | None = None
     node_id: str | None = None
@@ -139,10 +139,14 @@ def describe_trainer_error(error: BaseException) -> str:
             "the trainer was killed for running out of memory; resubmit with a smaller "
             "batch_size (not retried: the same batch would run out again)"
         )
-    if isinstance(error, WorkerCrashedError):
-        return "the trainer process died (killed, out of memory, or its node was lost)"
     if isinstance(error, NodeDiedError):
         return "the node running the trainer died"
+    if isinstance(error, RayActorError) and error.actor_init_failed:
+        return f"the trainer process failed to start: {error_line(error)}"
+    # A trainer process is an actor: its death (killed, out of memory, node lost) fails
+    # its job's call with RayActorError (ActorDiedError), a task's with WorkerCrashedError.
+    if isinstance(error, WorkerCrashedError | RayActorError):
+        return "the trainer process died (killed, out of memory, or its node was lost)"
     if isinstance(error, TaskCancelledError):
         return "the trainer was stopped"
     if isinstance(error, RayTaskError):
@@ -164,6 +168,7 @@ class Scheduler:
         self.pid = os.getpid()
         self.incarnation = uuid.uuid4().hex[:8]
         self.shared: SharedModel | None = None
+        self._pool: TrainerPool | None = None
         self._lock = threading.RLock()
         # Keyed by lease owner, not job id: a trainer that lost its lease (frozen past it)
         # still runs while the job's next attempt does, and both must stay watched.
@@ -207,6 +212,8 @@ class Scheduler:
                 "stopping": self._stopping.is_set(),
                 "slots": self._slots_or_none(),
                 "weights_object_id": None if self.shared is None else self.shared.weights.hex(),
+                "warm_processes": self.settings.trainer_warm_processes,
+                "trainer_pool": None if self._pool is None else self._pool.status(),
                 "running": [r.public() for r in self._running.values()],
                 "reports": list(self._reports),
             }
@@ -230,7 +237,9 @@ class Scheduler:
             entries = list(self._running.values())
             self._running.clear()
         for entry in entries:
-            ray.cancel(entry.ref, force=True)
+            TrainerPool.retire(entry.process)
+        if self._pool is not None:
+            self._pool.shutdown()
         if entries:
             ray.wait([e.ref for e in entries], num_returns=len(entries), timeout=timeout)
         released = 0
@@ -288,14 +297,30 @@ class Scheduler:
         # a detached holder actor, mapped zero-copy by every trainer.
         self.shared = get_shared_model(s)
         self._self_handle = ray.get_runtime_context().current_actor
+        self._pool = TrainerPool(s, self.shared)
+        self._maintain_pool()  # the warm processes start now, before any job is claimed
 
     def _tick(self) -> None:
         self._collect_finished()
         with session_scope(self._engine) as session:
             crud.reclaim_expired_jobs(session=session)
         self._watch_leases()
+        self._maintain_pool()
         self._claim()
         self._resume_erasures()
+
+    def _maintain_pool(self) -> None:
+        """Warm processes: ``trainer_warm_processes`` spares, plus one for each queued job
+        a free slot could take (a burst of jobs starts its processes side by side)."""
+        assert self._pool is not None
+        wanted = self.settings.trainer_warm_processes
+        if wanted > 0:
+            with self._lock:
+                free = max(self._slots() - len(self._running), 0)
+            if free > 0:
+                with session_scope(self._engine) as session:
+                    wanted += crud.count_queued_jobs(session=session, limit=free)
+        self._pool.maintain(wanted)
 
     def _resume_erasures(self) -> None:
         """The one place that resumes unfinished tenant erasures (``common/erasure.py``):
@@ -376,6 +401,8 @@ class Scheduler:
                 continue
             except Exception as error:
                 report = self._trainer_died(entry, error)
+            # One job per process: it ends now, whatever its job's outcome.
+            TrainerPool.retire(entry.process)
             self._sweep_after_trainer(entry)
             report["attempt"] = entry.attempt
             report["finished_at"] = utcnow().isoformat()
@@ -464,7 +491,7 @@ class Scheduler:
                         retry=False,
                     )
             finally:
-                ray.cancel(entry.ref, force=True)
+                TrainerPool.retire(entry.process)
 
     def _watch_leases(self) -> None:
         with self._lock:
@@ -488,7 +515,7 @@ class Scheduler:
                     "stopping the trainer of job %s: the job is no longer its own", entry.job_id
                 )
                 entry.force_stopped = True
-                ray.cancel(entry.ref, force=True)
+                TrainerPool.retire(entry.process)
 
     def _slots_or_none(self) -> int | None:
         try:
@@ -501,22 +528,29 @@ class Scheduler:
         if s.trainer_slots is not None:
             return s.trainer_slots
         resources = ray.cluster_resources()
-        slots = int(resources.get("CPU", 0) // s.trainer_num_cpus)
+        fitting = int(resources.get("CPU", 0) // s.trainer_num_cpus)
         if s.trainer_num_gpus > 0:
-            slots = min(slots, int(resources.get("GPU", 0) // s.trainer_num_gpus))
+            fitting = min(fitting, int(resources.get("GPU", 0) // s.trainer_num_gpus))
         for name, amount in s.trainer_resources.items():
-            slots = min(slots, int(resources.get(name, 0) // amount))
-        return max(slots, 0)
+            fitting = min(fitting, int(resources.get(name, 0) // amount))
+        if fitting <= 0:
+            return 0
+        # Warm processes hold a trainer's resources while they wait: leave them room.
+        return max(fitting - s.trainer_warm_processes, 1)
 
     def _new_owner(self) -> str:
         return f"scheduler@{self.host}:{self.pid}:{self.incarnation}:{uuid.uuid4().hex[:12]}"
 
     def _claim(self) -> None:
+        assert self._pool is not None
         slots = self._slots()
+        warm = self.settings.trainer_warm_processes > 0
         while not self._stopping.is_set():
             with self._lock:
                 if len(self._running) >= slots:
                     return
+            if warm and not self._pool.has_ready() and not self._pool.failing:
+                return  # a job is claimed only for a process that is ready to run it
             owner = self._new_owner()
             with session_scope(self._engine) as session:
                 job = crud.claim_next_job(
@@ -553,26 +587,29 @@ class Scheduler:
         return False
 
     def _launch(self, job: TrainingJob, owner: str) -> None:
-        assert self.shared is not None
-        s = self.settings
-        ref = trainer_task.options(
-            num_cpus=s.trainer_num_cpus,
-            num_gpus=s.trainer_num_gpus,
-            resources=s.trainer_resources or None,
-            name=f"prefixd-train-{job.id}",
-        ).remote(s, self.shared, str(job.id), owner, self._self_handle)
+        assert self._pool is not None
+        process = self._pool.take() or self._pool.start_cold()
         entry = _Running(
             job_id=job.id,
             tenant_id=job.tenant_id,
             owner=owner,
             attempt=job.attempts,
-            ref=ref,
+            process=process,
+            ref=process.run(str(job.id), owner, self._self_handle),
             claimed_at=utcnow().isoformat(),
+            pid=process.pid,  # known for a warm process; a cold one reports it at its start
+            node_id=process.node_id,
             claimed=time.monotonic(),
         )
         with self._lock:
             self._running[owner] = entry
-        log.info("job %s (tenant %s) attempt %d started", job.id, job.tenant_id, job.attempts)
+        log.info(
+            "job %s (tenant %s) attempt %d started in %s",
+            job.id,
+            job.tenant_id,
+            job.attempts,
+            f"warm trainer process {process.pid}" if process.pid else "a new trainer process",
+        )
 
 
 SchedulerActor = ray.remote(Scheduler)
@@ -653,6 +690,5 @@ __all__ = [
     "scheduler_status",
     "start_scheduler",
     "stop_scheduler",
-    "trainer_task",
     "wait_until_ready",
 ]

@@ -1,18 +1,23 @@
-"""The trainer: one training job in its own Ray worker process.
+"""The trainer: one training job in a Ray worker process of its own.
 
-    report = run_training_job(settings, shared, job_id, owner)   # a Ray task, max_calls=1
+    prepared = prepare_trainer(settings, shared)          # before the claim: no job data
+    report = run_training_job(settings, shared, job_id, owner, prepared=prepared)
 
-The scheduler claims the job (holding the lease as ``owner``) and runs this as a task with
-``max_calls=1`` (the process exits after the job, keeping nothing) and ``max_retries=0``
-(a retry is a new claim with a new owner). The trainer:
+The scheduler claims the job (holding the lease as ``owner``) and hands it to a trainer
+process of :mod:`workers.trainer_pool`: a process that runs this one job and is then killed
+(nothing of the job stays behind for another), usually started and prepared
+(:func:`prepare_trainer`: torch's threads, a database engine, the store's client, the frozen
+weights mapped) before the claim; a retry is a new claim with a new owner, in another
+process. The trainer:
 
 1. renews the lease every ``job_heartbeat_seconds`` from a thread (the first renewal
    replaces the start-up lease with ``job_lease_seconds``); a failed renewal (cancelled,
    reclaimed, erased) stops training between two steps, without publishing;
 2. validates the hyperparameters (:mod:`common.hyperparameters`) and reads the job's
    datasets — looked up with the job's tenant id — into memory, never to disk;
-3. maps the frozen weights zero-copy (:func:`materialize_model`) and trains, writing
-   progress events at most every ``progress_event_seconds``;
+3. trains on the frozen weights mapped zero-copy (:func:`materialize_model`, at the
+   process's preparation), writing progress events at most every
+   ``progress_event_seconds``;
 4. for a nightly (``batch``) job, runs the quality gate (:mod:`workers.quality_gate`);
 5. writes the prefix blob under a fresh id, then :func:`crud.publish_prefix` (tenant still
    active, lease still ours, version activated or kept inactive by the gate, job
@@ -42,7 +47,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy.engine import Engine
@@ -79,6 +84,7 @@ from common.db.models import (
 from common.devices import choose_placement, place
 from common.errors import IncompatiblePrefixError, InvalidInputError
 from common.hyperparameters import JobTrainingSpec, parse_hyperparameters
+from common.model_loading import LoadedModel
 from common.prefix_file import Prefix, prefix_from_bytes, prefix_to_bytes
 from common.shared_weights import SharedModel, materialize_model
 from common.training import Progress, train_prefix
@@ -123,6 +129,54 @@ class TrainerReport:
     total_steps: int | None = None
     prefix_id: str | None = None
     seconds: float = 0.0
+    warm: bool | None = None  # the process was started (and prepared) before the job's claim
+    phases: dict[str, float] = field(default_factory=dict)  # seconds, see PhaseTimes
+
+
+class PhaseTimes:
+    """Seconds a job spent in each phase, in its report: ``prepare`` (a process started
+    for the job: imports, connections, the model mapped), ``lease`` (the first heartbeat),
+    ``read`` (job row, orphan sweep, datasets), ``train``, ``evaluate`` (the
+    personalization report), ``gate`` (nightly jobs), ``publish``."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._last = time.monotonic()
+
+    def lap(self, phase: str) -> None:
+        now = time.monotonic()
+        self.seconds[phase] = self.seconds.get(phase, 0.0) + (now - self._last)
+        self._last = now
+
+
+@dataclass(frozen=True)
+class PreparedTrainer:
+    """What a trainer process sets up before it is given a job (:func:`prepare_trainer`):
+    a database engine, the blob store's client and the frozen model mapped and placed —
+    nothing of any job or tenant."""
+
+    engine: Engine
+    store: BlobStore
+    loaded: LoadedModel
+
+
+def prepare_trainer(settings: Settings, shared: SharedModel) -> PreparedTrainer:
+    """Everything a job needs that is not the job's: torch's threads, a database engine
+    (connected once, so the job does not pay for it; a failure to connect is left to the
+    job), the store's client, and the frozen weights mapped zero-copy and placed on this
+    process's device. A warm trainer process runs this before any job is claimed for it."""
+    import torch
+
+    torch.set_num_threads(max(1, int(settings.trainer_num_cpus)))
+    engine = create_db_engine(settings, pool_size=2, max_overflow=2)
+    try:
+        with engine.connect():
+            pass
+    except SQLAlchemyError as error:  # the job connects (and fails its attempt) itself
+        log.warning("trainer could not connect to the database ahead of its job: %s", error)
+    store = build_blob_store(settings)
+    loaded = place(materialize_model(shared), choose_placement(settings.trainer_num_gpus))
+    return PreparedTrainer(engine, store, loaded)
 
 
 class LeaseKeeper:
@@ -531,10 +585,12 @@ def run_training_job(
     owner: str,
     *,
     on_start: Callable[[dict[str, Any]], None] | None = None,
+    prepared: PreparedTrainer | None = None,
 ) -> TrainerReport:
     """Run one claimed job to its end (see the module docstring). ``owner`` holds the
-    lease. Returns a report; it raises only when it cannot even reach the database, and
-    then the scheduler fails the attempt with a retry."""
+    lease; ``prepared``: what the process set up before the claim (:func:`prepare_trainer`;
+    None: set up here, in the job's time). Returns a report; it raises only when it cannot
+    even reach the database, and then the scheduler fails the attempt with a retry."""
     started = time.monotonic()
     job_uuid = uuid.UUID(job_id)
     info: dict[str, Any] = {
@@ -543,17 +599,27 @@ def run_training_job(
         "pid": os.getpid(),
         "node_id": _current_node_id(),
         "weights_object_id": shared.weights.hex(),
+        "warm": prepared is not None,
     }
     if on_start is not None:
         on_start(dict(info))
 
+    times = PhaseTimes()
+
     def report(outcome: str, **fields: Any) -> TrainerReport:
-        return TrainerReport(outcome=outcome, seconds=time.monotonic() - started, **(info | fields))
+        return TrainerReport(
+            outcome=outcome,
+            seconds=time.monotonic() - started,
+            phases={k: round(v, 4) for k, v in times.seconds.items()},
+            **(info | fields),
+        )
 
     import torch
 
-    torch.set_num_threads(max(1, int(settings.trainer_num_cpus)))
-    engine = create_db_engine(settings, pool_size=2, max_overflow=2)
+    if prepared is None:
+        prepared = prepare_trainer(settings, shared)
+        times.lap("prepare")
+    engine = prepared.engine
     lease = LeaseKeeper(
         engine,
         job_uuid,
@@ -562,12 +628,14 @@ def run_training_job(
         every=settings.job_heartbeat_seconds,
     )
     try:
-        if not lease.start():
+        held = lease.start()
+        times.lap("lease")
+        if not held:
             return report(_lost_outcome(engine, job_uuid))
         try:
             return _train_and_publish(
-                settings, shared, engine, job_uuid, owner, lease, report,
-                deadline=started + settings.job_max_runtime_seconds,
+                settings, prepared, job_uuid, owner, lease, report,
+                deadline=started + settings.job_max_runtime_seconds, times=times,
             )  # fmt: skip
         except USER_ERRORS as error:
             _finish(engine, job_uuid, owner, JobState.failed, str(error), retry=False)
@@ -716,15 +784,16 @@ def publish_base_prefix(
 
 def _train_and_publish(
     settings: Settings,
-    shared: SharedModel,
-    engine: Engine,
+    prepared: PreparedTrainer,
     job_id: uuid.UUID,
     owner: str,
     lease: LeaseKeeper,
     report: Callable[..., TrainerReport],
     *,
     deadline: float = math.inf,
+    times: PhaseTimes,
 ) -> TrainerReport:
+    engine, store, loaded = prepared.engine, prepared.store, prepared.loaded
     with session_scope(engine) as session:
         job = crud.get_job(session=session, job_id=job_id)
     if job is None:
@@ -740,7 +809,6 @@ def _train_and_publish(
     spec = parse_hyperparameters(job.hyperparameters)  # before any data or weights
     if tenant_id is None and spec.base_prefix is not None:
         raise InvalidInputError("a base prefix cannot itself be trained from a base prefix")
-    store = build_blob_store(settings)
     delete_orphan_prefix_blobs(engine, store, tenant_id)
     train, validation = job_examples(engine, store, job, spec)
     check_step_budget(
@@ -750,7 +818,7 @@ def _train_and_publish(
         settings.job_max_steps,
         has_validation=bool(validation),
     )
-    loaded = place(materialize_model(shared), choose_placement(settings.trainer_num_gpus))
+    times.lap("read")
     zero_copy = loaded.zero_copy
     base_row, base = None, None
     if spec.base_prefix is not None:
@@ -769,6 +837,7 @@ def _train_and_publish(
         base_prefix_id=str(base_row.id) if base_row is not None else None,
     )
     del train
+    times.lap("train")
     last = result.history[-1] if result.history else None
     steps = {"steps": last.step if last else 0, "total_steps": last.total_steps if last else None}
     if lease.lost.is_set():  # cancelled, reclaimed or erased: nothing is published
@@ -801,6 +870,7 @@ def _train_and_publish(
         personalization_report(loaded, validation, candidates, batch_size=spec.config.batch_size)
     )
     _record_report(engine, job_id, last, evaluation)
+    times.lap("evaluate")
 
     if tenant_id is None:  # an operator job: a new base prefix version
         try:
@@ -813,6 +883,7 @@ def _train_and_publish(
             )
         except NotFoundError as error:
             return report(Outcome.ERASED, error=str(error), zero_copy=zero_copy, **steps)
+        times.lap("publish")
         return report(Outcome.SUCCEEDED, prefix_id=str(base_id), zero_copy=zero_copy, **steps)
 
     gate = GateDecision(activate=True)
@@ -826,6 +897,7 @@ def _train_and_publish(
         )  # fmt: skip
         result.prefix.metrics.update(gate.metrics)
         log.info("job %s: quality gate %s", job_id, gate.metrics.get("quality_gate"))
+        times.lap("gate")
     del validation, loaded
     try:
         prefix_id = publish_trained_prefix(
@@ -840,4 +912,5 @@ def _train_and_publish(
         return report(_lost_outcome(engine, job_id), error=str(error), zero_copy=zero_copy, **steps)
     except NotFoundError as error:  # the job or tenant row is gone: erased
         return report(Outcome.ERASED, error=str(error), zero_copy=zero_copy, **steps)
+    times.lap("publish")
     return report(Outcome.SUCCEEDED, prefix_id=str(prefix_id), zero_copy=zero_copy, **steps)

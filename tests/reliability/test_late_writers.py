@@ -23,7 +23,7 @@ from common.blobstore import dataset_key, prefix_key
 from common.db import crud
 from common.db.models import JobState
 from common.erasure import ErasureOptions, erase_tenant, find_tenant_leftovers
-from tests.workers.conftest import finished, long_job, trainer_pid, wait_for
+from tests.workers.conftest import finished, long_job, process_gone, trainer_pid, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -88,3 +88,5 @@ def test_a_trainer_stalled_past_its_runtime_is_stopped_and_the_job_failed(
     done = wait_for(lambda: finished(env, job.id), timeout=120, what="the job to end")
     assert done.state == JobState.failed and done.attempts == 1, done
     assert "ran past job_max_runtime_seconds (4 s)" in (done.error or "")
+    # Force-stopped: the frozen process itself is gone, not just its job failed.
+    wait_for(lambda: process_gone(pid), timeout=60, what="the frozen trainer to be killed")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -163,6 +164,19 @@ def trainer_pid(handle: Any, job_id: uuid.UUID) -> int | None:
         if entry["job_id"] == str(job_id) and entry["pid"]:
             return int(entry["pid"])
     return None
+
+
+def process_gone(pid: int) -> bool:
+    """The process has exited (a zombie not reaped yet counts as gone: it holds nothing)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True
+    return stat.rsplit(")", 1)[1].split()[0] == "Z"
 
 
 @pytest.fixture

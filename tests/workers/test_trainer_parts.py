@@ -239,9 +239,32 @@ def test_progress_events_are_written_at_a_bounded_rate(db_engine) -> None:
 
 
 def test_trainer_errors_are_described_in_one_line() -> None:
-    from ray.exceptions import NodeDiedError, WorkerCrashedError
+    from ray.exceptions import (
+        ActorDiedError,
+        NodeDiedError,
+        OutOfMemoryError,
+        RayTaskError,
+        WorkerCrashedError,
+    )
 
     assert "process died" in describe_trainer_error(WorkerCrashedError())
+    # A trainer process is an actor: its death fails its job's call with ActorDiedError, and
+    # Ray's memory monitor killing it with OutOfMemoryError (its death cause's OOM context).
+    assert "process died" in describe_trainer_error(ActorDiedError())
+    assert "not retried" in describe_trainer_error(OutOfMemoryError("node low on memory"))
+    # A process started for a claimed job whose start raised: the job's error says why.
+    start_failed = ActorDiedError(
+        RayTaskError(
+            "TrainerProcess.__init__",
+            "Traceback (most recent call last):\n  File x\n"
+            "common.errors.InvalidInputError: unsupported PREFIXD_BLOB_URL scheme",
+            InvalidInputError("unsupported PREFIXD_BLOB_URL scheme"),
+        )
+    )
+    assert describe_trainer_error(start_failed) == (
+        "the trainer process failed to start: "
+        "common.errors.InvalidInputError: unsupported PREFIXD_BLOB_URL scheme"
+    )
     assert "node" in describe_trainer_error(NodeDiedError("n"))
     assert describe_trainer_error(RuntimeError("boom\nmore")) == (
         "the trainer failed: RuntimeError: boom"

@@ -105,6 +105,7 @@ from common.db.crud.prefixes import (
 from common.db.crud.queue import (
     claim_next_job,
     claim_oldest_job,
+    count_queued_jobs,
     finish_job,
     heartbeat_job,
     holds_job_lease,
@@ -151,6 +152,7 @@ __all__ = [
     "claim_tenant_erasure",
     "commit",
     "count_jobs_by_state",
+    "count_queued_jobs",
     "count_unfinished_jobs",
     "create_api_key",
     "create_tenant",

@@ -109,6 +109,18 @@ def reclaim_expired_jobs(*, session: Session, now: datetime | None = None) -> in
     return changed
 
 
+def count_queued_jobs(*, session: Session, limit: int) -> int:
+    """Queued jobs, counted up to ``limit`` (an upper bound of the claimable ones: a job of
+    a tenant with a running job or being deleted counts too). The scheduler starts trainer
+    processes for that many free slots, no more."""
+    if limit <= 0:
+        return 0
+    queued = (
+        select(TrainingJob.id).where(col(TrainingJob.state) == JobState.queued).limit(limit)
+    ).subquery()
+    return int(session.exec(select(func.count()).select_from(queued)).one())
+
+
 def claim_oldest_job(
     *, session: Session, owner: str, lease_seconds: float, now: datetime | None = None
 ) -> TrainingJob | None:
