@@ -3,7 +3,7 @@
 The messages become one prompt with the base model's chat template
 (``common/chat_format.py``; a plain ``role: content`` format for a model without one), which
 then goes the way of ``/v1/completions``: ``stop`` sequences end the row in the decode loop
-(``common/stop_sequences.py``). Differences from OpenAI (docs/ARCHITECTURE.md): ``model``
+(``common/stop_sequences.py``). Differences from OpenAI (docs/API.md): ``model``
 picks one of the caller's versions (``GET /v1/models``), the active one when absent; no
 tools, logprobs or images.
 """
