@@ -92,9 +92,14 @@ from common.training import (
 
 TITLE = "E2E low-data quality (bench/e2e_quality.py)"
 METHODS = (
-    "prefix-random", "prefix-text", "prefix-warm", "prefix-stack", "peft-prefix", "finetune",
+    "prefix-random",
+    "prefix-text",
+    "prefix-warm",
+    "prefix-stack",
+    "peft-prefix",
+    "finetune",
     "in-context",
-)  # fmt: skip
+)
 OURS = ("prefix-random", "prefix-text", "prefix-warm", "prefix-stack")
 IN_CONTEXT_K = 4  # tenant examples nearest to the input, in the bare model's prompt
 RESULTS = Path("bench/out/e2e_quality.json")
@@ -133,9 +138,14 @@ class Trained:
 
 def training_config(args: argparse.Namespace, seed: int, *, init: str = "random") -> TrainingConfig:
     return TrainingConfig(
-        init=init, epochs=args.epochs, learning_rate=args.lr_prefix, batch_size=args.batch_size,
-        warmup_ratio=args.warmup_ratio, seed=seed, loss_reduction="token_mean",
-    )  # fmt: skip
+        init=init,
+        epochs=args.epochs,
+        learning_rate=args.lr_prefix,
+        batch_size=args.batch_size,
+        warmup_ratio=args.warmup_ratio,
+        seed=seed,
+        loss_reduction="token_mean",
+    )
 
 
 def real_tokens(encoded: Sequence[EncodedExample], epochs: int) -> int:
@@ -162,10 +172,14 @@ def train_ours(
             bar.set_postfix(loss=f"{progress.loss:.3f}")
 
         result = train_prefix(
-            loaded, train, config, validation=dev, on_progress=report,
+            loaded,
+            train,
+            config,
+            validation=dev,
+            on_progress=report,
             base=None if base is None else base.key_values,
             base_mode=base_mode,  # type: ignore[arg-type]
-        )  # fmt: skip
+        )
     if base is not None and base_mode == "stack":  # what inference runs: base then tenant
         stacked = stack_prefixes(base.key_values, result.prefix.key_values)
         result.prefix = Prefix(stacked, loaded.fingerprint, loaded.architecture)
@@ -244,9 +258,12 @@ def decode_in_context(
     outputs: list[str] = []
     for start in tqdm(range(0, len(rows), chunk), desc="  decode", leave=False, unit="chunk"):
         generated = generate(
-            loaded.model, rows[start : start + chunk], decoding,
-            eos_token_id=int(tokenizer.eos_token_id), pad_token_id=pad_id_of(loaded),
-        )  # fmt: skip
+            loaded.model,
+            rows[start : start + chunk],
+            decoding,
+            eos_token_id=int(tokenizer.eos_token_id),
+            pad_token_id=pad_id_of(loaded),
+        )
         outputs += [str(tokenizer.decode(g, skip_special_tokens=True)).strip() for g in generated]
     return outputs
 
@@ -345,9 +362,11 @@ def train_peft(
     our layout so decoding is the same code as for our prefixes."""
     torch.manual_seed(config.seed)
     peft_config = PrefixTuningConfig(
-        task_type="CAUSAL_LM", num_virtual_tokens=config.prefix_length,
-        prefix_projection=True, encoder_hidden_size=config.mid_dim,
-    )  # fmt: skip
+        task_type="CAUSAL_LM",
+        num_virtual_tokens=config.prefix_length,
+        prefix_projection=True,
+        encoder_hidden_size=config.mid_dim,
+    )
     # PEFT wraps the model it is given; a copy keeps the shared frozen model untouched.
     model = get_peft_model(copy.deepcopy(loaded.model), peft_config)
     materialize = torch.no_grad()(lambda: peft_key_values(model, loaded, config.prefix_length))
@@ -360,9 +379,15 @@ def train_peft(
     dev_set = encode(loaded, dev, config.prefix_length)
     parameters = [p for p in model.parameters() if p.requires_grad]
     key_values, best_epoch = plain_loop(
-        parameters, logits_of, train_set, dev_set, config,
-        pad_id=pad_id, snapshot=materialize, desc="peft",
-    )  # fmt: skip
+        parameters,
+        logits_of,
+        train_set,
+        dev_set,
+        config,
+        pad_id=pad_id,
+        snapshot=materialize,
+        desc="peft",
+    )
     assert isinstance(key_values, torch.Tensor)
     check_layout(loaded, model, dev_set[: config.batch_size], config.prefix_length, pad_id)
     prefix = Prefix(key_values, loaded.fingerprint, loaded.architecture)
@@ -421,9 +446,15 @@ def train_finetune(
     train_set, dev_set = encode(loaded, train, 0), encode(loaded, dev, 0)
     parameters = list(model.parameters())
     state, best_epoch = plain_loop(
-        parameters, logits_of, train_set, dev_set, config,
-        pad_id=pad_id, snapshot=snapshot, desc="finetune",
-    )  # fmt: skip
+        parameters,
+        logits_of,
+        train_set,
+        dev_set,
+        config,
+        pad_id=pad_id,
+        snapshot=snapshot,
+        desc="finetune",
+    )
     assert isinstance(state, dict)
     model.load_state_dict(state)
     del state
@@ -498,11 +529,16 @@ def run_one(
     outputs = decode(trained, split.test, decoding, args.decode_batch)
     decode_seconds = time.perf_counter() - started
     return Run(
-        n=n, seed=seed, method=method, bleu=corpus_bleu(outputs, split.test),
-        tokens_per_second=tokens / max(train_seconds, 1e-9), train_seconds=train_seconds,
-        decode_seconds=decode_seconds, best_epoch=trained.best_epoch,
+        n=n,
+        seed=seed,
+        method=method,
+        bleu=corpus_bleu(outputs, split.test),
+        tokens_per_second=tokens / max(train_seconds, 1e-9),
+        train_seconds=train_seconds,
+        decode_seconds=decode_seconds,
+        best_epoch=trained.best_epoch,
         samples=[(mr.mr, out) for mr, out in zip(split.test[:2], outputs[:2], strict=True)],
-    )  # fmt: skip
+    )
 
 
 # --- report ------------------------------------------------------------------------------
@@ -676,9 +712,11 @@ def parse_args(argv: Iterable[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--decode-batch", type=int, default=8, help="MRs per decoding call")
     parser.add_argument("--model", default="embedded", help="model directory or 'embedded'")
     parser.add_argument(
-        "--threads", type=int, default=0, help="torch threads (0: torch's default); 1 is faster "
-        "when other processes share the cores",
-    )  # fmt: skip
+        "--threads",
+        type=int,
+        default=0,
+        help="torch threads (0: torch's default); 1 is faster when other processes share the cores",
+    )
     parser.add_argument("--out", type=Path, default=BENCHMARKS, help="benchmarks file to update")
     parser.add_argument("--plot", type=Path, default=PLOT, help="where the PNG goes")
     parser.add_argument("--no-write", action="store_true", help="print only, leave docs/ alone")

@@ -87,14 +87,24 @@ def seed_tenants(home: Path, model_dir: Path, count: int) -> list[tuple[str, str
         with session_scope(engine) as session:
             dataset_id = uuid.uuid4()
             crud.add_dataset(
-                session=session, tenant_id=tenant_id,
-                dataset_in=DatasetCreate(id=dataset_id, object_key=f"tenants/{tenant_id}/datasets/{dataset_id}.jsonl",
-                                         sha256="0" * 64, size_bytes=1, example_count=1),
-            )  # fmt: skip
+                session=session,
+                tenant_id=tenant_id,
+                dataset_in=DatasetCreate(
+                    id=dataset_id,
+                    object_key=f"tenants/{tenant_id}/datasets/{dataset_id}.jsonl",
+                    sha256="0" * 64,
+                    size_bytes=1,
+                    example_count=1,
+                ),
+            )
         publish_prefix_as_trainer(
-            engine=engine, blobs=blobs, tenant_id=tenant_id, prefix=prefix,
-            dataset_ids=[dataset_id], hyperparameters={},
-        )  # fmt: skip
+            engine=engine,
+            blobs=blobs,
+            tenant_id=tenant_id,
+            prefix=prefix,
+            dataset_ids=[dataset_id],
+            hyperparameters={},
+        )
         tenants.append((str(tenant_id), key))
     engine.dispose()
     return tenants
@@ -133,7 +143,9 @@ class Recorder:
     def errors(self, kind: str | None = None) -> tuple[int, int]:
         kinds = [kind] if kind else list(self.statuses)
         total = sum(sum(self.statuses[k].values()) for k in kinds)
-        bad = sum(n for k in kinds for s, n in self.statuses[k].items() if not s.isdigit() or s >= "500")  # fmt: skip
+        bad = sum(
+            n for k in kinds for s, n in self.statuses[k].items() if not s.isdigit() or s >= "500"
+        )
         return bad, total
 
 
@@ -165,14 +177,24 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def generate_body(rng: random.Random, max_new_tokens: int) -> dict[str, Any]:
-    return {"input": " ".join(rng.choices(WORDS, k=rng.randint(2, 8))), "max_new_tokens": max_new_tokens}  # fmt: skip
+    return {
+        "input": " ".join(rng.choices(WORDS, k=rng.randint(2, 8))),
+        "max_new_tokens": max_new_tokens,
+    }
 
 
 def drive(
-    args: argparse.Namespace, rng: random.Random, tenants: list[tuple[str, str]], url: str,
-    token: str, home: Path, model_dir: Path,
-) -> dict[str, Any]:  # fmt: skip
-    limits = httpx.Limits(max_connections=args.concurrency * 2, max_keepalive_connections=args.concurrency * 2)  # fmt: skip
+    args: argparse.Namespace,
+    rng: random.Random,
+    tenants: list[tuple[str, str]],
+    url: str,
+    token: str,
+    home: Path,
+    model_dir: Path,
+) -> dict[str, Any]:
+    limits = httpx.Limits(
+        max_connections=args.concurrency * 2, max_keepalive_connections=args.concurrency * 2
+    )
     client = httpx.Client(base_url=url, timeout=120, limits=limits)
     auth = {key: {"Authorization": f"Bearer {key}"} for _, key in tenants}
     for _, key in tenants[:2]:  # warm up: load the prefixes' path once
@@ -183,7 +205,14 @@ def drive(
     started = time.perf_counter()
     for index in range(args.baseline_calls):
         _, key = tenants[index % len(tenants)]
-        baseline.call("generate", client, "POST", "/v1/generate", json=generate_body(rng, args.max_new_tokens), headers=auth[key])  # fmt: skip
+        baseline.call(
+            "generate",
+            client,
+            "POST",
+            "/v1/generate",
+            json=generate_body(rng, args.max_new_tokens),
+            headers=auth[key],
+        )
     baseline_seconds = time.perf_counter() - started
 
     # Generate only, from all clients at once: what cross-tenant batching gives over the
@@ -194,7 +223,14 @@ def drive(
         local = random.Random(seed)
         for _ in range(args.burst_calls // args.concurrency):
             _, key = local.choice(tenants)
-            burst.call("generate", client, "POST", "/v1/generate", json=generate_body(local, args.max_new_tokens), headers=auth[key])  # fmt: skip
+            burst.call(
+                "generate",
+                client,
+                "POST",
+                "/v1/generate",
+                json=generate_body(local, args.max_new_tokens),
+                headers=auth[key],
+            )
 
     started = time.perf_counter()
     with ThreadPoolExecutor(args.concurrency) as pool:
@@ -225,11 +261,25 @@ def drive(
                     key, dataset_id, _ = local.choice(uploads)
             if kind == "generate":
                 _, key = local.choice(tenants)
-                load.call("generate", client, "POST", "/v1/generate", json=generate_body(local, args.max_new_tokens), headers=auth[key])  # fmt: skip
+                load.call(
+                    "generate",
+                    client,
+                    "POST",
+                    "/v1/generate",
+                    json=generate_body(local, args.max_new_tokens),
+                    headers=auth[key],
+                )
             elif kind == "upload":
                 _, key = local.choice(tenants)
                 body = dataset_body(local)
-                response = load.call("upload", client, "POST", "/v1/datasets", content=body, headers={**auth[key], "content-type": "application/jsonl"})  # fmt: skip
+                response = load.call(
+                    "upload",
+                    client,
+                    "POST",
+                    "/v1/datasets",
+                    content=body,
+                    headers={**auth[key], "content-type": "application/jsonl"},
+                )
                 if response is not None and response.status_code == 201:
                     with lock:
                         uploads.append(
@@ -237,7 +287,14 @@ def drive(
                         )
             else:
                 hyper = {"prefix_length": 4, "epochs": 1, "batch_size": 8}
-                response = load.call("job", client, "POST", "/v1/jobs", json={"dataset_ids": [dataset_id], "hyperparameters": hyper}, headers=auth[key])  # fmt: skip
+                response = load.call(
+                    "job",
+                    client,
+                    "POST",
+                    "/v1/jobs",
+                    json={"dataset_ids": [dataset_id], "hyperparameters": hyper},
+                    headers=auth[key],
+                )
                 if response is not None and response.status_code in (200, 201):
                     with lock:
                         jobs.append((key, response.json()["id"]))
@@ -255,7 +312,11 @@ def drive(
         for key, job_id in jobs:
             if job_states.get(job_id) not in FINAL:
                 response = client.get(f"/v1/jobs/{job_id}", headers=auth[key])
-                job_states[job_id] = response.json()["status"] if response.status_code == 200 else f"http {response.status_code}"  # fmt: skip
+                job_states[job_id] = (
+                    response.json()["status"]
+                    if response.status_code == 200
+                    else f"http {response.status_code}"
+                )
         if all(state in FINAL for state in job_states.values()):
             break
         time.sleep(1)
@@ -281,19 +342,31 @@ def drive(
     )
     client.close()
     return {
-        "quiet": quiet, "quiet_seconds": quiet_seconds, "noisy": noisy,
-        "noisy_seconds": noisy_seconds, "noise": noise,
-        "baseline": baseline, "baseline_seconds": baseline_seconds, "load": load,
-        "burst": burst, "burst_seconds": burst_seconds,
-        "load_seconds": load_seconds, "job_states": job_states, "jobs_wait": jobs_wait,
-        "uploads": len(uploads), "intact": intact, "damaged": damaged,
-    }  # fmt: skip
+        "quiet": quiet,
+        "quiet_seconds": quiet_seconds,
+        "noisy": noisy,
+        "noisy_seconds": noisy_seconds,
+        "noise": noise,
+        "baseline": baseline,
+        "baseline_seconds": baseline_seconds,
+        "load": load,
+        "burst": burst,
+        "burst_seconds": burst_seconds,
+        "load_seconds": load_seconds,
+        "job_states": job_states,
+        "jobs_wait": jobs_wait,
+        "uploads": len(uploads),
+        "intact": intact,
+        "damaged": damaged,
+    }
 
 
 def neighbour_phases(
-    args: argparse.Namespace, tenants: list[tuple[str, str]], client: httpx.Client,
+    args: argparse.Namespace,
+    tenants: list[tuple[str, str]],
+    client: httpx.Client,
     auth: dict[str, dict[str, str]],
-) -> tuple[Recorder, float, Recorder, float, Recorder]:  # fmt: skip
+) -> tuple[Recorder, float, Recorder, float, Recorder]:
     """The others generate for a phase with the noisy tenant quiet, then one with it loud."""
     _, noisy_key = tenants[0]
     others = tenants[1:]
@@ -302,7 +375,14 @@ def neighbour_phases(
         local = random.Random(seed)
         while time.monotonic() < stop:
             _, key = local.choice(others)
-            recorder.call("generate", client, "POST", "/v1/generate", json=generate_body(local, args.max_new_tokens), headers=auth[key])  # fmt: skip
+            recorder.call(
+                "generate",
+                client,
+                "POST",
+                "/v1/generate",
+                json=generate_body(local, args.max_new_tokens),
+                headers=auth[key],
+            )
 
     def phase(recorder: Recorder, loud: bool, noise: Recorder) -> float:
         stop = time.monotonic() + args.phase_seconds
@@ -335,7 +415,14 @@ def neighbour_phases(
         ]
         index = 0
         while time.monotonic() < stop:
-            noise.call("pathological", client, "POST", "/v1/generate", json=bodies[index % 3], headers=auth[noisy_key])  # fmt: skip
+            noise.call(
+                "pathological",
+                client,
+                "POST",
+                "/v1/generate",
+                json=bodies[index % 3],
+                headers=auth[noisy_key],
+            )
             index += 1
             time.sleep(0.1)  # ten a second, as in the issue
 
@@ -343,14 +430,35 @@ def neighbour_phases(
         allowed = {"input": "alpha beta gamma", "num_beams": 16, "max_new_tokens": 64}
         refused = {"inputs": ["alpha"] * 64, "num_beams": 16, "max_new_tokens": 256}
         while time.monotonic() < stop:
-            noise.call("beam (allowed)", client, "POST", "/v1/generate", json=allowed, headers=auth[noisy_key])  # fmt: skip
-            noise.call("beam (over the cost cap)", client, "POST", "/v1/generate", json=refused, headers=auth[noisy_key])  # fmt: skip
+            noise.call(
+                "beam (allowed)",
+                client,
+                "POST",
+                "/v1/generate",
+                json=allowed,
+                headers=auth[noisy_key],
+            )
+            noise.call(
+                "beam (over the cost cap)",
+                client,
+                "POST",
+                "/v1/generate",
+                json=refused,
+                headers=auth[noisy_key],
+            )
 
     body = big_dataset(args.noisy_upload_mb)
 
     def big_uploads(noise: Recorder, stop: float, seed: int) -> None:
         while time.monotonic() < stop:
-            noise.call("upload (large)", client, "POST", "/v1/datasets", content=body, headers={**auth[noisy_key], "content-type": "application/jsonl"})  # fmt: skip
+            noise.call(
+                "upload (large)",
+                client,
+                "POST",
+                "/v1/datasets",
+                content=body,
+                headers={**auth[noisy_key], "content-type": "application/jsonl"},
+            )
 
     quiet, noisy, noise = Recorder(), Recorder(), Recorder()
     quiet_seconds = phase(quiet, False, noise)
@@ -394,7 +502,7 @@ def model_p50(model_dir: Path, max_new_tokens: int, calls: int = 30) -> float:
 def report(args: argparse.Namespace, result: dict[str, Any]) -> str:
     load: Recorder = result["load"]
     baseline: Recorder = result["baseline"]
-    head = "| phase | kind | calls | throughput (calls/s) | p50 ms | p95 ms | p99 ms | errors (5xx, connection) | statuses |"  # fmt: skip
+    head = "| phase | kind | calls | throughput (calls/s) | p50 ms | p95 ms | p99 ms | errors (5xx, connection) | statuses |"
     rows = [head, "|---|---|---:|---:|---:|---:|---:|---:|---|"]
 
     def row(phase: str, recorder: Recorder, kind: str, seconds: float) -> None:
@@ -410,11 +518,26 @@ def report(args: argparse.Namespace, result: dict[str, Any]) -> str:
         )
 
     row("one at a time", baseline, "generate", result["baseline_seconds"])
-    row(f"others, quiet neighbour ({args.concurrency - 1} clients)", result["quiet"], "generate", result["quiet_seconds"])  # fmt: skip
-    row(f"others, noisy neighbour ({args.concurrency - 1} clients)", result["noisy"], "generate", result["noisy_seconds"])  # fmt: skip
+    row(
+        f"others, quiet neighbour ({args.concurrency - 1} clients)",
+        result["quiet"],
+        "generate",
+        result["quiet_seconds"],
+    )
+    row(
+        f"others, noisy neighbour ({args.concurrency - 1} clients)",
+        result["noisy"],
+        "generate",
+        result["noisy_seconds"],
+    )
     for kind in sorted(result["noise"].latencies):
         row("the noisy neighbour", result["noise"], kind, result["noisy_seconds"])
-    row(f"generate only ({args.concurrency} clients)", result["burst"], "generate", result["burst_seconds"])  # fmt: skip
+    row(
+        f"generate only ({args.concurrency} clients)",
+        result["burst"],
+        "generate",
+        result["burst_seconds"],
+    )
     for kind in ("generate", "upload", "job"):
         row(f"concurrent ({args.concurrency} clients)", load, kind, result["load_seconds"])
     all_bad, all_total = load.errors()

@@ -50,9 +50,12 @@ def local_service(
     environment |= {"PREFIXD_HOME": str(home), "PREFIXD_MODEL": str(model_dir), **env}
     process = subprocess.Popen(
         [str(Path(sys.executable).parent / "prefixd"), "up", "--port", str(port)],
-        env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env=environment,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
         start_new_session=True,  # its own process group, so a stuck stop can take Ray down too
-    )  # fmt: skip
+    )
     assert process.stdout is not None
     try:
         token = None

@@ -88,10 +88,13 @@ def add_dataset(engine: Any, store: LocalBlobStore, tenant_id: uuid.UUID, data: 
             session=session,
             tenant_id=tenant_id,
             dataset_in=DatasetCreate(
-                id=dataset_id, object_key=key, sha256=sha256_hex(data), size_bytes=len(data),
+                id=dataset_id,
+                object_key=key,
+                sha256=sha256_hex(data),
+                size_bytes=len(data),
                 example_count=data.count(b"\n"),
             ),
-        )  # fmt: skip
+        )
 
 
 def previous_version(
@@ -104,9 +107,13 @@ def previous_version(
     with session_scope(engine) as session:
         datasets = crud.list_datasets(session=session, tenant_id=tenant_id)
     publish_prefix_as_trainer(
-        engine=engine, blobs=store, tenant_id=tenant_id, prefix=prefix,
-        dataset_ids=[d.id for d in datasets], hyperparameters=PARAMS,
-    )  # fmt: skip
+        engine=engine,
+        blobs=store,
+        tenant_id=tenant_id,
+        prefix=prefix,
+        dataset_ids=[d.id for d in datasets],
+        hyperparameters=PARAMS,
+    )
 
 
 def build_world(

@@ -36,18 +36,27 @@ def publish_prefix_as_trainer(
     owner = f"bench-{uuid.uuid4().hex}"
     with session_scope(engine) as session:
         job, _ = crud.enqueue_job(
-            session=session, tenant_id=tenant_id,
-            job_in=TrainingJobCreate(dataset_ids=list(dataset_ids), hyperparameters=hyperparameters),
-        )  # fmt: skip
+            session=session,
+            tenant_id=tenant_id,
+            job_in=TrainingJobCreate(
+                dataset_ids=list(dataset_ids), hyperparameters=hyperparameters
+            ),
+        )
         claimed = crud.claim_oldest_job(session=session, owner=owner, lease_seconds=300)
         assert claimed is not None and claimed.id == job.id
         crud.publish_prefix(
-            session=session, job_id=job.id, owner=owner,
+            session=session,
+            job_id=job.id,
+            owner=owner,
             prefix_in=PrefixVersionCreate(
-                id=prefix_id, object_key=prefix_key(tenant_id, prefix_id),
+                id=prefix_id,
+                object_key=prefix_key(tenant_id, prefix_id),
                 base_model_fingerprint=prefix.base_model_fingerprint,
-                prefix_length=prefix.prefix_length, dtype=prefix.dtype_name,
-                size_bytes=info.size, sha256=info.sha256 or sha256_hex(data), metrics={},
+                prefix_length=prefix.prefix_length,
+                dtype=prefix.dtype_name,
+                size_bytes=info.size,
+                sha256=info.sha256 or sha256_hex(data),
+                metrics={},
             ),
-        )  # fmt: skip
+        )
     return prefix_id

@@ -55,16 +55,31 @@ def build_bart(directory: Path, examples: Sequence[Example]) -> Path:
     )
     backend.pre_tokenizer = WhitespaceSplit()
     tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+        tokenizer_object=backend,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
         unk_token="<unk>",
-    )  # fmt: skip
+    )
     config = BartConfig(
-        vocab_size=len(tokenizer), d_model=D_MODEL, encoder_layers=LAYERS, decoder_layers=LAYERS,
-        encoder_attention_heads=HEADS, decoder_attention_heads=HEADS, encoder_ffn_dim=FFN,
-        decoder_ffn_dim=FFN, max_position_embeddings=256, pad_token_id=0, bos_token_id=1,
-        eos_token_id=2, decoder_start_token_id=2, forced_eos_token_id=None, dropout=0.0,
-        attention_dropout=0.0, activation_dropout=0.0,
-    )  # fmt: skip
+        vocab_size=len(tokenizer),
+        d_model=D_MODEL,
+        encoder_layers=LAYERS,
+        decoder_layers=LAYERS,
+        encoder_attention_heads=HEADS,
+        decoder_attention_heads=HEADS,
+        encoder_ffn_dim=FFN,
+        decoder_ffn_dim=FFN,
+        max_position_embeddings=256,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        decoder_start_token_id=2,
+        forced_eos_token_id=None,
+        dropout=0.0,
+        attention_dropout=0.0,
+        activation_dropout=0.0,
+    )
     torch.manual_seed(0)
     BartForConditionalGeneration(config).save_pretrained(directory)
     tokenizer.save_pretrained(directory)
@@ -76,10 +91,12 @@ def peft_step_fn(loaded: LoadedModel) -> Callable[[Sequence[EncodedExample]], in
     model = get_peft_model(
         copy.deepcopy(loaded.model),
         PrefixTuningConfig(
-            task_type="SEQ_2_SEQ_LM", num_virtual_tokens=PREFIX_LENGTH,
-            prefix_projection=True, encoder_hidden_size=MID_DIM,
+            task_type="SEQ_2_SEQ_LM",
+            num_virtual_tokens=PREFIX_LENGTH,
+            prefix_projection=True,
+            encoder_hidden_size=MID_DIM,
         ),
-    )  # fmt: skip
+    )
     optimizer = torch.optim.AdamW(
         [p for p in model.parameters() if p.requires_grad], lr=LEARNING_RATE
     )
@@ -88,10 +105,11 @@ def peft_step_fn(loaded: LoadedModel) -> Callable[[Sequence[EncodedExample]], in
     def step(encoded: Sequence[EncodedExample]) -> int:
         batch = collate(encoded, pad_id=pad, decoder_start_id=start)
         logits = model(
-            input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+            input_ids=batch.input_ids,
+            attention_mask=batch.attention_mask,
             decoder_input_ids=batch.decoder_input_ids,
             decoder_attention_mask=batch.decoder_attention_mask,
-        ).logits  # fmt: skip
+        ).logits
         loss = output_loss(logits, batch.labels, "token_mean")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -118,9 +136,11 @@ def main() -> None:
             str(build_bart(Path(tmp) / "bart", split.train)), settings=get_settings()
         )
     encoded = encode_examples(
-        loaded.tokenizer, split.train, encoder_decoder=True,
+        loaded.tokenizer,
+        split.train,
+        encoder_decoder=True,
         max_tokens=max_positions(loaded.model.config) - PREFIX_LENGTH,
-    )  # fmt: skip
+    )
     peft_step = peft_step_fn(loaded)
     # Warm-up: first calls pay for allocator growth and lazy initialization.
     ours(loaded, split.train, args.batch_size, 1, seed=0)

@@ -33,9 +33,14 @@ PREFIX_LENGTH, MID_DIM, LEARNING_RATE = 10, 512, 5e-4
 def ours(loaded: LoadedModel, examples, batch_size: int, steps: int, seed: int) -> float:
     """tokens/s of common.training.train_prefix over ``steps`` optimizer steps."""
     config = TrainingConfig(
-        prefix_length=PREFIX_LENGTH, mid_dim=MID_DIM, learning_rate=LEARNING_RATE,
-        batch_size=batch_size, epochs=1, seed=seed, warmup_ratio=0.0,
-    )  # fmt: skip
+        prefix_length=PREFIX_LENGTH,
+        mid_dim=MID_DIM,
+        learning_rate=LEARNING_RATE,
+        batch_size=batch_size,
+        epochs=1,
+        seed=seed,
+        warmup_ratio=0.0,
+    )
     result = train_prefix(loaded, examples[: steps * batch_size], config)
     return result.history[-1].tokens_per_second
 
@@ -45,10 +50,12 @@ def peft_step_fn(loaded: LoadedModel) -> Callable[[Sequence[EncodedExample]], in
     model = get_peft_model(
         copy.deepcopy(loaded.model),
         PrefixTuningConfig(
-            task_type="CAUSAL_LM", num_virtual_tokens=PREFIX_LENGTH,
-            prefix_projection=True, encoder_hidden_size=MID_DIM,
+            task_type="CAUSAL_LM",
+            num_virtual_tokens=PREFIX_LENGTH,
+            prefix_projection=True,
+            encoder_hidden_size=MID_DIM,
         ),
-    )  # fmt: skip
+    )
     optimizer = torch.optim.AdamW(
         [p for p in model.parameters() if p.requires_grad], lr=LEARNING_RATE
     )

@@ -76,9 +76,11 @@ def ours(loaded, split, heldout, config: TrainingConfig) -> dict:
 def peft(loaded, split, heldout, config: TrainingConfig, projection: bool) -> dict:
     torch.manual_seed(config.seed)
     peft_config = PrefixTuningConfig(
-        task_type="CAUSAL_LM", num_virtual_tokens=config.prefix_length,
-        prefix_projection=projection, encoder_hidden_size=config.mid_dim,
-    )  # fmt: skip
+        task_type="CAUSAL_LM",
+        num_virtual_tokens=config.prefix_length,
+        prefix_projection=projection,
+        encoder_hidden_size=config.mid_dim,
+    )
     model = get_peft_model(copy.deepcopy(loaded.model), peft_config)
     pad = pad_id_of(loaded)
     train_set = encode(loaded, split.train, config.prefix_length)
@@ -149,12 +151,17 @@ def main() -> None:
                 setattr(config, key, value)
             run = ours(loaded, split, heldout, config)
         record = {
-            "variant": name, "n": args.n, "seed": args.seed, "epochs": args.epochs,
-            "test_mrs": args.test_mrs, "dev_loss": run["dev"], "heldout_loss": run["heldout"],
+            "variant": name,
+            "n": args.n,
+            "seed": args.seed,
+            "epochs": args.epochs,
+            "test_mrs": args.test_mrs,
+            "dev_loss": run["dev"],
+            "heldout_loss": run["heldout"],
             "bleu_last": bleu_of(loaded, run["last"], split.test),
             "bleu_best_dev": bleu_of(loaded, run["best"], split.test),
             "seconds": time.perf_counter() - started,
-        }  # fmt: skip
+        }
         results.append(record)
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(results, indent=1))

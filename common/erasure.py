@@ -454,9 +454,15 @@ def erase_tenant(
     with session_scope(engine) as session:
         crud.begin_tenant_erasure(session=session, tenant_id=tenant_id)
     return resume_erasure(
-        engine=engine, store=store, tenant_id=tenant_id, evictor=evictor, options=options,
-        owner=owner, wait=wait, on_step=on_step,
-    )  # fmt: skip
+        engine=engine,
+        store=store,
+        tenant_id=tenant_id,
+        evictor=evictor,
+        options=options,
+        owner=owner,
+        wait=wait,
+        on_step=on_step,
+    )
 
 
 def resume_erasure(
@@ -474,9 +480,13 @@ def resume_erasure(
     options = options or ErasureOptions()
     owner = owner or runner_name("erasure")
     claimed = _claim(
-        engine, tenant_id, owner, options, wait=wait,
+        engine,
+        tenant_id,
+        owner,
+        options,
+        wait=wait,
         on_wait=None if on_step is None else lambda: on_step(WAITING),
-    )  # fmt: skip
+    )
     if isinstance(claimed, DeletionAudit):
         if on_step is not None:
             on_step(DONE)

@@ -246,9 +246,12 @@ class EncoderDecoderBatch(DecodeBatch):
         """Encode ``rows``, run the decoder's first pass and append them; return their
         next-token logits ``(n, vocab)``."""
         key_values, prefix_mask = pad_prefixes(
-            [r.prefix for r in rows], self.shape, dtype=self.dtype, device=self.device,
+            [r.prefix for r in rows],
+            self.shape,
+            dtype=self.dtype,
+            device=self.device,
             align_right=True,
-        )  # (layers, 2, n, kv, Pmax, hs) on the model's device, (n, Pmax)  # fmt: skip
+        )  # (layers, 2, n, kv, Pmax, hs) on the model's device, (n, Pmax)
         prefix_mask = prefix_mask.cpu()  # masks and positions are kept on the CPU
         batch = len(rows)
         input_ids, input_mask = pad_inputs(rows, self.pad_id, align_right=False)  # (n, T)

@@ -311,15 +311,21 @@ def train_prefix(
     dev_set = []
     if validation:
         dev_set = encode_examples(
-            tokenizer, validation, max_tokens=limit, source="validation data",
+            tokenizer,
+            validation,
+            max_tokens=limit,
+            source="validation data",
             encoder_decoder=two_sided,
-        )  # fmt: skip
+        )
     pad_id = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
 
     budget = plan_budget(
-        len(train_set), config.batch_size, epochs=config.epochs, has_validation=bool(dev_set),
+        len(train_set),
+        config.batch_size,
+        epochs=config.epochs,
+        has_validation=bool(dev_set),
         patience=config.patience,
-    )  # fmt: skip
+    )
     total_steps = budget.total_steps
     optimizer = torch.optim.AdamW(
         encoder.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay
@@ -369,9 +375,12 @@ def train_prefix(
                 evaluation_started = time.perf_counter()
                 current = encoder.materialize()
                 validation_loss = evaluate_loss(
-                    model, full_prefix(current), dev_set, batch_size=config.batch_size,
+                    model,
+                    full_prefix(current),
+                    dev_set,
+                    batch_size=config.batch_size,
                     pad_id=pad_id,
-                )  # fmt: skip
+                )
                 evaluating_seconds += time.perf_counter() - evaluation_started
                 if best is None or validation_loss < best[0]:
                     best = (validation_loss, step, current)
@@ -383,9 +392,14 @@ def train_prefix(
             elapsed = time.perf_counter() - started
             training_seconds = elapsed - evaluating_seconds  # tokens/s of training alone
             report = Progress(
-                step, total_steps, epoch, float(loss.detach()), validation_loss,
-                tokens_seen / max(training_seconds, 1e-9), elapsed,
-            )  # fmt: skip
+                step,
+                total_steps,
+                epoch,
+                float(loss.detach()),
+                validation_loss,
+                tokens_seen / max(training_seconds, 1e-9),
+                elapsed,
+            )
             history.append(report)
             if on_progress is not None:
                 on_progress(report)

@@ -97,11 +97,17 @@ def train_local(
             f"expected float32, float16 or bfloat16, got {dtype!r}", param_hint="--dtype"
         )
     config = TrainingConfig(
-        prefix_length=prefix_length, epochs=epochs, learning_rate=learning_rate, batch_size=batch_size,
-        init=init, seed=seed, patience=patience, mid_dim=mid_dim,
+        prefix_length=prefix_length,
+        epochs=epochs,
+        learning_rate=learning_rate,
+        batch_size=batch_size,
+        init=init,
+        seed=seed,
+        patience=patience,
+        mid_dim=mid_dim,
         loss_reduction=loss_reduction,  # type: ignore[arg-type]
         dtype=dtype,  # type: ignore[arg-type]
-    )  # fmt: skip
+    )
     config.validate()  # before the (slow) model load: bad flags fail at once
     examples = read_jsonl(data)
     validation_examples = read_jsonl(validation) if validation else None
@@ -172,9 +178,13 @@ def generate_local(
     from common.prefix_file import load_prefix
 
     decoding = DecodingConfig(
-        max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=sample,
-        temperature=temperature, top_p=top_p, seed=seed,
-    )  # fmt: skip
+        max_new_tokens=max_new_tokens,
+        num_beams=num_beams,
+        do_sample=sample,
+        temperature=temperature,
+        top_p=top_p,
+        seed=seed,
+    )
     decoding.validate()
     quiet_libraries()
     loaded = _load(model)

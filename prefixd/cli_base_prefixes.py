@@ -74,10 +74,14 @@ def upload(
                 dataset = crud.add_operator_dataset(
                     session=session,
                     dataset_in=OperatorDataset(
-                        id=dataset_id, name=name, object_key=key, sha256=sha256_hex(raw),
-                        size_bytes=len(raw), example_count=len(examples),
+                        id=dataset_id,
+                        name=name,
+                        object_key=key,
+                        sha256=sha256_hex(raw),
+                        size_bytes=len(raw),
+                        example_count=len(examples),
                     ),
-                )  # fmt: skip
+                )
                 typer.echo(f"{dataset.id}  ({dataset.example_count} examples, {len(raw)} bytes)")
         except BaseException:
             store.delete(key)
@@ -93,10 +97,15 @@ def datasets(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
 
     with migrated_storage() as (_, engine, _store), session_scope(engine) as session:
         rows = [
-            {"id": str(d.id), "name": d.name, "examples": d.example_count,
-             "bytes": d.size_bytes, "created_at": d.created_at.isoformat()}
+            {
+                "id": str(d.id),
+                "name": d.name,
+                "examples": d.example_count,
+                "bytes": d.size_bytes,
+                "created_at": d.created_at.isoformat(),
+            }
             for d in crud.list_operator_datasets(session=session, limit=1000)
-        ]  # fmt: skip
+        ]
     if as_json:
         typer.echo(json.dumps(rows, indent=2))
     elif not rows:
@@ -148,9 +157,13 @@ def train(
     from common.hyperparameters import parse_hyperparameters
 
     params: dict[str, Any] = {}
-    for key, value in (("epochs", epochs), ("prefix_length", prefix_length),
-                       ("learning_rate", learning_rate), ("seed", seed),
-                       ("validation_split", validation_split)):  # fmt: skip
+    for key, value in (
+        ("epochs", epochs),
+        ("prefix_length", prefix_length),
+        ("learning_rate", learning_rate),
+        ("seed", seed),
+        ("validation_split", validation_split),
+    ):
         if value is not None:
             params[key] = value
     spec = parse_hyperparameters(params)  # bad values fail before anything is queued
@@ -160,9 +173,12 @@ def train(
     with migrated_storage() as (_, engine, _store):
         with session_scope(engine) as session:
             job = crud.enqueue_base_prefix_job(
-                session=session, name=name, dataset_ids=ids, validation_dataset_id=None,
+                session=session,
+                name=name,
+                dataset_ids=ids,
+                validation_dataset_id=None,
                 hyperparameters=hyperparameters,
-            )  # fmt: skip
+            )
             job_id = job.id
         typer.echo(f"queued job {job_id} (base prefix {name!r})")
         if wait:
@@ -221,11 +237,17 @@ def list_bases(
         bases = crud.list_base_prefixes(session=session, name=name)
         counts = crud.base_prefix_dependents(session=session, base_prefix_ids=[b.id for b in bases])
         rows = [
-            {"id": str(b.id), "name": b.name, "version": b.version, "default": b.is_default,
-             "prefix_length": b.prefix_length, "dependents": counts.get(b.id, 0),
-             "created_at": b.created_at.isoformat()}
+            {
+                "id": str(b.id),
+                "name": b.name,
+                "version": b.version,
+                "default": b.is_default,
+                "prefix_length": b.prefix_length,
+                "dependents": counts.get(b.id, 0),
+                "created_at": b.created_at.isoformat(),
+            }
             for b in bases
-        ]  # fmt: skip
+        ]
     if as_json:
         typer.echo(json.dumps(rows, indent=2))
         return

@@ -277,10 +277,22 @@ def show_job(
         typer.echo(json.dumps(summary, indent=2))
         return
     for name in (
-        "id", "tenant_id", "state", "priority", "attempts", "max_attempts", "dataset_ids",
-        "hyperparameters", "created_at", "started_at", "finished_at", "lease_owner",
-        "lease_expires_at", "error", "note",
-    ):  # fmt: skip
+        "id",
+        "tenant_id",
+        "state",
+        "priority",
+        "attempts",
+        "max_attempts",
+        "dataset_ids",
+        "hyperparameters",
+        "created_at",
+        "started_at",
+        "finished_at",
+        "lease_owner",
+        "lease_expires_at",
+        "error",
+        "note",
+    ):
         value = summary.get(name)
         if name == "attempts":
             value = f"{value} of {summary['max_attempts']}"

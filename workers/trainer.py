@@ -404,11 +404,18 @@ def _json_safe(metrics: dict[str, Any]) -> dict[str, Any]:
 
 
 def publish_trained_prefix(
-    engine: Engine, store: BlobStore, *, job_id: uuid.UUID, tenant_id: uuid.UUID, owner: str,
-    prefix: Prefix, activate: bool = True, note: str | None = None,
+    engine: Engine,
+    store: BlobStore,
+    *,
+    job_id: uuid.UUID,
+    tenant_id: uuid.UUID,
+    owner: str,
+    prefix: Prefix,
+    activate: bool = True,
+    note: str | None = None,
     expected_active_id: uuid.UUID | NoExpectation | None = NO_EXPECTATION,
     result: dict[str, Any] | None = None,
-) -> uuid.UUID:  # fmt: skip
+) -> uuid.UUID:
     """Write the blob under a fresh prefix id, then publish it (one transaction), made
     active unless ``activate`` is False (then ``note`` says why, on the job) or the tenant's
     active version is no longer ``expected_active_id`` (compare-and-swap, see
@@ -437,10 +444,15 @@ def publish_trained_prefix(
             try:
                 with session_scope(engine) as session:
                     crud.publish_prefix(
-                        session=session, job_id=job_id, owner=owner, prefix_in=prefix_in,
-                        activate=activate, note=note, expected_active_id=expected_active_id,
+                        session=session,
+                        job_id=job_id,
+                        owner=owner,
+                        prefix_in=prefix_in,
+                        activate=activate,
+                        note=note,
+                        expected_active_id=expected_active_id,
                         result=result,
-                    )  # fmt: skip
+                    )
                 return prefix_id
             except (TenantNotActiveError, LeaseLostError):
                 raise
@@ -458,8 +470,10 @@ def publish_trained_prefix(
             # sweep (delete_orphan_prefix_blobs) removes it.
             log.warning(
                 "publishing prefix %s of job %s: outcome unknown (%s); blob kept",
-                prefix_id, job_id, type(error).__name__,
-            )  # fmt: skip
+                prefix_id,
+                job_id,
+                type(error).__name__,
+            )
             raise
         try:
             store.delete(key)
@@ -634,9 +648,15 @@ def run_training_job(
             return report(_lost_outcome(engine, job_uuid))
         try:
             return _train_and_publish(
-                settings, prepared, job_uuid, owner, lease, report,
-                deadline=started + settings.job_max_runtime_seconds, times=times,
-            )  # fmt: skip
+                settings,
+                prepared,
+                job_uuid,
+                owner,
+                lease,
+                report,
+                deadline=started + settings.job_max_runtime_seconds,
+                times=times,
+            )
         except USER_ERRORS as error:
             _finish(engine, job_uuid, owner, JobState.failed, str(error), retry=False)
             return report(Outcome.FAILED, error=str(error))
@@ -747,9 +767,14 @@ def _record_report(engine: Engine, job_id: uuid.UUID, last: Any, report: dict[st
 
 
 def publish_base_prefix(
-    engine: Engine, store: BlobStore, *, job: TrainingJob, owner: str, prefix: Prefix,
+    engine: Engine,
+    store: BlobStore,
+    *,
+    job: TrainingJob,
+    owner: str,
+    prefix: Prefix,
     result: dict[str, Any],
-) -> uuid.UUID:  # fmt: skip
+) -> uuid.UUID:
     """Write the base prefix's blob under ``operator/base-prefixes/<new id>``, then publish
     it (one transaction, lease checked); the blob is deleted again when publishing fails."""
     assert job.base_prefix_name is not None
@@ -859,8 +884,12 @@ def _train_and_publish(
         Candidate("bare_model", bare_model(loaded), {}),
     ]
     if base is not None and base_row is not None:
-        detail = {"base_prefix_id": str(base_row.id), "name": base_row.name,
-                  "version": base_row.version, "base_mode": spec.base_mode}  # fmt: skip
+        detail = {
+            "base_prefix_id": str(base_row.id),
+            "name": base_row.name,
+            "version": base_row.version,
+            "base_mode": spec.base_mode,
+        }
         candidates.append(Candidate("base", base.key_values, detail))
     if tenant_id is not None:
         previous = previous_candidate(engine, store, loaded, tenant_id)
@@ -889,22 +918,34 @@ def _train_and_publish(
     gate = GateDecision(activate=True)
     if job.priority == JobPriority.batch:  # nightly: the quality gate decides activation
         gate = nightly_quality_gate(
-            engine, store, loaded, job, served, validation,
+            engine,
+            store,
+            loaded,
+            job,
+            served,
+            validation,
             max_regression=settings.nightly_max_regression,
             batch_size=spec.config.batch_size,
             load_examples=lambda ids: load_examples(engine, store, tenant_id, ids),
             served=functools.partial(served_prefix, engine, store, loaded),
-        )  # fmt: skip
+        )
         result.prefix.metrics.update(gate.metrics)
         log.info("job %s: quality gate %s", job_id, gate.metrics.get("quality_gate"))
         times.lap("gate")
     del validation, loaded
     try:
         prefix_id = publish_trained_prefix(
-            engine, store, job_id=job_id, tenant_id=tenant_id, owner=owner, prefix=result.prefix,
-            activate=gate.activate, note=gate.note, expected_active_id=expected_active_id,
+            engine,
+            store,
+            job_id=job_id,
+            tenant_id=tenant_id,
+            owner=owner,
+            prefix=result.prefix,
+            activate=gate.activate,
+            note=gate.note,
+            expected_active_id=expected_active_id,
             result=evaluation,
-        )  # fmt: skip
+        )
     except TenantNotActiveError as error:
         _finish(engine, job_id, owner, JobState.cancelled, str(error), retry=False)
         return report(Outcome.ERASED, error=str(error), zero_copy=zero_copy, **steps)

@@ -46,11 +46,23 @@ def test_stack_prefixes_concatenates_on_the_prefix_axis():
 @pytest.mark.parametrize(
     "base, tenant, message",
     [
-        (torch.randn(2, 2, 3, 4, 8), torch.randn(2, 2, 2, 5, 8), r"expected \(2, 2, 2, 8\).*got \(2, 2, 3, 8\)"),
-        (torch.randn(3, 2, 3, 4, 8), torch.randn(2, 2, 3, 5, 8), r"expected \(2, 2, 3, 8\).*got \(3, 2, 3, 8\)"),
-        (torch.randn(2, 3, 4, 8), torch.randn(2, 2, 3, 5, 8), r"\(layers, 2, kv_heads, P, head_dim\)"),
+        (
+            torch.randn(2, 2, 3, 4, 8),
+            torch.randn(2, 2, 2, 5, 8),
+            r"expected \(2, 2, 2, 8\).*got \(2, 2, 3, 8\)",
+        ),
+        (
+            torch.randn(3, 2, 3, 4, 8),
+            torch.randn(2, 2, 3, 5, 8),
+            r"expected \(2, 2, 3, 8\).*got \(3, 2, 3, 8\)",
+        ),
+        (
+            torch.randn(2, 3, 4, 8),
+            torch.randn(2, 2, 3, 5, 8),
+            r"\(layers, 2, kv_heads, P, head_dim\)",
+        ),
     ],
-)  # fmt: skip
+)
 def test_stack_prefixes_refuses_mismatched_shapes(base, tenant, message):
     with pytest.raises(IncompatiblePrefixError, match=message):
         stack_prefixes(base, tenant)
@@ -68,9 +80,13 @@ def test_fingerprint_follows_values_dtype_and_shape():
 def test_prefix_file_records_its_base_and_old_files_load():
     tensor = torch.randn(2, 2, 1, 3, 4)
     with_base = Prefix(
-        tensor, "model-fp", "llama", base_prefix_id="base-1", base_fingerprint="ab" * 32,
+        tensor,
+        "model-fp",
+        "llama",
+        base_prefix_id="base-1",
+        base_fingerprint="ab" * 32,
         base_mode="stack",
-    )  # fmt: skip
+    )
     loaded = prefix_from_bytes(prefix_to_bytes(with_base))
     assert (loaded.base_prefix_id, loaded.base_fingerprint, loaded.base_mode) == (
         "base-1",
@@ -97,9 +113,13 @@ def test_check_base_and_inference_prefix_name_expected_and_got():
     base = Prefix(torch.randn(2, 2, 1, 4, 4), "fp", "llama")
     fingerprint = key_values_fingerprint(base.key_values)
     tenant = Prefix(
-        torch.randn(2, 2, 1, 3, 4), "fp", "llama", base_prefix_id="base-1",
-        base_fingerprint=fingerprint, base_mode="stack",
-    )  # fmt: skip
+        torch.randn(2, 2, 1, 3, 4),
+        "fp",
+        "llama",
+        base_prefix_id="base-1",
+        base_fingerprint=fingerprint,
+        base_mode="stack",
+    )
     check_base(tenant, "base-1", fingerprint)
     with pytest.raises(
         IncompatiblePrefixError, match="depends on base prefix 'base-1', got 'base-2'"
@@ -140,9 +160,14 @@ def test_stacking_keeps_the_base_frozen_and_trains_only_the_tenant_part(tiny_mod
     kept = base.clone()
     config = TrainingConfig(**{**FAST, "epochs": 6})
     result = train_prefix(
-        tiny_model, TASK * 2, config, validation=TASK, base=base, base_mode="stack",
+        tiny_model,
+        TASK * 2,
+        config,
+        validation=TASK,
+        base=base,
+        base_mode="stack",
         base_prefix_id="base-1",
-    )  # fmt: skip
+    )
     assert torch.equal(base, kept)  # bit-identical
     prefix = result.prefix
     assert prefix.prefix_length == 3  # only the tenant's part is returned
@@ -150,9 +175,10 @@ def test_stacking_keeps_the_base_frozen_and_trains_only_the_tenant_part(tiny_mod
     assert result.history[-1].loss < result.history[0].loss
     # What training validated is what inference runs: the stacked tensor.
     full = inference_prefix(
-        prefix, Prefix(base, tiny_model.fingerprint, tiny_model.architecture),
+        prefix,
+        Prefix(base, tiny_model.fingerprint, tiny_model.architecture),
         base_prefix_id="base-1",
-    )  # fmt: skip
+    )
     assert prefix.metrics["validation_loss"] == pytest.approx(
         loss_of(tiny_model, full.key_values, TASK), rel=1e-5
     )
@@ -167,9 +193,10 @@ def test_stacking_learns_on_top_of_the_base(tiny_llama):
     config = TrainingConfig(**{**FAST, "epochs": 40, "learning_rate": 3e-2, "mid_dim": 64})
     result = train_prefix(tiny_llama, TASK * 2, config, base=base, base_mode="stack")
     stacked = Prefix(
-        stack_prefixes(base, result.prefix.key_values), tiny_llama.fingerprint,
+        stack_prefixes(base, result.prefix.key_values),
+        tiny_llama.fingerprint,
         tiny_llama.architecture,
-    )  # fmt: skip
+    )
     outputs = generate_texts(
         tiny_llama, [(stacked, e.input) for e in TASK], DecodingConfig(max_new_tokens=8)
     )
@@ -179,9 +206,13 @@ def test_stacking_learns_on_top_of_the_base(tiny_llama):
 def test_stacking_encoder_decoder_prefixes(tiny_seq2seq):
     base = random_base(tiny_seq2seq, length=2)
     result = train_prefix(
-        tiny_seq2seq, TASK, TrainingConfig(**{**FAST, "epochs": 2}), validation=TASK, base=base,
+        tiny_seq2seq,
+        TASK,
+        TrainingConfig(**{**FAST, "epochs": 2}),
+        validation=TASK,
+        base=base,
         base_mode="stack",
-    )  # fmt: skip
+    )
     assert result.prefix.prefix_length == 3
     full = stack_prefixes(base, result.prefix.key_values)
     encoded = encode_examples(tiny_seq2seq.tokenizer, TASK, max_tokens=100, encoder_decoder=True)
@@ -196,11 +227,14 @@ def test_stacking_encoder_decoder_prefixes(tiny_seq2seq):
         ({"base_mode": "stack"}, "a base mode needs a base prefix"),
         ({"base": "ok"}, "a base prefix needs a base mode"),
         ({"base": "ok", "base_mode": "glue"}, "base mode must be one of warm_start, stack"),
-        ({"base": "wrong", "base_mode": "stack"}, r"expected shape \(2, 2, 2, 5, 16\), got \(2, 2, 2, 5, 8\)"),
+        (
+            {"base": "wrong", "base_mode": "stack"},
+            r"expected shape \(2, 2, 2, 5, 16\), got \(2, 2, 2, 5, 8\)",
+        ),
         ({"base": "ok", "base_mode": "warm_start", "init": "text:red"}, "give one of them"),
         ({"base": "nan", "base_mode": "stack"}, "not finite"),
     ],
-)  # fmt: skip
+)
 def test_bad_base_arguments_are_refused(tiny_llama, kwargs, message):
     kwargs = dict(kwargs)
     bases = {

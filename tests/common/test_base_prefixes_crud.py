@@ -26,11 +26,13 @@ def operator_dataset(session: Session, examples: int = 5) -> OperatorDataset:
     return crud.add_operator_dataset(
         session=session,
         dataset_in=OperatorDataset(
-            id=dataset_id, object_key=operator_dataset_key(dataset_id),
-            sha256=hashlib.sha256(content).hexdigest(), size_bytes=len(content),
+            id=dataset_id,
+            object_key=operator_dataset_key(dataset_id),
+            sha256=hashlib.sha256(content).hexdigest(),
+            size_bytes=len(content),
             example_count=examples,
         ),
-    )  # fmt: skip
+    )
 
 
 def claim(session: Session, job_id: uuid.UUID, owner: str) -> None:
@@ -46,19 +48,31 @@ def claim(session: Session, job_id: uuid.UUID, owner: str) -> None:
 def trained_base(session: Session, name: str = "task") -> uuid.UUID:
     """An operator job claimed by the fair claim and published as a base prefix version."""
     job = crud.enqueue_base_prefix_job(
-        session=session, name=name, dataset_ids=[operator_dataset(session).id],
-        validation_dataset_id=None, hyperparameters={"prefix_length": 4},
-    )  # fmt: skip
+        session=session,
+        name=name,
+        dataset_ids=[operator_dataset(session).id],
+        validation_dataset_id=None,
+        hyperparameters={"prefix_length": 4},
+    )
     owner = f"op-{uuid.uuid4().hex}"
     claim(session, job.id, owner)
     base_id = uuid.uuid4()
     base = crud.publish_base_prefix(
-        session=session, job_id=job.id, owner=owner, result={"status": "measured"},
+        session=session,
+        job_id=job.id,
+        owner=owner,
+        result={"status": "measured"},
         base_in=BasePrefixCreate(
-            id=base_id, name=name, base_model_fingerprint="fp", prefix_length=4,
-            dtype="float32", size_bytes=1, sha256=SHA, object_key=base_prefix_key(base_id),
+            id=base_id,
+            name=name,
+            base_model_fingerprint="fp",
+            prefix_length=4,
+            dtype="float32",
+            size_bytes=1,
+            sha256=SHA,
+            object_key=base_prefix_key(base_id),
         ),
-    )  # fmt: skip
+    )
     assert base.id == base_id
     return base_id
 
@@ -69,13 +83,22 @@ def stacked_version(session: Session, tenant, base_id: uuid.UUID, *, mode: str =
     claim(session, job.id, owner)
     prefix_id = uuid.uuid4()
     return crud.publish_prefix(
-        session=session, job_id=job.id, owner=owner, result={"status": "no_validation_examples"},
+        session=session,
+        job_id=job.id,
+        owner=owner,
+        result={"status": "no_validation_examples"},
         prefix_in=PrefixVersionCreate(
-            id=prefix_id, object_key=prefix_key(tenant.id, prefix_id), base_model_fingerprint="fp",
-            prefix_length=4, dtype="float32", size_bytes=1, sha256=SHA,
-            base_prefix_id=base_id, base_mode=mode,
+            id=prefix_id,
+            object_key=prefix_key(tenant.id, prefix_id),
+            base_model_fingerprint="fp",
+            prefix_length=4,
+            dtype="float32",
+            size_bytes=1,
+            sha256=SHA,
+            base_prefix_id=base_id,
+            base_mode=mode,
         ),
-    )  # fmt: skip
+    )
 
 
 def test_an_operator_job_is_claimed_and_publishes_numbered_versions(session: Session) -> None:
@@ -180,30 +203,40 @@ def test_operator_data_is_invisible_to_tenants(session: Session) -> None:
 
     with pytest.raises(NotFoundError, match=str(data.id)):
         crud.enqueue_job(
-            session=session, tenant_id=tenant.id,
+            session=session,
+            tenant_id=tenant.id,
             job_in=TrainingJobCreate(dataset_ids=[data.id]),
-        )  # fmt: skip
+        )
     # … and an operator job never reads a tenant's dataset.
     with pytest.raises(NotFoundError, match="operator dataset"):
         crud.enqueue_base_prefix_job(
-            session=session, name="task", dataset_ids=[make_dataset(session, tenant).id],
-            validation_dataset_id=None, hyperparameters={},
-        )  # fmt: skip
+            session=session,
+            name="task",
+            dataset_ids=[make_dataset(session, tenant).id],
+            validation_dataset_id=None,
+            hyperparameters={},
+        )
     trained_base(session)
     assert crud.list_jobs(session=session, tenant_id=tenant.id) == []
     with pytest.raises(InvalidInputError, match="from a base prefix"):
         crud.enqueue_base_prefix_job(
-            session=session, name="task", dataset_ids=[data.id], validation_dataset_id=None,
+            session=session,
+            name="task",
+            dataset_ids=[data.id],
+            validation_dataset_id=None,
             hyperparameters={"base_prefix": str(uuid.uuid4())},
-        )  # fmt: skip
+        )
 
 
 def test_an_operator_dataset_in_use_is_not_deleted(session: Session) -> None:
     data = operator_dataset(session)
     job = crud.enqueue_base_prefix_job(
-        session=session, name="task", dataset_ids=[data.id], validation_dataset_id=None,
+        session=session,
+        name="task",
+        dataset_ids=[data.id],
+        validation_dataset_id=None,
         hyperparameters={},
-    )  # fmt: skip
+    )
     with pytest.raises(ConflictError, match=str(job.id)):
         crud.delete_operator_dataset(session=session, dataset_id=data.id)
     crud.cancel_job(session=session, job_id=job.id)

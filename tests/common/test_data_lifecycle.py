@@ -123,9 +123,12 @@ def test_a_publish_does_not_undo_a_rollback_made_while_the_job_ran(session: Sess
     crud.activate_prefix(session=session, tenant_id=tenant.id, version=1)  # the rollback
 
     new = crud.publish_prefix(
-        session=session, job_id=job.id, owner=owner, prefix_in=make_prefix_create(tenant),
+        session=session,
+        job_id=job.id,
+        owner=owner,
+        prefix_in=make_prefix_create(tenant),
         expected_active_id=started_from.id,
-    )  # fmt: skip
+    )
     assert new.version == 3 and not new.active
     assert new.metrics["activation"] == "kept_inactive_active_changed"
     active = crud.get_active_prefix(session=session, tenant_id=tenant.id)
@@ -173,9 +176,12 @@ def start_multipart(store, key: str) -> str:
     full = store._full(key)
     upload = store.client.create_multipart_upload(Bucket=store.bucket, Key=full)
     store.client.upload_part(
-        Bucket=store.bucket, Key=full, UploadId=upload["UploadId"], PartNumber=1,
+        Bucket=store.bucket,
+        Key=full,
+        UploadId=upload["UploadId"],
+        PartNumber=1,
         Body=b"x" * 1024,
-    )  # fmt: skip
+    )
     return str(upload["UploadId"])
 
 
@@ -286,9 +292,13 @@ def test_a_tenant_over_its_daily_training_tokens_is_refused_until_midnight(
 
     def submit(at: datetime, tenant_id: uuid.UUID = tenant.id, **kw):
         return crud.enqueue_job(
-            session=session, tenant_id=tenant_id, job_in=job_in, max_tokens_per_day=limit,
-            now=at, **kw,
-        )  # fmt: skip
+            session=session,
+            tenant_id=tenant_id,
+            job_in=job_in,
+            max_tokens_per_day=limit,
+            now=at,
+            **kw,
+        )
 
     first, _ = submit(noon)
     first.created_at = noon
@@ -308,9 +318,12 @@ def test_a_tenant_over_its_daily_training_tokens_is_refused_until_midnight(
     # Another tenant has its own budget; the next UTC day starts again.
     other_set = make_dataset(session, other)
     crud.enqueue_job(
-        session=session, tenant_id=other.id, max_tokens_per_day=limit, now=noon,
+        session=session,
+        tenant_id=other.id,
+        max_tokens_per_day=limit,
+        now=noon,
         job_in=TrainingJobCreate(dataset_ids=[other_set.id], hyperparameters={"epochs": 2}),
-    )  # fmt: skip
+    )
     tomorrow, _ = submit(noon + timedelta(days=1))
     assert tomorrow.id
 
@@ -341,24 +354,33 @@ def test_the_migration_fills_the_counter_and_marks_earlier_nightly_jobs(
         tenant_id, nightly_id, own_id = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
         now = utcnow()
         tenants = sa.table(
-            "tenants", sa.column("id", sa.Uuid()), sa.column("name", sa.String()),
-            sa.column("status", sa.String()), sa.column("created_at", sa.DateTime(timezone=True)),
-        )  # fmt: skip
+            "tenants",
+            sa.column("id", sa.Uuid()),
+            sa.column("name", sa.String()),
+            sa.column("status", sa.String()),
+            sa.column("created_at", sa.DateTime(timezone=True)),
+        )
         jobs = sa.table(
-            "training_jobs", *(sa.column(c, sa.Uuid()) for c in ("id", "tenant_id")),
-            sa.column("dataset_ids", sa.JSON()), sa.column("hyperparameters", sa.JSON()),
+            "training_jobs",
+            *(sa.column(c, sa.Uuid()) for c in ("id", "tenant_id")),
+            sa.column("dataset_ids", sa.JSON()),
+            sa.column("hyperparameters", sa.JSON()),
             *(sa.column(c, sa.String()) for c in ("idempotency_key", "state", "priority")),
             *(sa.column(c, sa.Integer()) for c in ("attempts", "max_attempts")),
             *(sa.column(c, sa.DateTime(timezone=True)) for c in ("created_at", "updated_at")),
-        )  # fmt: skip
+        )
         prefixes = sa.table(
-            "prefixes", *(sa.column(c, sa.Uuid()) for c in ("id", "tenant_id")),
+            "prefixes",
+            *(sa.column(c, sa.Uuid()) for c in ("id", "tenant_id")),
             *(sa.column(c, sa.Integer()) for c in ("version", "prefix_length", "size_bytes")),
-            *(sa.column(c, sa.String()) for c in
-              ("object_key", "base_model_fingerprint", "dtype", "sha256")),
-            sa.column("active", sa.Boolean()), sa.column("metrics", sa.JSON()),
+            *(
+                sa.column(c, sa.String())
+                for c in ("object_key", "base_model_fingerprint", "dtype", "sha256")
+            ),
+            sa.column("active", sa.Boolean()),
+            sa.column("metrics", sa.JSON()),
             sa.column("created_at", sa.DateTime(timezone=True)),
-        )  # fmt: skip
+        )
         with engine.begin() as conn:
             conn.execute(
                 sa.insert(tenants).values(id=tenant_id, name="t", status="active", created_at=now)
@@ -366,23 +388,39 @@ def test_the_migration_fills_the_counter_and_marks_earlier_nightly_jobs(
             for job_id, priority in ((nightly_id, "batch"), (own_id, "interactive")):
                 conn.execute(
                     sa.insert(jobs).values(
-                        id=job_id, tenant_id=tenant_id, dataset_ids=[], hyperparameters={},
-                        idempotency_key="nightly-2031-05-01" if priority == "batch"
+                        id=job_id,
+                        tenant_id=tenant_id,
+                        dataset_ids=[],
+                        hyperparameters={},
+                        idempotency_key="nightly-2031-05-01"
+                        if priority == "batch"
                         else "nightly-2031-05-02",
-                        state="succeeded", priority=priority, attempts=1, max_attempts=3,
-                        created_at=now, updated_at=now,
+                        state="succeeded",
+                        priority=priority,
+                        attempts=1,
+                        max_attempts=3,
+                        created_at=now,
+                        updated_at=now,
                     )
-                )  # fmt: skip
+                )
             for version in (1, 3):  # version 2 was deleted
                 prefix_id = uuid.uuid4()
                 conn.execute(
                     sa.insert(prefixes).values(
-                        id=prefix_id, tenant_id=tenant_id, version=version, prefix_length=4,
-                        size_bytes=1, object_key=prefix_key(tenant_id, prefix_id),
-                        base_model_fingerprint="f" * 64, dtype="float32", sha256="0" * 64,
-                        active=version == 3, metrics={}, created_at=now,
+                        id=prefix_id,
+                        tenant_id=tenant_id,
+                        version=version,
+                        prefix_length=4,
+                        size_bytes=1,
+                        object_key=prefix_key(tenant_id, prefix_id),
+                        base_model_fingerprint="f" * 64,
+                        dtype="float32",
+                        sha256="0" * 64,
+                        active=version == 3,
+                        metrics={},
+                        created_at=now,
                     )
-                )  # fmt: skip
+                )
         upgrade_database(engine)
         with Session(engine) as session:
             tenant = crud.get_tenant(session=session, tenant_id=tenant_id)

@@ -40,9 +40,12 @@ def random_prefix(loaded, length: int, seed: int) -> torch.Tensor:
 def run(loaded, rows, decoding=GREEDY):
     tokenizer = loaded.tokenizer
     return generate(
-        loaded.model, rows, decoding,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-    )  # fmt: skip
+        loaded.model,
+        rows,
+        decoding,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
 
 
 def test_layout_has_encoder_decoder_and_cross_sub_prefixes(tiny_seq2seq):
@@ -50,9 +53,11 @@ def test_layout_has_encoder_decoder_and_cross_sub_prefixes(tiny_seq2seq):
     shape = prefix_shape(config)
     encoder, decoder = (3, 2) if config.model_type == "bart" else (2, 3)
     assert shape == PrefixShape(
-        layers=encoder + 2 * decoder, kv_heads=4, head_dim=16,
+        layers=encoder + 2 * decoder,
+        kv_heads=4,
+        head_dim=16,
         sections=(("encoder", encoder), ("decoder", decoder), ("cross", decoder)),
-    )  # fmt: skip
+    )
     assert shape.section("cross") == slice(encoder + decoder, encoder + 2 * decoder)
 
 
@@ -189,22 +194,29 @@ def test_logits_equal_peft_seq2seq_prefix_tuning(tiny_seq2seq):
     peft_model = get_peft_model(
         model,
         PrefixTuningConfig(
-            task_type="SEQ_2_SEQ_LM", num_virtual_tokens=length, prefix_projection=False,
+            task_type="SEQ_2_SEQ_LM",
+            num_virtual_tokens=length,
+            prefix_projection=False,
             num_layers=decoder_layers,
         ),
-    )  # fmt: skip
+    )
     embedding = peft_model.prompt_encoder["default"].embedding.weight
     with torch.no_grad():
         embedding.copy_(torch.randn(embedding.shape, generator=torch.Generator().manual_seed(0)))
         theirs = peft_model(
-            input_ids=input_ids, attention_mask=mask,
-            decoder_input_ids=decoder_ids, decoder_attention_mask=decoder_mask,
-        ).logits  # fmt: skip
+            input_ids=input_ids,
+            attention_mask=mask,
+            decoder_input_ids=decoder_ids,
+            decoder_attention_mask=decoder_mask,
+        ).logits
         decoder_prefix = peft_decoder_prefix(embedding.detach(), shape, decoder_layers)
         ours = seq2seq_logits(
-            model, batch, encoder_prefix=None, cross_prefix=None,
+            model,
+            batch,
+            encoder_prefix=None,
+            cross_prefix=None,
             decoder_prefix=expand_prefix(decoder_prefix, 2),
-        )  # fmt: skip
+        )
         bare = seq2seq_logits(
             model, batch, encoder_prefix=None, decoder_prefix=None, cross_prefix=None
         )
@@ -217,9 +229,12 @@ def test_prefix_file_records_the_layout_and_round_trips(tiny_seq2seq, tmp_path):
     model = tiny_seq2seq.model
     shape = prefix_shape(model.config)
     prefix = Prefix(
-        random_prefix(tiny_seq2seq, 3, seed=1), tiny_seq2seq.fingerprint,
-        tiny_seq2seq.architecture, prompt_format=SEQ2SEQ_PROMPT_FORMAT, sections=shape.sections,
-    )  # fmt: skip
+        random_prefix(tiny_seq2seq, 3, seed=1),
+        tiny_seq2seq.fingerprint,
+        tiny_seq2seq.architecture,
+        prompt_format=SEQ2SEQ_PROMPT_FORMAT,
+        sections=shape.sections,
+    )
     path = save_prefix(prefix, tmp_path / "p.safetensors")
     loaded = load_prefix(path, expected_fingerprint=tiny_seq2seq.fingerprint, expected_shape=shape)
     assert loaded.sections == shape.sections and torch.equal(loaded.key_values, prefix.key_values)
@@ -253,10 +268,12 @@ def test_long_prefixes_count_against_each_side_of_the_context(tiny_seq2seq):
     context = 128 if tiny_seq2seq.model.config.model_type == "bart" else 512
     long = context - 8  # the paper's summarization prefixes are long (200 positions)
     prefix = Prefix(
-        random_prefix(tiny_seq2seq, long, seed=1), tiny_seq2seq.fingerprint,
-        tiny_seq2seq.architecture, prompt_format=SEQ2SEQ_PROMPT_FORMAT,
+        random_prefix(tiny_seq2seq, long, seed=1),
+        tiny_seq2seq.fingerprint,
+        tiny_seq2seq.architecture,
+        prompt_format=SEQ2SEQ_PROMPT_FORMAT,
         sections=prefix_shape(tiny_seq2seq.model.config).sections,
-    )  # fmt: skip
+    )
     # Fits: 3 input tokens + EOS on the encoder side, 8 new tokens on the decoder side.
     (output,) = generate_texts(tiny_seq2seq, [(prefix, "alpha beta gamma")], GREEDY)
     assert isinstance(output, str)
@@ -276,9 +293,10 @@ def test_long_prefixes_count_against_each_side_of_the_context(tiny_seq2seq):
         match=r"example 1 has 9 output tokens; the limit is 8 per side",
     ):
         train_prefix(
-            tiny_seq2seq, [Example("alpha", "one " * 8)],
+            tiny_seq2seq,
+            [Example("alpha", "one " * 8)],
             TrainingConfig(**{**FAST, "epochs": 1, "prefix_length": long}),
-        )  # fmt: skip
+        )
 
 
 def test_decoder_only_files_from_before_the_layout_still_load(tiny_llama):
@@ -289,11 +307,19 @@ def test_decoder_only_files_from_before_the_layout_still_load(tiny_llama):
     shape = prefix_shape(tiny_llama.model.config)
     key_values = torch.randn(shape.tensor_shape(3))
     old_metadata = {
-        "format_version": "1", "base_model_fingerprint": tiny_llama.fingerprint,
-        "architecture": "llama", "prefix_length": "3", "dtype": "float32", "layers": "2",
-        "kv_heads": "2", "head_dim": "16", "prompt_format": "input-sep-output-eos-v1",
-        "hyperparameters": "{}", "metrics": "{}", "created_at": "2026-01-01T00:00:00+00:00",
-    }  # fmt: skip
+        "format_version": "1",
+        "base_model_fingerprint": tiny_llama.fingerprint,
+        "architecture": "llama",
+        "prefix_length": "3",
+        "dtype": "float32",
+        "layers": "2",
+        "kv_heads": "2",
+        "head_dim": "16",
+        "prompt_format": "input-sep-output-eos-v1",
+        "hyperparameters": "{}",
+        "metrics": "{}",
+        "created_at": "2026-01-01T00:00:00+00:00",
+    }
     data = save({"self_attn.key_values": key_values}, old_metadata)
     prefix = prefix_from_bytes(
         data, expected_fingerprint=tiny_llama.fingerprint, expected_shape=shape
@@ -343,8 +369,11 @@ def test_concurrent_calls_on_one_model_see_only_their_own_prefixes(tiny_seq2seq)
     rows = mixed_rows(tiny_seq2seq)
     solo = [run(tiny_seq2seq, [row])[0] for row in rows]
     with ThreadPoolExecutor(max_workers=len(rows)) as pool:
-        repeated = list(pool.map(lambda i: [run(tiny_seq2seq, [rows[i]])[0] for _ in range(3)],
-                                 range(len(rows))))  # fmt: skip
+        repeated = list(
+            pool.map(
+                lambda i: [run(tiny_seq2seq, [rows[i]])[0] for _ in range(3)], range(len(rows))
+            )
+        )
     assert repeated == [[output] * 3 for output in solo]
 
 

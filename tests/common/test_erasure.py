@@ -85,11 +85,19 @@ def add_prefix(session: Session, store: Any, tenant_id: uuid.UUID, version: int,
         )
     session.add(
         PrefixVersion(
-            id=prefix_id, tenant_id=tenant_id, version=version, object_key=key, active=active,
-            base_model_fingerprint="f" * 64, prefix_length=4, dtype="float32", size_bytes=8,
-            sha256="0" * 64, metrics={},
+            id=prefix_id,
+            tenant_id=tenant_id,
+            version=version,
+            object_key=key,
+            active=active,
+            base_model_fingerprint="f" * 64,
+            prefix_length=4,
+            dtype="float32",
+            size_bytes=8,
+            sha256="0" * 64,
+            metrics={},
         )
-    )  # fmt: skip
+    )
     session.commit()
     return prefix_id
 
@@ -165,9 +173,13 @@ def test_erasure_removes_every_version_and_row_and_keeps_one_audit(db_engine, st
     steps: list[str] = []
 
     audit = erase_tenant(
-        engine=db_engine, store=store, tenant_id=victim["id"], evictor=replicas, options=FAST,
+        engine=db_engine,
+        store=store,
+        tenant_id=victim["id"],
+        evictor=replicas,
+        options=FAST,
         on_step=steps.append,
-    )  # fmt: skip
+    )
 
     assert steps == [s.value for s in ErasureStep] + ["done"]
     assert find_tenant_leftovers(db_engine, store, victim["id"]) == []
@@ -178,8 +190,13 @@ def test_erasure_removes_every_version_and_row_and_keeps_one_audit(db_engine, st
     assert (audit.rows_erased, audit.objects_erased) == (10, 6)
     assert audit.completed_at is not None and audit.completed_at >= audit.requested_at
     assert set(DeletionAudit.model_fields) == {
-        "id", "tenant_id", "requested_at", "completed_at", "objects_erased", "rows_erased",
-    }  # fmt: skip
+        "id",
+        "tenant_id",
+        "requested_at",
+        "completed_at",
+        "objects_erased",
+        "rows_erased",
+    }
     assert erasure_row(db_engine, victim["id"]) is None
     assert snapshot(db_engine, store, keeper["id"]) == kept
 
@@ -286,7 +303,9 @@ def test_two_runners_never_work_on_one_erasure_at_once(db_engine, store, monkeyp
             session=session, tenant_id=victim["id"], owner="first", lease_seconds=30
         )
     with pytest.raises(ErasureBusyError):
-        resume_erasure(engine=db_engine, store=store, tenant_id=victim["id"], options=FAST, wait=False)  # fmt: skip
+        resume_erasure(
+            engine=db_engine, store=store, tenant_id=victim["id"], options=FAST, wait=False
+        )
     # The second runner takes over once the first one's lease ran out …
     with Session(db_engine) as session:
         session.exec(sa.update(TenantErasure).values(lease_expires_at=utcnow()))
@@ -359,8 +378,12 @@ def test_leftovers_name_every_version_marker_and_row(db_engine, store) -> None:
     assert sum("delete marker" in f for f in found) == 1
     assert f"row in tenants ({victim['id']})" in found
     for table, count in (
-        ("api_keys", 1), ("datasets", 2), ("training_jobs", 2), ("prefixes", 3), ("job_events", 1),
-    ):  # fmt: skip
+        ("api_keys", 1),
+        ("datasets", 2),
+        ("training_jobs", 2),
+        ("prefixes", 3),
+        ("job_events", 1),
+    ):
         assert f"{count} row(s) in {table}" in found
     with Session(db_engine) as session:
         crud.mark_tenant_deleting(session=session, tenant_id=victim["id"])

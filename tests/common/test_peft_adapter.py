@@ -150,24 +150,48 @@ def test_cli_exports_and_imports(tiny_model_dirs, tiny_llama, tmp_path):
     runner = CliRunner()
     exported = runner.invoke(
         app,
-        ["peft", "export", "--prefix", str(tmp_path / "tenant.safetensors"),
-         "--out", str(tmp_path / "adapter"), "--model", model],
-    )  # fmt: skip
+        [
+            "peft",
+            "export",
+            "--prefix",
+            str(tmp_path / "tenant.safetensors"),
+            "--out",
+            str(tmp_path / "adapter"),
+            "--model",
+            model,
+        ],
+    )
     assert exported.exit_code == 0, exported.output
     assert (tmp_path / "adapter" / ADAPTER_CONFIG).is_file()
     imported = runner.invoke(
         app,
-        ["peft", "import", "--adapter", str(tmp_path / "adapter"),
-         "--out", str(tmp_path / "back.safetensors"), "--model", model],
-    )  # fmt: skip
+        [
+            "peft",
+            "import",
+            "--adapter",
+            str(tmp_path / "adapter"),
+            "--out",
+            str(tmp_path / "back.safetensors"),
+            "--model",
+            model,
+        ],
+    )
     assert imported.exit_code == 0, imported.output
     back = load_prefix(tmp_path / "back.safetensors", expected_fingerprint=tiny_llama.fingerprint)
     assert torch.equal(back.key_values, prefix.key_values)
 
     missing = runner.invoke(
         app,
-        ["peft", "import", "--adapter", str(tmp_path / "nowhere"),
-         "--out", str(tmp_path / "x.safetensors"), "--model", model],
-    )  # fmt: skip
+        [
+            "peft",
+            "import",
+            "--adapter",
+            str(tmp_path / "nowhere"),
+            "--out",
+            str(tmp_path / "x.safetensors"),
+            "--model",
+            model,
+        ],
+    )
     assert missing.exit_code == 2
     assert "nowhere is not a directory" in missing.output and "Traceback" not in missing.output

@@ -49,9 +49,14 @@ def test_text_init_with_mlp_fits_the_models_key_values(tiny_llama):
     model, tokenizer = tiny_llama.model, tiny_llama.tokenizer
     torch.manual_seed(0)
     encoder = build_prefix_encoder(
-        model, tokenizer, init="text:table to text :", prefix_length=10, mid_dim=64,
-        reparameterize=True, fit_steps=400,
-    )  # fmt: skip
+        model,
+        tokenizer,
+        init="text:table to text :",
+        prefix_length=10,
+        mid_dim=64,
+        reparameterize=True,
+        fit_steps=400,
+    )
     target = text_key_values(model, tokenizer, "table to text :")
     error = torch.nn.functional.mse_loss(encoder.materialize(), target)
     assert error < 0.02 * target.pow(2).mean()
@@ -60,9 +65,13 @@ def test_text_init_with_mlp_fits_the_models_key_values(tiny_llama):
 def test_unknown_init_is_refused(tiny_llama):
     with pytest.raises(InvalidInputError, match="--init must be 'random' or 'text:WORDS'"):
         build_prefix_encoder(
-            tiny_llama.model, tiny_llama.tokenizer, init="zeros", prefix_length=2, mid_dim=8,
+            tiny_llama.model,
+            tiny_llama.tokenizer,
+            init="zeros",
+            prefix_length=2,
+            mid_dim=8,
             reparameterize=True,
-        )  # fmt: skip
+        )
 
 
 def test_materialize_is_a_snapshot_even_without_reparameterization():

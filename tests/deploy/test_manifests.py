@@ -226,9 +226,11 @@ def test_the_exposure_check_catches_a_published_dashboard_gcs_or_database():
     assert compose_exposure_problems({"services": {"db": {"network_mode": "host"}}})
     assert not compose_exposure_problems({"services": {"h": {"ports": ["127.0.0.1:8265:8265"]}}})
     dashboard = {
-        "kind": "Service", "apiVersion": "v1", "metadata": {"name": "x"},
+        "kind": "Service",
+        "apiVersion": "v1",
+        "metadata": {"name": "x"},
         "spec": {"type": "LoadBalancer", "ports": [{"port": 8265}]},
-    }  # fmt: skip
+    }
     assert any(
         "8265" in p for p in kubernetes_exposure_problems([*all_documents(), ("x", dashboard)])
     )

@@ -100,9 +100,11 @@ def test_serve_config_deploys_with_serve_deploy_and_answers(
         while True:
             try:
                 response = httpx.post(
-                    f"http://127.0.0.1:{port}/v1/tenants", json={"name": "deployed"},
-                    headers={"Authorization": "Bearer serve-deploy-admin"}, timeout=10,
-                )  # fmt: skip
+                    f"http://127.0.0.1:{port}/v1/tenants",
+                    json={"name": "deployed"},
+                    headers={"Authorization": "Bearer serve-deploy-admin"},
+                    timeout=10,
+                )
                 if response.status_code == 201:
                     break
             except httpx.TransportError:
@@ -160,8 +162,11 @@ def test_jobs_train_on_the_trainer_node_and_share_one_weights_object(
     }
     process = subprocess.Popen(
         [str(Path(sys.executable).parent / "prefixd"), "up", "--port", str(port)],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     output: list[str] = []
     try:
         token = None

@@ -35,10 +35,22 @@ def test_train_local_without_epochs_uses_the_automatic_budget(runner, tmp_path, 
     rows = [{"input": f"alpha {w}", "output": w} for w in "red green blue one two".split()] * 9
     data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")  # 45 examples
     out = tmp_path / "auto.safetensors"
-    result = runner.invoke(app, [
-        "train-local", "--data", str(data), "--out", str(out), "--model",
-        str(tiny_model_dirs["llama"]), "--prefix-length", "3", "--mid-dim", "16",
-    ])  # fmt: skip
+    result = runner.invoke(
+        app,
+        [
+            "train-local",
+            "--data",
+            str(data),
+            "--out",
+            str(out),
+            "--model",
+            str(tiny_model_dirs["llama"]),
+            "--prefix-length",
+            "3",
+            "--mid-dim",
+            "16",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "holding out 7 of the 45 examples for validation" in result.stderr
     metrics = load_prefix(out).metrics
@@ -49,11 +61,32 @@ def test_train_local_without_epochs_uses_the_automatic_budget(runner, tmp_path, 
 def test_train_then_generate(runner, data_file, tmp_path, tiny_model_dirs):
     model = str(tiny_model_dirs["llama"])
     out = tmp_path / "p.safetensors"
-    result = runner.invoke(app, [
-        "train-local", "--data", str(data_file), "--out", str(out), "--model", model,
-        "--prefix-length", "6", "--epochs", "40", "--learning-rate", "0.03", "--batch-size", "8",
-        "--validation", str(data_file), "--init", "text:table to text :", "--mid-dim", "64",
-    ])  # fmt: skip
+    result = runner.invoke(
+        app,
+        [
+            "train-local",
+            "--data",
+            str(data_file),
+            "--out",
+            str(out),
+            "--model",
+            model,
+            "--prefix-length",
+            "6",
+            "--epochs",
+            "40",
+            "--learning-rate",
+            "0.03",
+            "--batch-size",
+            "8",
+            "--validation",
+            str(data_file),
+            "--init",
+            "text:table to text :",
+            "--mid-dim",
+            "64",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert out.is_file() and f"wrote {out}" in result.stdout
     assert "training" in result.stderr  # the progress bar
@@ -130,10 +163,20 @@ def test_empty_data(runner, tmp_path, tiny_model_dirs):
 
 
 def test_non_positive_prefix_length(runner, data_file, tmp_path, tiny_model_dirs):
-    result = runner.invoke(app, [
-        "train-local", "--data", str(data_file), "--out", str(tmp_path / "p"),
-        "--model", str(tiny_model_dirs["llama"]), "--prefix-length", "0",
-    ])  # fmt: skip
+    result = runner.invoke(
+        app,
+        [
+            "train-local",
+            "--data",
+            str(data_file),
+            "--out",
+            str(tmp_path / "p"),
+            "--model",
+            str(tiny_model_dirs["llama"]),
+            "--prefix-length",
+            "0",
+        ],
+    )
     user_error(result, "prefix length must be at least 1, got 0")
 
 
@@ -174,9 +217,20 @@ def test_missing_model(runner, data_file, tmp_path):
 
 def test_prefix_for_another_model(runner, data_file, tmp_path, tiny_model_dirs):
     out = tmp_path / "p.safetensors"
-    result = runner.invoke(app, [
-        "train-local", "--data", str(data_file), "--out", str(out), "--model", str(tiny_model_dirs["llama"]), "--epochs", "1",
-    ])  # fmt: skip
+    result = runner.invoke(
+        app,
+        [
+            "train-local",
+            "--data",
+            str(data_file),
+            "--out",
+            str(out),
+            "--model",
+            str(tiny_model_dirs["llama"]),
+            "--epochs",
+            "1",
+        ],
+    )
     assert result.exit_code == 0, result.output
     # Same architecture, same shapes, different weights: only the fingerprint tells.
     from tests.fixtures.models import build_tiny_model_dir
@@ -192,9 +246,19 @@ def test_console_script_reports_errors_without_traceback(tmp_path):
     executable = shutil.which("prefixd", path=str(Path(sys.executable).parent))
     assert executable, "the prefixd console script is installed with the package"
     process = subprocess.run(
-        [executable, "generate-local", "--prefix", str(tmp_path / "missing.safetensors"), "--model", str(tmp_path), "x"],
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+        [
+            executable,
+            "generate-local",
+            "--prefix",
+            str(tmp_path / "missing.safetensors"),
+            "--model",
+            str(tmp_path),
+            "x",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert process.returncode == 2
     assert process.stderr.startswith("error: No Hugging Face model directory")
     assert "Traceback" not in process.stderr

@@ -45,18 +45,27 @@ def finish_like_a_trainer(engine, job_id: uuid.UUID) -> None:
         assert claimed is not None and claimed.id == job_id
         for step in (1, 2):
             crud.record_job_event(
-                session=session, job_id=job_id,
+                session=session,
+                job_id=job_id,
                 event_in=JobEventCreate(step=step, total_steps=2, loss=1.0 / step),
-            )  # fmt: skip
+            )
         base_id = uuid.uuid4()
         crud.publish_base_prefix(
-            session=session, job_id=job_id, owner=owner,
+            session=session,
+            job_id=job_id,
+            owner=owner,
             result={"status": "no_validation_examples"},
             base_in=BasePrefixCreate(
-                id=base_id, name="task", base_model_fingerprint="fp", prefix_length=4,
-                dtype="float32", size_bytes=1, sha256="0" * 64, object_key=base_prefix_key(base_id),
+                id=base_id,
+                name="task",
+                base_model_fingerprint="fp",
+                prefix_length=4,
+                dtype="float32",
+                size_bytes=1,
+                sha256="0" * 64,
+                object_key=base_prefix_key(base_id),
             ),
-        )  # fmt: skip
+        )
 
 
 def test_upload_train_wait_list_default_and_delete(cli, db_engine, store, tmp_path: Path) -> None:
@@ -184,10 +193,16 @@ def test_generate_local_serves_a_stacked_prefix_only_behind_its_base(
         Prefix(base_kv, loaded.fingerprint, loaded.architecture), tmp_path / "base.safetensors"
     )
     tenant = save_prefix(
-        Prefix(own_kv, loaded.fingerprint, loaded.architecture, base_prefix_id="b1",
-               base_fingerprint=key_values_fingerprint(base_kv), base_mode="stack"),
+        Prefix(
+            own_kv,
+            loaded.fingerprint,
+            loaded.architecture,
+            base_prefix_id="b1",
+            base_fingerprint=key_values_fingerprint(base_kv),
+            base_mode="stack",
+        ),
         tmp_path / "tenant.safetensors",
-    )  # fmt: skip
+    )
     other = save_prefix(
         Prefix(base_kv + 1, loaded.fingerprint, loaded.architecture), tmp_path / "other.safetensors"
     )

@@ -25,11 +25,28 @@ def test_train_then_generate_with_bart(runner, tmp_path, tiny_model_dirs):
     data = tmp_path / "data.jsonl"
     data.write_text("\n".join(json.dumps(r) for r in TASK * 4) + "\n")
     model, out = str(tiny_model_dirs["bart"]), tmp_path / "p.safetensors"
-    result = runner.invoke(app, [
-        "train-local", "--data", str(data), "--out", str(out), "--model", model,
-        "--epochs", "40", "--learning-rate", "0.01", "--batch-size", "8", "--mid-dim", "64",
-        "--init", "text:table to text :",
-    ])  # fmt: skip
+    result = runner.invoke(
+        app,
+        [
+            "train-local",
+            "--data",
+            str(data),
+            "--out",
+            str(out),
+            "--model",
+            model,
+            "--epochs",
+            "40",
+            "--learning-rate",
+            "0.01",
+            "--batch-size",
+            "8",
+            "--mid-dim",
+            "64",
+            "--init",
+            "text:table to text :",
+        ],
+    )
     assert result.exit_code == 0, result.output
     prefix = load_prefix(out)
     assert prefix.prefix_length == 4  # the init text's tokens

@@ -42,8 +42,11 @@ def test_up_serves_trains_and_stops_cleanly(tiny_model_dirs, tmp_path):
     executable = Path(sys.executable).parent / "prefixd"
     process = subprocess.Popen(
         [str(executable), "up", "--port", str(port)],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     output: list[str] = []
     try:
         token = None

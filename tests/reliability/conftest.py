@@ -52,10 +52,14 @@ def _run(*command: str, timeout: float = 120) -> str:
 
 def _postgres_version() -> str | None:
     root = Path("/usr/lib/postgresql")
-    versions = sorted(
-        (p.name for p in root.iterdir() if (p / "bin" / "postgres").exists()),
-        key=lambda v: int(v) if v.isdigit() else 0,
-    ) if root.is_dir() else []  # fmt: skip
+    versions = (
+        sorted(
+            (p.name for p in root.iterdir() if (p / "bin" / "postgres").exists()),
+            key=lambda v: int(v) if v.isdigit() else 0,
+        )
+        if root.is_dir()
+        else []
+    )
     return versions[-1] if versions else None
 
 
@@ -122,16 +126,25 @@ def private_postgres() -> Iterator[PrivateCluster]:
     port = free_port()
     try:
         _run(
-            "pg_createcluster", version, name, "--port", str(port),
+            "pg_createcluster",
+            version,
+            name,
+            "--port",
+            str(port),
             # Nothing to keep: no fsync (the machine does not crash, only the server stops).
-            "-o", "fsync=off",
-            "--", "--auth=trust",
-        )  # fmt: skip
+            "-o",
+            "fsync=off",
+            "--",
+            "--auth=trust",
+        )
     except (RuntimeError, OSError) as error:
         _service_unavailable(f"could not create a private PostgreSQL cluster: {error}")
     cluster = PrivateCluster(
-        version, name, port, sa.engine.make_url(f"postgresql+psycopg://postgres@127.0.0.1:{port}/prefixd")
-    )  # fmt: skip
+        version,
+        name,
+        port,
+        sa.engine.make_url(f"postgresql+psycopg://postgres@127.0.0.1:{port}/prefixd"),
+    )
     try:
         cluster.start()
     except Exception as error:

@@ -44,9 +44,13 @@ LONG = {"prefix_length": 4, "epochs": 8, "batch_size": 1, "learning_rate": 0.01}
 
 @pytest.fixture(scope="module")
 def db_stack(
-    ray_session, private_postgres: PrivateCluster, make_bucket, s3_endpoint_url, tiny_model_dirs,
+    ray_session,
+    private_postgres: PrivateCluster,
+    make_bucket,
+    s3_endpoint_url,
+    tiny_model_dirs,
     tmp_path_factory,
-) -> Iterator[Stack]:  # fmt: skip
+) -> Iterator[Stack]:
     import ray
     from ray import serve
 
@@ -134,9 +138,15 @@ class Traffic:
                 except json.JSONDecodeError:
                     parsed = response.text
                 self.answers.append(
-                    Answer(started, time.monotonic(), f"{method} {path}", response.status_code,
-                           parsed, response.headers.get("retry-after"))
-                )  # fmt: skip
+                    Answer(
+                        started,
+                        time.monotonic(),
+                        f"{method} {path}",
+                        response.status_code,
+                        parsed,
+                        response.headers.get("retry-after"),
+                    )
+                )
             time.sleep(0.05)
 
     def __enter__(self) -> Traffic:
@@ -173,10 +183,15 @@ def test_postgres_restart_gives_503_then_recovers_and_loses_no_job(
         )
         assert upload.status_code == 201, upload.text
         for n in range(2):  # one runs, one waits (one running job per tenant)
-            submitted = http.post("/v1/jobs", headers=headers, json={
-                "dataset_ids": [upload.json()["id"]], "hyperparameters": LONG,
-                "idempotency_key": f"before-{n}",
-            })  # fmt: skip
+            submitted = http.post(
+                "/v1/jobs",
+                headers=headers,
+                json={
+                    "dataset_ids": [upload.json()["id"]],
+                    "hyperparameters": LONG,
+                    "idempotency_key": f"before-{n}",
+                },
+            )
             assert submitted.status_code == 201, submitted.text
             job_ids.append(uuid.UUID(submitted.json()["id"]))
 
@@ -206,8 +221,11 @@ def test_postgres_restart_gives_503_then_recovers_and_loses_no_job(
             private_postgres.stop()
             down_at = time.monotonic()
             # Longer than a lease (6 s): the running jobs' leases expire during the outage.
-            outage_job = {"dataset_ids": [str(uuid.uuid4())], "hyperparameters": LONG,
-                          "idempotency_key": "during-outage"}  # fmt: skip
+            outage_job = {
+                "dataset_ids": [str(uuid.uuid4())],
+                "hyperparameters": LONG,
+                "idempotency_key": "during-outage",
+            }
             refused = http.post("/v1/jobs", headers=auth[0], json=outage_job)
             ready = http.get("/readyz")
             healthy = http.get("/healthz")
@@ -240,14 +258,24 @@ def test_postgres_restart_gives_503_then_recovers_and_loses_no_job(
         answers = traffic.answers
         during = [a for a in answers if a.started > down_at and a.ended < up_at]
         assert len(during) >= 4, f"too few requests during the outage: {len(during)}"
-        wrong = [a for a in during if a.status != 503 or not isinstance(a.body, dict)
-                 or a.body.get("error", {}).get("code") != "database_unavailable"
-                 or not a.retry_after]  # fmt: skip
+        wrong = [
+            a
+            for a in during
+            if a.status != 503
+            or not isinstance(a.body, dict)
+            or a.body.get("error", {}).get("code") != "database_unavailable"
+            or not a.retry_after
+        ]
         assert not wrong, (
             f"answers during the outage other than 503 database_unavailable: {wrong[:5]}"
         )
-        broken = [a for a in answers if (a.status >= 500 and a.status != 503) or a.status == 0
-                  or not isinstance(a.body, dict)]  # fmt: skip
+        broken = [
+            a
+            for a in answers
+            if (a.status >= 500 and a.status != 503)
+            or a.status == 0
+            or not isinstance(a.body, dict)
+        ]
         assert not broken, f"5xx other than 503, or non-JSON answers: {broken[:5]}"
         after = [a for a in answers if a.started > recovered_at]
         assert after and all(a.status == 200 for a in after), [a for a in after if a.status != 200]

@@ -64,8 +64,15 @@ def test_s3_down_while_trainers_publish(fault_env, run_scheduler, s3_proxy):
         assert "writing" in first_errors[job.id] and "/prefixes/" in first_errors[job.id]
         assert "cannot reach the S3 endpoint" in first_errors[job.id], first_errors[job.id]
 
-    done = wait_for(lambda: (j := env.job(retried_job.id)).state != JobState.queued and
-                    j.state != JobState.running and j, timeout=180, what="the retried job")  # fmt: skip
+    done = wait_for(
+        lambda: (
+            (j := env.job(retried_job.id)).state != JobState.queued
+            and j.state != JobState.running
+            and j
+        ),
+        timeout=180,
+        what="the retried job",
+    )
     assert done.state == JobState.succeeded and 2 <= done.attempts <= 4, describe(done)
     assert_nothing_lost_or_duplicated(env.engine, env.store, [retried_job.id])
 

@@ -23,9 +23,14 @@ def test_a_failed_blob_delete_is_recorded_and_retried_until_the_blob_is_gone(
     direct_url = f"http://{s3_proxy.target[0]}:{s3_proxy.target[1]}"
     direct = S3BlobStore(bucket, "p", endpoint_url=direct_url, session=boto_session)
     proxied = S3BlobStore(
-        bucket, "p", endpoint_url=s3_proxy.url, session=boto_session, max_attempts=1,
-        connect_timeout_s=1, read_timeout_s=2,
-    )  # fmt: skip
+        bucket,
+        "p",
+        endpoint_url=s3_proxy.url,
+        session=boto_session,
+        max_attempts=1,
+        connect_timeout_s=1,
+        read_timeout_s=2,
+    )
     with Session(db_engine) as session:
         tenant = make_tenant(session)
         dataset = make_dataset(session, tenant)

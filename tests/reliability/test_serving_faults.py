@@ -129,16 +129,23 @@ def test_api_killed_and_app_redeployed_while_jobs_are_queued(stack):
     assert upload.status_code == 201, upload.text
     job_ids = []
     for n in range(3):  # one tenant: they run one after the other
-        submitted = http.post("/v1/jobs", json={
-            "dataset_ids": [upload.json()["id"]], "hyperparameters": QUICK_API | {"seed": n},
-        })  # fmt: skip
+        submitted = http.post(
+            "/v1/jobs",
+            json={
+                "dataset_ids": [upload.json()["id"]],
+                "hyperparameters": QUICK_API | {"seed": n},
+            },
+        )
         assert submitted.status_code == 201, submitted.text
         job_ids.append(uuid.UUID(submitted.json()["id"]))
 
     settings = stack.settings.model_copy(
-        update={"scheduler_namespace": f"prefixd-faults-{uuid.uuid4().hex[:10]}",
-                "trainer_slots": 2, **FAULT_TIMINGS}
-    )  # fmt: skip
+        update={
+            "scheduler_namespace": f"prefixd-faults-{uuid.uuid4().hex[:10]}",
+            "trainer_slots": 2,
+            **FAULT_TIMINGS,
+        }
+    )
 
     def status(job_id: uuid.UUID) -> str:
         response = http.get(f"/v1/jobs/{job_id}")

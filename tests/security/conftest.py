@@ -143,9 +143,13 @@ def security_env() -> Iterator[None]:
 
 @pytest.fixture(scope="module")
 def inproc_settings(
-    security_env, create_postgres_database, make_bucket, s3_endpoint_url, tiny_model_dirs,
+    security_env,
+    create_postgres_database,
+    make_bucket,
+    s3_endpoint_url,
+    tiny_model_dirs,
     tmp_path_factory,
-) -> Settings:  # fmt: skip
+) -> Settings:
     from common.db.engine import create_db_engine, upgrade_database
 
     url = create_postgres_database().set(password=DB_PASSWORD)  # trust auth: accepted, unused

@@ -47,12 +47,16 @@ def assert_nothing_stored(inproc: InProc, tenant_id: str, rows_before: int) -> N
 
 # --- JSONL uploads, property-based ----------------------------------------------------------
 
-GOOD_TEXT = st.lists(st.sampled_from(["alpha", "beta", "red", "one", "zebra", "ü", "猫"]), min_size=1, max_size=8).map(" ".join)  # fmt: skip
+GOOD_TEXT = st.lists(
+    st.sampled_from(["alpha", "beta", "red", "one", "zebra", "ü", "猫"]), min_size=1, max_size=8
+).map(" ".join)
 JSON_VALUES = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=5),
-    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3)
+    ),
     max_leaves=8,
-)  # fmt: skip
+)
 
 
 @st.composite
@@ -60,10 +64,23 @@ def lines(draw: Any) -> tuple[bytes, str | None]:
     """One JSONL line and, when it is bad, the words its error must contain."""
     kind = draw(
         st.sampled_from(
-            ["good", "good", "good", "blank", "utf8", "json", "type", "field", "empty",
-             "surrogate", "nested", "not_object", "long"]
+            [
+                "good",
+                "good",
+                "good",
+                "blank",
+                "utf8",
+                "json",
+                "type",
+                "field",
+                "empty",
+                "surrogate",
+                "nested",
+                "not_object",
+                "long",
+            ]
         )
-    )  # fmt: skip
+    )
     good = {"input": draw(GOOD_TEXT), "output": draw(GOOD_TEXT)}
     if kind == "good":
         return json.dumps(good, ensure_ascii=draw(st.booleans())).encode(), None
@@ -137,18 +154,29 @@ def test_huge_lines_many_lines_and_bodies_over_the_limits(inproc: InProc, tenant
     limit = LIMITS["max_dataset_bytes"]
     cases: list[tuple[Any, tuple[int, str, str]]] = [
         # One line past the per-line limit (1 MiB), inside the body limit.
-        (b'{"input": "' + b"a" * (1024 * 1024 + 1) + b'", "output": "b"}\n',
-         (422, "invalid_input", r"^line 1: longer than 1048576 bytes")),
+        (
+            b'{"input": "' + b"a" * (1024 * 1024 + 1) + b'", "output": "b"}\n',
+            (422, "invalid_input", r"^line 1: longer than 1048576 bytes"),
+        ),
         (row + b"x" * (1024 * 1024 + 1), (422, "invalid_input", r"^line 2: longer than")),
         # 10^6 blank lines hold no example; 5·10^4 valid ones are past max_dataset_examples.
         (b"\n" * 10**6, (422, "invalid_input", r"^no examples")),
-        (row * 5 * 10**4, (413, "payload_too_large",
-                       r"^line 201: more examples than max_dataset_examples \(200\)")),
+        (
+            row * 5 * 10**4,
+            (
+                413,
+                "payload_too_large",
+                r"^line 201: more examples than max_dataset_examples \(200\)",
+            ),
+        ),
         # 10^6 valid lines (27 MB): refused from Content-Length, before the body is read.
         (row * 10**6, (413, "payload_too_large", r"max_dataset_bytes")),
         # The same without Content-Length (chunked): counted while it streams.
-        (iter([row * 10**4] * 100), (413, "payload_too_large", rf"max_dataset_bytes \({limit} bytes")),
-    ]  # fmt: skip
+        (
+            iter([row * 10**4] * 100),
+            (413, "payload_too_large", rf"max_dataset_bytes \({limit} bytes"),
+        ),
+    ]
     for content, (status, code, pattern) in cases:
         got = error(inproc.upload(key, content))
         assert got[:2] == (status, code) and re.search(pattern, got[2]), got
@@ -177,9 +205,12 @@ def test_compressed_uploads_are_refused_not_decompressed(inproc: InProc, tenant)
     assert error(inproc.upload(key, bomb))[2].startswith("line 1: not valid UTF-8")
     # A JSON route with a compressed body: refused, not inflated.
     jobs = inproc.request(
-        "POST", "/v1/jobs", key, content=gzip.compress(b"{}"),
+        "POST",
+        "/v1/jobs",
+        key,
+        content=gzip.compress(b"{}"),
         headers={"content-type": "application/json", "content-encoding": "gzip"},
-    )  # fmt: skip
+    )
     assert 400 <= jobs.status_code < 500
     assert_nothing_stored(inproc, tenant_id, before)
 
@@ -203,10 +234,14 @@ def test_malformed_multipart_bodies(inproc: InProc, tenant) -> None:
         (b"garbage without any boundary", media, 400),
         (part("file", good) + part("file", good) + end, media, 400),  # two files
         (part("file", good, filename=None) + end, media, 422),  # a text field, not a file
-        (b"".join(part(f"f{i}", b"x", None) for i in range(20)) + part("file", good) + end, media, 400),
+        (
+            b"".join(part(f"f{i}", b"x", None) for i in range(20)) + part("file", good) + end,
+            media,
+            400,
+        ),
         (part("other", good) + end, media, 422),
         (part("file", good), media, 422),  # no closing boundary: the part never ends
-    ]  # fmt: skip
+    ]
     for number, (body, content_type, status) in enumerate(cases):
         response = inproc.upload(key, body, content_type)
         assert error(response)[0] == status, (number, response.text)
@@ -231,14 +266,20 @@ def test_malformed_json_bodies_and_paths(inproc: InProc, tenant) -> None:
         ("/v1/jobs", key, b'{"dataset_ids": ["\xff\xfe"]}'),
         ("/v1/jobs", key, b"\xef\xbb\xbf{}"),
         ("/v1/jobs", key, b'{"dataset_ids": [1e999]}'),
-        ("/v1/jobs", key, b'{"dataset_ids": ["' + str(uuid.uuid4()).encode() + b'"], "hyperparameters": {"learning_rate": NaN}}'),
+        (
+            "/v1/jobs",
+            key,
+            b'{"dataset_ids": ["'
+            + str(uuid.uuid4()).encode()
+            + b'"], "hyperparameters": {"learning_rate": NaN}}',
+        ),
         ("/v1/tenants", admin, b'{"name": "a\\u0000b"}'),
         ("/v1/tenants", admin, b'{"name": "\\ud800"}'),
         ("/v1/tenants", admin, b'{"name": ' + b"[" * 30_000 + b"]" * 30_000 + b"}"),
         ("/v1/generate", key, b'{"input": "\\udfff"}'),
         ("/v1/generate", key, b'{"input": ' + b'"a", ' * 5 + b"}"),
         ("/v1/completions", key, b'{"prompt": ["\\ud800"]}'),
-    ]  # fmt: skip
+    ]
     for path, token, body in bodies:
         response = inproc.request(
             "POST", path, token, content=body, headers={"content-type": "application/json"}
@@ -250,10 +291,14 @@ def test_malformed_json_bodies_and_paths(inproc: InProc, tenant) -> None:
             status, _, message = error(response)
         assert 400 <= status < 500 and message, (path, body[:60], response.text)
     for path in (
-        "/v1/datasets/../../tenants", "/v1/datasets/..%2F..%2Fx", "/v1/datasets/%00",
-        "/v1/jobs/not-a-uuid/events", "/v1/prefixes/" + "9" * 5000,
-        "/v1/jobs?status=queued'%20OR%20'1'='1", "/v1/jobs/" + str(uuid.uuid4()) + "/events?after_id=-1",
-    ):  # fmt: skip
+        "/v1/datasets/../../tenants",
+        "/v1/datasets/..%2F..%2Fx",
+        "/v1/datasets/%00",
+        "/v1/jobs/not-a-uuid/events",
+        "/v1/prefixes/" + "9" * 5000,
+        "/v1/jobs?status=queued'%20OR%20'1'='1",
+        "/v1/jobs/" + str(uuid.uuid4()) + "/events?after_id=-1",
+    ):
         response = inproc.request("GET", path, key)
         assert 400 <= response.status_code < 500, (path, response.text)
 
@@ -292,17 +337,21 @@ def test_schemathesis_fuzzes_every_route_in_process(inproc_inference: InProc) ->
         (method, route.path)  # type: ignore[attr-defined]
         for route in inproc.client.app.routes
         for method in getattr(route, "methods", ()) or ()
-        if method != "HEAD" and route.path not in ("/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc")  # type: ignore[attr-defined]
-    }  # fmt: skip
+        if method != "HEAD"
+        and route.path not in ("/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc")  # type: ignore[attr-defined]
+    }
     assert routes <= paths, routes - paths
     failures: list[str] = []
     identities = st.sampled_from([key, key, inproc.admin, None])
 
     def fuzz(operation: Any, mode: GenerationMode) -> None:
         @settings(
-            max_examples=25, deadline=None, derandomize=True, database=None,
+            max_examples=25,
+            deadline=None,
+            derandomize=True,
+            database=None,
             suppress_health_check=list(HealthCheck),
-        )  # fmt: skip
+        )
         @given(case=operation.as_strategy(generation_mode=mode), token=identities)
         def run(case: Any, token: str | None) -> None:
             headers = {"Authorization": f"Bearer {token}"} if token else {}
@@ -341,20 +390,35 @@ def test_generate_inputs_past_the_model_limits(inproc_inference: InProc) -> None
     assert default.status_code == 200, default.text
     assert default.json()["usage"]["completion_tokens"] <= 48
     cases: list[tuple[dict[str, Any], tuple[int, str, str]]] = [
-        ({"input": "alpha", "max_new_tokens": 49}, (422, "invalid_input", r"max_new_tokens is 49; the limit is 48")),
-        ({"input": "alpha " * 130, "max_new_tokens": 2}, (422, "invalid_input", r"input 1 is too long")),
-        ({"inputs": ["alpha", "alpha " * 130], "max_new_tokens": 2}, (422, "invalid_input", r"input 2 is too long")),
-        ({"input": "alpha", "num_beams": 2, "temperature": 0.5}, (422, "invalid_request", r"not both")),
+        (
+            {"input": "alpha", "max_new_tokens": 49},
+            (422, "invalid_input", r"max_new_tokens is 49; the limit is 48"),
+        ),
+        (
+            {"input": "alpha " * 130, "max_new_tokens": 2},
+            (422, "invalid_input", r"input 1 is too long"),
+        ),
+        (
+            {"inputs": ["alpha", "alpha " * 130], "max_new_tokens": 2},
+            (422, "invalid_input", r"input 2 is too long"),
+        ),
+        (
+            {"input": "alpha", "num_beams": 2, "temperature": 0.5},
+            (422, "invalid_request", r"not both"),
+        ),
         ({"input": "a\ud800"}, (422, "invalid_request", r"^input: .*unicode")),
         ({"inputs": ["alpha"] * 65}, (422, "invalid_request", r"inputs")),
-    ]  # fmt: skip
+    ]
     for body, (status, code, pattern) in cases:
         got = error(
             inproc.request(
-                "POST", "/v1/generate", key,
-                content=json.dumps(body).encode(), headers={"content-type": "application/json"},
+                "POST",
+                "/v1/generate",
+                key,
+                content=json.dumps(body).encode(),
+                headers={"content-type": "application/json"},
             )
-        )  # fmt: skip
+        )
         assert got[:2] == (status, code) and re.search(pattern, got[2]), (body, got)
 
 
@@ -375,7 +439,10 @@ def _rewrite(data: bytes, tensors: dict[str, torch.Tensor], **changes: str) -> b
 
 def test_malformed_prefix_files_are_refused_naming_the_problem(inproc: InProc) -> None:
     loaded = inproc.loaded
-    expected = {"expected_fingerprint": loaded.fingerprint, "expected_shape": prefix_shape(loaded.model.config)}  # fmt: skip
+    expected = {
+        "expected_fingerprint": loaded.fingerprint,
+        "expected_shape": prefix_shape(loaded.model.config),
+    }
     good = _prefix_bytes(inproc)
     kv = prefix_from_bytes(good, **expected).key_values
     header = b"[" * 100_000
@@ -387,22 +454,58 @@ def test_malformed_prefix_files_are_refused_naming_the_problem(inproc: InProc) -
         "header size past the end": (struct.pack("<Q", 2**63) + good[8:], "truncated header"),
         "deeply nested header": (struct.pack("<Q", len(header)) + header, "not a prefix file"),
         "header not an object": (struct.pack("<Q", 2) + b"[]", "no prefixd metadata"),
-        "extra tensor": (_rewrite(good, {"self_attn.key_values": kv, "prefix_mlp.0.weight": torch.zeros(2)}), "expected exactly one tensor"),
+        "extra tensor": (
+            _rewrite(good, {"self_attn.key_values": kv, "prefix_mlp.0.weight": torch.zeros(2)}),
+            "expected exactly one tensor",
+        ),
         "renamed tensor": (_rewrite(good, {"past": kv}), "expected exactly one tensor"),
-        "wrong shape": (_rewrite(good, {"self_attn.key_values": kv[:, :, :1].contiguous()}), "does not match the metadata"),
-        "wrong shape for the model": (_rewrite(good, {"self_attn.key_values": kv[:1].contiguous()}, layers="1"), "does not fit the model"),
-        "zero prefix length": (_rewrite(good, {"self_attn.key_values": zero_length}, prefix_length="0"), "prefix length"),
-        "wrong dtype": (_rewrite(good, {"self_attn.key_values": kv.double()}, dtype="float64"), "dtype must be one of"),
-        "int dtype": (_rewrite(good, {"self_attn.key_values": kv.to(torch.int32)}, dtype="int32"), "dtype must be one of"),
+        "wrong shape": (
+            _rewrite(good, {"self_attn.key_values": kv[:, :, :1].contiguous()}),
+            "does not match the metadata",
+        ),
+        "wrong shape for the model": (
+            _rewrite(good, {"self_attn.key_values": kv[:1].contiguous()}, layers="1"),
+            "does not fit the model",
+        ),
+        "zero prefix length": (
+            _rewrite(good, {"self_attn.key_values": zero_length}, prefix_length="0"),
+            "prefix length",
+        ),
+        "wrong dtype": (
+            _rewrite(good, {"self_attn.key_values": kv.double()}, dtype="float64"),
+            "dtype must be one of",
+        ),
+        "int dtype": (
+            _rewrite(good, {"self_attn.key_values": kv.to(torch.int32)}, dtype="int32"),
+            "dtype must be one of",
+        ),
         "dtype lies": (_rewrite(good, {"self_attn.key_values": kv.half()}), "match the metadata"),
-        "wrong fingerprint": (_rewrite(good, {"self_attn.key_values": kv}, base_model_fingerprint="0" * 64), "trained for another base model"),
-        "no fingerprint": (_rewrite(good, {"self_attn.key_values": kv}, base_model_fingerprint=None), "invalid metadata"),
-        "non-numeric metadata": (_rewrite(good, {"self_attn.key_values": kv}, layers="two"), "invalid metadata"),
-        "bad hyperparameters JSON": (_rewrite(good, {"self_attn.key_values": kv}, hyperparameters="{"), "invalid metadata"),
-        "not finite": (_rewrite(good, {"self_attn.key_values": torch.full_like(kv, float("nan"))}), "not finite"),
-        "future format": (_rewrite(good, {"self_attn.key_values": kv}, format_version="2"), "format version"),
+        "wrong fingerprint": (
+            _rewrite(good, {"self_attn.key_values": kv}, base_model_fingerprint="0" * 64),
+            "trained for another base model",
+        ),
+        "no fingerprint": (
+            _rewrite(good, {"self_attn.key_values": kv}, base_model_fingerprint=None),
+            "invalid metadata",
+        ),
+        "non-numeric metadata": (
+            _rewrite(good, {"self_attn.key_values": kv}, layers="two"),
+            "invalid metadata",
+        ),
+        "bad hyperparameters JSON": (
+            _rewrite(good, {"self_attn.key_values": kv}, hyperparameters="{"),
+            "invalid metadata",
+        ),
+        "not finite": (
+            _rewrite(good, {"self_attn.key_values": torch.full_like(kv, float("nan"))}),
+            "not finite",
+        ),
+        "future format": (
+            _rewrite(good, {"self_attn.key_values": kv}, format_version="2"),
+            "format version",
+        ),
         "no metadata": (save_safetensors({"self_attn.key_values": kv}), "no prefixd metadata"),
-    }  # fmt: skip
+    }
     for name, (data, message) in cases.items():
         with pytest.raises(IncompatiblePrefixError, match=message) as caught:
             prefix_from_bytes(data, source=name, **expected)
@@ -436,9 +539,11 @@ def test_mutated_prefix_files_are_refused_or_valid(inproc: InProc, data: Any) ->
             good[where:where] = data.draw(st.binary(min_size=1, max_size=8))
     try:
         prefix = prefix_from_bytes(
-            bytes(good), source="mutated", expected_fingerprint=loaded.fingerprint,
+            bytes(good),
+            source="mutated",
+            expected_fingerprint=loaded.fingerprint,
             expected_shape=prefix_shape(loaded.model.config),
-        )  # fmt: skip
+        )
     except IncompatiblePrefixError as refused:
         assert str(refused).startswith("mutated: ")
     else:

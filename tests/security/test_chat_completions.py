@@ -44,10 +44,14 @@ def test_chat_completions_with_the_openai_sdk(inproc_inference: InProc) -> None:
 
     chunks = list(
         sdk.chat.completions.create(
-            model="default", messages=MESSAGES, max_tokens=6, stream=True, temperature=0,
+            model="default",
+            messages=MESSAGES,
+            max_tokens=6,
+            stream=True,
+            temperature=0,
             stream_options={"include_usage": True},
         )
-    )  # fmt: skip
+    )
     streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert streamed == choice.message.content  # greedy: the same text both ways
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == choice.finish_reason

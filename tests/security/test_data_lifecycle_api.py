@@ -40,12 +40,18 @@ def store_down(inproc: InProc, s3_endpoint_url: str) -> Iterator[None]:
     proxy = SwitchableProxy((host, int(port)))
     before = inproc.context.blobs
     inproc.context.blobs = S3BlobStore(
-        before.bucket, before.base, endpoint_url=proxy.url, session=boto3.session.Session(
-            aws_access_key_id=S3_ACCESS_KEY, aws_secret_access_key=S3_SECRET,
+        before.bucket,
+        before.base,
+        endpoint_url=proxy.url,
+        session=boto3.session.Session(
+            aws_access_key_id=S3_ACCESS_KEY,
+            aws_secret_access_key=S3_SECRET,
             region_name="us-east-1",
         ),
-        max_attempts=1, connect_timeout_s=1, read_timeout_s=2,
-    )  # fmt: skip
+        max_attempts=1,
+        connect_timeout_s=1,
+        read_timeout_s=2,
+    )
     proxy.down()
     try:
         yield

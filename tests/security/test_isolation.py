@@ -42,9 +42,11 @@ def test_pathological_temperature_is_greedy_and_seeds_are_bounded(inproc_inferen
     assert first.status_code == 200 and first.json()["outputs"] == again.json()["outputs"]
     # n > 1 with the largest seed: seed + sample wraps instead of overflowing.
     many = inproc.request(
-        "POST", "/v1/completions", key,
+        "POST",
+        "/v1/completions",
+        key,
         json={"prompt": "alpha", "n": 3, "max_tokens": 6, "temperature": 2.0, "seed": MAX_SEED},
-    )  # fmt: skip
+    )
     assert many.status_code == 200, many.text
     # No seed: fresh randomness (it used to be seed 0 for everyone).
     unseeded = {
@@ -62,10 +64,12 @@ def test_admission_is_charged_by_cost(inproc_inference: InProc) -> None:
     # 64 inputs × 16 beams × 48 tokens is over max_request_cost: refused before any work.
     status, code, message = error(
         inproc.request(
-            "POST", "/v1/generate", key,
+            "POST",
+            "/v1/generate",
+            key,
             json={"inputs": ["alpha"] * 64, "num_beams": 16, "max_new_tokens": 48},
         )
-    )  # fmt: skip
+    )
     assert (status, code) == (422, "request_too_costly"), message
     assert f"max_request_cost is {settings.max_request_cost}" in message
     # The tenant's in-flight cost is capped (429 with Retry-After); another tenant is not.

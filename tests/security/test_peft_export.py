@@ -27,8 +27,10 @@ def test_a_prefix_version_downloads_as_a_peft_adapter(inproc: InProc, tmp_path) 
     assert response.headers["content-type"] == "application/zip"
     with zipfile.ZipFile(io.BytesIO(response.content)) as archive:
         assert sorted(archive.namelist()) == [
-            "README.md", "adapter_config.json", "adapter_model.safetensors",
-        ]  # fmt: skip
+            "README.md",
+            "adapter_config.json",
+            "adapter_model.safetensors",
+        ]
         archive.extractall(tmp_path / "adapter")
 
     (row,) = [b for b in inproc.objects() if str(prefix_id) in b]

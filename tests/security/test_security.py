@@ -202,9 +202,15 @@ def test_the_admin_token_is_required_and_compared_in_constant_time(
     _, tenant_key = inproc.new_tenant()
     near = ADMIN_TOKEN[:-1] + ("0" if ADMIN_TOKEN[-1] != "0" else "1")  # all but the last char
     for token, status in [
-        (None, 401), ("", 401), (near, 403), (ADMIN_TOKEN[:-1], 403), (ADMIN_TOKEN + "x", 403),
-        (ADMIN_TOKEN.upper(), 403), (tenant_key, 403), (ADMIN_TOKEN, 200),
-    ]:  # fmt: skip
+        (None, 401),
+        ("", 401),
+        (near, 403),
+        (ADMIN_TOKEN[:-1], 403),
+        (ADMIN_TOKEN + "x", 403),
+        (ADMIN_TOKEN.upper(), 403),
+        (tenant_key, 403),
+        (ADMIN_TOKEN, 200),
+    ]:
         headers = {"Authorization": f"Bearer {token}"} if token is not None else {}
         response = inproc.client.get("/v1/tenants", headers=headers)
         assert response.status_code == status, (token, response.text)
@@ -287,9 +293,12 @@ def test_no_secret_reaches_the_logs(
     )
     assert len(caplog.records) > 20  # the capture did capture (boto3, our loggers, …)
     for name, secret in [
-        ("API key", key), ("second API key", second), ("admin token", ADMIN_TOKEN),
-        ("S3 secret key", S3_SECRET), ("database password", DB_PASSWORD),
-    ]:  # fmt: skip
+        ("API key", key),
+        ("second API key", second),
+        ("admin token", ADMIN_TOKEN),
+        ("S3 secret key", S3_SECRET),
+        ("database password", DB_PASSWORD),
+    ]:
         assert secret not in logged, f"the {name} is in the logs"
         assert not any(secret in answer for answer in answers), f"the {name} is in an answer"
 
@@ -360,7 +369,10 @@ def _dynamic_sql(arg: ast.expr) -> bool:
     if isinstance(arg, ast.JoinedStr):
         return any(isinstance(v, ast.FormattedValue) for v in arg.values)
     if isinstance(arg, ast.BinOp) and isinstance(arg.op, ast.Mod | ast.Add):
-        return any(isinstance(s, ast.Constant | ast.JoinedStr) and isinstance(getattr(s, "value", ""), str) for s in (arg.left, arg.right))  # fmt: skip
+        return any(
+            isinstance(s, ast.Constant | ast.JoinedStr) and isinstance(getattr(s, "value", ""), str)
+            for s in (arg.left, arg.right)
+        )
     if isinstance(arg, ast.Call) and isinstance(arg.func, ast.Attribute):
         return arg.func.attr == "format"
     return False
@@ -391,8 +403,10 @@ def test_sql_is_only_built_with_bound_parameters() -> None:
     # The check itself finds what it looks for.
     sample = ast.parse("conn.execute(text(f\"SELECT * FROM t WHERE name = '{name}'\"))")
     assert any(
-        isinstance(n, ast.Call) and _dynamic_sql(n.args[0]) for n in ast.walk(sample) if isinstance(n, ast.Call) and n.args
-    )  # fmt: skip
+        isinstance(n, ast.Call) and _dynamic_sql(n.args[0])
+        for n in ast.walk(sample)
+        if isinstance(n, ast.Call) and n.args
+    )
 
 
 def test_injection_attempts_are_stored_as_plain_text(inproc: InProc) -> None:
@@ -455,11 +469,20 @@ def _asgi(
             sent["body"] += message.get("body", b"")
 
     scope = {
-        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method,
-        "scheme": "http", "path": path, "raw_path": path.encode(), "root_path": "", "query_string": b"",
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": method,
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "root_path": "",
+        "query_string": b"",
         "headers": [(k.lower().encode(), v.encode()) for k, v in headers.items()],
-        "client": ("127.0.0.1", 1), "server": ("testserver", 80), "state": {},
-    }  # fmt: skip
+        "client": ("127.0.0.1", 1),
+        "server": ("testserver", 80),
+        "state": {},
+    }
     asyncio.run(app(scope, receive, send))
     return sent["status"], pulled, sent["body"]
 
@@ -474,8 +497,12 @@ def test_body_limits_are_enforced_before_the_body_is_read(inproc: InProc) -> Non
     auth = {"authorization": f"Bearer {key}"}
     huge = str(10**12)
     # Content-Length past the limit: refused without pulling a byte.
-    for path, media in (("/v1/jobs", "application/json"), ("/v1/datasets", "application/jsonl"),
-                        ("/v1/tenants", "application/json"), ("/v1/generate", "application/json")):  # fmt: skip
+    for path, media in (
+        ("/v1/jobs", "application/json"),
+        ("/v1/datasets", "application/jsonl"),
+        ("/v1/tenants", "application/json"),
+        ("/v1/generate", "application/json"),
+    ):
         status, pulled, answer = _asgi(
             inproc, "POST", path, {**auth, "content-type": media, "content-length": huge}, endless()
         )
@@ -491,9 +518,11 @@ def test_body_limits_are_enforced_before_the_body_is_read(inproc: InProc) -> Non
         )
         assert status == 413 and pulled <= limit + 65536, (path, status, pulled)
     # An upload without a valid key, or of a refused media type, is not read at all.
-    for headers in ({"content-type": "application/jsonl"},
-                    {**auth, "content-type": "text/csv"},
-                    {**auth, "content-type": "application/jsonl", "content-encoding": "gzip"}):  # fmt: skip
+    for headers in (
+        {"content-type": "application/jsonl"},
+        {**auth, "content-type": "text/csv"},
+        {**auth, "content-type": "application/jsonl", "content-encoding": "gzip"},
+    ):
         status, pulled, _ = _asgi(inproc, "POST", "/v1/datasets", headers, endless())
         assert status in (401, 415) and pulled == 0, (headers, status, pulled)
     # A dataset upload past the tenant's quota left: refused from Content-Length.

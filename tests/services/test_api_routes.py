@@ -237,27 +237,51 @@ def test_every_bad_upload_is_refused_with_its_line_and_leaves_nothing(stack, api
     good = jsonl(examples(3))
     long_input = {"input": " ".join(["alpha"] * 120), "output": "beta"}
     cases: list[tuple[bytes, str, tuple[int, str, str]]] = [
-        (good + b'{"input": "a", "output": \n', "application/jsonl",
-         (422, "invalid_input", r"^line 4: invalid JSON")),
-        (good + b"[1, 2]\n", "application/x-ndjson",
-         (422, "invalid_input", r"^line 4: expected an object")),
-        (b'{"input": "a"}\n', "application/jsonl",
-         (422, "invalid_input", r"^line 1: missing field 'output'")),
-        (good + b'\n{"input": " ", "output": "b"}\n', "application/jsonl",
-         (422, "invalid_input", r"^line 5: field 'input' is empty")),
-        (good + b'{"input": 3, "output": "b"}\n', "application/jsonl",
-         (422, "invalid_input", r"^line 4: field 'input' must be a string")),
-        (b'{"input": "caf\xe9", "output": "b"}\n', "application/jsonl",
-         (422, "invalid_input", r"^line 1: not valid UTF-8")),
-        (good + jsonl([long_input]), "application/jsonl",
-         (422, "invalid_input", r"^line 4: the example has 123 tokens; the limit is 112")),
+        (
+            good + b'{"input": "a", "output": \n',
+            "application/jsonl",
+            (422, "invalid_input", r"^line 4: invalid JSON"),
+        ),
+        (
+            good + b"[1, 2]\n",
+            "application/x-ndjson",
+            (422, "invalid_input", r"^line 4: expected an object"),
+        ),
+        (
+            b'{"input": "a"}\n',
+            "application/jsonl",
+            (422, "invalid_input", r"^line 1: missing field 'output'"),
+        ),
+        (
+            good + b'\n{"input": " ", "output": "b"}\n',
+            "application/jsonl",
+            (422, "invalid_input", r"^line 5: field 'input' is empty"),
+        ),
+        (
+            good + b'{"input": 3, "output": "b"}\n',
+            "application/jsonl",
+            (422, "invalid_input", r"^line 4: field 'input' must be a string"),
+        ),
+        (
+            b'{"input": "caf\xe9", "output": "b"}\n',
+            "application/jsonl",
+            (422, "invalid_input", r"^line 1: not valid UTF-8"),
+        ),
+        (
+            good + jsonl([long_input]),
+            "application/jsonl",
+            (422, "invalid_input", r"^line 4: the example has 123 tokens; the limit is 112"),
+        ),
         (b"", "application/jsonl", (422, "invalid_input", r"^no examples")),
         (b"\n \n", "application/jsonl", (422, "invalid_input", r"^no examples")),
         (good, "text/plain", (415, "unsupported_media_type", r"application/jsonl")),
         (good, "application/json", (415, "unsupported_media_type", r"multipart/form-data")),
-        (jsonl([{"input": "a", "output": "b"}] * 51), "application/jsonl",
-         (413, "payload_too_large", r"^line 51: more examples than max_dataset_examples \(50\)")),
-    ]  # fmt: skip
+        (
+            jsonl([{"input": "a", "output": "b"}] * 51),
+            "application/jsonl",
+            (413, "payload_too_large", r"^line 51: more examples than max_dataset_examples \(50\)"),
+        ),
+    ]
     for content, media, (status, code, pattern) in cases:
         response = api.upload(key, content, media)
         got = error(response)
@@ -295,20 +319,55 @@ def test_job_submission_is_validated(stack, api):
     dataset_id = api.dataset(key)
     foreign = api.dataset(other_key)
     cases: list[tuple[dict[str, Any], tuple[int, str, str]]] = [
-        ({"epochs": 0}, (422, "invalid_hyperparameters", r"epochs must be at least 1 \(or unset: automatic\), got 0")),
-        ({"learning_rate": -1}, (422, "invalid_hyperparameters", r"learning rate must be positive")),
-        ({"prefix_length": 0}, (422, "invalid_hyperparameters", r"prefix length must be at least 1")),
-        ({"prefix_length": 17}, (422, "invalid_hyperparameters", r"longest prefix allowed, 16 \(max_prefix_length")),
+        (
+            {"epochs": 0},
+            (
+                422,
+                "invalid_hyperparameters",
+                r"epochs must be at least 1 \(or unset: automatic\), got 0",
+            ),
+        ),
+        (
+            {"learning_rate": -1},
+            (422, "invalid_hyperparameters", r"learning rate must be positive"),
+        ),
+        (
+            {"prefix_length": 0},
+            (422, "invalid_hyperparameters", r"prefix length must be at least 1"),
+        ),
+        (
+            {"prefix_length": 17},
+            (422, "invalid_hyperparameters", r"longest prefix allowed, 16 \(max_prefix_length"),
+        ),
         ({"batch_size": 0}, (422, "invalid_hyperparameters", r"batch size must be at least 1")),
-        ({"init": "zeros"}, (422, "invalid_hyperparameters", r"init must be 'random' or 'text:WORDS'")),
-        ({"init": "text:" + "alpha " * 17}, (422, "invalid_hyperparameters", r"init text has 17 tokens")),
-        ({"epochs": "3"}, (422, "invalid_request", r"hyperparameters\.epochs: Input should be a valid integer")),
+        (
+            {"init": "zeros"},
+            (422, "invalid_hyperparameters", r"init must be 'random' or 'text:WORDS'"),
+        ),
+        (
+            {"init": "text:" + "alpha " * 17},
+            (422, "invalid_hyperparameters", r"init text has 17 tokens"),
+        ),
+        (
+            {"epochs": "3"},
+            (422, "invalid_request", r"hyperparameters\.epochs: Input should be a valid integer"),
+        ),
         ({"epochs": True}, (422, "invalid_request", r"hyperparameters\.epochs")),
         ({"learning_rate": 1e9}, (422, "invalid_request", r"hyperparameters\.learning_rate")),
         ({"mystery": 1}, (422, "invalid_request", r"hyperparameters\.mystery: Extra inputs")),
-        ({"mid_dim": 5000}, (422, "invalid_request", r"hyperparameters\.mid_dim: Input should be less than or equal to 4096")),
-        ({"warmup_ratio": 1.0}, (422, "invalid_hyperparameters", r"warmup ratio must be in \[0, 1\)")),
-    ]  # fmt: skip
+        (
+            {"mid_dim": 5000},
+            (
+                422,
+                "invalid_request",
+                r"hyperparameters\.mid_dim: Input should be less than or equal to 4096",
+            ),
+        ),
+        (
+            {"warmup_ratio": 1.0},
+            (422, "invalid_hyperparameters", r"warmup ratio must be in \[0, 1\)"),
+        ),
+    ]
     for hyperparameters, (status, code, pattern) in cases:
         got = error(api.submit(key, dataset_id, hyperparameters=hyperparameters))
         assert got[:2] == (status, code) and re.search(pattern, got[2]), (hyperparameters, got)
@@ -614,9 +673,10 @@ def test_a_job_runs_when_the_scheduler_does(stack, api):
         sdk.files.create(file=("bad.jsonl", b'{"input": "a"}\n'), purpose="fine-tune")
     assert bad_file.value.param == "file"
     ft_job = sdk.fine_tuning.jobs.create(
-        model="default", training_file=uploaded.id,
+        model="default",
+        training_file=uploaded.id,
         hyperparameters={"n_epochs": 2, "batch_size": 4, "learning_rate_multiplier": 20},
-    )  # fmt: skip
+    )
     assert ft_job.status == "queued" and ft_job.fine_tuned_model is None
     assert [j.id for j in sdk.fine_tuning.jobs.list()] == [ft_job.id]
 
@@ -672,9 +732,9 @@ def test_a_job_runs_when_the_scheduler_does(stack, api):
     assert chat.model == model and chat.choices[0].message.role == "assistant"
     assert sdk.completions.create(model=model, prompt="alpha red", max_tokens=3).model == model
     with pytest.raises(openai.NotFoundError, match="does not exist"):
-        sdk.chat.completions.create(model="prefix-" + str(uuid.uuid4()), messages=[
-            {"role": "user", "content": "alpha"}
-        ])  # fmt: skip
+        sdk.chat.completions.create(
+            model="prefix-" + str(uuid.uuid4()), messages=[{"role": "user", "content": "alpha"}]
+        )
     assert sdk.files.delete(uploaded.id).deleted
     with pytest.raises(openai.NotFoundError):
         sdk.files.retrieve(uploaded.id)

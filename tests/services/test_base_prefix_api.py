@@ -72,10 +72,16 @@ def add_base(
             (b.version for b in crud.list_base_prefixes(session=session, name=name)), default=0
         )
         row = BasePrefix(
-            id=base_id, name=name, version=latest + 1, base_model_fingerprint=prefix.base_model_fingerprint,
-            prefix_length=length, dtype="float32", size_bytes=len(data),
-            sha256=hashlib.sha256(data).hexdigest(), object_key=base_prefix_key(base_id),
-        )  # fmt: skip
+            id=base_id,
+            name=name,
+            version=latest + 1,
+            base_model_fingerprint=prefix.base_model_fingerprint,
+            prefix_length=length,
+            dtype="float32",
+            size_bytes=len(data),
+            sha256=hashlib.sha256(data).hexdigest(),
+            object_key=base_prefix_key(base_id),
+        )
         session.add(row)
         session.commit()
         session.refresh(row)
@@ -87,10 +93,13 @@ def publish_stacked(stack, tenant_id: uuid.UUID, base: BasePrefix, base_prefix: 
     """A tenant version stacked on ``base``, published the way a trainer does."""
     tenant_part = random_kv(stack, 2, seed)
     prefix = Prefix(
-        tenant_part, stack.loaded.fingerprint, stack.loaded.architecture,
-        base_prefix_id=str(base.id), base_fingerprint=key_values_fingerprint(base_prefix.key_values),
+        tenant_part,
+        stack.loaded.fingerprint,
+        stack.loaded.architecture,
+        base_prefix_id=str(base.id),
+        base_fingerprint=key_values_fingerprint(base_prefix.key_values),
         base_mode="stack",
-    )  # fmt: skip
+    )
     prefix_id = uuid.uuid4()
     data = prefix_to_bytes(prefix)
     stack.blobs.put_bytes(prefix_key(tenant_id, prefix_id), data)
@@ -103,28 +112,41 @@ def publish_stacked(stack, tenant_id: uuid.UUID, base: BasePrefix, base_prefix: 
         dataset_id = uuid.uuid4()
         stack.blobs.put_bytes(dataset_key(tenant_id, dataset_id), dataset)
         crud.add_dataset(
-            session=session, tenant_id=tenant_id,
-            dataset_in=DatasetCreate(id=dataset_id, object_key=dataset_key(tenant_id, dataset_id),
-                                     sha256=hashlib.sha256(dataset).hexdigest(), size_bytes=len(dataset),
-                                     example_count=2),
-        )  # fmt: skip
+            session=session,
+            tenant_id=tenant_id,
+            dataset_in=DatasetCreate(
+                id=dataset_id,
+                object_key=dataset_key(tenant_id, dataset_id),
+                sha256=hashlib.sha256(dataset).hexdigest(),
+                size_bytes=len(dataset),
+                example_count=2,
+            ),
+        )
         job, _ = crud.enqueue_job(
-            session=session, tenant_id=tenant_id,
+            session=session,
+            tenant_id=tenant_id,
             job_in=TrainingJobCreate(dataset_ids=[dataset_id], hyperparameters={}),
-        )  # fmt: skip
+        )
         while (
             claimed := crud.claim_oldest_job(session=session, owner=owner, lease_seconds=300)
         ) and claimed.id != job.id:
             pass
         version = crud.publish_prefix(
-            session=session, job_id=job.id, owner=owner,
+            session=session,
+            job_id=job.id,
+            owner=owner,
             prefix_in=PrefixVersionCreate(
-                id=prefix_id, object_key=prefix_key(tenant_id, prefix_id),
-                base_model_fingerprint=prefix.base_model_fingerprint, prefix_length=2, dtype="float32",
-                size_bytes=len(data), sha256=hashlib.sha256(data).hexdigest(),
-                base_prefix_id=base.id, base_mode="stack",
+                id=prefix_id,
+                object_key=prefix_key(tenant_id, prefix_id),
+                base_model_fingerprint=prefix.base_model_fingerprint,
+                prefix_length=2,
+                dtype="float32",
+                size_bytes=len(data),
+                sha256=hashlib.sha256(data).hexdigest(),
+                base_prefix_id=base.id,
+                base_mode="stack",
             ),
-        )  # fmt: skip
+        )
         session.expunge(version)
     return version, tenant_part
 
@@ -133,14 +155,20 @@ def test_admin_routes_refuse_tenants_and_anonymous_callers(api):
     _, key = api.new_tenant()
     some = uuid.uuid4()
     routes = [
-        ("POST", "/v1/admin/datasets"), ("GET", "/v1/admin/datasets"),
-        ("DELETE", f"/v1/admin/datasets/{some}"), ("POST", "/v1/admin/base-prefixes/jobs"),
-        ("GET", "/v1/admin/base-prefixes/jobs"), ("GET", f"/v1/admin/base-prefixes/jobs/{some}"),
+        ("POST", "/v1/admin/datasets"),
+        ("GET", "/v1/admin/datasets"),
+        ("DELETE", f"/v1/admin/datasets/{some}"),
+        ("POST", "/v1/admin/base-prefixes/jobs"),
+        ("GET", "/v1/admin/base-prefixes/jobs"),
+        ("GET", f"/v1/admin/base-prefixes/jobs/{some}"),
         ("GET", f"/v1/admin/base-prefixes/jobs/{some}/events"),
-        ("POST", f"/v1/admin/base-prefixes/jobs/{some}/cancel"), ("GET", "/v1/admin/base-prefixes"),
-        ("GET", f"/v1/admin/base-prefixes/{some}"), ("POST", f"/v1/admin/base-prefixes/{some}/default"),
-        ("DELETE", "/v1/admin/base-prefixes/default"), ("DELETE", f"/v1/admin/base-prefixes/{some}"),
-    ]  # fmt: skip
+        ("POST", f"/v1/admin/base-prefixes/jobs/{some}/cancel"),
+        ("GET", "/v1/admin/base-prefixes"),
+        ("GET", f"/v1/admin/base-prefixes/{some}"),
+        ("POST", f"/v1/admin/base-prefixes/{some}/default"),
+        ("DELETE", "/v1/admin/base-prefixes/default"),
+        ("DELETE", f"/v1/admin/base-prefixes/{some}"),
+    ]
     for method, path in routes:
         assert error(api.request(method, path, None))[:2] == (401, "unauthorized"), path
         assert error(api.request(method, path, key))[:2] == (403, "forbidden"), path
@@ -148,9 +176,11 @@ def test_admin_routes_refuse_tenants_and_anonymous_callers(api):
 
 def test_operator_data_upload_list_delete_and_isolation(api):
     uploaded = api.post(
-        "/v1/admin/datasets?name=e2e", api.admin, content=jsonl(examples(6)),
+        "/v1/admin/datasets?name=e2e",
+        api.admin,
+        content=jsonl(examples(6)),
         headers={"content-type": "application/jsonl"},
-    )  # fmt: skip
+    )
     assert uploaded.status_code == 201, uploaded.text
     body = uploaded.json()
     assert body["examples"] == 6 and body["name"] == "e2e"
@@ -158,9 +188,11 @@ def test_operator_data_upload_list_delete_and_isolation(api):
     assert body["id"] in [d["id"] for d in listed]
 
     bad = api.post(
-        "/v1/admin/datasets", api.admin, content=b'{"input": "a", "output": "b"}\nnot json\n',
+        "/v1/admin/datasets",
+        api.admin,
+        content=b'{"input": "a", "output": "b"}\nnot json\n',
         headers={"content-type": "application/jsonl"},
-    )  # fmt: skip
+    )
     status, _, message = error(bad)
     assert status == 422 and "line 2" in message
     assert (
@@ -175,9 +207,11 @@ def test_operator_data_upload_list_delete_and_isolation(api):
         == 415
     )
     too_big = api.post(
-        "/v1/admin/datasets", api.admin, content=b"x" * (9 * 1024),
+        "/v1/admin/datasets",
+        api.admin,
+        content=b"x" * (9 * 1024),
         headers={"content-type": "application/jsonl"},
-    )  # fmt: skip
+    )
     assert error(too_big)[0] == 413
 
     # A tenant can neither read, list, nor train on operator data.
@@ -204,13 +238,16 @@ def test_operator_data_upload_list_delete_and_isolation(api):
 
 def test_operator_jobs_are_queued_followed_and_cancelled(api):
     data = api.post(
-        "/v1/admin/datasets", api.admin, content=jsonl(examples(6)),
+        "/v1/admin/datasets",
+        api.admin,
+        content=jsonl(examples(6)),
         headers={"content-type": "application/jsonl"},
-    ).json()["id"]  # fmt: skip
+    ).json()["id"]
     submitted = api.post(
-        "/v1/admin/base-prefixes/jobs", api.admin,
+        "/v1/admin/base-prefixes/jobs",
+        api.admin,
         json={"name": "e2e-task", "dataset_ids": [data], "hyperparameters": {"epochs": 1}},
-    )  # fmt: skip
+    )
     assert submitted.status_code == 201, submitted.text
     job = submitted.json()
     assert job["name"] == "e2e-task" and job["status"] == "queued" and job["base_prefix_id"] is None
@@ -299,8 +336,11 @@ def test_a_stacked_prefix_is_served_behind_its_base_and_never_without_it(api, st
     inputs = ["alpha red", "beta green one"]
     generated = api.post("/v1/generate", key, json={"inputs": inputs, "max_new_tokens": 6})
     assert generated.status_code == 200, generated.text
-    served = Prefix(stack_prefixes(base_prefix.key_values, tenant_part), stack.loaded.fingerprint,
-                    stack.loaded.architecture)  # fmt: skip
+    served = Prefix(
+        stack_prefixes(base_prefix.key_values, tenant_part),
+        stack.loaded.fingerprint,
+        stack.loaded.architecture,
+    )
     expected = generate_texts(
         stack.loaded, [(served, t) for t in inputs], DecodingConfig(max_new_tokens=6)
     )

@@ -74,9 +74,13 @@ def upload(tmp_path: Path) -> Spooled:
 
 def _store(engine: Engine, blobs: Any, tenant_id: uuid.UUID, upload: Spooled) -> Dataset:
     return store_dataset(
-        engine=engine, blobs=blobs, tenant_id=tenant_id, spooled=upload, examples=1,
+        engine=engine,
+        blobs=blobs,
+        tenant_id=tenant_id,
+        spooled=upload,
+        examples=1,
         quota_bytes=10**9,
-    )  # fmt: skip
+    )
 
 
 def _rows(engine: Engine, tenant_id: uuid.UUID) -> list[Dataset]:

@@ -306,9 +306,13 @@ def stacked(loaded, base, tenant, base_id):
     from common.base_prefix import inference_prefix, key_values_fingerprint
 
     prefix = Prefix(
-        tenant, loaded.fingerprint, loaded.architecture, base_prefix_id=base_id,
-        base_fingerprint=key_values_fingerprint(base), base_mode="stack",
-    )  # fmt: skip
+        tenant,
+        loaded.fingerprint,
+        loaded.architecture,
+        base_prefix_id=base_id,
+        base_fingerprint=key_values_fingerprint(base),
+        base_mode="stack",
+    )
     base_prefix = Prefix(base, loaded.fingerprint, loaded.architecture)
     return inference_prefix(prefix, base_prefix, base_prefix_id=base_id).key_values
 
@@ -343,9 +347,13 @@ def test_a_stacked_prefix_is_refused_without_its_base_or_with_another(tiny_llama
 
     base = random_prefix(tiny_llama, 3, seed=80)
     prefix = Prefix(
-        random_prefix(tiny_llama, 2, seed=81), tiny_llama.fingerprint, tiny_llama.architecture,
-        base_prefix_id="a", base_fingerprint=key_values_fingerprint(base), base_mode="stack",
-    )  # fmt: skip
+        random_prefix(tiny_llama, 2, seed=81),
+        tiny_llama.fingerprint,
+        tiny_llama.architecture,
+        base_prefix_id="a",
+        base_fingerprint=key_values_fingerprint(base),
+        base_mode="stack",
+    )
     with pytest.raises(IncompatiblePrefixError, match="not available"):
         inference_prefix(prefix, None, base_prefix_id="a")
     changed = Prefix(base + 1, tiny_llama.fingerprint, tiny_llama.architecture)

@@ -126,9 +126,12 @@ def test_streaming_yields_the_same_text(stack):
     ][0]
     deltas = []
     with httpx.stream(
-        "POST", f"{stack.url}/v1/generate", json={"input": "gamma delta", "max_new_tokens": 10, "stream": True},
-        headers={"Authorization": f"Bearer {key}"}, timeout=60,
-    ) as response:  # fmt: skip
+        "POST",
+        f"{stack.url}/v1/generate",
+        json={"input": "gamma delta", "max_new_tokens": 10, "stream": True},
+        headers={"Authorization": f"Bearer {key}"},
+        timeout=60,
+    ) as response:
         assert response.headers["content-type"].startswith("text/event-stream")
         for line in response.iter_lines():
             if line.startswith("data: ") and line != "data: [DONE]":

@@ -209,9 +209,12 @@ def test_tenant_is_erased_everywhere_while_others_are_served(
 
     with pytest.raises(ErasureIncompleteError):
         erase_tenant(
-            engine=stack.db, store=stack.blobs, tenant_id=half, evictor=always_held,
+            engine=stack.db,
+            store=stack.blobs,
+            tenant_id=half,
+            evictor=always_held,
             options=ErasureOptions(replica_timeout_seconds=0.1, poll_seconds=0.05),
-        )  # fmt: skip
+        )
     shown = client.call("GET", f"/v1/tenants/{half}", client.admin).json()
     assert (shown["name"], shown["created_at"], shown["status"]) == (None, None, "deleting")
     assert shown["deletion"]["step"] == "evict_replicas"
@@ -373,9 +376,13 @@ def test_an_upload_finishing_after_the_mark_removes_its_object(
         crud.mark_tenant_deleting(session=session, tenant_id=tenant_id)
     with pytest.raises(TenantNotActiveError):
         store_dataset(
-            engine=db_engine, blobs=s3_store, tenant_id=tenant_id, spooled=spooled, examples=1,
+            engine=db_engine,
+            blobs=s3_store,
+            tenant_id=tenant_id,
+            spooled=spooled,
+            examples=1,
             quota_bytes=10**9,
-        )  # fmt: skip
+        )
     assert s3_store.list_versions(tenant_key_prefix(tenant_id)) == []
 
 
@@ -399,9 +406,13 @@ def test_an_upload_whose_tenant_is_erased_while_it_writes_leaves_nothing(
 
     with pytest.raises(NotFoundError):
         store_dataset(
-            engine=db_engine, blobs=ErasedWhileWriting(), tenant_id=tenant_id, spooled=spooled,
-            examples=1, quota_bytes=10**9,
-        )  # fmt: skip
+            engine=db_engine,
+            blobs=ErasedWhileWriting(),
+            tenant_id=tenant_id,
+            spooled=spooled,
+            examples=1,
+            quota_bytes=10**9,
+        )
     assert find_tenant_leftovers(db_engine, s3_store, tenant_id) == []
     with Session(db_engine) as session:
         assert session.get(Tenant, tenant_id) is None

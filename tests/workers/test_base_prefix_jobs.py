@@ -33,11 +33,13 @@ def operator_dataset(env: WorkerEnv, rows: list[dict[str, str]]) -> uuid.UUID:
         crud.add_operator_dataset(
             session=session,
             dataset_in=OperatorDataset(
-                id=dataset_id, object_key=operator_dataset_key(dataset_id),
-                sha256=hashlib.sha256(content).hexdigest(), size_bytes=len(content),
+                id=dataset_id,
+                object_key=operator_dataset_key(dataset_id),
+                sha256=hashlib.sha256(content).hexdigest(),
+                size_bytes=len(content),
                 example_count=len(rows),
             ),
-        )  # fmt: skip
+        )
     return dataset_id
 
 
@@ -56,9 +58,12 @@ def test_base_prefix_warm_start_stacking_reports_and_erasure(
     data = operator_dataset(env, examples(20, seed=7))
     with env.session() as session:
         operator_job = crud.enqueue_base_prefix_job(
-            session=session, name="e2e-task", dataset_ids=[data], validation_dataset_id=None,
+            session=session,
+            name="e2e-task",
+            dataset_ids=[data],
+            validation_dataset_id=None,
             hyperparameters=QUICK | {"validation_split": 0.2},
-        )  # fmt: skip
+        )
     run_scheduler()
 
     # 1. The operator job: a base prefix version, stored outside every tenant.
@@ -69,9 +74,10 @@ def test_base_prefix_warm_start_stacking_reports_and_erasure(
     assert (base.name, base.version, base.job_id) == ("e2e-task", 1, operator_job.id)
     assert base.object_key.startswith(base_prefixes_key_prefix())
     base_file = prefix_from_bytes(
-        env.store.get_bytes(base.object_key), expected_fingerprint=tiny.fingerprint,
+        env.store.get_bytes(base.object_key),
+        expected_fingerprint=tiny.fingerprint,
         expected_shape=shape,
-    )  # fmt: skip
+    )
     assert base_file.base_mode is None and base_file.prefix_length == 4
     rows = done.result["against"]
     assert set(rows) == {"new", "bare_model"}  # an operator job: no base, no previous version
@@ -96,10 +102,13 @@ def test_base_prefix_warm_start_stacking_reports_and_erasure(
         (2, base.id, "stack"),
     ]
     warm_file, stack_file = (
-        prefix_from_bytes(env.store.get_bytes(v.object_key), expected_fingerprint=tiny.fingerprint,
-                          expected_shape=shape)
+        prefix_from_bytes(
+            env.store.get_bytes(v.object_key),
+            expected_fingerprint=tiny.fingerprint,
+            expected_shape=shape,
+        )
         for v in versions
-    )  # fmt: skip
+    )
     for file in (warm_file, stack_file):  # the file records the base: id and fingerprint
         assert file.base_prefix_id == str(base.id)
         assert file.base_fingerprint == key_values_fingerprint(base_file.key_values)

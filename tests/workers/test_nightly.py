@@ -49,9 +49,12 @@ def train(
     claimed = crud.claim_oldest_job(session=session, owner=owner, lease_seconds=60)
     assert claimed is not None and claimed.id == job.id
     crud.publish_prefix(
-        session=session, job_id=job.id, owner=owner, prefix_in=make_prefix_create(tenant),
+        session=session,
+        job_id=job.id,
+        owner=owner,
+        prefix_in=make_prefix_create(tenant),
         activate=activate,
-    )  # fmt: skip
+    )
     return job
 
 
@@ -230,14 +233,19 @@ def test_the_run_row_is_completed_once_every_job_is_final(db_engine) -> None:
             owners[job.id] = f"o{i}"
         ok, gated, bad, stopped = jobs
         crud.publish_prefix(
-            session=session, job_id=ok, owner=owners[ok],
+            session=session,
+            job_id=ok,
+            owner=owners[ok],
             prefix_in=make_prefix_create(tenant_of(session, ok)),
-        )  # fmt: skip
+        )
         crud.publish_prefix(
-            session=session, job_id=gated, owner=owners[gated], activate=False,
+            session=session,
+            job_id=gated,
+            owner=owners[gated],
+            activate=False,
             prefix_in=make_prefix_create(tenant_of(session, gated)),
             note="kept inactive by the nightly quality gate: …",
-        )  # fmt: skip
+        )
         crud.finish_job(
             session=session, job_id=bad, owner=owners[bad], state=JobState.failed, error="x"
         )

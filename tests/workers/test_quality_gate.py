@@ -76,24 +76,36 @@ def env(pg_engine, tmp_path: Path, tiny_llama, monkeypatch) -> WorkerEnv:
     return WorkerEnv(settings, pg_engine, LocalBlobStore(tmp_path / "blobs"))
 
 
-def run(env: WorkerEnv, tenant_id: uuid.UUID, datasets: list[Any], params: dict[str, Any], *,
-        priority: JobPriority) -> TrainingJob:  # fmt: skip
+def run(
+    env: WorkerEnv,
+    tenant_id: uuid.UUID,
+    datasets: list[Any],
+    params: dict[str, Any],
+    *,
+    priority: JobPriority,
+) -> TrainingJob:
     """Enqueue, claim and run one job through the trainer's code path (no Ray)."""
     with env.session() as session:
         job, _ = crud.enqueue_job(
-            session=session, tenant_id=tenant_id,
+            session=session,
+            tenant_id=tenant_id,
             job_in=TrainingJobCreate(
                 dataset_ids=[d.id for d in datasets], hyperparameters=params, priority=priority
             ),
-        )  # fmt: skip
+        )
         owner = f"test-{uuid.uuid4().hex}"
         claimed = crud.claim_next_job(session=session, owner=owner, lease_seconds=300)
         assert claimed is not None and claimed.id == job.id
     lease = LeaseKeeper(env.engine, job.id, owner, lease_seconds=300, every=60)  # not started
     outcome = trainer._train_and_publish(
-        env.settings, None, env.engine, job.id, owner, lease,  # type: ignore[arg-type]
+        env.settings,
+        None,
+        env.engine,
+        job.id,
+        owner,
+        lease,  # type: ignore[arg-type]
         lambda outcome, **fields: (outcome, fields),
-    )  # fmt: skip
+    )
     assert outcome[0] == "succeeded", outcome
     return env.job(job.id)
 

@@ -160,9 +160,13 @@ def test_publish_writes_the_blob_then_the_row(db_engine, s3_store) -> None:
     with Session(db_engine) as session:
         job = claimed_job(session)
     prefix_id = publish_trained_prefix(
-        db_engine, s3_store, job_id=job.id, tenant_id=job.tenant_id, owner="trainer",
+        db_engine,
+        s3_store,
+        job_id=job.id,
+        tenant_id=job.tenant_id,
+        owner="trainer",
         prefix=artifact(),
-    )  # fmt: skip
+    )
     with Session(db_engine) as session:
         active = crud.get_active_prefix(session=session, tenant_id=job.tenant_id)
         done = crud.get_job(session=session, job_id=job.id)
@@ -180,18 +184,26 @@ def test_a_refused_publish_deletes_the_blob_it_wrote(db_engine, s3_store) -> Non
         crud.mark_tenant_deleting(session=session, tenant_id=job.tenant_id)
     with pytest.raises(TenantNotActiveError):
         publish_trained_prefix(
-            db_engine, s3_store, job_id=job.id, tenant_id=job.tenant_id, owner="trainer",
+            db_engine,
+            s3_store,
+            job_id=job.id,
+            tenant_id=job.tenant_id,
+            owner="trainer",
             prefix=artifact(),
-        )  # fmt: skip
+        )
     assert s3_store.list_objects(tenant_key_prefix(job.tenant_id)) == []
 
     with Session(db_engine) as session:
         other = claimed_job(session)
     with pytest.raises(LeaseLostError):
         publish_trained_prefix(
-            db_engine, s3_store, job_id=other.id, tenant_id=other.tenant_id, owner="not-me",
+            db_engine,
+            s3_store,
+            job_id=other.id,
+            tenant_id=other.tenant_id,
+            owner="not-me",
             prefix=artifact(),
-        )  # fmt: skip
+        )
     assert s3_store.list_objects(tenant_key_prefix(other.tenant_id)) == []
     with Session(db_engine) as session:
         assert session.exec(select(PrefixVersion)).all() == []
@@ -202,9 +214,13 @@ def test_orphan_sweep_deletes_only_blobs_without_a_row(db_engine, s3_store) -> N
         job = claimed_job(session)
     tenant_id = job.tenant_id
     published = publish_trained_prefix(
-        db_engine, s3_store, job_id=job.id, tenant_id=tenant_id, owner="trainer",
+        db_engine,
+        s3_store,
+        job_id=job.id,
+        tenant_id=tenant_id,
+        owner="trainer",
         prefix=artifact(),
-    )  # fmt: skip
+    )
     orphan = prefix_key(tenant_id, uuid.uuid4())
     s3_store.put_bytes(orphan, b"left by a trainer that died before publishing")
     data = dataset_key(tenant_id, uuid.uuid4())
@@ -291,9 +307,13 @@ def test_erase_tenant_leaves_only_an_audit_record(db_engine, s3_store) -> None:
         kept_job_id = make_job(session, keeper).id
     s3_store.put_bytes(dataset_object_key, b"x")
     publish_trained_prefix(
-        db_engine, s3_store, job_id=job.id, tenant_id=tenant_id, owner="trainer",
+        db_engine,
+        s3_store,
+        job_id=job.id,
+        tenant_id=tenant_id,
+        owner="trainer",
         prefix=artifact(),
-    )  # fmt: skip
+    )
     s3_store.put_bytes(dataset_key(keeper_id, uuid.uuid4()), b"y")
 
     audit = erase_tenant(engine=db_engine, store=s3_store, tenant_id=tenant_id)

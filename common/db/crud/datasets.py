@@ -113,9 +113,12 @@ def delete_dataset(*, session: Session, tenant_id: uuid.UUID, dataset_id: uuid.U
                 )
         session.delete(dataset)
         add_pending_blob_delete(
-            session, tenant_id=tenant_id, kind="dataset", item_id=dataset_id,
+            session,
+            tenant_id=tenant_id,
+            kind="dataset",
+            item_id=dataset_id,
             object_key=dataset.object_key,
-        )  # fmt: skip
+        )
         session.commit()
     except BaseException:
         session.rollback()

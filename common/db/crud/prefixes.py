@@ -356,9 +356,12 @@ def delete_prefix_version(
         deleted = PrefixVersion.model_validate(prefix.model_dump())  # outlives the commit
         session.delete(prefix)
         add_pending_blob_delete(
-            session, tenant_id=tenant_id, kind="prefix", item_id=prefix_id,
+            session,
+            tenant_id=tenant_id,
+            kind="prefix",
+            item_id=prefix_id,
             object_key=deleted.object_key,
-        )  # fmt: skip
+        )
         session.flush()
         active = get_active_prefix(session=session, tenant_id=tenant_id)
         if was_active:

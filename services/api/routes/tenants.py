@@ -138,9 +138,12 @@ def get_tenant(tenant_id: uuid.UUID, caller: CallerDep, session: SessionDep) -> 
     tenant = crud.get_tenant(session=session, tenant_id=tenant_id)
     if tenant is None and erasure is not None:
         return TenantOut(
-            id=tenant_id, name=None, status=TenantStatus.deleting.value, created_at=None,
+            id=tenant_id,
+            name=None,
+            status=TenantStatus.deleting.value,
+            created_at=None,
             deletion=_progress(erasure),
-        )  # fmt: skip
+        )
     return _tenant_out(_tenant_for(session, caller, tenant_id), erasure)
 
 
