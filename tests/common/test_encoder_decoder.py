@@ -27,7 +27,10 @@ TASK = [
     Example("delta", "hello world"),
 ]
 FAST = dict(prefix_length=6, mid_dim=64, epochs=40, batch_size=8, warmup_ratio=0.05)
-LEARNING_RATE = {"bart": 1e-2, "t5": 3e-2}  # the tiny BART is less stable at 3e-2
+LEARNING_RATE = {
+    "bart": 1e-2,
+    "t5": 1.5e-2,
+}  # 3e-2 diverges late on the tiny models (BART always, T5 with the packages installed 2026-12-02)
 GREEDY = DecodingConfig(max_new_tokens=8)
 
 
