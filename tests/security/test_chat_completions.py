@@ -309,6 +309,15 @@ def test_openai_routes_answer_errors_in_openai_shape(inproc_inference: InProc) -
         )
     assert failed.value.body["type"] == "invalid_request_error", failed.value.body
 
+    # A chat template that refuses the messages: a 400 with its reason, never a 500.
+    tokenizer = inproc.context.example_checker().tokenizer
+    tokenizer.chat_template = "{{ raise_exception('roles must alternate') }}"
+    try:
+        with pytest.raises(openai.BadRequestError, match="roles must alternate"):
+            sdk.chat.completions.create(model="default", messages=MESSAGES, max_tokens=2)
+    finally:
+        tokenizer.chat_template = None
+
     # prefixd's own routes keep prefixd's body.
     native = inproc.request("POST", "/v1/generate", key, json={"input": "a", "top_p": 5})
     assert native.status_code == 422 and set(native.json()["error"]) == {
