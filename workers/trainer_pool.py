@@ -38,7 +38,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import ray
@@ -90,7 +90,7 @@ class TrainerProcess:
         self._info = {
             "pid": os.getpid(),
             "node_id": str(ray.get_runtime_context().get_node_id()),
-            "start_seconds": time.monotonic() - began,
+            "prepare_seconds": time.monotonic() - began,
         }
 
     def ready(self) -> dict[str, Any]:
@@ -122,7 +122,7 @@ class PooledProcess:
     ready_at: float | None = None
     liveness: Any | None = None  # an outstanding ``ready`` call while it waits
     liveness_sent: float = 0.0
-    extra: dict[str, Any] = field(default_factory=dict)
+    prepare_seconds: float | None = None  # its preparation, in the process
 
     def run(self, job_id: str, owner: str, scheduler: Any) -> Any:
         """Hand it its job; returns the ``ray.ObjectRef`` of the job's report."""
@@ -242,7 +242,7 @@ class TrainerPool:
             process.starting = None
             process.pid, process.node_id = info.get("pid"), info.get("node_id")
             process.ready_at = process.liveness_sent = now
-            process.extra = {"start_seconds": info.get("start_seconds")}
+            process.prepare_seconds = info.get("prepare_seconds")
             self._ready.append(process)
             self._failures_in_a_row = 0
             log.info(
@@ -312,7 +312,10 @@ class TrainerPool:
                     {
                         "pid": p.pid,
                         "node_id": p.node_id,
-                        "start_seconds": p.extra.get("start_seconds"),
+                        "prepare_seconds": p.prepare_seconds,
+                        "started_in_seconds": (
+                            None if p.ready_at is None else round(p.ready_at - p.created, 3)
+                        ),
                     }
                     for p in self._ready
                 ],
