@@ -4,7 +4,8 @@ A trainer process takes seconds to start (a Ray worker, the torch and transforme
 the frozen model mapped: ~10 s of CPU), far longer than a small job trains. The scheduler
 (:mod:`workers.scheduler`) therefore keeps ``trainer_warm_processes`` of them started and
 prepared (:func:`workers.trainer.prepare_trainer`: imports done, database connected, store
-client built, the shared weights mapped and placed) *before* a job is claimed for them:
+client built, the shared weights mapped and placed) *before* a job is claimed for them —
+and, while jobs queue, one more for each free trainer slot:
 
     pool = TrainerPool(settings, shared)
     pool.maintain()                # every scheduler round: starts, liveness, replacements
@@ -178,8 +179,11 @@ class TrainerPool:
             return self._ready.popleft()
 
     def has_ready(self) -> bool:
+        return self.ready_count() > 0
+
+    def ready_count(self) -> int:
         with self._lock:
-            return bool(self._ready)
+            return len(self._ready)
 
     @staticmethod
     def retire(process: PooledProcess) -> None:
