@@ -26,9 +26,9 @@ start (0: a process is started for each claimed job). Then, every ``scheduler_po
    kills the actors of a dead owner), their leases stop being renewed and run out;
 3. force-stops (kills the process of) trainers whose job is no longer theirs (cancelled,
    reclaimed, erased) and did not stop by themselves within a grace period;
-4. tends the pool (:meth:`TrainerPool.maintain`): starts processes up to the warm ones plus
-   one per queued job a free slot could take, replaces one that failed to start (after a
-   backoff) or died while waiting, ends idle ones beyond that;
+4. tends the pool (:meth:`TrainerPool.maintain`): starts a process for each queued job a
+   free slot could take and, once those are ready, the warm spares; replaces one that failed
+   to start (after a backoff) or died while waiting; ends idle ones beyond that;
 5. claims jobs (:func:`crud.claim_next_job`: interactive first, one running job per
    tenant, round-robin across tenants) while trainer slots are free *and* a prepared
    process waits (or none are kept warm, or their starts keep failing: then a process is
@@ -310,17 +310,22 @@ class Scheduler:
         self._resume_erasures()
 
     def _maintain_pool(self) -> None:
-        """Warm processes: ``trainer_warm_processes`` spares, plus one for each queued job
-        a free slot could take (a burst of jobs starts its processes side by side)."""
+        """Warm processes: one for each queued job a free slot could take (a burst of jobs
+        starts its processes side by side), plus ``trainer_warm_processes`` spares — those
+        only once every such job has a ready process, so that starting spares does not slow
+        down the starts jobs wait for."""
         assert self._pool is not None
-        wanted = self.settings.trainer_warm_processes
-        if wanted > 0:
-            with self._lock:
-                free = max(self._slots() - len(self._running), 0)
-            if free > 0:
-                with session_scope(self._engine) as session:
-                    wanted += crud.count_queued_jobs(session=session, limit=free)
-        self._pool.maintain(wanted)
+        spares = self.settings.trainer_warm_processes
+        if spares == 0:
+            return  # a process is started for each claimed job
+        with self._lock:
+            free = max(self._slots() - len(self._running), 0)
+        for_jobs = 0
+        if free > 0:
+            with session_scope(self._engine) as session:
+                for_jobs = crud.count_queued_jobs(session=session, limit=free)
+        ready = self._pool.ready_count()
+        self._pool.maintain(for_jobs + (spares if ready >= for_jobs else 0))
 
     def _resume_erasures(self) -> None:
         """The one place that resumes unfinished tenant erasures (``common/erasure.py``):

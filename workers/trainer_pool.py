@@ -4,7 +4,8 @@ A trainer process takes seconds to start (a Ray worker, the torch and transforme
 the frozen model mapped: ~10 s of CPU), far longer than a small job trains. The scheduler
 (:mod:`workers.scheduler`) therefore keeps ``trainer_warm_processes`` of them started and
 prepared (:func:`workers.trainer.prepare_trainer`: imports done, database connected, store
-client built, the shared weights mapped and placed) *before* a job is claimed for them:
+client built, the shared weights mapped and placed) *before* a job is claimed for them —
+and, while jobs queue, one more for each free trainer slot:
 
     pool = TrainerPool(settings, shared)
     pool.maintain()                # every scheduler round: starts, liveness, replacements
@@ -38,7 +39,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import ray
@@ -90,7 +91,7 @@ class TrainerProcess:
         self._info = {
             "pid": os.getpid(),
             "node_id": str(ray.get_runtime_context().get_node_id()),
-            "start_seconds": time.monotonic() - began,
+            "prepare_seconds": time.monotonic() - began,
         }
 
     def ready(self) -> dict[str, Any]:
@@ -122,7 +123,7 @@ class PooledProcess:
     ready_at: float | None = None
     liveness: Any | None = None  # an outstanding ``ready`` call while it waits
     liveness_sent: float = 0.0
-    extra: dict[str, Any] = field(default_factory=dict)
+    prepare_seconds: float | None = None  # its preparation, in the process
 
     def run(self, job_id: str, owner: str, scheduler: Any) -> Any:
         """Hand it its job; returns the ``ray.ObjectRef`` of the job's report."""
@@ -178,8 +179,11 @@ class TrainerPool:
             return self._ready.popleft()
 
     def has_ready(self) -> bool:
+        return self.ready_count() > 0
+
+    def ready_count(self) -> int:
         with self._lock:
-            return bool(self._ready)
+            return len(self._ready)
 
     @staticmethod
     def retire(process: PooledProcess) -> None:
@@ -242,7 +246,7 @@ class TrainerPool:
             process.starting = None
             process.pid, process.node_id = info.get("pid"), info.get("node_id")
             process.ready_at = process.liveness_sent = now
-            process.extra = {"start_seconds": info.get("start_seconds")}
+            process.prepare_seconds = info.get("prepare_seconds")
             self._ready.append(process)
             self._failures_in_a_row = 0
             log.info(
@@ -312,7 +316,10 @@ class TrainerPool:
                     {
                         "pid": p.pid,
                         "node_id": p.node_id,
-                        "start_seconds": p.extra.get("start_seconds"),
+                        "prepare_seconds": p.prepare_seconds,
+                        "started_in_seconds": (
+                            None if p.ready_at is None else round(p.ready_at - p.created, 3)
+                        ),
                     }
                     for p in self._ready
                 ],
