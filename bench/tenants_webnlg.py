@@ -244,7 +244,7 @@ def main() -> None:
         "--base", choices=("none", "stack", "warm_start"), default="stack",
         help="how tenants use the operator's base prefix (none: no base, the earlier table)",
     )  # fmt: skip
-    parser.add_argument("--base-per-category", type=int, default=30, help="operator entries")
+    parser.add_argument("--base-per-category", type=int, default=10, help="operator entries")
     parser.add_argument("--base-epochs", type=int, default=3)
     parser.add_argument("--train-per-tenant", type=int, nargs="+", default=[40])
     parser.add_argument("--held-back", type=int, default=8)
