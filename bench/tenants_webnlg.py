@@ -457,9 +457,7 @@ def write(
             title = "WebNLG: 10 tenants × 10 prefixes"
         else:
             path = IMG_DIR / f"webnlg_tenants_{args.base}_{table.size}.png"
-            title = (
-                f"WebNLG: 10 tenants ({table.size} entries, {args.base} on a base) × 10 prefixes"
-            )
+            title = f"WebNLG tenants, {table.size} entries, {args.base} on a base"
         plot(matrix, rows, names, path, title)
     body = report(tables, names, base_row, base_info, removed, operator, args, started)
     print(body)

@@ -1,6 +1,6 @@
 """WebNLG extrapolation: train on 5 categories, evaluate on those and on 5 unseen ones.
 
-The prefix-tuning paper's extrapolation claim (Li & Liang 2021, Table 2: WebNLG unseen
+The prefix-tuning paper's extrapolation claim (Li & Liang 2021: WebNLG unseen
 categories, prefix-tuning 45.3 BLEU against fine-tuning 26.7) on the embedded model and
 WebNLG 2017 dev. Per seed, :func:`common.datasets.e2e.low_data_split` (the protocol of
 ``bench/e2e_quality.py``) splits the entries of the ``--seen`` categories into
@@ -48,7 +48,7 @@ METHODS = ("prefix-random", "prefix-text", "peft-prefix", "finetune")
 # Every other category in sorted order: seen and unseen both mix large and small categories.
 SEEN = ("Airport", "Building", "ComicsCharacter", "Monument", "University")
 RESULTS = Path("bench/out/webnlg_extrapolation.json")
-PAPER = {"prefix": 45.3, "finetune": 26.7}  # Li & Liang 2021, Table 2, WebNLG unseen BLEU
+PAPER = {"prefix": 45.3, "finetune": 26.7}  # Li & Liang 2021, WebNLG unseen categories, BLEU
 
 
 @dataclass
