@@ -50,8 +50,7 @@ from common.db.models import (
     TrainingJobCreate,
 )
 from common.errors import InvalidInputError, PrefixdError
-from common.training_budget import EPOCHS_WITH_VALIDATION
-from workers.quality_gate import HASH_SPLIT
+from common.training_budget import EPOCHS_WITH_VALIDATION, HASH_SPLIT
 
 log = logging.getLogger(__name__)
 
