@@ -171,9 +171,11 @@ class _Planning:
     since: datetime | None
     validation_split: float
     defaults: dict[str, Any] | None
-    existing: list[TenantPlan] = field(default_factory=list)
-    candidates: list[tuple[tuple[int, datetime], TenantPlan]] = field(default_factory=list)
-    skipped: list[SkippedTenant] = field(default_factory=list)
+    # Each with a sort key: pages come in tenant id order, a plan lists tenants in the order
+    # they were created (candidates: stalest first, then that order).
+    existing: list[tuple[Any, TenantPlan]] = field(default_factory=list)
+    candidates: list[tuple[Any, TenantPlan]] = field(default_factory=list)
+    skipped: list[tuple[Any, SkippedTenant]] = field(default_factory=list)
 
     def add_batch(self, session: Session, tenants: Sequence[crud.PlanningTenant]) -> None:
         """Plan one batch of tenants: at most five queries, whatever the batch holds."""
@@ -183,13 +185,14 @@ class _Planning:
             own = batch.datasets.get(tenant.id, [])
             version = batch.newest.get(tenant.id)
             job = batch.tonight.get(tenant.id)
+            created = (tenant.created_at, tenant.id)
             if job is not None:  # planned by an earlier pass tonight
-                self.existing.append(_already_enqueued(tenant, job, own, version))
+                self.existing.append((created, _already_enqueued(tenant, job, own, version)))
                 continue
             fresh = self._fresh(own, version)
             reason = _skip_reason(tenant, own, fresh, version, batch.busy, self.since)
             if reason is not None:
-                self.skipped.append(SkippedTenant(tenant.id, tenant.name, reason))
+                self.skipped.append((created, SkippedTenant(tenant.id, tenant.name, reason)))
                 continue
             why = "never trained" if version is None else "new data"
             chosen.append((tenant, why, own, len(fresh)))
@@ -224,7 +227,7 @@ class _Planning:
             else:
                 trained = version.job.created_at if version.job else version.created_at
                 staleness = (1, trained)
-            self.candidates.append((staleness, plan))
+            self.candidates.append(((*staleness, tenant.created_at, tenant.id), plan))
 
     def _fresh(
         self, own: list[crud.PlanningDataset], version: crud.PlanningVersion | None
@@ -307,19 +310,22 @@ def plan_nightly(
         raise InvalidInputError(f"batch_size must be at least 1, got {batch_size}")
     key = crud.nightly_idempotency_key(run_date)
     planning = _Planning(run_date, since, validation_split, defaults)
-    last: crud.PlanningTenant | None = None
+    last: uuid.UUID | None = None
     while True:
         tenants = crud.tenant_page(session=session, after=last, limit=batch_size)
         if tenants:
             planning.add_batch(session, tenants)
-            last = tenants[-1]
+            last = tenants[-1].id
         if len(tenants) < batch_size:
             break
 
-    planning.candidates.sort(key=lambda item: item[0])
-    existing, skipped = planning.existing, planning.skipped
+    def in_order(entries: list[tuple[Any, Any]]) -> list[Any]:
+        return [item for _, item in sorted(entries, key=lambda entry: entry[0])]
+
+    existing: list[TenantPlan] = in_order(planning.existing)
+    skipped: list[SkippedTenant] = in_order(planning.skipped)
     room = None if limit is None else max(limit - len(existing), 0)
-    planned = [plan for _, plan in planning.candidates]
+    planned: list[TenantPlan] = in_order(planning.candidates)
     if room is not None and len(planned) > room:
         for plan in planned[room:]:
             skipped.append(

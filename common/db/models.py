@@ -99,11 +99,7 @@ class TenantCreate(TenantBase):
 
 class Tenant(TenantBase, table=True):
     __tablename__ = "tenants"
-    __table_args__ = (
-        sa.UniqueConstraint("name", name="uq_tenants_name"),
-        # The nightly planner reads tenants page by page in this order (workers/nightly.py).
-        sa.Index("ix_tenants_created_at_id", "created_at", "id"),
-    )
+    __table_args__ = (sa.UniqueConstraint("name", name="uq_tenants_name"),)
 
     id: uuid.UUID = Field(default_factory=uuid.uuid4, primary_key=True)
     status: TenantStatus = Field(default=TenantStatus.active, sa_type=_enum(TenantStatus))
@@ -208,8 +204,8 @@ class TrainingJob(TrainingJobBase, table=True):
         sa.Index("ix_training_jobs_state_priority_created_at", "state", "priority", "created_at"),
         # Reclaiming expired leases: running jobs by lease expiry.
         sa.Index("ix_training_jobs_state_lease_expires_at", "state", "lease_expires_at"),
-        # A night's nightly jobs, across tenants (workers/nightly.py).
-        sa.Index("ix_training_jobs_nightly_run_date", "nightly_run_date"),
+        # A night's nightly jobs, across tenants and by range of tenants (workers/nightly.py).
+        sa.Index("ix_training_jobs_nightly_run_date_tenant_id", "nightly_run_date", "tenant_id"),
         # The fair claim (crud/queue.py): queued jobs of a priority in round-robin order, so
         # a claim reads the first claimable entries instead of sorting every queued job.
         sa.Index(

@@ -262,17 +262,14 @@ class PlanningBatch:
     newest: dict[uuid.UUID, PlanningVersion]
 
 
-def tenant_page(
-    *, session: Session, after: PlanningTenant | None, limit: int
-) -> list[PlanningTenant]:
-    """Up to ``limit`` tenants in creation order (then id), those after ``after``: the
-    planner's pages (keyset pagination on ``ix_tenants_created_at_id``)."""
-    key = sa.tuple_(col(Tenant.created_at), col(Tenant.id))
+def tenant_page(*, session: Session, after: uuid.UUID | None, limit: int) -> list[PlanningTenant]:
+    """Up to ``limit`` tenants in id order, those after the id ``after``: the planner's
+    pages (keyset pagination on the primary key)."""
     stmt = sa.select(
         col(Tenant.id), col(Tenant.name), col(Tenant.status), col(Tenant.created_at)
-    ).order_by(col(Tenant.created_at), col(Tenant.id))
+    ).order_by(col(Tenant.id))
     if after is not None:
-        stmt = stmt.where(key > (after.created_at, after.id))
+        stmt = stmt.where(col(Tenant.id) > after)
     return [PlanningTenant(*row) for row in _rows(session, stmt.limit(limit))]
 
 
@@ -286,12 +283,16 @@ def planning_batch(
     *, session: Session, page: Sequence[PlanningTenant], run_date: date
 ) -> PlanningBatch:
     """The datasets, tonight's jobs, busy flags and newest versions of a page of tenants
-    (from :func:`tenant_page`): four queries, each looking the page's tenants up in an index
-    by tenant id."""
+    (from :func:`tenant_page`): four queries, each one range scan of an index that starts
+    with the tenant id (the page is a range of tenant ids)."""
     batch = PlanningBatch(datasets={}, tonight={}, busy=set(), newest={})
     if not page:
         return batch
-    ids = [tenant.id for tenant in page]
+    first, last = page[0].id, page[-1].id
+
+    def in_page(column: Any) -> sa.ColumnElement[bool]:
+        return sa.and_(column >= first, column <= last)
+
     datasets = (
         sa.select(
             col(Dataset.tenant_id),
@@ -300,8 +301,8 @@ def planning_batch(
             col(Dataset.size_bytes),
             col(Dataset.example_count),
         )
-        .where(id_in(session, col(Dataset.tenant_id), ids))
-        .order_by(col(Dataset.created_at), col(Dataset.id))
+        .where(in_page(col(Dataset.tenant_id)))
+        .order_by(col(Dataset.tenant_id), col(Dataset.created_at), col(Dataset.id))
     )
     for tenant_id, dataset_id, created_at, size, examples in _rows(session, datasets):
         entry = PlanningDataset(dataset_id, created_at, size, examples)
@@ -314,10 +315,7 @@ def planning_batch(
         col(TrainingJob.dataset_ids),
         col(TrainingJob.validation_dataset_id),
         col(TrainingJob.hyperparameters),
-    ).where(
-        col(TrainingJob.nightly_run_date) == run_date,
-        id_in(session, col(TrainingJob.tenant_id), ids),
-    )
+    ).where(col(TrainingJob.nightly_run_date) == run_date, in_page(col(TrainingJob.tenant_id)))
     for tenant_id, job_id, created_at, dataset_ids, validation_id, params in _rows(
         session, tonight
     ):
@@ -328,8 +326,8 @@ def planning_batch(
     busy = (
         sa.select(col(TrainingJob.tenant_id))
         .where(
+            in_page(col(TrainingJob.tenant_id)),
             col(TrainingJob.state).not_in(list(TERMINAL_JOB_STATES)),
-            id_in(session, col(TrainingJob.tenant_id), ids),
         )
         .distinct()
     )
@@ -340,7 +338,7 @@ def planning_batch(
             col(PrefixVersion.tenant_id).label("tenant_id"),
             func.max(col(PrefixVersion.version)).label("version"),
         )
-        .where(id_in(session, col(PrefixVersion.tenant_id), ids))
+        .where(in_page(col(PrefixVersion.tenant_id)))
         .group_by(col(PrefixVersion.tenant_id))
         .subquery()
     )

@@ -7,7 +7,8 @@
   job from the jobs that exist.
 - ``ix_training_jobs_queued_fair_order``: queued jobs by (priority, that key, created_at,
   id), partial on ``state = 'queued'``: a claim reads the first claimable entries.
-- ``ix_tenants_created_at_id``: the nightly planner pages through tenants in this order.
+- ``ix_training_jobs_nightly_run_date_tenant_id`` replaces ``ix_training_jobs_nightly_run_date``:
+  the nightly planner reads a night's jobs for a range of tenant ids at a time.
 
 Revision ID: 0007_queue_at_scale
 Revises: 0006_base_prefixes
@@ -68,11 +69,17 @@ def upgrade() -> None:
         postgresql_where=sa.text("state = 'queued'"),
         sqlite_where=sa.text("state = 'queued'"),
     )
-    op.create_index("ix_tenants_created_at_id", "tenants", ["created_at", "id"])
+    op.drop_index("ix_training_jobs_nightly_run_date", table_name="training_jobs")
+    op.create_index(
+        "ix_training_jobs_nightly_run_date_tenant_id",
+        "training_jobs",
+        ["nightly_run_date", "tenant_id"],
+    )
 
 
 def downgrade() -> None:
-    op.drop_index("ix_tenants_created_at_id", table_name="tenants")
+    op.drop_index("ix_training_jobs_nightly_run_date_tenant_id", table_name="training_jobs")
+    op.create_index("ix_training_jobs_nightly_run_date", "training_jobs", ["nightly_run_date"])
     op.drop_index("ix_training_jobs_queued_fair_order", table_name="training_jobs")
     with op.batch_alter_table("training_jobs") as batch:
         batch.drop_column("tenant_last_started_at")
