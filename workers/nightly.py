@@ -31,7 +31,6 @@ from __future__ import annotations
 import logging
 import time as _time
 import uuid
-from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from datetime import date, datetime, time, timedelta
@@ -39,24 +38,19 @@ from typing import Any
 
 from pydantic import ValidationError
 from sqlalchemy.engine import Engine
-from sqlmodel import Session, col, func, select
+from sqlalchemy.exc import IntegrityError
+from sqlmodel import Session
 
 from common.db import crud
 from common.db.engine import session_scope
 from common.db.models import (
-    TERMINAL_JOB_STATES,
-    Dataset,
     JobPriority,
     NightlyRun,
-    PrefixVersion,
-    Tenant,
     TenantStatus,
-    TrainingJob,
     TrainingJobCreate,
 )
 from common.errors import InvalidInputError, PrefixdError
-from common.training_budget import EPOCHS_WITH_VALIDATION
-from workers.quality_gate import HASH_SPLIT
+from common.training_budget import EPOCHS_WITH_VALIDATION, HASH_SPLIT
 
 log = logging.getLogger(__name__)
 
@@ -154,45 +148,147 @@ def estimate_tokens(size_bytes: int, params: dict[str, Any]) -> int:
     return round(size_bytes * (1.0 - held_out) / BYTES_PER_TOKEN) * epochs
 
 
-def _newest_versions(session: Session) -> dict[uuid.UUID, tuple[PrefixVersion, TrainingJob | None]]:
-    newest = (
-        select(
-            col(PrefixVersion.tenant_id).label("tenant_id"),
-            func.max(PrefixVersion.version).label("version"),
-        )
-        .group_by(col(PrefixVersion.tenant_id))
-        .subquery()
-    )
-    stmt = (
-        select(PrefixVersion, TrainingJob)
-        .join(
-            newest,
-            (col(PrefixVersion.tenant_id) == newest.c.tenant_id)
-            & (col(PrefixVersion.version) == newest.c.version),
-        )
-        .outerjoin(TrainingJob, col(TrainingJob.id) == col(PrefixVersion.job_id))
-    )
-    return {prefix.tenant_id: (prefix, job) for prefix, job in session.exec(stmt).all()}
-
-
-def _active_jobs(session: Session) -> dict[uuid.UUID, TrainingJob]:
-    stmt = (
-        select(PrefixVersion.tenant_id, TrainingJob)
-        .join(TrainingJob, col(TrainingJob.id) == col(PrefixVersion.job_id))
-        .where(col(PrefixVersion.active).is_(True))
-    )
-    return dict(session.exec(stmt).all())
+PLANNING_BATCH_SIZE = 1000  # tenants per batch: each batch is a fixed number of queries
 
 
 def _new_datasets(
-    datasets: Sequence[Dataset], prefix: PrefixVersion, job: TrainingJob | None
-) -> list[Dataset]:
+    datasets: Sequence[crud.PlanningDataset], version: crud.PlanningVersion
+) -> list[crud.PlanningDataset]:
+    job = version.job
     if job is None:  # the version's job is unknown: what arrived after the version
-        return [d for d in datasets if d.created_at > prefix.created_at]
+        return [d for d in datasets if d.created_at > version.created_at]
     read = {str(d) for d in job.dataset_ids}
     if job.validation_dataset_id is not None:
         read.add(str(job.validation_dataset_id))
     return [d for d in datasets if d.created_at > job.created_at and str(d.id) not in read]
+
+
+@dataclass
+class _Planning:
+    """A planning pass in progress: what the batches found so far."""
+
+    run_date: date
+    since: datetime | None
+    validation_split: float
+    defaults: dict[str, Any] | None
+    # Each with a sort key: pages come in tenant id order, a plan lists tenants in the order
+    # they were created (candidates: stalest first, then that order).
+    existing: list[tuple[Any, TenantPlan]] = field(default_factory=list)
+    candidates: list[tuple[Any, TenantPlan]] = field(default_factory=list)
+    skipped: list[tuple[Any, SkippedTenant]] = field(default_factory=list)
+
+    def add_batch(self, session: Session, tenants: Sequence[crud.PlanningTenant]) -> None:
+        """Plan one batch of tenants: at most five queries, whatever the batch holds."""
+        batch = crud.planning_batch(session=session, page=tenants, run_date=self.run_date)
+        chosen: list[tuple[crud.PlanningTenant, str, list[crud.PlanningDataset], int]] = []
+        for tenant in tenants:
+            own = batch.datasets.get(tenant.id, [])
+            version = batch.newest.get(tenant.id)
+            job = batch.tonight.get(tenant.id)
+            created = (tenant.created_at, tenant.id)
+            if job is not None:  # planned by an earlier pass tonight
+                self.existing.append((created, _already_enqueued(tenant, job, own, version)))
+                continue
+            fresh = self._fresh(own, version)
+            reason = _skip_reason(tenant, own, fresh, version, batch.busy, self.since)
+            if reason is not None:
+                self.skipped.append((created, SkippedTenant(tenant.id, tenant.name, reason)))
+                continue
+            why = "never trained" if version is None else "new data"
+            chosen.append((tenant, why, own, len(fresh)))
+        if not chosen:
+            return
+        trained_by: dict[uuid.UUID, uuid.UUID | None] = {}
+        for tenant, *_ in chosen:
+            version = batch.newest.get(tenant.id)
+            trained_by[tenant.id] = version.job.id if version and version.job else None
+        last_params = crud.last_hyperparameters(session=session, tenants=trained_by)
+        for tenant, reason, own, new in chosen:
+            version = batch.newest.get(tenant.id)
+            last = last_params.get(tenant.id)
+            params = nightly_hyperparameters(
+                last if last is not None else self.defaults, self.validation_split
+            )
+            size = sum(d.size_bytes for d in own)
+            plan = TenantPlan(
+                tenant.id,
+                tenant.name,
+                reason,
+                [d.id for d in own],
+                new,
+                sum(d.example_count for d in own),
+                size,
+                estimate_tokens(size, params),
+                params,
+                version.version if version else None,
+            )
+            if version is None:
+                staleness = (0, own[0].created_at)  # waiting since its first upload
+            else:
+                trained = version.job.created_at if version.job else version.created_at
+                staleness = (1, trained)
+            self.candidates.append(((*staleness, tenant.created_at, tenant.id), plan))
+
+    def _fresh(
+        self, own: list[crud.PlanningDataset], version: crud.PlanningVersion | None
+    ) -> list[crud.PlanningDataset]:
+        """The datasets that call for a job: all of a tenant never trained, else the new
+        ones; with ``since``, only those uploaded at or after it."""
+        fresh = own if version is None else _new_datasets(own, version)
+        if self.since is not None:
+            fresh = [d for d in fresh if d.created_at >= self.since]
+        return fresh
+
+
+def _skip_reason(
+    tenant: crud.PlanningTenant,
+    own: list[crud.PlanningDataset],
+    fresh: list[crud.PlanningDataset],
+    version: crud.PlanningVersion | None,
+    busy: set[uuid.UUID],
+    since: datetime | None,
+) -> str | None:
+    """Why the tenant gets no job tonight (None: it gets one)."""
+    if tenant.status != TenantStatus.active:
+        return "being deleted"
+    if not own:
+        return "no datasets"
+    if not fresh:
+        if version is None:
+            return f"no dataset since {since.isoformat() if since else '-'}"
+        return f"no new data since version {version.version}"
+    if tenant.id in busy:
+        return "has a queued or running job; left for the next night"
+    examples = sum(d.example_count for d in own)
+    if examples < MIN_EXAMPLES:
+        return f"{examples} example(s): a nightly job needs {MIN_EXAMPLES} (it holds some out)"
+    return None
+
+
+def _already_enqueued(
+    tenant: crud.PlanningTenant,
+    job: crud.PlanningJob,
+    own: list[crud.PlanningDataset],
+    version: crud.PlanningVersion | None,
+) -> TenantPlan:
+    params = job.hyperparameters or {}
+    by_id = {d.id: d for d in own}
+    job_datasets = [uuid.UUID(str(d)) for d in job.dataset_ids]
+    used = [by_id[d] for d in job_datasets if d in by_id]
+    size = sum(d.size_bytes for d in used)
+    return TenantPlan(
+        tenant.id,
+        tenant.name,
+        "already enqueued tonight",
+        job_datasets,
+        0,
+        sum(d.example_count for d in used),
+        size,
+        estimate_tokens(size, params),
+        params,
+        version.version if version else None,
+        job_id=job.id,
+    )
 
 
 def plan_nightly(
@@ -203,102 +299,33 @@ def plan_nightly(
     limit: int | None = None,
     validation_split: float = 0.1,
     defaults: dict[str, Any] | None = None,
+    batch_size: int = PLANNING_BATCH_SIZE,
 ) -> NightlyPlan:
     """Which tenants get a nightly job on ``run_date`` and what it trains (module
-    docstring). Reads only."""
+    docstring). Reads only: the tenants page by page, ``batch_size`` at a time, each page
+    in a fixed number of queries (so 100,000 tenants take 100 pages, not 100,000 queries)."""
     if limit is not None and limit < 0:
         raise InvalidInputError(f"limit must be at least 0, got {limit}")
+    if batch_size < 1:
+        raise InvalidInputError(f"batch_size must be at least 1, got {batch_size}")
     key = crud.nightly_idempotency_key(run_date)
-    tenants = session.exec(select(Tenant).order_by(col(Tenant.created_at), col(Tenant.id))).all()
-    datasets: dict[uuid.UUID, list[Dataset]] = defaultdict(list)
-    for dataset in session.exec(
-        select(Dataset).order_by(col(Dataset.created_at), col(Dataset.id))
-    ).all():
-        datasets[dataset.tenant_id].append(dataset)
-    tonight = {
-        job.tenant_id: job
-        for job in session.exec(
-            select(TrainingJob).where(col(TrainingJob.nightly_run_date) == run_date)
-        )
-    }
-    busy = set(
-        session.exec(
-            select(TrainingJob.tenant_id).where(
-                col(TrainingJob.state).not_in(list(TERMINAL_JOB_STATES))
-            )
-        ).all()
-    )
-    newest = _newest_versions(session)
-    active_jobs = _active_jobs(session)
+    planning = _Planning(run_date, since, validation_split, defaults)
+    last: uuid.UUID | None = None
+    while True:
+        tenants = crud.tenant_page(session=session, after=last, limit=batch_size)
+        if tenants:
+            planning.add_batch(session, tenants)
+            last = tenants[-1].id
+        if len(tenants) < batch_size:
+            break
 
-    existing: list[TenantPlan] = []
-    candidates: list[tuple[tuple[int, datetime], TenantPlan]] = []
-    skipped: list[SkippedTenant] = []
-    for tenant in tenants:
+    def in_order(entries: list[tuple[Any, Any]]) -> list[Any]:
+        return [item for _, item in sorted(entries, key=lambda entry: entry[0])]
 
-        def skip(reason: str, tenant: Tenant = tenant) -> None:
-            skipped.append(SkippedTenant(tenant.id, tenant.name, reason))
-
-        own = datasets.get(tenant.id, [])
-        by_id = {d.id: d for d in own}
-        job = tonight.get(tenant.id)
-        if job is not None:  # planned by an earlier pass tonight
-            used = [by_id[uuid.UUID(str(d))] for d in job.dataset_ids if uuid.UUID(str(d)) in by_id]
-            size = sum(d.size_bytes for d in used)
-            found = TenantPlan(
-                tenant.id, tenant.name, "already enqueued tonight",
-                [uuid.UUID(str(d)) for d in job.dataset_ids], 0,
-                sum(d.example_count for d in used), size,
-                estimate_tokens(size, job.hyperparameters), job.hyperparameters,
-                newest[tenant.id][0].version if tenant.id in newest else None,
-                job_id=job.id,
-            )  # fmt: skip
-            existing.append(found)
-            continue
-        if tenant.status != TenantStatus.active:
-            skip("being deleted")
-            continue
-        if not own:
-            skip("no datasets")
-            continue
-        version = newest.get(tenant.id)
-        if version is None:
-            reason, fresh = "never trained", own
-            last_trained = own[0].created_at  # waiting since its first upload
-        else:
-            prefix, version_job = version
-            reason, fresh = "new data", _new_datasets(own, prefix, version_job)
-            last_trained = version_job.created_at if version_job else prefix.created_at
-        if since is not None:
-            fresh = [d for d in fresh if d.created_at >= since]
-        if not fresh:
-            if version is None:
-                skip(f"no dataset since {since.isoformat() if since else '-'}")
-            else:
-                skip(f"no new data since version {version[0].version}")
-            continue
-        if tenant.id in busy:
-            skip("has a queued or running job; left for the next night")
-            continue
-        examples = sum(d.example_count for d in own)
-        if examples < MIN_EXAMPLES:
-            skip(f"{examples} example(s): a nightly job needs {MIN_EXAMPLES} (it holds some out)")
-            continue
-        active_job = active_jobs.get(tenant.id)
-        last = active_job or (version[1] if version else None)
-        params = nightly_hyperparameters(
-            last.hyperparameters if last is not None else defaults, validation_split
-        )
-        size = sum(d.size_bytes for d in own)
-        plan = TenantPlan(
-            tenant.id, tenant.name, reason, [d.id for d in own], len(fresh), examples, size,
-            estimate_tokens(size, params), params, version[0].version if version else None,
-        )  # fmt: skip
-        candidates.append(((0 if version is None else 1, last_trained), plan))
-
-    candidates.sort(key=lambda item: item[0])
+    existing: list[TenantPlan] = in_order(planning.existing)
+    skipped: list[SkippedTenant] = in_order(planning.skipped)
     room = None if limit is None else max(limit - len(existing), 0)
-    planned = [plan for _, plan in candidates]
+    planned: list[TenantPlan] = in_order(planning.candidates)
     if room is not None and len(planned) > room:
         for plan in planned[room:]:
             skipped.append(
@@ -309,45 +336,90 @@ def plan_nightly(
 
 
 def enqueue_plan(
-    *, session: Session, plan: NightlyPlan, max_attempts: int = 3, max_steps: int | None = None
+    *,
+    session: Session,
+    plan: NightlyPlan,
+    max_attempts: int = 3,
+    max_steps: int | None = None,
+    batch_size: int = PLANNING_BATCH_SIZE,
 ) -> NightlyPlan:
     """Enqueue each planned tenant's job (``batch``, key ``nightly-<date>``, marked with the
-    night). A tenant that can no longer take one (deleted meanwhile, a dataset gone, more
-    steps than ``max_steps``) moves to ``skipped`` with the reason.
-    Returns the plan with every job id; ``created`` tells which jobs are new."""
+    night), ``batch_size`` jobs per transaction and INSERT. A tenant that can no longer take
+    one (deleted meanwhile, a dataset gone, more steps than ``max_steps``) moves to
+    ``skipped`` with the reason. Returns the plan with every job id; ``created`` tells which
+    jobs are new."""
+    if batch_size < 1:
+        raise InvalidInputError(f"batch_size must be at least 1, got {batch_size}")
+    pending = [item for item in plan.tenants if item.job_id is None]
+    outcomes: dict[uuid.UUID, crud.NightlyJobResult] = {}
+    for start in range(0, len(pending), batch_size):
+        chunk = pending[start : start + batch_size]
+        requests = [
+            crud.NightlyJobRequest(item.tenant_id, item.dataset_ids, item.hyperparameters)
+            for item in chunk
+        ]
+        try:
+            results = crud.enqueue_nightly_jobs(
+                session=session,
+                run_date=plan.run_date,
+                requests=requests,
+                max_attempts=max_attempts,
+                max_steps=max_steps,
+            )
+        except IntegrityError:
+            # A tenant row went away between the checks and the INSERT (an erasure): this
+            # batch goes one job at a time, so only that tenant is refused.
+            results = [
+                _enqueue_one(session, plan, item, max_attempts=max_attempts, max_steps=max_steps)
+                for item in chunk
+            ]
+        outcomes.update((result.tenant_id, result) for result in results)
+
     tenants: list[TenantPlan] = []
     skipped = list(plan.skipped)
     for item in plan.tenants:
         if item.job_id is not None:
             tenants.append(item)
             continue
-        try:
-            job, created = crud.enqueue_job(
-                session=session,
-                tenant_id=item.tenant_id,
-                job_in=TrainingJobCreate(
-                    dataset_ids=item.dataset_ids,
-                    hyperparameters=item.hyperparameters,
-                    priority=JobPriority.batch,
-                    idempotency_key=plan.idempotency_key,
-                    max_attempts=max_attempts,
-                    nightly_run_date=plan.run_date,
-                ),
-                max_steps=max_steps,
-            )
-        except (PrefixdError, ValidationError) as error:  # ValidationError: > 1000 datasets
-            reason = f"not enqueued: {str(error).splitlines()[0]}"
+        outcome = outcomes[item.tenant_id]
+        if outcome.job_id is None:
+            reason = f"not enqueued: {outcome.error}"
             skipped.append(SkippedTenant(item.tenant_id, item.tenant_name, reason))
             continue
-        if job.nightly_run_date != plan.run_date:
-            # A job of the tenant's own took the key before the key space was reserved
-            # (migration 0005): it is not tonight's nightly job, and the night does not
-            # count it.
-            reason = f"not enqueued: the tenant's own job {job.id} holds {plan.idempotency_key!r}"
-            skipped.append(SkippedTenant(item.tenant_id, item.tenant_name, reason))
-            continue
-        tenants.append(replace(item, job_id=job.id, created=created))
+        tenants.append(replace(item, job_id=outcome.job_id, created=outcome.created))
     return replace(plan, tenants=tenants, skipped=skipped)
+
+
+def _enqueue_one(
+    session: Session,
+    plan: NightlyPlan,
+    item: TenantPlan,
+    *,
+    max_attempts: int,
+    max_steps: int | None,
+) -> crud.NightlyJobResult:
+    try:
+        job, created = crud.enqueue_job(
+            session=session,
+            tenant_id=item.tenant_id,
+            job_in=TrainingJobCreate(
+                dataset_ids=item.dataset_ids,
+                hyperparameters=item.hyperparameters,
+                priority=JobPriority.batch,
+                idempotency_key=plan.idempotency_key,
+                max_attempts=max_attempts,
+                nightly_run_date=plan.run_date,
+            ),
+            max_steps=max_steps,
+        )
+    except (PrefixdError, ValidationError) as error:  # ValidationError: > 1000 datasets
+        return crud.NightlyJobResult(item.tenant_id, error=str(error).splitlines()[0])
+    if job.nightly_run_date != plan.run_date:
+        # A job of the tenant's own took the key before the key space was reserved
+        # (migration 0005): it is not tonight's nightly job, and the night does not count it.
+        held = f"the tenant's own job {job.id} holds {plan.idempotency_key!r}"
+        return crud.NightlyJobResult(item.tenant_id, error=held)
+    return crud.NightlyJobResult(item.tenant_id, job.id, created)
 
 
 # --- a whole pass, with its record ----------------------------------------------------------

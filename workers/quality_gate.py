@@ -47,10 +47,9 @@ from common.errors import IncompatiblePrefixError, InvalidInputError
 from common.model_loading import LoadedModel
 from common.prefix_file import Prefix, prefix_from_bytes
 from common.training import evaluate_loss
+from common.training_budget import HASH_SPLIT
 
 log = logging.getLogger(__name__)
-
-HASH_SPLIT = "hash"
 
 
 def hash_fraction(example: Example, seed: int) -> float:

@@ -8,7 +8,7 @@ Alembic migrations (``common/db/migrations``), and a test proves the two agree.
 from __future__ import annotations
 
 import uuid
-from datetime import date, datetime
+from datetime import UTC, date, datetime
 from enum import StrEnum
 from typing import Any, cast
 
@@ -48,6 +48,15 @@ class JobPriority(StrEnum):
 
     interactive = "interactive"
     batch = "batch"
+
+
+# The claim order of priorities: interactive first.
+CLAIM_ORDER = (JobPriority.interactive, JobPriority.batch)
+
+# ``training_jobs.tenant_last_started_at`` of a job whose tenant never started a job (and of
+# operator jobs): before every real start. A value, not NULL, because the fair claim's index
+# must sort it first on both backends and SQLite indexes cannot say NULLS FIRST.
+NEVER_STARTED = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 def _enum(cls: type[StrEnum]) -> type[Any]:
@@ -195,8 +204,19 @@ class TrainingJob(TrainingJobBase, table=True):
         sa.Index("ix_training_jobs_state_priority_created_at", "state", "priority", "created_at"),
         # Reclaiming expired leases: running jobs by lease expiry.
         sa.Index("ix_training_jobs_state_lease_expires_at", "state", "lease_expires_at"),
-        # A night's nightly jobs, across tenants (workers/nightly.py).
-        sa.Index("ix_training_jobs_nightly_run_date", "nightly_run_date"),
+        # A night's nightly jobs, across tenants and by range of tenants (workers/nightly.py).
+        sa.Index("ix_training_jobs_nightly_run_date_tenant_id", "nightly_run_date", "tenant_id"),
+        # The fair claim (crud/queue.py): queued jobs of a priority in round-robin order, so
+        # a claim reads the first claimable entries instead of sorting every queued job.
+        sa.Index(
+            "ix_training_jobs_queued_fair_order",
+            "priority",
+            "tenant_last_started_at",
+            "created_at",
+            "id",
+            postgresql_where=sa.text("state = 'queued'"),
+            sqlite_where=sa.text("state = 'queued'"),
+        ),
     )
 
     id: uuid.UUID = Field(default_factory=uuid.uuid4, primary_key=True)
@@ -230,6 +250,10 @@ class TrainingJob(TrainingJobBase, table=True):
     # What the job's prefix bought, on its validation examples (workers/job_report.py):
     # loss and token accuracy against the bare model, the base and the previous version.
     result: dict[str, Any] | None = Field(default=None, sa_type=_JSON)
+    # The fair claim's round-robin key while the job is queued: the most recent start of any
+    # job of its tenant (NEVER_STARTED if none; always for operator jobs). Set when the job
+    # is queued (enqueued or given back) and on each start of a sibling (crud/queue.py).
+    tenant_last_started_at: datetime = Field(default=NEVER_STARTED, sa_type=_DT)
 
 
 class TrainingJobPublic(TrainingJobBase):

@@ -11,13 +11,22 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
 import pytest
+import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session
 
 from common.db import crud
+from common.db.engine import create_db_engine, upgrade_database
 from common.db.errors import LeaseLostError
-from common.db.models import JobPriority, JobState, PrefixVersion, TrainingJobCreate
+from common.db.models import (
+    NEVER_STARTED,
+    JobPriority,
+    JobState,
+    PrefixVersion,
+    TrainingJobCreate,
+)
+from common.db.types import UTCDateTime
 from tests.fixtures.factories import (
     make_dataset,
     make_job,
@@ -365,6 +374,124 @@ def test_release_job_requeues_without_counting_the_attempt(session: Session) -> 
     assert job.error == "shutdown"
     again = fair_claim(session, "w2", T0 + timedelta(seconds=1))
     assert again is not None and again.attempts == 1  # max_attempts=1 still allows this one
+
+
+def _give_back(session: Session, job: Any, how: str, at: datetime) -> Any:
+    """Start ``job`` at ``at`` and put it back in the queue ``how``; returns when the next
+    claim may run."""
+    lease = 10 if how == "expired lease" else 600
+    claimed = crud.claim_next_job(session=session, owner="w1", lease_seconds=lease, now=at)
+    assert claimed is not None and claimed.id == job.id
+    if how == "release":
+        assert crud.release_job(session=session, job_id=job.id, owner="w1", reason="shutdown")
+    elif how == "retry":
+        assert crud.finish_job(
+            session=session, job_id=job.id, owner="w1", state=JobState.failed, retry=True
+        )
+    return at + timedelta(seconds=lease + 1)  # an expired lease is reclaimed by that claim
+
+
+@pytest.mark.parametrize("how", ["release", "retry", "expired lease"])
+def test_a_job_given_back_to_the_queue_waits_behind_tenants_that_started_less_recently(
+    session: Session, how: str
+) -> None:
+    """Its tenant just started it: every tenant whose last start is older goes first (the
+    round-robin key stored on the job is renewed when the job is queued again)."""
+    a, b = make_tenant(session), make_tenant(session)
+    b_first = make_job(session, b, created_at=T0)
+    started = fair_claim(session, "w0", T0)  # b starts at T0
+    assert started is not None and started.id == b_first.id
+    assert crud.finish_job(session=session, job_id=b_first.id, owner="w0", state=JobState.failed)
+    a_job = make_job(session, a, created_at=T0 + timedelta(minutes=1))  # a never started
+    b_second = make_job(session, b, created_at=T0 + timedelta(minutes=2))
+    later = _give_back(session, a_job, how, T0 + timedelta(hours=1))  # a starts, then back
+
+    following = fair_claim(session, "w2", later)
+    assert following is not None and following.id == b_second.id  # b last started at T0
+    last = fair_claim(session, "w3", later)
+    assert last is not None and last.id == a_job.id
+
+
+def test_a_start_by_the_fifo_claim_also_counts_for_the_fair_claim(session: Session) -> None:
+    a, b = make_tenant(session), make_tenant(session)
+    a_jobs = [make_job(session, a, created_at=T0 + timedelta(seconds=i)) for i in range(2)]
+    b_job = make_job(session, b, created_at=T0 + timedelta(minutes=1))
+    first = crud.claim_oldest_job(session=session, owner="w", lease_seconds=60, now=T0)
+    assert first is not None and first.id == a_jobs[0].id
+    assert crud.finish_job(session=session, job_id=first.id, owner="w", state=JobState.failed)
+    following = fair_claim(session, "w2", T0 + timedelta(minutes=2))
+    assert following is not None and following.id == b_job.id  # b never started; a did
+
+
+def test_the_migration_stores_each_queued_jobs_round_robin_key(
+    db_backend: str, create_database: Callable[[str], str]
+) -> None:
+    """Jobs queued before migration 0007 get their tenant's last start (none: 1970), so
+    the fair claim orders them as it did when it computed the key per claim."""
+    engine = create_db_engine(create_database(db_backend))
+    try:
+        upgrade_database(engine, "0006_base_prefixes")
+        tenants = sa.table(
+            "tenants",
+            sa.column("id", sa.Uuid()),
+            sa.column("name", sa.String()),
+            sa.column("status", sa.String()),
+            sa.column("created_at", UTCDateTime()),
+            sa.column("last_prefix_version", sa.Integer()),
+        )
+        jobs = sa.table(
+            "training_jobs",
+            *(sa.column(c, sa.Uuid()) for c in ("id", "tenant_id")),
+            *(sa.column(c, sa.JSON()) for c in ("dataset_ids", "hyperparameters")),
+            *(sa.column(c, sa.String()) for c in ("state", "priority")),
+            *(sa.column(c, sa.Integer()) for c in ("attempts", "max_attempts")),
+            *(sa.column(c, UTCDateTime()) for c in ("created_at", "updated_at", "started_at")),
+        )
+        trained, fresh = uuid.uuid4(), uuid.uuid4()
+        started = T0 - timedelta(days=1)
+        queued = {trained: uuid.uuid4(), fresh: uuid.uuid4(), None: uuid.uuid4()}
+        with engine.begin() as conn:
+            for tenant_id in (trained, fresh):
+                conn.execute(
+                    sa.insert(tenants).values(
+                        id=tenant_id,
+                        name=f"t-{tenant_id.hex[:8]}",
+                        status="active",
+                        created_at=T0,
+                        last_prefix_version=0,
+                    )
+                )
+            rows = [(uuid.uuid4(), trained, "succeeded", started)]  # trained's last start
+            rows += [(job, tenant, "queued", None) for tenant, job in queued.items()]
+            for job_id, tenant_id, state, started_at in rows:
+                conn.execute(
+                    sa.insert(jobs).values(
+                        id=job_id,
+                        tenant_id=tenant_id,
+                        dataset_ids=[],
+                        hyperparameters={},
+                        state=state,
+                        priority="batch",
+                        attempts=0,
+                        max_attempts=3,
+                        created_at=T0,
+                        updated_at=T0,
+                        started_at=started_at,
+                    )
+                )
+        upgrade_database(engine)
+        with Session(engine) as session:
+            keys = {
+                job.tenant_id: job.tenant_last_started_at
+                for job in crud.list_all_jobs(session=session, state=JobState.queued)
+            }
+            assert keys == {trained: started, fresh: NEVER_STARTED, None: NEVER_STARTED}
+            order = [fair_claim(session, f"w{i}", T0) for i in range(3)]
+            # Never started first (the operator job, then the fresh tenant's: by id on a
+            # tie of created_at), the tenant that started a job last.
+            assert order[-1] is not None and order[-1].id == queued[trained]
+    finally:
+        engine.dispose()
 
 
 def test_list_all_jobs_filters_by_tenant_and_state(session: Session) -> None:

@@ -11,6 +11,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, select
 from typer.testing import CliRunner
 
@@ -20,6 +22,7 @@ from common.db.types import utcnow
 from common.errors import InvalidInputError
 from prefixd.cli import app
 from tests.fixtures.factories import make_dataset, make_job, make_prefix_create, make_tenant
+from tests.fixtures.services import empty_tables
 from workers.nightly import (
     NightlyRunner,
     NightlySchedule,
@@ -389,3 +392,120 @@ def test_a_tenant_deleted_after_planning_is_skipped_at_enqueue(session: Session)
 def test_worker_refuses_a_bad_nightly_time_before_starting_anything() -> None:
     result = CliRunner().invoke(app, ["worker", "--nightly-at", "2am"])
     assert result.exit_code == 2 and "invalid time of day '2am'" in result.stderr, result.output
+
+
+# --- planning at scale: batches of tenants, a fixed number of statements each ---------------
+
+
+def mixed_tenants(engine: Engine, n: int) -> None:
+    """``n`` tenants, every other one trained and then given new data (the others never
+    trained): every one is planned tonight."""
+    with Session(engine) as session:
+        for i in range(n):
+            tenant = make_tenant(session)
+            first = make_dataset(session, tenant)
+            if i % 2:
+                train(session, tenant, [first])
+                uploaded_later(session, tenant)
+
+
+def statements_of(engine: Engine, work: Any) -> tuple[int, Any]:
+    """How many SQL statements ``work()`` sent, and its result."""
+    sent: list[str] = []
+
+    def count(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+        sent.append(statement)
+
+    sa.event.listen(engine, "before_cursor_execute", count)
+    try:
+        result = work()
+    finally:
+        sa.event.remove(engine, "before_cursor_execute", count)
+    return len(sent), result
+
+
+def test_a_pass_sends_as_many_statements_for_200_tenants_as_for_10(pg_engine) -> None:
+    """Planning reads a page of tenants in a fixed number of queries and enqueues a batch of
+    jobs in one transaction: nothing is sent per tenant."""
+    counts = {}
+    for n in (10, 200):
+        empty_tables(pg_engine)
+        mixed_tenants(pg_engine, n)
+        dry, plan = statements_of(
+            pg_engine, lambda: run_nightly(pg_engine, run_date=NIGHT, dry_run=True)
+        )
+        real, outcome = statements_of(pg_engine, lambda: run_nightly(pg_engine, run_date=NIGHT))
+        again, repeat = statements_of(pg_engine, lambda: run_nightly(pg_engine, run_date=NIGHT))
+        assert len(plan.plan.tenants) == outcome.plan.created == n and repeat.plan.created == 0
+        counts[n] = {"dry run": dry, "real run": real, "second pass": again}
+    assert counts[10] == counts[200]
+
+
+def test_a_plan_read_in_pages_is_the_plan_read_at_once_and_enqueued_once(db_engine) -> None:
+    with Session(db_engine) as session:
+        for i in range(13):
+            tenant = make_tenant(session, name=f"t{i:02d}")
+            data = make_dataset(session, tenant, example_count=1 if i == 3 else 10)
+            if i % 3 == 1:
+                train(session, tenant, [data])
+                if i != 4:
+                    uploaded_later(session, tenant, minutes=i)
+        crud.mark_tenant_deleting(session=session, tenant_id=tenant.id)
+        make_tenant(session, name="empty")
+    with Session(db_engine) as session:
+        whole = plan_nightly(session=session, run_date=NIGHT)
+        paged = plan_nightly(session=session, run_date=NIGHT, batch_size=4)
+        assert paged == whole and len(whole.tenants) == 10 and len(whole.skipped) == 4
+        # Listed in the order the tenants were made (those never trained first, as ever).
+        assert [s.tenant_name for s in whole.skipped] == ["t03", "t04", "t12", "empty"]
+        enqueued = enqueue_plan(session=session, plan=paged, batch_size=3)
+        assert enqueued.created == 10 and enqueued.skipped == whole.skipped
+        again = enqueue_plan(
+            session=session,
+            plan=plan_nightly(session=session, run_date=NIGHT, batch_size=4),
+            batch_size=3,
+        )
+        assert again.created == 0
+        assert {t.job_id for t in again.tenants} == {t.job_id for t in enqueued.tenants}
+        jobs = session.exec(select(TrainingJob).where(col(TrainingJob.nightly_run_date) == NIGHT))
+        assert len(jobs.all()) == 10
+
+
+def test_a_dataset_deleted_after_planning_keeps_only_its_tenant_out(session: Session) -> None:
+    kept, emptied = make_tenant(session, name="kept"), make_tenant(session, name="emptied")
+    make_dataset(session, kept)
+    gone = make_dataset(session, emptied)
+    plan = plan_nightly(session=session, run_date=NIGHT)
+    crud.delete_dataset(session=session, tenant_id=emptied.id, dataset_id=gone.id)
+    plan = enqueue_plan(session=session, plan=plan)
+    assert [t.tenant_name for t in plan.tenants] == ["kept"] and plan.created == 1
+    assert skipped(plan) == {"emptied": f"not enqueued: dataset(s) not found: {gone.id}"}
+
+
+def test_a_tenant_erased_during_the_batch_insert_costs_only_its_own_job(pg_engine) -> None:
+    """The row of a tenant goes between the batch's checks and its INSERT (an erasure
+    finishing): the batch is enqueued again one job at a time, without that tenant."""
+    with Session(pg_engine) as session:
+        tenants = [make_tenant(session, name=f"t{i}") for i in range(3)]
+        for tenant in tenants:
+            make_dataset(session, tenant)
+        victim = tenants[1].id
+        plan = plan_nightly(session=session, run_date=NIGHT)
+    erased: list[int] = []
+
+    def erase_at_the_insert(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+        if statement.startswith("INSERT INTO training_jobs") and not erased:
+            with pg_engine.begin() as other:  # another connection, committed at once
+                erased.append(
+                    other.execute(sa.delete(Tenant).where(col(Tenant.id) == victim)).rowcount
+                )
+
+    sa.event.listen(pg_engine, "before_cursor_execute", erase_at_the_insert)
+    try:
+        with Session(pg_engine) as session:
+            plan = enqueue_plan(session=session, plan=plan)
+    finally:
+        sa.event.remove(pg_engine, "before_cursor_execute", erase_at_the_insert)
+    assert erased == [1]
+    assert [t.tenant_name for t in plan.tenants] == ["t0", "t2"] and plan.created == 2
+    assert skipped(plan) == {"t1": f"not enqueued: tenant {victim} not found"}

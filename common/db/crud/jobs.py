@@ -12,6 +12,7 @@ import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, func, select
 
+from common.db.crud.queue import tenant_last_starts
 from common.db.crud.tenants import require_active_tenant
 from common.db.crud.transaction import commit
 from common.db.errors import (
@@ -66,6 +67,20 @@ def estimate_job_steps(examples: int, hyperparameters: dict[str, Any]) -> int:
         train, batch, epochs=int(epochs) if epochs else None, has_validation=held_out > 0
     )
     return budget.total_steps
+
+
+def check_job_steps(examples: int, hyperparameters: dict[str, Any], max_steps: int | None) -> None:
+    """:class:`InvalidInputError` when the job needs more optimizer steps than ``max_steps``
+    (None: no limit)."""
+    if max_steps is None:
+        return
+    steps = estimate_job_steps(examples, hyperparameters)
+    if steps > max_steps:
+        raise InvalidInputError(
+            f"hyperparameters: the job needs about {steps} optimizer steps (epochs x "
+            f"batches of {examples} example(s)), more than job_max_steps "
+            f"({max_steps}); use fewer epochs, a larger batch_size or less data"
+        )
 
 
 def next_utc_midnight(now: datetime) -> datetime:
@@ -154,14 +169,7 @@ def enqueue_job(
         examples = sum(int(found[d][2]) for d in dataset_ids)
         params = dict(job_in.hyperparameters or {})
         tokens = estimate_job_tokens(size, params)
-        if max_steps is not None:
-            steps = estimate_job_steps(examples, params)
-            if steps > max_steps:
-                raise InvalidInputError(
-                    f"hyperparameters: the job needs about {steps} optimizer steps (epochs x "
-                    f"batches of {examples} example(s)), more than job_max_steps "
-                    f"({max_steps}); use fewer epochs, a larger batch_size or less data"
-                )
+        check_job_steps(examples, params, max_steps)
         if max_tokens_per_day is not None:
             used = tenant_tokens_today(session=session, tenant_id=tenant_id, now=at)
             if used + tokens > max_tokens_per_day:
@@ -183,6 +191,7 @@ def enqueue_job(
                     "finish or cancel one",
                     limit="tenant_unfinished_jobs_quota",
                 )
+        last_start = tenant_last_starts(session=session, tenant_ids=[tenant_id])[tenant_id]
     except BaseException:
         session.rollback()
         raise
@@ -192,6 +201,7 @@ def enqueue_job(
             "tenant_id": tenant_id,
             "dataset_ids": [str(d) for d in dataset_ids],
             "estimated_tokens": tokens,
+            "tenant_last_started_at": last_start,
         },
     )
     session.add(job)

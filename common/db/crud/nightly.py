@@ -2,27 +2,40 @@
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import date, datetime
+from datetime import date, datetime, timedelta
+from typing import Any
 
 import sqlalchemy as sa
+from pydantic import ValidationError
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, func, select
 
-from common.db.crud.transaction import commit
+from common.db.crud.jobs import check_job_steps, estimate_job_tokens
+from common.db.crud.queue import tenant_last_starts
+from common.db.crud.transaction import commit, id_in
 from common.db.errors import (
     ConflictError,
     NotFoundError,
 )
 from common.db.models import (
     TERMINAL_JOB_STATES,
+    Dataset,
+    JobPriority,
     JobState,
     NightlyRun,
     NightlyRunPublic,
+    PrefixVersion,
+    Tenant,
+    TenantStatus,
     TrainingJob,
+    TrainingJobCreate,
 )
 from common.db.types import utcnow
+from common.errors import InvalidInputError
 
 
 def nightly_idempotency_key(run_date: date) -> str:
@@ -196,3 +209,364 @@ def list_nightly_runs(
             _apply_nightly_counts(public, counts[run.run_date])
         result.append(public)
     return result
+
+
+# --- planning at scale: what the planner reads, a batch of tenants at a time ---------------
+
+
+@dataclass(frozen=True, slots=True)
+class PlanningTenant:
+    id: uuid.UUID
+    name: str
+    status: TenantStatus
+    created_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class PlanningDataset:
+    id: uuid.UUID
+    created_at: datetime
+    size_bytes: int
+    example_count: int
+
+
+@dataclass(frozen=True, slots=True)
+class PlanningJob:
+    """A job the planner looks at: the night's job of a tenant, or the job that trained a
+    tenant's newest version (then without hyperparameters: they are read for the tenants
+    planned only, see :func:`last_hyperparameters`)."""
+
+    id: uuid.UUID
+    created_at: datetime
+    dataset_ids: list[str]
+    validation_dataset_id: uuid.UUID | None
+    hyperparameters: dict[str, Any] | None
+
+
+@dataclass(frozen=True, slots=True)
+class PlanningVersion:
+    """A tenant's newest prefix version and the job that trained it (None: unknown)."""
+
+    version: int
+    created_at: datetime
+    job: PlanningJob | None
+
+
+@dataclass
+class PlanningBatch:
+    """What the planner needs to know about a page of tenants, read in four queries."""
+
+    datasets: dict[uuid.UUID, list[PlanningDataset]]  # oldest first
+    tonight: dict[uuid.UUID, PlanningJob]  # the night's job of the tenant, if any
+    busy: set[uuid.UUID]  # tenants with a queued or running job
+    newest: dict[uuid.UUID, PlanningVersion]
+
+
+def tenant_page(*, session: Session, after: uuid.UUID | None, limit: int) -> list[PlanningTenant]:
+    """Up to ``limit`` tenants in id order, those after the id ``after``: the planner's
+    pages (keyset pagination on the primary key)."""
+    stmt = sa.select(
+        col(Tenant.id), col(Tenant.name), col(Tenant.status), col(Tenant.created_at)
+    ).order_by(col(Tenant.id))
+    if after is not None:
+        stmt = stmt.where(col(Tenant.id) > after)
+    return [PlanningTenant(*row) for row in _rows(session, stmt.limit(limit))]
+
+
+def _rows(session: Session, stmt: sa.Executable) -> list[Any]:
+    """The rows of a read, executed by Core: plain rows, without the ORM's per-row work
+    (which costs more than the queries themselves at 100,000 tenants)."""
+    return list(session.connection().execute(stmt).all())
+
+
+def planning_batch(
+    *, session: Session, page: Sequence[PlanningTenant], run_date: date
+) -> PlanningBatch:
+    """The datasets, tonight's jobs, busy flags and newest versions of a page of tenants
+    (from :func:`tenant_page`): four queries, each one range scan of an index that starts
+    with the tenant id (the page is a range of tenant ids)."""
+    batch = PlanningBatch(datasets={}, tonight={}, busy=set(), newest={})
+    if not page:
+        return batch
+    first, last = page[0].id, page[-1].id
+
+    def in_page(column: Any) -> sa.ColumnElement[bool]:
+        return sa.and_(column >= first, column <= last)
+
+    datasets = (
+        sa.select(
+            col(Dataset.tenant_id),
+            col(Dataset.id),
+            col(Dataset.created_at),
+            col(Dataset.size_bytes),
+            col(Dataset.example_count),
+        )
+        .where(in_page(col(Dataset.tenant_id)))
+        .order_by(col(Dataset.tenant_id), col(Dataset.created_at), col(Dataset.id))
+    )
+    for tenant_id, dataset_id, created_at, size, examples in _rows(session, datasets):
+        entry = PlanningDataset(dataset_id, created_at, size, examples)
+        batch.datasets.setdefault(tenant_id, []).append(entry)
+
+    tonight = sa.select(
+        col(TrainingJob.tenant_id),
+        col(TrainingJob.id),
+        col(TrainingJob.created_at),
+        col(TrainingJob.dataset_ids),
+        col(TrainingJob.validation_dataset_id),
+        col(TrainingJob.hyperparameters),
+    ).where(col(TrainingJob.nightly_run_date) == run_date, in_page(col(TrainingJob.tenant_id)))
+    for tenant_id, job_id, created_at, dataset_ids, validation_id, params in _rows(
+        session, tonight
+    ):
+        batch.tonight[tenant_id] = PlanningJob(
+            job_id, created_at, list(dataset_ids), validation_id, dict(params or {})
+        )
+
+    busy = (
+        sa.select(col(TrainingJob.tenant_id))
+        .where(
+            in_page(col(TrainingJob.tenant_id)),
+            col(TrainingJob.state).not_in(list(TERMINAL_JOB_STATES)),
+        )
+        .distinct()
+    )
+    batch.busy = {tenant_id for (tenant_id,) in _rows(session, busy)}
+
+    newest_version = (
+        sa.select(
+            col(PrefixVersion.tenant_id).label("tenant_id"),
+            func.max(col(PrefixVersion.version)).label("version"),
+        )
+        .where(in_page(col(PrefixVersion.tenant_id)))
+        .group_by(col(PrefixVersion.tenant_id))
+        .subquery()
+    )
+    newest = (
+        sa.select(
+            col(PrefixVersion.tenant_id),
+            col(PrefixVersion.version),
+            col(PrefixVersion.created_at),
+            col(TrainingJob.id),
+            col(TrainingJob.created_at),
+            col(TrainingJob.dataset_ids),
+            col(TrainingJob.validation_dataset_id),
+        )
+        .join(
+            newest_version,
+            (col(PrefixVersion.tenant_id) == newest_version.c.tenant_id)
+            & (col(PrefixVersion.version) == newest_version.c.version),
+        )
+        .outerjoin(TrainingJob, col(TrainingJob.id) == col(PrefixVersion.job_id))
+    )
+    for tenant_id, version, created_at, job_id, job_at, dataset_ids, validation_id in _rows(
+        session, newest
+    ):
+        trained = (
+            None
+            if job_id is None
+            else PlanningJob(job_id, job_at, list(dataset_ids), validation_id, None)
+        )
+        batch.newest[tenant_id] = PlanningVersion(version, created_at, trained)
+    return batch
+
+
+def last_hyperparameters(
+    *, session: Session, tenants: dict[uuid.UUID, uuid.UUID | None]
+) -> dict[uuid.UUID, dict[str, Any]]:
+    """The hyperparameters each tenant was last trained with: those of the job that trained
+    its active version, else those of ``tenants[tenant]``, the job of its newest version.
+    Tenants with neither are left out. One query, two when a tenant has no active version
+    with a job."""
+    if not tenants:
+        return {}
+    active = (
+        sa.select(col(PrefixVersion.tenant_id), col(TrainingJob.hyperparameters))
+        .join(TrainingJob, col(TrainingJob.id) == col(PrefixVersion.job_id))
+        .where(
+            col(PrefixVersion.active).is_(True),
+            id_in(session, col(PrefixVersion.tenant_id), list(tenants)),
+        )
+    )
+    found = {tenant_id: dict(params or {}) for tenant_id, params in _rows(session, active)}
+    fallback = {job: t for t, job in tenants.items() if t not in found and job is not None}
+    if fallback:
+        newest = sa.select(col(TrainingJob.id), col(TrainingJob.hyperparameters)).where(
+            id_in(session, col(TrainingJob.id), list(fallback))
+        )
+        for job_id, params in _rows(session, newest):
+            found[fallback[job_id]] = dict(params or {})
+    return found
+
+
+# --- enqueueing a batch of nightly jobs ------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class NightlyJobRequest:
+    tenant_id: uuid.UUID
+    dataset_ids: list[uuid.UUID]
+    hyperparameters: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class NightlyJobResult:
+    """One request's outcome: its job (``created``: by this call), or why there is none."""
+
+    tenant_id: uuid.UUID
+    job_id: uuid.UUID | None = None
+    created: bool = False
+    error: str | None = None
+
+
+def enqueue_nightly_jobs(
+    *,
+    session: Session,
+    run_date: date,
+    requests: Sequence[NightlyJobRequest],
+    max_attempts: int = 3,
+    max_steps: int | None = None,
+    now: datetime | None = None,
+) -> list[NightlyJobResult]:
+    """Queue one ``batch`` job per request for the night ``run_date`` (key
+    ``nightly-<date>``, ``nightly_run_date`` set): what :func:`~common.db.crud.jobs.
+    enqueue_job` does for one job, for a batch of tenants in one transaction and five
+    statements (one INSERT executed with every row). A tenant that already holds the night's key keeps
+    its job (``created=False``); a request that cannot be queued — its tenant is gone or
+    being deleted, a dataset is gone, too many datasets, more optimizer steps than
+    ``max_steps``, the key held by the tenant's own job — gets an ``error`` and no job.
+    Results come in the order of ``requests``, one per tenant (a tenant may appear once).
+    Raises ``IntegrityError`` (having rolled back) when a tenant row went away during the
+    call; the caller can then enqueue the batch one job at a time."""
+    at = now or utcnow()
+    key = nightly_idempotency_key(run_date)
+    results = {r.tenant_id: NightlyJobResult(r.tenant_id) for r in requests}
+    if len(results) != len(requests):
+        raise ValueError("enqueue_nightly_jobs: a tenant appears twice in one batch")
+    if not results:
+        return []
+    ids = list(results)
+    try:
+        active_tenants = sa.select(col(Tenant.id)).where(
+            id_in(session, col(Tenant.id), ids), col(Tenant.status) == TenantStatus.active
+        )
+        active = {tenant_id for (tenant_id,) in _rows(session, active_tenants)}
+        their_datasets = sa.select(
+            col(Dataset.id),
+            col(Dataset.tenant_id),
+            col(Dataset.size_bytes),
+            col(Dataset.example_count),
+        ).where(id_in(session, col(Dataset.tenant_id), ids))
+        found = {row[0]: row for row in _rows(session, their_datasets)}
+        last_starts = tenant_last_starts(
+            session=session, tenant_ids=[i for i in ids if i in active]
+        )
+        rows: list[dict[str, Any]] = []
+        new_ids: dict[uuid.UUID, uuid.UUID] = {}
+        for request in requests:
+            tenant_id = request.tenant_id
+            if tenant_id not in active:
+                results[tenant_id] = NightlyJobResult(
+                    tenant_id, error=f"tenant {tenant_id} is not active (being deleted or gone)"
+                )
+                continue
+            # Created a microsecond apart, in the order asked: the queue takes the jobs of
+            # tenants that tie otherwise (never trained) in the planner's order.
+            row = _nightly_job_row(
+                request,
+                found,
+                key=key,
+                run_date=run_date,
+                max_attempts=max_attempts,
+                max_steps=max_steps,
+                last_start=last_starts[tenant_id],
+                created_at=at + timedelta(microseconds=len(rows)),
+            )
+            if isinstance(row, str):
+                results[tenant_id] = NightlyJobResult(tenant_id, error=row)
+                continue
+            rows.append(row)
+            new_ids[tenant_id] = row["id"]
+        if rows:
+            session.connection().execute(_insert_ignoring_conflicts(session), rows)
+            held = sa.select(
+                col(TrainingJob.tenant_id), col(TrainingJob.id), col(TrainingJob.nightly_run_date)
+            ).where(
+                id_in(session, col(TrainingJob.tenant_id), list(new_ids)),
+                col(TrainingJob.idempotency_key) == key,
+            )
+            for tenant_id, job_id, night in _rows(session, held):
+                if night != run_date:
+                    # A job of the tenant's own took the key before the key space was
+                    # reserved (migration 0005): it is not tonight's nightly job.
+                    taken = f"the tenant's own job {job_id} holds {key!r}"
+                    results[tenant_id] = NightlyJobResult(tenant_id, error=taken)
+                else:
+                    created = job_id == new_ids[tenant_id]
+                    results[tenant_id] = NightlyJobResult(tenant_id, job_id, created)
+    except BaseException:
+        session.rollback()
+        raise
+    commit(session)
+    return [results[r.tenant_id] for r in requests]
+
+
+def _nightly_job_row(
+    request: NightlyJobRequest,
+    datasets: dict[uuid.UUID, Any],
+    *,
+    key: str,
+    run_date: date,
+    max_attempts: int,
+    max_steps: int | None,
+    last_start: datetime,
+    created_at: datetime,
+) -> dict[str, Any] | str:
+    """The columns of the request's job, or why it cannot be queued (as ``enqueue_job``
+    would have refused it)."""
+    tenant_id = request.tenant_id
+    dataset_ids = list(dict.fromkeys(request.dataset_ids))
+    missing = [str(d) for d in dataset_ids if d not in datasets or datasets[d][1] != tenant_id]
+    if missing:
+        return f"dataset(s) not found: {', '.join(missing)}"
+    try:
+        job_in = TrainingJobCreate(
+            dataset_ids=dataset_ids,
+            hyperparameters=request.hyperparameters,
+            priority=JobPriority.batch,
+            idempotency_key=key,
+            max_attempts=max_attempts,
+            nightly_run_date=run_date,
+        )
+        examples = sum(int(datasets[d][3]) for d in dataset_ids)
+        check_job_steps(examples, job_in.hyperparameters, max_steps)
+    except (ValidationError, InvalidInputError) as error:  # ValidationError: > 1000 datasets
+        return str(error).splitlines()[0]
+    size = sum(int(datasets[d][2]) for d in dataset_ids)
+    return {
+        "id": uuid.uuid4(),
+        "tenant_id": tenant_id,
+        "priority": job_in.priority,
+        "hyperparameters": job_in.hyperparameters,
+        "max_attempts": job_in.max_attempts,
+        "dataset_ids": [str(d) for d in dataset_ids],
+        "idempotency_key": key,
+        "state": JobState.queued,
+        "attempts": 0,
+        "created_at": created_at,
+        "updated_at": created_at,
+        "nightly_run_date": run_date,
+        "estimated_tokens": estimate_job_tokens(size, job_in.hyperparameters),
+        "tenant_last_started_at": last_start,
+    }
+
+
+def _insert_ignoring_conflicts(session: Session) -> Any:
+    """The INSERT of a job row, executed with every row of a batch at once (executemany: one
+    statement, its rows sent together); a row whose (tenant, key) exists already is left out
+    (a concurrent pass of the planner queued it first). Rows as parameters, not a multi-row
+    VALUES: building and parsing a statement of 14,000 parameters costs seconds."""
+    conflict = ["tenant_id", "idempotency_key"]
+    if session.get_bind().dialect.name == "postgresql":
+        return postgresql.insert(TrainingJob).on_conflict_do_nothing(index_elements=conflict)
+    return sqlite.insert(TrainingJob).on_conflict_do_nothing(index_elements=conflict)
