@@ -241,9 +241,11 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=WEBNLG)
     parser.add_argument("--operator-data", type=Path, default=OPERATOR_DATA)
     parser.add_argument(
-        "--base", choices=("none", "stack", "warm_start"), default="stack",
+        "--base",
+        choices=("none", "stack", "warm_start"),
+        default="stack",
         help="how tenants use the operator's base prefix (none: no base, the earlier table)",
-    )  # fmt: skip
+    )
     parser.add_argument("--base-per-category", type=int, default=10, help="operator entries")
     parser.add_argument("--base-epochs", type=int, default=3)
     parser.add_argument("--train-per-tenant", type=int, nargs="+", default=[40])
@@ -274,9 +276,12 @@ def main() -> None:
     removed: dict[str, int] = {}
     if args.base != "none":
         operator, removed = operator_slice(
-            load_entries(args.operator_data), [e for c in categories.values() for e in c],
-            held_all, per_category=args.base_per_category, seed=args.seed,
-        )  # fmt: skip
+            load_entries(args.operator_data),
+            [e for c in categories.values() for e in c],
+            held_all,
+            per_category=args.base_per_category,
+            seed=args.seed,
+        )
         print(f"operator data: {len(operator)} entries; left out: {removed}", flush=True)
 
     settings = get_settings()
@@ -293,9 +298,11 @@ def main() -> None:
             api = httpx.Client(base_url=url, timeout=1200)
             admin = {"Authorization": f"Bearer {token}"}
             hyper: dict[str, Any] = {
-                "prefix_length": 10, "epochs": args.epochs, "learning_rate": 5e-4,
+                "prefix_length": 10,
+                "epochs": args.epochs,
+                "learning_rate": 5e-4,
                 "batch_size": 8,
-            }  # fmt: skip
+            }
             if args.base != "none":
                 base_started = time.perf_counter()
                 base_info = train_base(api, admin, operator, hyper | {"epochs": args.base_epochs})
@@ -327,9 +334,11 @@ def train_base(
 ) -> dict[str, Any]:
     """Upload the operator data and train the base prefix as an operator would (admin API)."""
     dataset = api.post(
-        "/v1/admin/datasets", params={"name": "webnlg-train-slice"}, content=jsonl(operator),
+        "/v1/admin/datasets",
+        params={"name": "webnlg-train-slice"},
+        content=jsonl(operator),
         headers={**admin, "Content-Type": "application/jsonl"},
-    )  # fmt: skip
+    )
     dataset.raise_for_status()
     job = api.post(
         "/v1/admin/base-prefixes/jobs",
@@ -378,9 +387,10 @@ def run_size(
         created.raise_for_status()
         keys[name] = {"Authorization": f"Bearer {created.json()['api_key']}"}
         dataset = api.post(
-            "/v1/datasets", content=jsonl(pools[name][:size]),
+            "/v1/datasets",
+            content=jsonl(pools[name][:size]),
             headers={**keys[name], "Content-Type": "application/jsonl"},
-        )  # fmt: skip
+        )
         dataset.raise_for_status()
         job = api.post(
             "/v1/jobs",

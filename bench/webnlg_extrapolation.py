@@ -112,12 +112,16 @@ def run_one(loaded: LoadedModel, method: str, seed: int, split: Split, args) -> 
     unseen_outputs = decode(trained, split.unseen, decoding, args.decode_batch)
     decode_seconds = time.perf_counter() - started
     return Run(
-        seed=seed, method=method, seen_bleu=corpus_bleu(seen_outputs, split.seen),
-        unseen_bleu=corpus_bleu(unseen_outputs, split.unseen), best_epoch=trained.best_epoch,
-        train_seconds=train_seconds, decode_seconds=decode_seconds,
+        seed=seed,
+        method=method,
+        seen_bleu=corpus_bleu(seen_outputs, split.seen),
+        unseen_bleu=corpus_bleu(unseen_outputs, split.unseen),
+        best_epoch=trained.best_epoch,
+        train_seconds=train_seconds,
+        decode_seconds=decode_seconds,
         tokens_per_second=tokens / max(train_seconds, 1e-9),
         samples=[(m.mr, out) for m, out in zip(split.unseen[:2], unseen_outputs[:2], strict=True)],
-    )  # fmt: skip
+    )
 
 
 def mean_std(values: Sequence[float]) -> str:

@@ -438,10 +438,15 @@ def _log_finished(runs: Sequence[NightlyRun]) -> None:
             log.info(
                 "nightly %s finished: %d job(s), %d succeeded (%d kept inactive by the quality "
                 "gate), %d failed, %d cancelled, %d tenant(s) skipped; wall %.0f s",
-                run.run_date, run.tenants_planned, run.jobs_succeeded,
-                run.prefixes_kept_inactive, run.jobs_failed, run.jobs_cancelled,
-                run.tenants_skipped, run.wall_seconds or 0.0,
-            )  # fmt: skip
+                run.run_date,
+                run.tenants_planned,
+                run.jobs_succeeded,
+                run.prefixes_kept_inactive,
+                run.jobs_failed,
+                run.jobs_cancelled,
+                run.tenants_skipped,
+                run.wall_seconds or 0.0,
+            )
 
 
 def refresh_runs(engine: Engine) -> list[NightlyRun]:
@@ -471,9 +476,13 @@ def run_nightly(
 
     def make_plan(session: Session) -> NightlyPlan:
         return plan_nightly(
-            session=session, run_date=run_date, since=since, limit=limit,
-            validation_split=validation_split, defaults=defaults,
-        )  # fmt: skip
+            session=session,
+            run_date=run_date,
+            since=since,
+            limit=limit,
+            validation_split=validation_split,
+            defaults=defaults,
+        )
 
     if dry_run:
         with session_scope(engine) as session:
@@ -495,9 +504,15 @@ def run_nightly(
     log.info(
         "nightly %s: %d tenant(s) planned (%d new job(s), %d already enqueued), %d skipped, "
         "%d examples, ~%d tokens; planned in %.2f s",
-        run_date, len(plan.tenants), plan.created, len(plan.tenants) - plan.created,
-        len(plan.skipped), plan.examples, plan.estimated_tokens, seconds,
-    )  # fmt: skip
+        run_date,
+        len(plan.tenants),
+        plan.created,
+        len(plan.tenants) - plan.created,
+        len(plan.skipped),
+        plan.examples,
+        plan.estimated_tokens,
+        seconds,
+    )
     _log_finished([run])
     return NightlyOutcome(plan, run, seconds)
 

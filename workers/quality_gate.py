@@ -218,9 +218,13 @@ def nightly_quality_gate(
     if not examples:
         return _not_compared("no_held_out_example_unseen_by_active", **base)
     passed, new_loss, old_loss, used = compare(
-        loaded, candidate, active_prefix, examples,
-        max_regression=max_regression, batch_size=batch_size,
-    )  # fmt: skip
+        loaded,
+        candidate,
+        active_prefix,
+        examples,
+        max_regression=max_regression,
+        batch_size=batch_size,
+    )
     if used == 0:
         return _not_compared("no_example_fits_both_prefixes", **base)
     metrics = base | {

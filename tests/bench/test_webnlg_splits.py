@@ -42,10 +42,12 @@ def test_operator_slice_takes_at_most_per_category_from_each_category() -> None:
 
 def test_extrapolation_split_trains_on_seen_categories_only_and_holds_out_its_eval() -> None:
     categories = {
-        name: [entry(name, [(f"{name}{i}", "p", "o")], f"{name} {i} a.", f"{name} {i} b.")
-        for i in range(20)]
+        name: [
+            entry(name, [(f"{name}{i}", "p", "o")], f"{name} {i} a.", f"{name} {i} b.")
+            for i in range(20)
+        ]
         for name in ("A", "B", "C", "D")
-    }  # fmt: skip
+    }
     split = split_categories(categories, ["A", "B"], n=10, eval_entries=5, seed=0)
     trained = {example.input for example in split.train + split.dev}
     assert {text[0] for text in trained} <= {"A", "B"}
