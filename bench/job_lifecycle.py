@@ -15,7 +15,12 @@ compares with the first version. Counted, per job:
 - the scheduler's own statements per poll, with nothing to claim (its tick's calls:
   the expired-lease sweep, an empty claim, the lease check of the running jobs).
 
-    .venv/bin/python -m bench.job_lifecycle [--tenants 4] [--examples 40]
+Then one job's compute on the **embedded model** (SmolLM2-135M) at a realistic data size:
+``--embedded-examples`` E2E examples, the automatic budget (a validation split and early
+stopping), one torch thread, timed apart: loading the model, and ``train_prefix`` (what a
+trainer runs between reading the data and publishing).
+
+    .venv/bin/python -m bench.job_lifecycle [--tenants 4] [--examples 40] [--embedded-examples 50]
 """
 
 from __future__ import annotations
@@ -173,6 +178,36 @@ def scheduler_poll(engine: Engine, running: int) -> dict[str, int]:
     return {"statements": sum(tally.statements.values()), "commits": tally.commits}
 
 
+def embedded_job(examples: int) -> dict[str, Any]:
+    """One job's training on the embedded model, one torch thread."""
+    import torch
+
+    from common.datasets.e2e import low_data_split, read_e2e
+    from common.model_loading import EMBEDDED, load_model
+    from common.training import TrainingConfig, train_prefix
+    from common.training_budget import automatic_validation_split
+
+    torch.set_num_threads(1)
+    data = low_data_split(read_e2e(), n_train=examples, n_test=1, seed=0).train
+    train, validation = automatic_validation_split(data, 0)
+    with tempfile.TemporaryDirectory(prefix="prefixd-bench-embedded-") as tmp:
+        started = time.perf_counter()
+        loaded = load_model(EMBEDDED, settings=Settings(home=Path(tmp)))
+        loading = time.perf_counter() - started
+        started = time.perf_counter()
+        result = train_prefix(loaded, train, TrainingConfig(), validation=validation or None)
+        training = time.perf_counter() - started
+    return {
+        "examples": examples,
+        "train": len(train),
+        "validation": len(validation or []),
+        "load_seconds": loading,
+        "train_seconds": training,
+        "steps": int(result.prefix.metrics["steps"]),
+        "planned_steps": int(result.prefix.metrics["planned_steps"]),
+    }
+
+
 def measure(args: argparse.Namespace) -> dict[str, Any]:
     import ray
     from moto.server import ThreadedMotoServer
@@ -258,6 +293,8 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         ray.shutdown()
         server.stop()
     return {
+        "embedded": embedded_job(args.embedded_examples) if args.embedded_examples else None,
+        "load": os.getloadavg()[0],
         "jobs": jobs,
         "polls": polls,
         "heartbeat_seconds": settings.job_heartbeat_seconds,
@@ -307,8 +344,23 @@ def report(result: dict[str, Any], args: argparse.Namespace) -> str:
         f"statements, {polls[0]['commits']} commits ({polls[8]['statements']} and "
         f"{polls[8]['commits']} while it watches running jobs).",
         "",
+    ]
+    embedded = result["embedded"]
+    if embedded is not None:
+        lines += [
+            f"One job's training on the embedded model (SmolLM2-135M), {embedded['examples']} "
+            f"E2E examples ({embedded['train']} trained on, {embedded['validation']} held out "
+            "by the automatic budget), default hyperparameters, 1 torch thread: "
+            f"**{embedded['train_seconds']:.0f} s** of `train_prefix` for "
+            f"{embedded['steps']} of {embedded['planned_steps']} planned steps (early "
+            f"stopping), {embedded['train_seconds'] / embedded['steps']:.2f} s a step; "
+            f"loading the model {embedded['load_seconds']:.1f} s (a trainer maps the shared "
+            f"weights instead). Load average {result['load']:.1f} on 2 cores.",
+            "",
+        ]
+    lines += [
         f"Reproduce: `.venv/bin/python -m bench.job_lifecycle --tenants {args.tenants} "
-        f"--examples {args.examples}`",
+        f"--examples {args.examples} --embedded-examples {args.embedded_examples}`",
     ]
     return "\n".join(lines)
 
@@ -317,6 +369,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tenants", type=int, default=4)
     parser.add_argument("--examples", type=int, default=40)
+    parser.add_argument(
+        "--embedded-examples",
+        type=int,
+        default=50,
+        help="E2E examples of the embedded-model job (0: skip it).",
+    )
     parser.add_argument("--postgres-url", default=DEFAULT_POSTGRES_URL)
     parser.add_argument("--no-write", action="store_true", help="Do not touch BENCHMARKS.md.")
     args = parser.parse_args()
