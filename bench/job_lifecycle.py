@@ -73,6 +73,7 @@ class Tally:
     def __init__(self) -> None:
         self.statements: Counter[str] = Counter()
         self.commits = 0
+        self.connections = 0  # database connections opened
         self.requests: Counter[str] = Counter()
 
     @staticmethod
@@ -97,6 +98,9 @@ def tallied() -> Iterator[Tally]:
     def commit(_conn: Any) -> None:
         tally.commits += 1
 
+    def connect(_dbapi: Any, _record: Any) -> None:
+        tally.connections += 1
+
     send = botocore.endpoint.Endpoint._send
 
     def counted_send(endpoint: Any, request: Any) -> Any:
@@ -106,6 +110,7 @@ def tallied() -> Iterator[Tally]:
 
     sa.event.listen(Engine, "before_cursor_execute", statement)
     sa.event.listen(Engine, "commit", commit)
+    sa.event.listen(Engine, "connect", connect)
     botocore.endpoint.Endpoint._send = counted_send  # type: ignore[method-assign]
     try:
         yield tally
@@ -113,6 +118,7 @@ def tallied() -> Iterator[Tally]:
         botocore.endpoint.Endpoint._send = send  # type: ignore[method-assign]
         sa.event.remove(Engine, "before_cursor_execute", statement)
         sa.event.remove(Engine, "commit", commit)
+        sa.event.remove(Engine, "connect", connect)
 
 
 def free_port() -> int:
@@ -164,6 +170,7 @@ def run_job(
         "claim_commits": claim.commits,
         "trainer": dict(trainer.statements),
         "trainer_commits": trainer.commits,
+        "trainer_connections": trainer.connections,
         "s3": dict(trainer.requests),
     }
 
@@ -313,8 +320,9 @@ def report(result: dict[str, Any], args: argparse.Namespace) -> str:
         "`commit` events, object-store requests by botocore's HTTP sends.",
         "",
         "| job | wall s (median) | claim: statements / commits | trainer: lease renewals | "
-        "trainer: job events | trainer: other statements | trainer commits | S3 requests |",
-        "|---|---:|---:|---:|---:|---:|---:|---|",
+        "trainer: job events | trainer: other statements | trainer commits | trainer: "
+        "database connections | S3 requests |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for priority in ("interactive", "batch"):
         runs = [j for j in result["jobs"] if j["priority"] == priority]
@@ -332,7 +340,7 @@ def report(result: dict[str, Any], args: argparse.Namespace) -> str:
             f"| {priority} | {median('seconds'):.2f} | {claim:g} / "
             f"{median('claim_commits'):g} | {median('trainer', 'lease renewal'):g} | "
             f"{median('trainer', 'job event'):g} | {median('trainer', 'other'):g} | "
-            f"{median('trainer_commits'):g} | {s3} |"
+            f"{median('trainer_commits'):g} | {median('trainer_connections'):g} | {s3} |"
         )
     polls = result["polls"]
     lines += [
