@@ -199,13 +199,57 @@ def counted_statements(engine: Engine) -> Iterator[list[str]]:
         sa.event.remove(engine, "before_cursor_execute", count)
 
 
-def timed(engine: Engine, work: Callable[[], Any]) -> tuple[float, int, Any]:
-    """Wall seconds, statements issued, and the result of ``work()``."""
-    with counted_statements(engine) as statements:
-        started = time.perf_counter()
-        result = work()
-        seconds = time.perf_counter() - started
-    return seconds, len(statements), result
+@dataclass
+class Measurement:
+    seconds: float = 0.0
+    statements: int = 0
+    client_cpu: float = 0.0  # CPU seconds of this process
+    database_cpu: float | None = None  # CPU seconds of the PostgreSQL backends it used
+
+
+def _backend_cpu(pid: int) -> float | None:
+    """utime + stime of a process on this machine (Linux), None when unreadable."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@contextmanager
+def measured(engine: Engine) -> Iterator[Measurement]:
+    """Wall time, statements, and the CPU time of this process and of the database server
+    processes serving it while the block runs: under a loaded machine the wall time is
+    noise, the CPU seconds much less so."""
+    measurement = Measurement()
+    backends: dict[int, float | None] = {}
+
+    def checkout(dbapi: Any, record: Any, _proxy: Any) -> None:
+        pid = record.info.get("backend_pid")
+        if pid is None:
+            with dbapi.cursor() as cursor:
+                cursor.execute("SELECT pg_backend_pid()")
+                pid = record.info["backend_pid"] = cursor.fetchone()[0]
+            dbapi.rollback()
+        backends.setdefault(pid, _backend_cpu(pid))
+
+    sa.event.listen(engine, "checkout", checkout)
+    try:
+        with counted_statements(engine) as statements:
+            started, cpu = time.perf_counter(), time.process_time()
+            yield measurement
+            measurement.seconds = time.perf_counter() - started
+            measurement.client_cpu = time.process_time() - cpu
+    finally:
+        sa.event.remove(engine, "checkout", checkout)
+    measurement.statements = len(statements)
+    spent = []
+    for pid, before in backends.items():
+        after = _backend_cpu(pid)
+        if after is None or before is None:
+            return  # a server process we cannot see: no database CPU figure
+        spent.append(after - before)
+    measurement.database_cpu = sum(spent)
 
 
 def plan_of(outcome: Any) -> NightlyPlan:
@@ -317,7 +361,13 @@ def time_cli(url: URL, *args: str) -> float:
     environment["PREFIXD_DATABASE_URL"] = url.render_as_string(hide_password=False)
     command = [str(Path(sys.executable).with_name("prefixd")), *args]
     started = time.perf_counter()
-    subprocess.run(command, env=environment, stdout=subprocess.DEVNULL, check=True)
+    subprocess.run(
+        command,
+        env=environment,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        check=True,
+    )
     return time.perf_counter() - started
 
 
@@ -330,18 +380,19 @@ def measure(
         print(f"{size} tenants: {rows} built in {time.perf_counter() - started:.0f} s", flush=True)
         want = expected_planned(size)
         result: dict[str, Any] = {"tenants": size, "rows": rows, "planned": want}
+        result["load"] = os.getloadavg()[0]
         run_nightly(engine, run_date=NIGHT, dry_run=True)  # warm the caches, untimed
 
         def record(name: str, work: Callable[[], Any], *, created: int | None) -> None:
-            seconds, statements, outcome = timed(engine, work)
-            plan = plan_of(outcome)
+            with measured(engine) as measurement:
+                plan = plan_of(work())
             if len(plan.tenants) != want or (created is not None and plan.created != created):
                 raise AssertionError(
                     f"{name}: planned {len(plan.tenants)} (expected {want}), created "
                     f"{plan.created} (expected {created})"
                 )
-            result[name] = {"seconds": seconds, "statements": statements}
-            print(f"  {name}: {seconds:.2f} s, {statements} statements", flush=True)
+            result[name] = measurement.__dict__
+            print(f"  {name}: {measurement}", flush=True)
 
         record("dry run", lambda: run_nightly(engine, run_date=NIGHT, dry_run=True), created=0)
         if baseline:
@@ -391,16 +442,22 @@ def measure(
 
 
 def report(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
+    def cpu(entry: dict[str, Any]) -> float:
+        return float(entry["client_cpu"] + (entry["database_cpu"] or 0.0))
+
     def cell(result: dict[str, Any], name: str) -> str:
         entry = result.get(name)
         if entry is None:
             return "not run"
-        return f"{entry['seconds']:.2f} s / {entry['statements']}"
+        database = entry["database_cpu"]
+        spent = f"{entry['client_cpu']:.1f} + {database:.1f}" if database is not None else "?"
+        return f"{entry['seconds']:.1f} s ({spent}) / {entry['statements']:,}"
 
     def ratio(result: dict[str, Any], new: str, old: str) -> str:
         if old not in result:
             return "-"
-        return f"{result[old]['seconds'] / result[new]['seconds']:.1f}×"
+        wall = result[old]["seconds"] / result[new]["seconds"]
+        return f"{wall:.1f}× ({cpu(result[old]) / cpu(result[new]):.1f}×)"
 
     lines = [
         "Planning over synthetic tenants on PostgreSQL 15 (one fresh database per size, filled "
@@ -425,9 +482,15 @@ def report(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
         )
     lines += [
         "",
-        "Cells: wall seconds / SQL statements. Today's statements grow by batch of 1,000 "
-        "tenants (six reads per batch planned, five statements per batch of 1,000 jobs "
-        "enqueued), the baseline's by tenant (six per job enqueued).",
+        "Cells: wall seconds (CPU seconds of the planner process + of the PostgreSQL "
+        "processes serving it) / SQL statements; speed-up: by wall time (by CPU seconds). "
+        "The machine was shared (load average "
+        + ", ".join(f"{r['load']:.0f}" for r in results)
+        + " at the sizes measured, on 2 cores), so wall times are inflated and noisy; the CPU "
+        "seconds are what an idle machine would take, about, the planner and the database "
+        "taking turns. Today's statements grow by batch of 1,000 tenants (six reads per page "
+        "planned, five statements per batch of 1,000 jobs enqueued), the baseline's by "
+        "tenant (six per job enqueued).",
     ]
     largest = results[-1]
     if "claims" in largest:
@@ -460,13 +523,17 @@ def report(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
             f"/dev/null): {largest['cli dry run']:.1f} s, of which starting the process "
             f"(`prefixd nightly --help`) {largest['cli start']:.1f} s.",
         ]
-    over = [
-        r["tenants"]
-        for r in results
-        if max(r["dry run"]["seconds"], r["real run"]["seconds"]) > TARGET_SECONDS
-    ]
-    verdict = f"Target (dry run and real run of 100,000 tenants in ≤ {TARGET_SECONDS} s): " + (
-        "met." if not over else f"missed at {', '.join(f'{n:,}' for n in over)} tenants."
+    verdict = (
+        f"Target: dry run and real run of 100,000 tenants in ≤ {TARGET_SECONDS} s. At "
+        f"{largest['tenants']:,} tenants: "
+        + "; ".join(
+            f"{name} {largest[name]['seconds']:.0f} s of wall time, {cpu(largest[name]):.0f} "
+            f"CPU seconds ({'met' if cpu(largest[name]) <= TARGET_SECONDS else 'missed'} "
+            f"by CPU, {'met' if largest[name]['seconds'] <= TARGET_SECONDS else 'missed'} "
+            "by wall time on this shared machine)"
+            for name in ("dry run", "real run")
+        )
+        + "."
     )
     sizes = " ".join(str(s) for s in args.sizes)
     base = " ".join(str(s) for s in args.baseline_sizes)

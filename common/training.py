@@ -48,7 +48,7 @@ from common.model_loading import LoadedModel
 from common.prefix_encoder import PrefixEncoder
 from common.prefix_file import Prefix, prompt_format
 from common.prefix_init import build_prefix_encoder
-from common.training_budget import plan_budget
+from common.training_budget import DEFAULT_BATCH_SIZE, plan_budget
 
 
 @dataclass
@@ -59,7 +59,7 @@ class TrainingConfig:
     init: str = "random"  # or "text:WORDS"
     epochs: int | None = None  # None: automatic (common/training_budget.py)
     learning_rate: float = 5e-4
-    batch_size: int = 8
+    batch_size: int = DEFAULT_BATCH_SIZE
     warmup_ratio: float = 0.1
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0

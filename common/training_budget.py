@@ -46,6 +46,9 @@ MIN_STEPS = 40
 MAX_STEPS = 2000
 EVALUATIONS = 16
 DEFAULT_PATIENCE = 3
+# TrainingConfig.batch_size when a job does not say (here so that estimating a job's steps,
+# as every submission and the nightly planner do, needs no torch).
+DEFAULT_BATCH_SIZE = 8
 # ``validation_split_method: hash`` (workers/hyperparameters.py): an example is held out by a
 # hash of its text, so it stays on the same side as the data grows (workers/quality_gate.py).
 # Here, not there, so that the nightly planner can name it without importing torch.

@@ -185,8 +185,11 @@ class TrainingJobBase(SQLModel):
     validation_dataset_id: uuid.UUID | None = Field(default=None)
 
 
+MAX_JOB_DATASETS = 1000  # datasets one job may read
+
+
 class TrainingJobCreate(TrainingJobBase):
-    dataset_ids: list[uuid.UUID] = Field(min_length=1, max_length=1000)
+    dataset_ids: list[uuid.UUID] = Field(min_length=1, max_length=MAX_JOB_DATASETS)
     idempotency_key: str | None = Field(default=None, min_length=1, max_length=200)
     # Set by the nightly planner only (the API never takes it from a request).
     nightly_run_date: date | None = None

@@ -30,6 +30,7 @@ from common.db.models import (
 )
 from common.db.types import utcnow
 from common.errors import InvalidInputError
+from common.training_budget import DEFAULT_BATCH_SIZE, EPOCHS_WITH_VALIDATION, plan_budget
 
 # Idempotency keys of this prefix belong to the nightly planner (``nightly-<date>``, one
 # nightly job per tenant and night); a tenant's own job may not take one.
@@ -46,8 +47,6 @@ BYTES_PER_TOKEN = 4  # a rough average of English text in a BPE vocabulary
 def estimate_job_tokens(size_bytes: int, hyperparameters: dict[str, Any]) -> int:
     """Training tokens of a job: its data's bytes / ``BYTES_PER_TOKEN``, less the held-out
     part, times the epochs."""
-    from common.training_budget import EPOCHS_WITH_VALIDATION
-
     # Epochs unset: the automatic budget, at most EPOCHS_WITH_VALIDATION passes over the data.
     epochs = int(hyperparameters.get("epochs") or EPOCHS_WITH_VALIDATION)
     held_out = float(hyperparameters.get("validation_split") or 0.0)
@@ -56,11 +55,8 @@ def estimate_job_tokens(size_bytes: int, hyperparameters: dict[str, Any]) -> int
 
 def estimate_job_steps(examples: int, hyperparameters: dict[str, Any]) -> int:
     """Optimizer steps of a job: batches per epoch (after the held-out part) x epochs."""
-    from common.training import TrainingConfig
-    from common.training_budget import plan_budget
-
     epochs = hyperparameters.get("epochs")
-    batch = int(hyperparameters.get("batch_size") or TrainingConfig().batch_size)
+    batch = int(hyperparameters.get("batch_size") or DEFAULT_BATCH_SIZE)
     held_out = float(hyperparameters.get("validation_split") or 0.0)
     train = max(1, examples - round(examples * held_out))
     budget = plan_budget(

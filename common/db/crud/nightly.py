@@ -9,7 +9,6 @@ from datetime import date, datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
-from pydantic import ValidationError
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, func, select
@@ -22,6 +21,7 @@ from common.db.errors import (
     NotFoundError,
 )
 from common.db.models import (
+    MAX_JOB_DATASETS,
     TERMINAL_JOB_STATES,
     Dataset,
     JobPriority,
@@ -445,6 +445,16 @@ def enqueue_nightly_jobs(
         raise ValueError("enqueue_nightly_jobs: a tenant appears twice in one batch")
     if not results:
         return []
+    # What every job of the batch shares, validated once (a bad max_attempts is the
+    # caller's error: ValidationError; the dataset id is a placeholder); per job only what
+    # differs is checked, in _nightly_job_row.
+    TrainingJobCreate(
+        dataset_ids=[uuid.uuid4()],
+        priority=JobPriority.batch,
+        idempotency_key=key,
+        max_attempts=max_attempts,
+        nightly_run_date=run_date,
+    )
     ids = list(results)
     try:
         active_tenants = sa.select(col(Tenant.id)).where(
@@ -529,26 +539,22 @@ def _nightly_job_row(
     missing = [str(d) for d in dataset_ids if d not in datasets or datasets[d][1] != tenant_id]
     if missing:
         return f"dataset(s) not found: {', '.join(missing)}"
+    if not dataset_ids:
+        return "no datasets"
+    if len(dataset_ids) > MAX_JOB_DATASETS:
+        return f"{len(dataset_ids)} datasets: a job reads at most {MAX_JOB_DATASETS}"
+    examples = sum(int(datasets[d][3]) for d in dataset_ids)
     try:
-        job_in = TrainingJobCreate(
-            dataset_ids=dataset_ids,
-            hyperparameters=request.hyperparameters,
-            priority=JobPriority.batch,
-            idempotency_key=key,
-            max_attempts=max_attempts,
-            nightly_run_date=run_date,
-        )
-        examples = sum(int(datasets[d][3]) for d in dataset_ids)
-        check_job_steps(examples, job_in.hyperparameters, max_steps)
-    except (ValidationError, InvalidInputError) as error:  # ValidationError: > 1000 datasets
-        return str(error).splitlines()[0]
+        check_job_steps(examples, request.hyperparameters, max_steps)
+    except InvalidInputError as error:
+        return str(error)
     size = sum(int(datasets[d][2]) for d in dataset_ids)
     return {
         "id": uuid.uuid4(),
         "tenant_id": tenant_id,
-        "priority": job_in.priority,
-        "hyperparameters": job_in.hyperparameters,
-        "max_attempts": job_in.max_attempts,
+        "priority": JobPriority.batch,
+        "hyperparameters": request.hyperparameters,
+        "max_attempts": max_attempts,
         "dataset_ids": [str(d) for d in dataset_ids],
         "idempotency_key": key,
         "state": JobState.queued,
@@ -556,7 +562,7 @@ def _nightly_job_row(
         "created_at": created_at,
         "updated_at": created_at,
         "nightly_run_date": run_date,
-        "estimated_tokens": estimate_job_tokens(size, job_in.hyperparameters),
+        "estimated_tokens": estimate_job_tokens(size, request.hyperparameters),
         "tenant_last_started_at": last_start,
     }
 
