@@ -17,7 +17,6 @@ import uuid
 from typing import Any
 
 from fastapi import Request
-from sqlalchemy.exc import SQLAlchemyError
 from sqlmodel import Session
 from starlette.datastructures import UploadFile
 
@@ -28,7 +27,12 @@ from common.errors import IncompatiblePrefixError
 from common.peft_adapter import peft_prefix, read_peft_adapter_archive
 from common.prefix_file import Prefix, prefix_to_bytes
 from services.api.errors import ApiError
-from services.api.uploads import MULTIPART_FIELD, MULTIPART_MEDIA_TYPE, media_type
+from services.api.uploads import (
+    MULTIPART_FIELD,
+    MULTIPART_MEDIA_TYPE,
+    add_row_for_stored_blob,
+    media_type,
+)
 
 log = logging.getLogger(__name__)
 
@@ -116,55 +120,40 @@ def validated_adapter(data: bytes, context: Any) -> Prefix:
 def store_imported_prefix(
     *, engine: Any, blobs: Any, tenant_id: uuid.UUID, prefix: Prefix, activate: bool
 ) -> PrefixVersion:
-    """Blob first, then the row (the tenant's next version); if the row cannot be added,
-    the blob is deleted again — unless the database cannot say whether it was committed,
-    then the blob is kept (an orphan at worst, under the tenant's prefix, which erasure
-    removes), so no row ever points at a missing blob."""
+    """Blob first, then the row (the tenant's next version), by
+    :func:`add_row_for_stored_blob`: no row ever points at a missing blob."""
     prefix_id = uuid.uuid4()
     key = prefix_key(tenant_id, prefix_id)  # from ids only
     info = blobs.put_bytes(key, prefix_to_bytes(prefix))
-    try:
-        with Session(engine) as session:
-            row = crud.add_imported_prefix(
-                session=session,
-                tenant_id=tenant_id,
-                prefix_in=PrefixVersionCreate(
-                    id=prefix_id,
-                    object_key=key,
-                    base_model_fingerprint=prefix.base_model_fingerprint,
-                    prefix_length=prefix.prefix_length,
-                    dtype=prefix.dtype_name,
-                    size_bytes=info.size,
-                    sha256=info.sha256,
-                    metrics=prefix.metrics,
-                ),
-                activate=activate,
-            )
-            session.expunge(row)
-            return row
-    except BaseException as error:
-        if isinstance(error, SQLAlchemyError):
-            try:
-                committed = _stored_prefix(engine, tenant_id, prefix_id)
-            except SQLAlchemyError:
-                log.warning(
-                    "importing prefix %s: outcome unknown (%s); blob kept",
-                    prefix_id,
-                    type(error).__name__,
-                )
-                raise error from None
-            if committed is not None:
-                return committed
-        try:
-            blobs.delete(key)
-        except Exception:  # the import failed anyway; tenant erasure sweeps the prefix
-            log.warning("could not delete the blob of refused prefix import %s", prefix_id)
-        raise
 
+    def add_row(session: Session) -> PrefixVersion:
+        prefix_in = PrefixVersionCreate(
+            id=prefix_id,
+            object_key=key,
+            base_model_fingerprint=prefix.base_model_fingerprint,
+            prefix_length=prefix.prefix_length,
+            dtype=prefix.dtype_name,
+            size_bytes=info.size,
+            sha256=info.sha256,
+            metrics=prefix.metrics,
+        )
+        row = crud.add_imported_prefix(
+            session=session, tenant_id=tenant_id, prefix_in=prefix_in, activate=activate
+        )
+        session.expunge(row)
+        return row
 
-def _stored_prefix(engine: Any, tenant_id: uuid.UUID, prefix_id: uuid.UUID) -> Any:
-    with Session(engine) as session:
+    def find_row(session: Session) -> PrefixVersion | None:
         row = crud.get_prefix_by_id(session=session, tenant_id=tenant_id, prefix_id=prefix_id)
         if row is not None:
             session.expunge(row)
         return row
+
+    return add_row_for_stored_blob(
+        engine=engine,
+        blobs=blobs,
+        key=key,
+        what=f"prefix import {prefix_id}",
+        add_row=add_row,
+        find_row=find_row,
+    )

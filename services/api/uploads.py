@@ -20,7 +20,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from fastapi import Request
 from sqlalchemy.exc import SQLAlchemyError
@@ -38,6 +38,8 @@ from common.errors import InvalidInputError
 from services.api.errors import ApiError
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 JSONL_MEDIA_TYPES = ("application/jsonl", "application/x-ndjson")
 MULTIPART_MEDIA_TYPE = "multipart/form-data"
@@ -273,8 +275,12 @@ def store_dataset(
     key = dataset_key(tenant_id, dataset_id)  # from ids only, never from a user's name
     blobs.put_file(key, spooled.path)
     try:
-        with Session(engine) as session:
-            return crud.add_dataset(
+        return add_row_for_stored_blob(
+            engine=engine,
+            blobs=blobs,
+            key=key,
+            what=f"dataset {dataset_id}",
+            add_row=lambda session: crud.add_dataset(
                 session=session,
                 tenant_id=tenant_id,
                 dataset_in=DatasetCreate(
@@ -285,36 +291,49 @@ def store_dataset(
                     example_count=examples,
                 ),
                 max_total_bytes=quota_bytes,
-            )
+            ),
+            find_row=lambda session: crud.get_dataset(
+                session=session, tenant_id=tenant_id, dataset_id=dataset_id
+            ),
+        )
+    except QuotaExceededError as error:
+        raise ApiError(413, "quota_exceeded", str(error)) from None
+
+
+def add_row_for_stored_blob(
+    *,
+    engine: Any,
+    blobs: Any,
+    key: str,
+    what: str,
+    add_row: Callable[[Session], T],
+    find_row: Callable[[Session], T | None],
+) -> T:
+    """Add the row of a blob already stored at ``key`` (blob first, then the row). If the
+    row cannot be added, the blob is deleted again — unless the database cannot say whether
+    the commit happened: the row may exist and point at this blob, so the blob is kept (an
+    orphan at worst, under the tenant's prefix, which erasure removes). No row ever points
+    at a missing blob. The callables run in a session of their own and return rows usable
+    after it closes."""
+    try:
+        with Session(engine) as session:
+            return add_row(session)
     except BaseException as error:
         if isinstance(error, SQLAlchemyError):
             # The connection may have died around the commit: find out what happened.
             try:
-                committed = _stored_dataset(engine, tenant_id, dataset_id)
+                with Session(engine) as session:
+                    committed = find_row(session)
             except SQLAlchemyError:
-                # Unknown: the row may exist and point at this blob, so deleting it could
-                # leave a dataset without its data. Keep it (an orphan at worst, under the
-                # tenant's prefix, which erasure removes).
-                log.warning(
-                    "storing dataset %s: outcome unknown (%s); blob kept",
-                    dataset_id,
-                    type(error).__name__,
-                )
+                log.warning("%s: outcome unknown (%s); blob kept", what, type(error).__name__)
                 raise error from None
             if committed is not None:
                 return committed
         try:
             blobs.delete(key)
-        except Exception:  # the upload failed anyway; tenant erasure sweeps the prefix
-            log.warning("could not delete the blob of rejected dataset %s", dataset_id)
-        if isinstance(error, QuotaExceededError):
-            raise ApiError(413, "quota_exceeded", str(error)) from None
+        except Exception:  # it failed anyway; tenant erasure sweeps the prefix
+            log.warning("could not delete the blob of refused %s", what)
         raise
-
-
-def _stored_dataset(engine: Any, tenant_id: uuid.UUID, dataset_id: uuid.UUID) -> Dataset | None:
-    with Session(engine) as session:
-        return crud.get_dataset(session=session, tenant_id=tenant_id, dataset_id=dataset_id)
 
 
 def remove_spooled(spooled: Spooled | None) -> None:
