@@ -63,7 +63,7 @@ NIGHTLY = {"validation_split": 0.25, "validation_split_method": "hash"}
 
 
 @pytest.fixture
-def env(pg_engine, tmp_path: Path, tiny_llama, monkeypatch) -> WorkerEnv:
+def env(pg_engine, tmp_path: Path) -> WorkerEnv:
     settings = Settings(
         home=tmp_path / "home",
         database_url=pg_engine.url.render_as_string(hide_password=False),
@@ -71,13 +71,19 @@ def env(pg_engine, tmp_path: Path, tiny_llama, monkeypatch) -> WorkerEnv:
         nightly_max_regression=0.02,
         progress_event_seconds=3600,
     )
-    # The trainer maps the shared weights from Ray's object store; here: the tiny model.
-    monkeypatch.setattr(trainer, "materialize_model", lambda shared: tiny_llama)
     return WorkerEnv(settings, pg_engine, LocalBlobStore(tmp_path / "blobs"))
+
+
+@pytest.fixture
+def prepared(env: WorkerEnv, tiny_llama) -> trainer.PreparedTrainer:
+    """What a warm trainer process holds before its job; the tiny model stands in for the
+    weights a trainer maps from Ray's object store."""
+    return trainer.PreparedTrainer(env.engine, env.store, tiny_llama)
 
 
 def run(
     env: WorkerEnv,
+    prepared: trainer.PreparedTrainer,
     tenant_id: uuid.UUID,
     datasets: list[Any],
     params: dict[str, Any],
@@ -99,27 +105,29 @@ def run(
     lease = LeaseKeeper(env.engine, job.id, owner, lease_seconds=300, every=60)  # not started
     outcome = trainer._train_and_publish(
         env.settings,
-        None,
-        env.engine,
+        prepared,
         job.id,
         owner,
-        lease,  # type: ignore[arg-type]
-        lambda outcome, **fields: (outcome, fields),
+        lease,
+        lambda outcome, **fields: (outcome, fields),  # type: ignore[arg-type,return-value]
+        times=trainer.PhaseTimes(),
     )
     assert outcome[0] == "succeeded", outcome
     return env.job(job.id)
 
 
 @pytest.mark.slow
-def test_a_worse_nightly_prefix_stays_inactive_and_a_better_one_is_activated(env) -> None:
+def test_a_worse_nightly_prefix_stays_inactive_and_a_better_one_is_activated(
+    env: WorkerEnv, prepared: trainer.PreparedTrainer
+) -> None:
     tenant = env.tenant()
     old = env.dataset(tenant.id, examples(24))
-    first = run(env, tenant.id, [old], GOOD, priority=JobPriority.interactive)
+    first = run(env, prepared, tenant.id, [old], GOOD, priority=JobPriority.interactive)
     new = env.dataset(tenant.id, examples(16, seed=3))
 
     # A nightly job that barely trains: worse than the active version on held-out data.
     worse = GOOD | NIGHTLY | {"epochs": 1, "learning_rate": 1e-6}
-    rejected = run(env, tenant.id, [old, new], worse, priority=JobPriority.batch)
+    rejected = run(env, prepared, tenant.id, [old, new], worse, priority=JobPriority.batch)
     with env.session() as session:
         versions = crud.list_prefixes(session=session, tenant_id=tenant.id)
     assert [(p.version, p.active, p.job_id) for p in versions] == [
@@ -139,7 +147,7 @@ def test_a_worse_nightly_prefix_stays_inactive_and_a_better_one_is_activated(env
     assert versions[1].activated_at is None and first.note is None
 
     # A nightly job that trains well on all the data: compared on the same slice, activated.
-    better = run(env, tenant.id, [old, new], GOOD | NIGHTLY, priority=JobPriority.batch)
+    better = run(env, prepared, tenant.id, [old, new], GOOD | NIGHTLY, priority=JobPriority.batch)
     with env.session() as session:
         active = crud.get_active_prefix(session=session, tenant_id=tenant.id)
     assert active is not None and (active.version, active.job_id) == (3, better.id)
