@@ -15,7 +15,6 @@ from typing import Any
 
 from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, Field
 from sqlmodel import Session
 from starlette.concurrency import run_in_threadpool
 
@@ -25,7 +24,7 @@ from common.db.errors import NotFoundError
 from common.erasure import sweep_if_not_active
 from services.api.deps import ContextDep, CurrentTenant, SessionDep, too_many_at_once
 from services.api.errors import ApiError
-from services.api.schemas import DatasetOut, Page
+from services.api.schemas import DatasetDeletePending, DatasetOut, Page
 from services.api.uploads import (
     JSONL_MEDIA_TYPES,
     MULTIPART_FIELD,
@@ -181,12 +180,6 @@ def get_dataset(dataset_id: uuid.UUID, tenant: CurrentTenant, session: SessionDe
     if dataset is None:
         raise NotFoundError(f"dataset {dataset_id} not found")
     return DatasetOut.of(dataset)
-
-
-class DatasetDeletePending(BaseModel):
-    id: uuid.UUID
-    status: str = Field(description="`blob_delete_pending`")
-    message: str
 
 
 @router.delete(

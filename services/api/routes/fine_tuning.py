@@ -15,10 +15,9 @@ not used (versions are named by id); ``seed`` is the job's seed.
 from __future__ import annotations
 
 import uuid
-from typing import Annotated, Any, Literal
+from typing import Any
 
 from fastapi import APIRouter, Query, Request, Response
-from pydantic import BaseModel, ConfigDict, Field
 
 from common.db import crud
 from common.db.errors import NotFoundError
@@ -30,7 +29,12 @@ from services.api.deps import ContextDep, CurrentTenant, SessionDep
 from services.api.errors import ApiError
 from services.api.routes import datasets as dataset_routes
 from services.api.routes import jobs as job_routes
-from services.api.schemas import DatasetOut, JobOut, JobSubmit
+from services.api.schemas import (
+    DatasetOut,
+    FineTuningJobCreate,
+    JobOut,
+    JobSubmit,
+)
 
 router = APIRouter(prefix="/v1", tags=["fine-tuning"])
 
@@ -96,28 +100,6 @@ def delete_file(
     storage yet (retried until it is)."""
     answer = dataset_routes.delete_dataset(file_id, tenant, session, context)
     return {"id": str(file_id), "object": "file", "deleted": answer.status_code == 204}
-
-
-Auto = Literal["auto"]
-
-
-class FineTuningHyperparameters(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
-    n_epochs: Auto | Annotated[int, Field(ge=1, le=1000)] = "auto"
-    batch_size: Auto | Annotated[int, Field(ge=1, le=1024)] = "auto"
-    learning_rate_multiplier: Auto | Annotated[float, Field(gt=0, le=100)] = "auto"
-
-
-class FineTuningJobCreate(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
-    model: str | None = None
-    training_file: uuid.UUID
-    validation_file: uuid.UUID | None = None
-    hyperparameters: FineTuningHyperparameters = Field(default_factory=FineTuningHyperparameters)
-    suffix: Annotated[str, Field(max_length=64)] | None = None
-    seed: Annotated[int, Field(ge=0, le=2**32 - 1)] | None = None
 
 
 def _hyperparameters(body: FineTuningJobCreate) -> Hyperparameters:

@@ -12,7 +12,6 @@ import uuid
 from typing import Any
 
 from fastapi import APIRouter, Query, Request, Response
-from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
 from common.blob_deletes import delete_blob
@@ -32,7 +31,7 @@ from services.api.prefix_import import (
     store_imported_prefix,
     validated_adapter,
 )
-from services.api.schemas import Page
+from services.api.schemas import Page, PrefixDeleted
 from services.api.uploads import MULTIPART_FIELD, MULTIPART_MEDIA_TYPE
 
 log = logging.getLogger(__name__)
@@ -59,19 +58,6 @@ PEFT_UPLOAD_BODY = {
         },
     }
 }
-
-
-class PrefixDeleted(BaseModel):
-    id: uuid.UUID
-    version: int
-    active: PrefixVersionPublic | None = Field(
-        description="The tenant's active version now (the fallback), or null if none is left."
-    )
-    blob_deleted: bool = Field(
-        default=True,
-        description="False (with status 202) when the object store did not confirm the "
-        "delete of the version's data yet: the delete is recorded and retried until it is gone.",
-    )
 
 
 NOT_FOUND: dict[int | str, dict[str, Any]] = {
