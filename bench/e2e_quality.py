@@ -45,8 +45,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import fcntl
-import json
 import math
 import os
 import random
@@ -57,6 +55,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import sacrebleu
 import torch
@@ -65,6 +64,7 @@ from tqdm import tqdm
 from transformers import get_linear_schedule_with_warmup
 
 from bench.report import BENCHMARKS, write_section
+from bench.run_records import append_record, load_records
 from common.architectures import max_positions, prefix_shape
 from common.base_prefix import stack_prefixes
 from common.config import Settings
@@ -738,14 +738,11 @@ def parse_args(argv: Iterable[str] | None = None) -> argparse.Namespace:
 
 def load_runs(path: Path, args: argparse.Namespace) -> list[Run]:
     """Finished runs of this configuration (other configurations in the file are kept)."""
-    if not path.exists():
-        return []
-    signature = run_signature(args)
-    return [
-        Run(**{**record, "samples": [tuple(s) for s in record["samples"]]})
-        for record in json.loads(path.read_text())
-        if record.pop("signature", None) == signature
-    ]
+    return load_records(path, run_signature(args), _run_of)
+
+
+def _run_of(record: dict[str, Any]) -> Run:
+    return Run(**{**record, "samples": [tuple(s) for s in record["samples"]]})
 
 
 def run_signature(args: argparse.Namespace) -> str:
@@ -758,14 +755,7 @@ def run_signature(args: argparse.Namespace) -> str:
 
 def save_run(path: Path, run: Run, args: argparse.Namespace) -> None:
     """Append under a lock: several processes (e.g. one per method group) may share a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_suffix(".lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        records = json.loads(path.read_text()) if path.exists() else []
-        records.append(asdict(run) | {"signature": run_signature(args)})
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(records, indent=1))
-        tmp.replace(path)
+    append_record(path, asdict(run), run_signature(args))
 
 
 def main(argv: Iterable[str] | None = None) -> None:

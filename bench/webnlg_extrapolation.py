@@ -21,8 +21,6 @@ run keeps what it finished and a rerun skips them.
 from __future__ import annotations
 
 import argparse
-import fcntl
-import json
 import os
 import random
 import shlex
@@ -32,11 +30,13 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from bench.e2e_quality import TRAINERS, corpus_bleu, decode, encode, real_tokens, training_config
 from bench.report import BENCHMARKS, write_section
+from bench.run_records import append_record, load_records
 from bench.tenants_webnlg import WEBNLG, Entry, load_categories
 from common.config import Settings
 from common.datasets.e2e import MeaningRepresentation, low_data_split
@@ -265,25 +265,15 @@ def run_signature(args: argparse.Namespace) -> str:
 
 
 def load_runs(path: Path, args: argparse.Namespace) -> list[Run]:
-    if not path.exists():
-        return []
-    signature = run_signature(args)
-    return [
-        Run(**{**record, "samples": [tuple(s) for s in record["samples"]]})
-        for record in json.loads(path.read_text())
-        if record.pop("signature", None) == signature
-    ]
+    return load_records(path, run_signature(args), _run_of)
+
+
+def _run_of(record: dict[str, Any]) -> Run:
+    return Run(**{**record, "samples": [tuple(s) for s in record["samples"]]})
 
 
 def save_run(path: Path, run: Run, args: argparse.Namespace) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_suffix(".lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        records = json.loads(path.read_text()) if path.exists() else []
-        records.append(asdict(run) | {"signature": run_signature(args)})
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(records, indent=1))
-        tmp.replace(path)
+    append_record(path, asdict(run), run_signature(args))
 
 
 def main(argv: Iterable[str] | None = None) -> None:
