@@ -225,8 +225,10 @@ def trainer_starts(settings: Settings, shared: Any, count: int) -> list[dict[str
     return starts
 
 
-def embedded_job(examples: int) -> dict[str, Any]:
-    """One job's training on the embedded model, one torch thread."""
+def embedded_job(examples: int, max_steps: int = 0) -> dict[str, Any]:
+    """One job's training on the embedded model, one torch thread; ``max_steps`` > 0 stops
+    it after that many steps (the automatic budget's plan and validation cadence unchanged),
+    for a per-step cost on a busy machine."""
     import torch
 
     from common.data import encode_example
@@ -247,7 +249,20 @@ def embedded_job(examples: int) -> dict[str, Any]:
         # on a core of its own, whatever else this shared machine runs.
         started, started_cpu = time.perf_counter(), time.process_time()
         config = TrainingConfig()
-        result = train_prefix(loaded, train, config, validation=validation or None)
+        steps_done = 0
+
+        def count(_progress: Any) -> None:
+            nonlocal steps_done
+            steps_done += 1
+
+        result = train_prefix(
+            loaded,
+            train,
+            config,
+            validation=validation or None,
+            on_progress=count,
+            should_stop=lambda: 0 < max_steps <= steps_done,
+        )
         training = time.perf_counter() - started
         training_cpu = time.process_time() - started_cpu
         # One validation pass as the early stopping, the job report and the quality gate
@@ -355,12 +370,18 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                 )
                 print(json.dumps(jobs[-2:]), flush=True)
             polls = {n: scheduler_poll(engine, n) for n in (0, 8)}
+            print(json.dumps({"polls": polls}), flush=True)
             starts = trainer_starts(settings, shared, args.process_starts)
+            print(json.dumps({"starts": starts}), flush=True)
     finally:
         ray.shutdown()
         server.stop()
     return {
-        "embedded": embedded_job(args.embedded_examples) if args.embedded_examples else None,
+        "embedded": (
+            embedded_job(args.embedded_examples, args.embedded_steps)
+            if args.embedded_examples
+            else None
+        ),
         "load": os.getloadavg()[0],
         "jobs": jobs,
         "polls": polls,
@@ -440,22 +461,24 @@ def report(result: dict[str, Any], args: argparse.Namespace) -> str:
             "by the automatic budget), default hyperparameters, 1 torch thread: "
             f"**{embedded['train_cpu_seconds']:.0f} CPU seconds** "
             f"({embedded['train_seconds']:.0f} s of wall time) of `train_prefix` for "
-            f"{embedded['steps']} of {embedded['planned_steps']} planned steps (early "
-            f"stopping), {embedded['train_cpu_seconds'] / embedded['steps']:.2f} CPU s a "
+            f"{embedded['steps']} of {embedded['planned_steps']} planned steps ("
+            + ("stopped by `--embedded-steps`" if args.embedded_steps else "early stopping")
+            + "), "
+            f"{embedded['train_cpu_seconds'] / embedded['steps']:.2f} CPU s a "
             "step, validation passes included; "
             f"loading the model {embedded['load_seconds']:.1f} s (a trainer maps the shared "
             f"weights instead). One forward pass over the {embedded['validation']} held-out "
             f"examples ({embedded['evaluation_batches']} batch(es) of "
             f"{embedded['batch_size']}, as early stopping, the job report and the quality gate "
             f"run it): {embedded['evaluation_cpu_seconds']:.2f} CPU s "
-            f"({embedded['evaluation_seconds']:.2f} s); early stopping ran "
+            f"({embedded['evaluation_seconds']:.2f} s); training ran "
             f"{embedded['evaluations']} of them. Load average {result['load']:.1f} on 2 cores.",
             "",
         ]
     lines += [
         f"Reproduce: `.venv/bin/python -m bench.job_lifecycle --tenants {args.tenants} "
         f"--examples {args.examples} --embedded-examples {args.embedded_examples} "
-        f"--process-starts {args.process_starts}`",
+        f"--embedded-steps {args.embedded_steps} --process-starts {args.process_starts}`",
     ]
     return "\n".join(lines)
 
@@ -469,6 +492,12 @@ def main() -> None:
         type=int,
         default=50,
         help="E2E examples of the embedded-model job (0: skip it).",
+    )
+    parser.add_argument(
+        "--embedded-steps",
+        type=int,
+        default=0,
+        help="stop the embedded-model job after this many steps (0: its whole budget).",
     )
     parser.add_argument(
         "--process-starts", type=int, default=3, help="trainer processes started and timed"
