@@ -13,7 +13,9 @@ compares with the first version. Counted, per job:
   events, the rest: reading the job and its datasets, publishing);
 - object-store requests (every HTTP request botocore sends, by method);
 - the scheduler's own statements per poll, with nothing to claim (its tick's calls:
-  the expired-lease sweep, an empty claim, the lease check of the running jobs).
+  the expired-lease sweep, an empty claim, the lease check of the running jobs);
+- a trainer process's start as the warm pool makes it (``--process-starts``): wall time
+  and the process's CPU seconds.
 
 Then one job's compute on the **embedded model** (SmolLM2-135M) at a realistic data size:
 ``--embedded-examples`` E2E examples, the automatic budget (a validation split and early
@@ -21,6 +23,7 @@ stopping), one torch thread, timed apart: loading the model, and ``train_prefix`
 trainer runs between reading the data and publishing).
 
     .venv/bin/python -m bench.job_lifecycle [--tenants 4] [--examples 40] [--embedded-examples 50]
+        [--process-starts 3]
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import os
 import socket
 import statistics
@@ -149,17 +153,21 @@ def add_dataset(engine: Engine, store: Any, tenant_id: uuid.UUID, data: bytes) -
 def run_job(
     settings: Settings, engine: Engine, shared: Any, tenant_id: uuid.UUID, job_in: Any
 ) -> dict[str, Any]:
-    from workers.trainer import run_training_job
+    from workers.trainer import prepare_trainer, run_training_job
 
     with session_scope(engine) as session:
         job, _ = crud.enqueue_job(session=session, tenant_id=tenant_id, job_in=job_in)
     owner = f"bench-{uuid.uuid4().hex[:8]}"
+    # As in a warm pool process: prepared (engine connected, store client, weights mapped)
+    # before the claim, counted apart from the job.
+    with tallied() as preparing:
+        prepared = prepare_trainer(settings, shared)
     with tallied() as claim, session_scope(engine) as session:
         claimed = crud.claim_next_job(session=session, owner=owner, lease_seconds=600)
     assert claimed is not None and claimed.id == job.id
     started = time.perf_counter()
     with tallied() as trainer:
-        report = run_training_job(settings, shared, str(job.id), owner)
+        report = run_training_job(settings, shared, str(job.id), owner, prepared=prepared)
     seconds = time.perf_counter() - started
     if report.outcome != "succeeded":
         raise RuntimeError(f"job {job.id}: {report.outcome} {report.error}")
@@ -171,6 +179,8 @@ def run_job(
         "trainer": dict(trainer.statements),
         "trainer_commits": trainer.commits,
         "trainer_connections": trainer.connections,
+        "prepare_connections": preparing.connections,
+        "prepare_statements": sum(preparing.statements.values()),
         "s3": dict(trainer.requests),
     }
 
@@ -185,14 +195,48 @@ def scheduler_poll(engine: Engine, running: int) -> dict[str, int]:
     return {"statements": sum(tally.statements.values()), "commits": tally.commits}
 
 
-def embedded_job(examples: int) -> dict[str, Any]:
-    """One job's training on the embedded model, one torch thread."""
+def trainer_starts(settings: Settings, shared: Any, count: int) -> list[dict[str, float]]:
+    """``count`` trainer processes started one after the other as the warm pool starts
+    them (workers/trainer_pool.py: a Ray actor, 1 CPU, prepared at its start), each killed
+    once ready: the wall time from its creation to ``ready``, and the process's CPU seconds
+    (its whole life: the Ray worker's start, the imports, ``prepare_trainer``)."""
+    import psutil
+    import ray
+
+    from workers.trainer_pool import TrainerProcessActor, run_claimed_job
+
+    starts = []
+    for _ in range(count):
+        started = time.perf_counter()
+        actor: Any = TrainerProcessActor.options(  # type: ignore[attr-defined]
+            num_cpus=1, max_restarts=0
+        ).remote(settings, shared, run_claimed_job, True)
+        info: dict[str, Any] = ray.get(actor.ready.remote(), timeout=600)
+        wall = time.perf_counter() - started
+        cpu = psutil.Process(info["pid"]).cpu_times()
+        ray.kill(actor, no_restart=True)
+        starts.append(
+            {
+                "wall_seconds": wall,
+                "cpu_seconds": cpu.user + cpu.system,
+                "prepare_seconds": float(info["prepare_seconds"]),
+            }
+        )
+    return starts
+
+
+def embedded_job(examples: int, max_steps: int = 0) -> dict[str, Any]:
+    """One job's training on the embedded model, one torch thread; ``max_steps`` > 0 stops
+    it after that many steps (the automatic budget's plan and validation cadence unchanged),
+    for a per-step cost on a busy machine."""
     import torch
 
+    from common.data import encode_example
     from common.datasets.e2e import low_data_split, read_e2e
     from common.model_loading import EMBEDDED, load_model
     from common.training import TrainingConfig, train_prefix
     from common.training_budget import automatic_validation_split
+    from workers.quality_gate import evaluate_prefix
 
     torch.set_num_threads(1)
     data = low_data_split(read_e2e(), n_train=examples, n_test=1, seed=0).train
@@ -201,17 +245,47 @@ def embedded_job(examples: int) -> dict[str, Any]:
         started = time.perf_counter()
         loaded = load_model(EMBEDDED, settings=Settings(home=Path(tmp)))
         loading = time.perf_counter() - started
-        started = time.perf_counter()
-        result = train_prefix(loaded, train, TrainingConfig(), validation=validation or None)
+        # CPU seconds beside wall seconds: with one torch thread they are what the job takes
+        # on a core of its own, whatever else this shared machine runs.
+        started, started_cpu = time.perf_counter(), time.process_time()
+        config = TrainingConfig()
+        steps_done = 0
+
+        def count(_progress: Any) -> None:
+            nonlocal steps_done
+            steps_done += 1
+
+        result = train_prefix(
+            loaded,
+            train,
+            config,
+            validation=validation or None,
+            on_progress=count,
+            should_stop=lambda: 0 < max_steps <= steps_done,
+        )
         training = time.perf_counter() - started
+        training_cpu = time.process_time() - started_cpu
+        # One validation pass as the early stopping, the job report and the quality gate
+        # run it: the loss over the held-out examples, forward only, in training's batches.
+        encoded = [encode_example(loaded.tokenizer, e) for e in validation or train[:8]]
+        started, started_cpu = time.perf_counter(), time.process_time()
+        evaluate_prefix(loaded, result.prefix.key_values, encoded, config.batch_size)
+        evaluation = time.perf_counter() - started
+        evaluation_cpu = time.process_time() - started_cpu
     return {
         "examples": examples,
         "train": len(train),
         "validation": len(validation or []),
         "load_seconds": loading,
         "train_seconds": training,
+        "train_cpu_seconds": training_cpu,
+        "evaluation_cpu_seconds": evaluation_cpu,
         "steps": int(result.prefix.metrics["steps"]),
         "planned_steps": int(result.prefix.metrics["planned_steps"]),
+        "evaluations": len({p.step for p in result.history if p.validation_loss is not None}),
+        "evaluation_seconds": evaluation,
+        "evaluation_batches": math.ceil(len(encoded) / config.batch_size),
+        "batch_size": config.batch_size,
     }
 
 
@@ -296,14 +370,22 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                 )
                 print(json.dumps(jobs[-2:]), flush=True)
             polls = {n: scheduler_poll(engine, n) for n in (0, 8)}
+            print(json.dumps({"polls": polls}), flush=True)
+            starts = trainer_starts(settings, shared, args.process_starts)
+            print(json.dumps({"starts": starts}), flush=True)
     finally:
         ray.shutdown()
         server.stop()
     return {
-        "embedded": embedded_job(args.embedded_examples) if args.embedded_examples else None,
+        "embedded": (
+            embedded_job(args.embedded_examples, args.embedded_steps)
+            if args.embedded_examples
+            else None
+        ),
         "load": os.getloadavg()[0],
         "jobs": jobs,
         "polls": polls,
+        "starts": starts,
         "heartbeat_seconds": settings.job_heartbeat_seconds,
         "event_seconds": settings.progress_event_seconds,
         "poll_seconds": settings.scheduler_poll_seconds,
@@ -317,11 +399,13 @@ def report(result: dict[str, Any], args: argparse.Namespace) -> str:
         f"{args.examples // 2} new examples, judged by the quality gate against the first "
         "version), PostgreSQL and S3 over HTTP (moto), the trainer run in this process. "
         "Statements counted by a SQLAlchemy listener on every engine, transactions by "
-        "`commit` events, object-store requests by botocore's HTTP sends.",
+        "`commit` events, connections by `connect` events, object-store requests by "
+        "botocore's HTTP sends. Each trainer is prepared before its claim, as a warm "
+        "process is (`prepare_trainer`: its engine connected once), counted apart.",
         "",
         "| job | wall s (median) | claim: statements / commits | trainer: lease renewals | "
         "trainer: job events | trainer: other statements | trainer commits | trainer: "
-        "database connections | S3 requests |",
+        "database connections opened (preparing + job) | S3 requests |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for priority in ("interactive", "batch"):
@@ -340,7 +424,8 @@ def report(result: dict[str, Any], args: argparse.Namespace) -> str:
             f"| {priority} | {median('seconds'):.2f} | {claim:g} / "
             f"{median('claim_commits'):g} | {median('trainer', 'lease renewal'):g} | "
             f"{median('trainer', 'job event'):g} | {median('trainer', 'other'):g} | "
-            f"{median('trainer_commits'):g} | {median('trainer_connections'):g} | {s3} |"
+            f"{median('trainer_commits'):g} | {median('prepare_connections'):g} + "
+            f"{median('trainer_connections'):g} | {s3} |"
         )
     polls = result["polls"]
     lines += [
@@ -353,22 +438,47 @@ def report(result: dict[str, Any], args: argparse.Namespace) -> str:
         f"{polls[8]['commits']} while it watches running jobs).",
         "",
     ]
+    starts = result["starts"]
+    if starts:
+
+        def middle(field: str) -> float:
+            return float(statistics.median(start[field] for start in starts))
+
+        lines += [
+            f"A trainer process's start ({len(starts)} started one after the other as the warm "
+            "pool starts them, each a Ray actor with 1 CPU, killed once ready), medians: "
+            f"**{middle('cpu_seconds'):.1f} CPU seconds** of the process (the Ray worker, the "
+            f"imports, `prepare_trainer`), {middle('wall_seconds'):.1f} s from its creation to "
+            f"ready, of which `prepare_trainer` {middle('prepare_seconds'):.2f} s; CPU seconds "
+            "per start: " + ", ".join(f"{start['cpu_seconds']:.1f}" for start in starts) + ".",
+            "",
+        ]
     embedded = result["embedded"]
     if embedded is not None:
         lines += [
             f"One job's training on the embedded model (SmolLM2-135M), {embedded['examples']} "
             f"E2E examples ({embedded['train']} trained on, {embedded['validation']} held out "
             "by the automatic budget), default hyperparameters, 1 torch thread: "
-            f"**{embedded['train_seconds']:.0f} s** of `train_prefix` for "
-            f"{embedded['steps']} of {embedded['planned_steps']} planned steps (early "
-            f"stopping), {embedded['train_seconds'] / embedded['steps']:.2f} s a step; "
+            f"**{embedded['train_cpu_seconds']:.0f} CPU seconds** "
+            f"({embedded['train_seconds']:.0f} s of wall time) of `train_prefix` for "
+            f"{embedded['steps']} of {embedded['planned_steps']} planned steps ("
+            + ("stopped by `--embedded-steps`" if args.embedded_steps else "early stopping")
+            + "), "
+            f"{embedded['train_cpu_seconds'] / embedded['steps']:.2f} CPU s a "
+            "step, validation passes included; "
             f"loading the model {embedded['load_seconds']:.1f} s (a trainer maps the shared "
-            f"weights instead). Load average {result['load']:.1f} on 2 cores.",
+            f"weights instead). One forward pass over the {embedded['validation']} held-out "
+            f"examples ({embedded['evaluation_batches']} batch(es) of "
+            f"{embedded['batch_size']}, as early stopping, the job report and the quality gate "
+            f"run it): {embedded['evaluation_cpu_seconds']:.2f} CPU s "
+            f"({embedded['evaluation_seconds']:.2f} s); training ran "
+            f"{embedded['evaluations']} of them. Load average {result['load']:.1f} on 2 cores.",
             "",
         ]
     lines += [
         f"Reproduce: `.venv/bin/python -m bench.job_lifecycle --tenants {args.tenants} "
-        f"--examples {args.examples} --embedded-examples {args.embedded_examples}`",
+        f"--examples {args.examples} --embedded-examples {args.embedded_examples} "
+        f"--embedded-steps {args.embedded_steps} --process-starts {args.process_starts}`",
     ]
     return "\n".join(lines)
 
@@ -382,6 +492,15 @@ def main() -> None:
         type=int,
         default=50,
         help="E2E examples of the embedded-model job (0: skip it).",
+    )
+    parser.add_argument(
+        "--embedded-steps",
+        type=int,
+        default=0,
+        help="stop the embedded-model job after this many steps (0: its whole budget).",
+    )
+    parser.add_argument(
+        "--process-starts", type=int, default=3, help="trainer processes started and timed"
     )
     parser.add_argument("--postgres-url", default=DEFAULT_POSTGRES_URL)
     parser.add_argument("--no-write", action="store_true", help="Do not touch BENCHMARKS.md.")

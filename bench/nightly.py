@@ -35,6 +35,7 @@ import json
 import random
 import statistics
 import tempfile
+import threading
 import time
 import uuid
 from datetime import date
@@ -168,6 +169,55 @@ def night_jobs(engine: Any) -> list[TrainingJob]:
 PHASES = ("prepare", "lease", "read", "train", "evaluate", "gate", "publish")
 
 
+class TreeCpu:
+    """CPU seconds of this process and all its descendants (the local Ray: its raylet, the
+    scheduler actor, every trainer process) between ``start`` and ``stop``: each process's
+    user + system time, sampled every ``every`` seconds from a thread, so a process that
+    ends between two samples loses at most its last ``every`` seconds."""
+
+    def __init__(self, every: float = 0.5) -> None:
+        import psutil
+
+        self._root = psutil.Process()
+        self._every = every
+        self._first: dict[tuple[int, float], float] = {}
+        self._last: dict[tuple[int, float], float] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="tree-cpu", daemon=True)
+        self._baseline = True
+
+    def _sample(self) -> None:
+        import psutil
+
+        for process in [self._root, *self._root.children(recursive=True)]:
+            try:
+                key = (process.pid, process.create_time())
+                times = process.cpu_times()
+            except psutil.Error:  # ended meanwhile
+                continue
+            seconds = times.user + times.system
+            if self._baseline:
+                self._first[key] = seconds
+            self._last[key] = seconds
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._every):
+            self._sample()
+
+    def start(self) -> None:
+        self._sample()
+        self._baseline = False
+        self._thread.start()
+
+    def stop(self) -> dict[str, float]:
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+        spent = sum(last - self._first.get(key, 0.0) for key, last in self._last.items())
+        new = sum(key not in self._first for key in self._last)
+        return {"cpu_seconds": spent, "processes_started": new}
+
+
 def measure(
     root: Path,
     model_dir: Path,
@@ -188,6 +238,8 @@ def measure(
     handle, _ = start_scheduler(settings)
     wait_until_ready(handle, timeout=600)
     scheduler_start = time.monotonic() - started
+    cpu = TreeCpu()
+    cpu.start()
     try:
         outcome = run_nightly(engine, run_date=NIGHT, validation_split=0.1, defaults=PARAMS)
         planned = len(outcome.plan.tenants)
@@ -199,6 +251,7 @@ def measure(
             if time.monotonic() > deadline:
                 raise TimeoutError(f"the night did not finish within {args.timeout} s")
             time.sleep(0.5)
+        night_cpu = cpu.stop()
         rerun = run_nightly(engine, run_date=NIGHT, validation_split=0.1, defaults=PARAMS)
         # The scheduler collects a finished trainer's report within a round or two.
         ids = {str(j.id) for j in jobs}
@@ -259,6 +312,8 @@ def measure(
         "gates": gates,
         "estimated_tokens": run.estimated_tokens,
         "rerun_created": rerun.plan.created,
+        "cpu_seconds": night_cpu["cpu_seconds"],
+        "processes_started": night_cpu["processes_started"],
     }
 
 
@@ -324,6 +379,12 @@ def report(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
         cells = " | ".join(f"{r['phases'][p]:.2f} s" for p in (*PHASES, "outside the trainer"))
         lines.append(f"| {r['slots']} | {r['warm']} | {cells} |")
     starts = ", ".join(f"{r['scheduler_start_s']:.0f} s" for r in results)
+    cpu = "; ".join(
+        f"{r['slots']} slot(s), {r['warm']} warm: {r['cpu_seconds']:.0f} CPU s, "
+        f"{r['cpu_seconds'] / r['planned']:.1f} per job, {r['processes_started']} processes "
+        f"started, {r['cpu_seconds'] / r['wall_s']:.2f} cores busy on average"
+        for r in results
+    )
     lines += [
         "",
         f"Scheduler start (model shared once, not in the wall time): {starts}. "
@@ -332,6 +393,9 @@ def report(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
         'version; "kept inactive" prefixes lost to the previous version on held-out examples '
         "it never trained on. A second planning pass the same night enqueued the number in "
         "the last column (idempotency keys `nightly-<date>`).",
+        "",
+        "CPU of the night (planning to the last job's end; this process and its descendants: "
+        f"Ray, the scheduler, every trainer process, sampled every 0.5 s): {cpu}.",
     ]
     if args.tenants != 50:
         lines += ["", f"Reduced run: {args.tenants} tenants instead of 50 (a busy shared machine)."]
