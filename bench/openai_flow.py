@@ -39,9 +39,9 @@ from bench.local_service import local_service
 from bench.report import write_section
 from common.chat_format import render_chat
 from common.config import Settings
-from common.data import Example
+from common.data import Example, encode_prompt, separator_id
 from common.datasets.e2e import MeaningRepresentation, low_data_split, read_e2e
-from common.generation import DecodingConfig, generate_texts
+from common.generation import DecodingConfig, GenerationRow, generate, generate_texts
 from common.model_loading import EMBEDDED, EMBEDDED_MODEL_ID, ensure_embedded_model_dir, load_model
 
 E2E = Path(__file__).resolve().parents[2] / "shared" / "data" / "e2e" / "dev.txt"
@@ -116,22 +116,50 @@ def sdk_question(mr: MeaningRepresentation) -> list[ChatCompletionMessageParam]:
     return cast("list[ChatCompletionMessageParam]", question(mr))
 
 
-def base_answers(
-    home: Path, held_out: list[MeaningRepresentation], max_tokens: int
-) -> tuple[list[str], list[str], dict[str, float]]:
-    """The chat route's prompts for ``held_out`` and the embedded model's greedy answers to
-    them without a prefix; converting the GGUF into ``home`` here spares the service that
-    step."""
+@dataclass
+class BaseAnswers:
+    """The embedded model without a prefix, greedy, on the held-out questions."""
+
+    prompts: list[str]  # the chat template's text, what the chat route renders
+    served_prompt: str  # the first prompt's tokens as the service feeds them, decoded
+    separator: str  # the token prefixd puts between an input and its output
+    served: list[str]  # on the service's tokens: the template's text, then the separator
+    template: list[str]  # on the template's text alone, as the model's own chat format has it
+    seconds: dict[str, float]
+
+
+def base_answers(home: Path, held_out: list[MeaningRepresentation], max_tokens: int) -> BaseAnswers:
+    """Converting the GGUF into ``home`` here also spares the service that step."""
     settings = Settings(home=home, model=EMBEDDED)
     started = time.perf_counter()
     ensure_embedded_model_dir(settings)
     converted = time.perf_counter()
     loaded = load_model(EMBEDDED, settings=settings)
-    prompts = [render_chat(loaded.tokenizer, question(m)) for m in held_out]
+    tokenizer = loaded.tokenizer
+    prompts = [render_chat(tokenizer, question(m)) for m in held_out]
     decoding = DecodingConfig(max_new_tokens=max_tokens)
-    outputs = [generate_texts(loaded, [(None, p)], decoding)[0] for p in prompts]
+    # What the service decodes: ``encode_prompt``, the template's text then the separator.
+    served = [generate_texts(loaded, [(None, p)], decoding)[0] for p in prompts]
+    template = []
+    for prompt in prompts:
+        ids = tokenizer.encode(prompt, add_special_tokens=False)
+        (output,) = generate(
+            loaded.model,
+            [GenerationRow(ids, None)],
+            decoding,
+            eos_token_id=int(tokenizer.eos_token_id),
+            pad_token_id=int(tokenizer.pad_token_id or 0),
+        )
+        template.append(str(tokenizer.decode(output, skip_special_tokens=True)).strip())
     done = time.perf_counter()
-    return prompts, outputs, {"convert": converted - started, "decode": done - converted}
+    return BaseAnswers(
+        prompts=prompts,
+        served_prompt=str(tokenizer.decode(encode_prompt(tokenizer, prompts[0]))),
+        separator=str(tokenizer.convert_ids_to_tokens(separator_id(tokenizer))),
+        served=served,
+        template=template,
+        seconds={"convert": converted - started, "decode": done - converted},
+    )
 
 
 def bleu(outputs: list[str], held_out: list[MeaningRepresentation]) -> float:
@@ -191,8 +219,8 @@ def run(args: argparse.Namespace) -> str:
     transcript = Transcript()
     with tempfile.TemporaryDirectory(prefix="prefixd-openai-flow-") as tmp:
         home = Path(tmp)
-        prompts, base, base_seconds = base_answers(home, held_out, args.max_tokens)
-        print(f"base model answers in {base_seconds['decode']:.1f} s", flush=True)
+        base = base_answers(home, held_out, args.max_tokens)
+        print(f"base model answers in {base.seconds['decode']:.1f} s", flush=True)
 
         up_started = time.perf_counter()
         with local_service(home, EMBEDDED, env={"PREFIXD_TRAINER_SLOTS": "1"}) as (
@@ -212,7 +240,7 @@ def run(args: argparse.Namespace) -> str:
             sdk = openai.OpenAI(
                 base_url=f"{url}/v1", api_key=created.json()["api_key"], max_retries=0, timeout=600
             )
-            body = drive(sdk, transcript, split.train, split.dev, held_out, prompts, args)
+            body = drive(sdk, transcript, split.train, split.dev, held_out, base.prompts, args)
             untrained = httpx.post(
                 f"{url}/v1/tenants",
                 json={"name": "openai-flow-untrained"},
@@ -230,7 +258,7 @@ def run(args: argparse.Namespace) -> str:
                     model=EMBEDDED_MODEL_ID, messages=sdk_question(held_out[0]), max_tokens=8
                 ),
             )
-    return report(args, transcript, body, base, base_seconds, held_out, prompts)
+    return report(args, transcript, body, base, held_out, len(split.dev))
 
 
 @dataclass
@@ -416,13 +444,16 @@ def report(
     args: argparse.Namespace,
     transcript: Transcript,
     out: Outputs,
-    base: list[str],
-    base_seconds: dict[str, float],
+    base: BaseAnswers,
     held_out: list[MeaningRepresentation],
-    prompts: list[str],
+    n_dev: int,
 ) -> str:
     job = out.job
-    base_bleu, tuned_bleu = bleu(base, held_out), bleu(out.chat, held_out)
+    scores = {
+        "template": bleu(base.template, held_out),
+        "served": bleu(base.served, held_out),
+        "tuned": bleu(out.chat, held_out),
+    }
     command = shlex.join(
         ["nice", "-n", "10", ".venv/bin/python", "-m", "bench.openai_flow", *sys.argv[1:]]
     )
@@ -442,25 +473,29 @@ def report(
         for e in shown
     )
     model_rows = "\n".join(
-        f"| `{m.id}` | {m.owned_by} | {getattr(m, 'version', '')} | {getattr(m, 'active', getattr(m, 'served_as', ''))} |"
+        f"| `{m.id}` | {m.owned_by} | {getattr(m, 'version', '')} | "
+        f"{getattr(m, 'active', getattr(m, 'served_as', ''))} |"
         for m in out.models_after
     )
     answers = "\n".join(
-        f"| `{cell(m.mr)}` | {cell(m.references[0])} | {cell(b)} | {cell(c)} |"
-        for m, b, c in zip(held_out, base, out.chat, strict=True)
+        f"| `{cell(m.mr)}` | {cell(m.references[0])} | {cell(t)} | {cell(b)} | {cell(c)} |"
+        for m, t, b, c in zip(held_out, base.template, base.served, out.chat, strict=True)
     )
+    same = sum(c == a for c, a in zip(out.completions, out.chat, strict=True))
+    median = sorted(out.chat_seconds)[len(out.chat_seconds) // 2]
     hyper = job.hyperparameters
+    took = (job.finished_at or job.created_at) - job.created_at
     return f"""
 One run of the whole OpenAI fine-tuning flow against `prefixd up` on the embedded model
-(SmolLM2-135M-Instruct, CPU, the trainer and the inference replica sharing 2 loaded cores
-under `nice`), driven over HTTP by the official `openai` package (version
-{openai.__version__}) as a user would: nothing is mocked. Data: E2E (`shared/data/e2e/dev.txt`),
-meaning representations → restaurant descriptions as OpenAI chat lines (system `{SYSTEM}`,
-user the MR, assistant a reference), {args.train} training lines and {round(0.3 * args.train)} validation
-lines from `low_data_split` (seed {args.seed}), and {len(held_out)} held-out MRs that no
-file contains (their answers below). Baseline: the base model without a prefix on the very
-prompts the chat route builds, greedy, decoded in this process before the service starts
-(the service always applies a prefix: a tenant without one gets the 409 in the last row).
+(SmolLM2-135M-Instruct, CPU; the trainer and the inference replica share 2 cores that other
+work keeps loaded, under `nice`), driven over HTTP by the official `openai` package
+{openai.__version__} as a user would; nothing is mocked. Data: E2E
+(`shared/data/e2e/dev.txt`), meaning representations → restaurant descriptions as OpenAI
+chat lines (system "{SYSTEM}", user the MR, assistant a reference): {args.train} training
+and {n_dev} validation lines from `low_data_split` (seed {args.seed}), and {len(held_out)}
+held-out MRs that neither file contains. Baseline: the base model without a prefix, greedy,
+decoded in this process before the service starts, by the decoder the service uses (the
+service always applies a prefix: a tenant without one gets the 409 of the last row).
 
 Reproduce:
 
@@ -470,12 +505,11 @@ Reproduce:
 |---|---|---|---|
 {steps}
 
-The job: `{job.id}`, `status` `{job.status}`, `fine_tuned_model` `{job.fine_tuned_model}`,
-hyperparameters `n_epochs` {hyper.n_epochs}, `batch_size` {hyper.batch_size},
+The job: `fine_tuned_model` `{job.fine_tuned_model}`, hyperparameters as the SDK reads them
+back `n_epochs` {hyper.n_epochs}, `batch_size` {hyper.batch_size},
 `learning_rate_multiplier` {hyper.learning_rate_multiplier}; `created_at` → `finished_at`
-{(job.finished_at or job.created_at) - job.created_at} s (queued, trainer start, training with
-a validation pass per epoch, publishing). Its events (`list_events`, {len(events)} in all,
-{"all" if len(shown) == len(events) else "the first and last four"} shown, oldest first):
+{took} s (queued, the trainer's start, training with a validation pass per epoch, publishing).
+Its events (`list_events`, {len(events)} in all, {"all" if len(shown) == len(events) else "the first and last four"} shown, oldest first):
 
 | step | train loss | valid loss | message |
 |---|---|---|---|
@@ -487,23 +521,28 @@ a validation pass per epoch, publishing). Its events (`list_events`, {len(events
 |---|---|---|---|
 {model_rows}
 
-Held-out MRs, greedy, at most {args.max_tokens} tokens: the base model (no prefix) and the
-fine-tuned model through `chat.completions.create` (median {sorted(out.chat_seconds)[len(out.chat_seconds) // 2]:.1f} s
-a request; the base model's {len(base)} answers took {base_seconds["decode"]:.1f} s in this process):
+The held-out MRs, greedy, at most {args.max_tokens} tokens. Base model, two prompts: the chat
+template's text alone (the model's own chat format), and the tokens the service decodes
+(`encode_prompt`: that text, then prefixd's separator, for this tokenizer its BOS
+`{base.separator}`, right after the template's generation prompt; see the last block). Fine-tuned: `chat.completions.create` over HTTP (median
+{median:.1f} s a request; the base model's {2 * len(held_out)} answers took
+{base.seconds["decode"]:.0f} s in this process).
 
-| MR (user message) | a reference | base model | fine-tuned (`{job.fine_tuned_model}`) |
-|---|---|---|---|
+| MR (user message) | a reference | base model, template alone | base model, the service's prompt | fine-tuned (`chat.completions`) |
+|---|---|---|---|---|
 {answers}
 
 Corpus BLEU against all references of these {len(held_out)} MRs: base model
-**{base_bleu:.1f}**, fine-tuned **{tuned_bleu:.1f}** ({tuned_bleu / max(base_bleu, 1e-9):.1f}× the
-base). The streamed answer to the first MR, {out.stream["chunks"]} chunks joined:
-"{cell(out.stream["text"])}" ({"the same text as the plain answer" if out.stream["same"] else "NOT the plain answer's text"}).
-`completions.create` on the text the chat template renders (below, for the first MR) gives
-the chat route's answers: it is the same prompt and decoder.
+**{scores["template"]:.1f}** (template alone) and **{scores["served"]:.1f}** (the service's
+prompt), fine-tuned **{scores["tuned"]:.1f}** ({scores["tuned"] / max(scores["template"], 1e-9):.1f}×
+the better-formatted base). The streamed answer to the first MR, {out.stream["chunks"]} chunks
+joined: "{cell(out.stream["text"])}" ({"the same text as the plain answer" if out.stream["same"] else "NOT the plain answer's text"}).
+`completions.create` on the template's text (the first MR's, below) gave the chat answer's
+text for {same} of {len(out.chat)} MRs: the chat route is that prompt and the same decoder.
+The service's tokens for it, decoded with special tokens:
 
 ```
-{prompts[0]}
+{base.served_prompt}
 ```
 """
 
@@ -511,7 +550,7 @@ the chat route's answers: it is the same prompt and decoder.
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--train", type=int, default=40, help="training chat lines")
-    parser.add_argument("--held-out", type=int, default=8, help="MRs never trained on")
+    parser.add_argument("--held-out", type=int, default=6, help="MRs never trained on")
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-tokens", type=int, default=64)
