@@ -15,7 +15,7 @@ this process, before the service starts, by the decoder the service uses
 (``common/generation.py``) on the prompt the chat route builds (``render_chat``). BLEU
 (sacrebleu, against all of an MR's references) compares the two on the held-out MRs.
 
-    nice -n 10 .venv/bin/python -m bench.openai_flow [--train 40] [--held-out 8] [--epochs 5]
+    nice -n 10 .venv/bin/python -m bench.openai_flow [--train 40] [--held-out 6] [--epochs 5]
 """
 
 from __future__ import annotations
