@@ -12,8 +12,10 @@ representations the job never saw, and the errors as the SDK raises them.
 The base model's answers to the same prompts are the baseline. The service always applies a
 prefix (a tenant without an active version gets a 409, shown below), so they are decoded in
 this process, before the service starts, by the decoder the service uses
-(``common/generation.py``) on the prompt the chat route builds (``render_chat``). BLEU
-(sacrebleu, against all of an MR's references) compares the two on the held-out MRs.
+(``common/generation.py``) on the prompt the chat route builds (``render_chat``): once as
+the template's text alone, once as the service's tokens (that text, then prefixd's
+separator). BLEU (sacrebleu, against all of an MR's references) compares them with the
+fine-tuned answers on the held-out MRs.
 
     nice -n 10 .venv/bin/python -m bench.openai_flow [--train 40] [--held-out 6] [--epochs 5]
 """
