@@ -39,9 +39,10 @@ def _echo(lines: Iterable[str]) -> None:
 
 @contextmanager
 def local_service(
-    home: Path, model_dir: Path, *, env: Mapping[str, str] = {}, stop_timeout: float = 120
+    home: Path, model_dir: Path | str, *, env: Mapping[str, str] = {}, stop_timeout: float = 120
 ) -> Iterator[tuple[str, str]]:
-    """Start ``prefixd up``; yield ``(base_url, admin_token)``; stop it on exit."""
+    """Start ``prefixd up`` on ``model_dir`` (a model directory, or ``embedded``); yield
+    ``(base_url, admin_token)``; stop it on exit."""
     port = free_port()
     # Only what this run sets: never a PREFIXD_* or RAY_ADDRESS of the calling shell.
     environment = {
