@@ -35,7 +35,8 @@ def test_s3_down_while_trainers_publish(fault_env, run_scheduler, s3_proxy):
     failing_job = env.submit(failing.id, long_job(400), max_attempts=1)
     run_scheduler()
     for job in (retried_job, failing_job):  # both have read their datasets from S3
-        wait_for(lambda job=job: env.events(job.id), what=f"progress of job {job.id}")
+        # Generous: two trainer processes start on a loaded 2-core machine first.
+        wait_for(lambda job=job: env.events(job.id), timeout=300, what=f"progress of job {job.id}")
     s3_proxy.down()
     for job in (retried_job, failing_job):  # else the fault came too late to test anything
         row, events = env.job(job.id), env.events(job.id)
