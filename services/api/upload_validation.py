@@ -5,7 +5,8 @@ on the ingress replica (even on a thread of its own, even niced), it stalls the 
 that serves every tenant's generate calls (measured: docs/BENCHMARKS.md, "Load: isolation").
 So each API replica keeps a small pool of processes (``upload_validation_processes``),
 started with ``spawn`` (never ``fork``: the replica is a multi-threaded Ray worker), each
-holding the base model's tokenizer (:class:`ExampleChecker`), loaded once per process.
+holding the base model's tokenizer (:class:`ExampleChecker`), loaded once per process, and
+niced (:data:`VALIDATION_NICENESS`).
 
     validator = UploadValidator(settings)
     examples = await validator.count_examples(spooled.path, max_examples=...)
@@ -18,8 +19,10 @@ errors come back as raised (:class:`InvalidInputError` naming the line, the 413
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import multiprocessing
+import os
 import threading
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
@@ -39,8 +42,15 @@ T = TypeVar("T")
 _checker: ExampleChecker | None = None
 
 
+# Added to a validation process's nice value: where the replica shares its cores, the
+# scheduler gives generate calls the CPU first and uploads what is left.
+VALIDATION_NICENESS = 10
+
+
 def _load_checker(settings: Settings) -> None:
     global _checker
+    with contextlib.suppress(OSError):  # not allowed here: it runs at normal priority
+        os.nice(VALIDATION_NICENESS)
     _checker = ExampleChecker.load(settings)
 
 
