@@ -65,7 +65,9 @@ class Settings(BaseSettings):
         default=16, ge=1, description="Rows decoded together by one replica (continuous batching)."
     )
     batch_wait_ms: float = Field(
-        default=5.0, ge=0, description="How long an idle replica waits to fill its first batch."
+        default=5.0,
+        ge=0,
+        description="How long an idle replica that got several requests at once waits for more of the burst before its first forward pass; a request alone starts at once.",
     )
     prefix_cache_bytes: int = Field(
         default=256 * 1024 * 1024, ge=0, description="Bytes of prefixes one replica keeps (LRU)."
@@ -246,6 +248,11 @@ class Settings(BaseSettings):
         default=2,
         ge=1,
         description="Dataset uploads one tenant may send at once, per API replica (429 beyond).",
+    )
+    upload_validation_processes: int = Field(
+        default=2,
+        ge=1,
+        description="Processes per API replica that parse and tokenize uploaded datasets (each holds the tokenizer), so a large upload never holds the interpreter that serves generate calls; more uploads wait for one.",
     )
 
     # --- API ingress (services/app_builder.py, services/api) ----------------------------

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -14,16 +12,10 @@ from sqlalchemy.engine import Engine
 from common.blobstore import BlobStore
 from common.config import Settings
 from services.api.limits import ApiKeyCache, ConcurrencyLimit, TokenBucket
+from services.api.upload_validation import UploadValidator
 
 if TYPE_CHECKING:
     from services.api.uploads import ExampleChecker
-
-
-def _lower_priority() -> None:
-    """Nice this thread (Linux schedules threads by their own nice value); elsewhere, or
-    when not allowed, it runs at normal priority."""
-    with contextlib.suppress(AttributeError, OSError):
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
 
 
 @dataclass
@@ -43,10 +35,8 @@ class ApiContext:
     api_keys: ApiKeyCache = field(init=False)
     # Work that outlives its request (tenant erasure), off the event loop.
     background: ThreadPoolExecutor = field(init=False)
-    # Upload validation (parsing and tokenizing every line): at most two at once per replica
-    # (the request thread pool would run dozens), niced. The GIL limits what the lower
-    # priority buys (measured: docs/BENCHMARKS.md, "Load: isolation").
-    validation: ThreadPoolExecutor = field(init=False)
+    # Upload validation (parsing and tokenizing every line), in processes of its own.
+    validation: UploadValidator = field(init=False)
     _checker: ExampleChecker | None = field(default=None, init=False, repr=False)
     _checker_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
 
@@ -59,9 +49,7 @@ class ApiContext:
         self.open_uploads = ConcurrencyLimit(self.settings.tenant_max_concurrent_uploads)
         self.api_keys = ApiKeyCache(self.settings.api_key_cache_seconds)
         self.background = ThreadPoolExecutor(max_workers=2, thread_name_prefix="prefixd-api-bg")
-        self.validation = ThreadPoolExecutor(
-            max_workers=2, thread_name_prefix="prefixd-validate", initializer=_lower_priority
-        )
+        self.validation = UploadValidator(self.settings)
 
     def example_checker(self) -> ExampleChecker:
         """The base model's tokenizer and context length, loaded on first use."""

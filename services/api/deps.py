@@ -11,6 +11,7 @@ from typing import Annotated
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlmodel import Session
+from starlette.concurrency import run_in_threadpool
 
 from common.db import crud
 from common.db.models import Tenant
@@ -21,7 +22,9 @@ from services.api.limits import retry_after_header
 bearer = HTTPBearer(auto_error=False, description="A tenant API key, or the admin token.")
 
 
-def get_context(request: Request) -> ApiContext:
+# The dependencies that never block are ``async``: FastAPI runs a plain ``def`` dependency on
+# its thread pool, a thread hand-off per dependency per request.
+async def get_context(request: Request) -> ApiContext:
     return request.app.state.context
 
 
@@ -41,19 +44,28 @@ def _unauthorized(message: str) -> ApiError:
     return ApiError(401, "unauthorized", message)
 
 
-def current_tenant(context: ContextDep, session: SessionDep, credentials: Credentials) -> Tenant:
+async def current_tenant(context: ContextDep, credentials: Credentials) -> Tenant:
+    """The key's tenant: from the replica's key cache without leaving the event loop, else
+    from the database on the thread pool (in a session of its own)."""
     if credentials is None:
         raise _unauthorized("missing API key: send 'Authorization: Bearer <key>'")
     key_hash = crud.hash_api_key(credentials.credentials)
     cached = context.api_keys.get(key_hash)
     if isinstance(cached, Tenant):
         return cached
-    tenant = crud.get_tenant_by_api_key(session=session, api_key=credentials.credentials)
+    tenant = await run_in_threadpool(_tenant_of_key, context, credentials.credentials)
     if tenant is None:  # unknown, revoked, or its tenant is being deleted: same answer
         raise _unauthorized("invalid API key")
-    session.expunge(tenant)  # a read-only snapshot, shared by requests until it expires
     context.api_keys.put(key_hash, tenant, tenant.id)
     return tenant
+
+
+def _tenant_of_key(context: ApiContext, api_key: str) -> Tenant | None:
+    with Session(context.db) as session:
+        tenant = crud.get_tenant_by_api_key(session=session, api_key=api_key)
+        if tenant is not None:
+            session.expunge(tenant)  # a read-only snapshot, shared by requests until it expires
+        return tenant
 
 
 CurrentTenant = Annotated[Tenant, Depends(current_tenant)]
@@ -67,7 +79,7 @@ def is_admin(context: ApiContext, credentials: HTTPAuthorizationCredentials | No
     return hmac.compare_digest(credentials.credentials.encode(), token.get_secret_value().encode())
 
 
-def require_admin(context: ContextDep, credentials: Credentials) -> None:
+async def require_admin(context: ContextDep, credentials: Credentials) -> None:
     if credentials is None:
         raise _unauthorized("missing admin token: send 'Authorization: Bearer <token>'")
     if not is_admin(context, credentials):
@@ -88,12 +100,12 @@ class Caller:
         return self.tenant is None or self.tenant.id == tenant_id
 
 
-def current_caller(context: ContextDep, session: SessionDep, credentials: Credentials) -> Caller:
+async def current_caller(context: ContextDep, credentials: Credentials) -> Caller:
     if credentials is None:
         raise _unauthorized("missing API key: send 'Authorization: Bearer <key>'")
     if is_admin(context, credentials):
         return Caller(tenant=None)
-    return Caller(tenant=current_tenant(context, session, credentials))
+    return Caller(tenant=await current_tenant(context, credentials))
 
 
 CallerDep = Annotated[Caller, Depends(current_caller)]

@@ -63,6 +63,20 @@ class ApiError(Exception):
         self.headers = headers
         self.param = param  # the request parameter at fault (OpenAI's ``param``), if one is
 
+    def __reduce__(self) -> tuple:
+        # Raised in an upload validation process (services/api/upload_validation.py) and
+        # pickled back: rebuilt with every field, not from ``args`` (the message alone).
+        return (
+            _rebuild_api_error,
+            (self.status, self.code, self.message, self.headers, self.param),
+        )
+
+
+def _rebuild_api_error(
+    status: int, code: str, message: str, headers: dict[str, str] | None, param: str | None
+) -> ApiError:
+    return ApiError(status, code, message, headers=headers, param=param)
+
 
 # The id of the request being handled (set by RequestIdMiddleware): every error body and
 # the X-Request-ID header carry it, and the log lines about the error name it, so an

@@ -29,6 +29,7 @@ class ApiIngress:
         )
         # The tokenizer (not the weights) validates uploads: load it now, not on first use.
         self.context.example_checker()
+        self.context.validation.warm_up()  # the upload validation processes, likewise
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         return create_app(self.context)

@@ -71,13 +71,25 @@ class _Request:
     produced: int = 0
     cancelled: bool = False
     stop_hit: StopChecker | None = None  # when the decoding has stop sequences
-    ids: list[int] = field(default_factory=list)  # what it produced, kept for stop_hit only
+    # The caller wants the ids at the end only (generate, not stream): its event loop is
+    # woken once per request instead of once per token (each wake-up is a thread hand-off).
+    whole: bool = False
+    ids: list[int] = field(default_factory=list)  # what it produced (whole or stop_hit)
 
     def emit(self, item: object) -> None:
         try:
             self.loop.call_soon_threadsafe(self.out.put_nowait, item)
         except RuntimeError:  # its event loop is closed: nobody is listening any more
             self.cancelled = True
+
+    def token(self, token: int) -> None:
+        if self.whole or self.stop_hit is not None:
+            self.ids.append(token)
+        if not self.whole:
+            self.emit(token)
+
+    def done(self) -> None:
+        self.emit(list(self.ids) if self.whole else _DONE)
 
 
 @dataclass
@@ -152,15 +164,19 @@ class ContinuousBatcher:
         """Whether the decode loop and the beam lane still run (the replica's health check)."""
         return self._thread.is_alive() and self._beam_thread.is_alive()
 
-    async def stream(self, row: GenerationRow, decoding: DecodingConfig) -> AsyncIterator[int]:
-        """Token ids as they are decoded (EOS not included)."""
+    def _submit(self, row: GenerationRow, decoding: DecodingConfig, *, whole: bool) -> _Request:
         decoding.validate()
         decoding = decoding.normalized()
-        request = _Request(row, decoding, asyncio.get_running_loop(), asyncio.Queue())
+        request = _Request(row, decoding, asyncio.get_running_loop(), asyncio.Queue(), whole=whole)
         request.generator = row_generator(decoding)
         if decoding.stop:
             request.stop_hit = StopChecker(self._stop_tokenizer, decoding.stop)
         (self._beams if decoding.num_beams > 1 else self._incoming).put(request)
+        return request
+
+    async def stream(self, row: GenerationRow, decoding: DecodingConfig) -> AsyncIterator[int]:
+        """Token ids as they are decoded (EOS not included)."""
+        request = self._submit(row, decoding, whole=False)
         try:
             while True:
                 item = await request.out.get()
@@ -173,7 +189,16 @@ class ContinuousBatcher:
             request.cancelled = True  # a client that went away stops costing work
 
     async def generate(self, row: GenerationRow, decoding: DecodingConfig) -> list[int]:
-        return [token async for token in self.stream(row, decoding)]
+        """The token ids of the row (EOS not included), handed back once at its end."""
+        request = self._submit(row, decoding, whole=True)
+        try:
+            item = await request.out.get()
+            if isinstance(item, BaseException):
+                raise item
+            assert isinstance(item, list)
+            return item
+        finally:
+            request.cancelled = True  # a client that went away stops costing work
 
     # --- the decode thread -------------------------------------------------------------
 
@@ -187,7 +212,7 @@ class ContinuousBatcher:
             shared = [r for r in arrivals if not r.cancelled]
             for request in arrivals:
                 if request.cancelled:
-                    request.emit(_DONE)
+                    request.done()
             self._turns.acquire("decode")
             try:
                 if shared:
@@ -198,14 +223,23 @@ class ContinuousBatcher:
                 self._turns.release("decode")
 
     def _admit(self, *, wait: bool) -> list[_Request] | None:
-        """New requests, up to the free rows. Idle: block for the first, then wait a moment
-        for others so a burst starts as one batch."""
+        """New requests, up to the free rows. Idle: block for the first and take whatever
+        else is queued; a request alone starts at once (no batch window: one call at a time
+        never waits for company), while a burst (others queued with it) waits up to
+        ``batch_wait_s`` for the rest of it, so it starts as one batch. Busy: the arrivals
+        join the running batch between two steps, without waiting."""
         arrivals: list[_Request] = []
         if wait:
             first = self._incoming.get()
             if first is None:
                 return None
             arrivals.append(first)
+            more = self._drain()
+            if more is None:
+                return None
+            arrivals += more
+            if len(arrivals) == 1:
+                return arrivals
             deadline = time.monotonic() + self.batch_wait_s
             while len(arrivals) < self.max_batch_size:
                 try:
@@ -216,6 +250,11 @@ class ContinuousBatcher:
                     return None
                 arrivals.append(item)
             return arrivals
+        return self._drain()
+
+    def _drain(self) -> list[_Request] | None:
+        """What is queued now, without waiting (None: the batcher is closing)."""
+        arrivals: list[_Request] = []
         while True:
             try:
                 item = self._incoming.get_nowait()
@@ -266,15 +305,13 @@ class ContinuousBatcher:
                 if not finished:
                     request.produced += 1
                     self.stats.tokens += 1
-                    request.emit(token)
+                    request.token(token)
                     finished = request.produced >= request.decoding.max_new_tokens
-                    if request.stop_hit is not None:
-                        request.ids.append(token)
-                        if request.stop_hit(request.ids):
-                            finished = True
-                            self.stats.stopped_rows += 1
+                    if request.stop_hit is not None and request.stop_hit(request.ids):
+                        finished = True
+                        self.stats.stopped_rows += 1
                 if finished:
-                    request.emit(_DONE)
+                    request.done()
                 else:
                     keep.append(index)
             kept = torch.tensor(keep, dtype=torch.long)
@@ -297,7 +334,7 @@ class ContinuousBatcher:
         torch.set_grad_enabled(False)
         while (request := self._beams.get()) is not None:
             if request.cancelled:
-                request.emit(_DONE)
+                request.done()
                 continue
             self._beam_search(request)
 
@@ -322,7 +359,7 @@ class ContinuousBatcher:
             )
         except GenerationCancelledError:
             self.stats.beam_cancelled += 1
-            request.emit(_DONE)
+            request.done()
             return
         except Exception as error:
             request.emit(error)
@@ -332,5 +369,5 @@ class ContinuousBatcher:
         self.stats.requests += 1
         self.stats.beam_requests += 1
         for token in tokens:
-            request.emit(token)
-        request.emit(_DONE)
+            request.token(token)
+        request.done()

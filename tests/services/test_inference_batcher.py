@@ -391,3 +391,20 @@ def test_the_beam_lane_and_the_decode_loop_alternate_steps_when_both_have_work()
     last_both = min(max(i for i, n in enumerate(order) if n == who) for who in ("decode", "beam"))
     repeats = sum(order[i] == order[i - 1] for i in range(1, last_both + 1))
     assert repeats <= 10, order
+
+
+def test_a_request_alone_starts_without_waiting_for_a_batch_window(tiny_llama):
+    """Issue 16: an idle replica waited ``batch_wait_s`` for company before every request,
+    so one call at a time paid the window each time. A request alone starts at once; a burst
+    (several queued together) still starts as one batch."""
+    engine = ContinuousBatcher(tiny_llama, max_batch_size=8, batch_wait_s=3600.0)
+    row = GenerationRow([10, 11], random_prefix(tiny_llama, 2, seed=3))
+    greedy = DecodingConfig(max_new_tokens=4)
+    try:
+        # With an hour's window this would hang (the old behaviour); the bound only keeps a
+        # failure from stalling the suite.
+        alone = asyncio.run(asyncio.wait_for(engine.generate(row, greedy), timeout=120))
+        assert alone == solo(tiny_llama, row, greedy)
+        assert engine.stats.prefill_passes == 1
+    finally:
+        engine.close()

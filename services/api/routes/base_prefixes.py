@@ -35,7 +35,6 @@ from services.api.schemas import (
 from services.api.uploads import (
     Spooled,
     body_chunks,
-    count_valid_examples,
     remove_spooled,
     spool,
 )
@@ -106,9 +105,8 @@ async def upload_operator_dataset(
         spooled = await spool(
             body_chunks(request), max_bytes=settings.max_dataset_bytes, too_large=over_size
         )
-        checker = await run_in_threadpool(context.example_checker)
-        examples = await run_in_threadpool(
-            count_valid_examples, spooled.path, checker, max_examples=settings.max_dataset_examples
+        examples = await context.validation.count_examples(
+            spooled.path, max_examples=settings.max_dataset_examples
         )
         dataset = await run_in_threadpool(_store, context, spooled, examples, name)
     finally:

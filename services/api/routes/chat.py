@@ -22,20 +22,20 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from starlette.concurrency import run_in_threadpool
 
 from common.generation import MAX_SEED
-from services.api.deps import ContextDep, CurrentTenant, SessionDep
+from services.api.deps import ContextDep, CurrentTenant
 from services.api.errors import ApiError, stream_error_body, to_api_error
 from services.api.routes.generate import (
     MAX_INPUTS,
     Admission,
     StopField,
     StreamOptions,
-    _active_prefix,
     _run,
     _sample_seed,
     _sse,
     _usage,
     admit,
     decoding_config,
+    resolve_prefix,
     stop_sequences,
 )
 from services.inference.deployment import InferenceRequest, StreamEnd
@@ -88,7 +88,7 @@ class ChatCompletionRequest(BaseModel):
 
 @router.post("/chat/completions")
 async def chat_completions(
-    body: ChatCompletionRequest, tenant: CurrentTenant, session: SessionDep, context: ContextDep
+    body: ChatCompletionRequest, tenant: CurrentTenant, context: ContextDep
 ) -> Any:
     """OpenAI-compatible chat completions; the tenant is chosen by its API key, the version
     by ``model``."""
@@ -96,7 +96,7 @@ async def chat_completions(
     max_tokens = body.max_completion_tokens or body.max_tokens or limit
     admission = admit(context, tenant.id, body.n * max_tokens, stream=body.stream)
     try:
-        return await _chat(body, max_tokens, tenant, session, context, admission)
+        return await _chat(body, max_tokens, tenant, context, admission)
     finally:
         admission.end_of_handler()
 
@@ -105,11 +105,10 @@ async def _chat(
     body: ChatCompletionRequest,
     max_tokens: int,
     tenant: Any,
-    session: Any,
     context: Any,
     admission: Admission,
 ) -> Any:
-    prefix = await run_in_threadpool(_active_prefix, context, session, tenant.id, body.model)
+    prefix = await run_in_threadpool(resolve_prefix, context, tenant.id, body.model)
     checker = await run_in_threadpool(context.example_checker)
     messages = [{"role": m.role, "content": m.text()} for m in body.messages]
     prompt = await run_in_threadpool(checker.chat_prompt, messages)

@@ -7,10 +7,8 @@ for how it is streamed, validated and stored.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import uuid
-from functools import partial
 from typing import Any
 
 from fastapi import APIRouter, Query, Request, Response
@@ -32,7 +30,6 @@ from services.api.uploads import (
     MULTIPART_OVERHEAD_BYTES,
     Spooled,
     body_chunks,
-    count_valid_examples,
     remove_spooled,
     spool,
     store_dataset,
@@ -123,15 +120,9 @@ async def _upload(request: Request, tenant: Any, context: Any) -> Any:
             max_bytes=min(settings.max_dataset_bytes, remaining),
             too_large=over_size if settings.max_dataset_bytes <= remaining else over_quota,
         )
-        checker = await run_in_threadpool(context.example_checker)
-        examples = await asyncio.get_running_loop().run_in_executor(
-            context.validation,
-            partial(
-                count_valid_examples,
-                spooled.path,
-                checker,
-                max_examples=settings.max_dataset_examples,
-            ),
+        # Parsed and tokenized in a validation process: never on this event loop's GIL.
+        examples = await context.validation.count_examples(
+            spooled.path, max_examples=settings.max_dataset_examples
         )
         dataset = await run_in_threadpool(
             store_dataset,

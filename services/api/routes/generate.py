@@ -19,6 +19,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+from sqlmodel import Session
 from starlette.concurrency import run_in_threadpool
 
 from common.db import crud
@@ -28,7 +29,6 @@ from common.stop_sequences import MAX_STOP_CHARS, MAX_STOP_SEQUENCES
 from services.api.deps import (
     ContextDep,
     CurrentTenant,
-    SessionDep,
     enforce_generate_rate,
     too_many_at_once,
 )
@@ -245,6 +245,13 @@ def _active_prefix(
     return ServedPrefix(prefix, base)
 
 
+def resolve_prefix(context: Any, tenant_id: uuid.UUID, model: str | None = None) -> ServedPrefix:
+    """:func:`_active_prefix` in a session of its own: the generate routes take no request
+    session, so the lookup is their only trip to the thread pool (a hand-off per request)."""
+    with Session(context.db) as session:
+        return _active_prefix(context, session, tenant_id, model)
+
+
 @dataclass(frozen=True)
 class ServedPrefix:
     """The tenant's active version and, when it is stacked, its base prefix."""
@@ -344,15 +351,13 @@ def _stream(
     response_model=GenerateResponse,
     responses={409: {"description": "no active prefix, or its base prefix was deleted"}},
 )
-async def generate(
-    body: GenerateRequest, tenant: CurrentTenant, session: SessionDep, context: ContextDep
-) -> Any:
+async def generate(body: GenerateRequest, tenant: CurrentTenant, context: ContextDep) -> Any:
     """Generate with the calling tenant's active prefix."""
     decoding = body.decoding(limit=context.settings.max_new_tokens_limit)
     cost = len(body.texts()) * decoding.num_beams * decoding.max_new_tokens
     admission = admit(context, tenant.id, cost, stream=body.stream)
     try:
-        prefix = await run_in_threadpool(_active_prefix, context, session, tenant.id)
+        prefix = await run_in_threadpool(resolve_prefix, context, tenant.id)
         request = prefix.request(body.texts(), decoding)
         if body.stream:
             head = {"prefix_id": str(prefix.id)}
@@ -406,16 +411,14 @@ class CompletionRequest(BaseModel):
 
 
 @router.post("/completions")
-async def completions(
-    body: CompletionRequest, tenant: CurrentTenant, session: SessionDep, context: ContextDep
-) -> Any:
+async def completions(body: CompletionRequest, tenant: CurrentTenant, context: ContextDep) -> Any:
     """OpenAI-compatible completions; the tenant is chosen by its API key, the version by
     ``model`` (``GET /v1/models``; absent: the active one)."""
     prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
     max_tokens = body.max_tokens or min(16, context.settings.max_new_tokens_limit)
     admission = admit(context, tenant.id, len(prompts) * body.n * max_tokens, stream=body.stream)
     try:
-        return await _completions(body, prompts, max_tokens, tenant, session, context, admission)
+        return await _completions(body, prompts, max_tokens, tenant, context, admission)
     finally:
         admission.end_of_handler()
 
@@ -431,11 +434,10 @@ async def _completions(
     prompts: list[str],
     max_tokens: int,
     tenant: Any,
-    session: Any,
     context: Any,
     admission: Admission,
 ) -> Any:
-    prefix = await run_in_threadpool(_active_prefix, context, session, tenant.id, body.model)
+    prefix = await run_in_threadpool(resolve_prefix, context, tenant.id, body.model)
     head = {
         "id": f"cmpl-{uuid.uuid4().hex}",
         "object": "text_completion",

@@ -1,0 +1,117 @@
+"""Upload validation in processes of its own, off the ingress replica's interpreter.
+
+Parsing and tokenizing every line of a large dataset is pure Python and holds the GIL: run
+on the ingress replica (even on a thread of its own, even niced), it stalls the event loop
+that serves every tenant's generate calls (measured: docs/BENCHMARKS.md, "Load: isolation").
+So each API replica keeps a small pool of processes (``upload_validation_processes``),
+started with ``spawn`` (never ``fork``: the replica is a multi-threaded Ray worker), each
+holding the base model's tokenizer (:class:`ExampleChecker`), loaded once per process, and
+niced (:data:`VALIDATION_NICENESS`).
+
+    validator = UploadValidator(settings)
+    examples = await validator.count_examples(spooled.path, max_examples=...)
+
+The spooled file is on this machine's disk, so only its path crosses to the process; the
+errors come back as raised (:class:`InvalidInputError` naming the line, the 413
+:class:`ApiError`), so the answer is the one the route gave when it validated in-process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import multiprocessing
+import os
+import threading
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from pathlib import Path
+from typing import TypeVar
+
+from common.config import Settings
+from services.api.errors import ApiError
+from services.api.uploads import ExampleChecker, count_valid_examples
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# The tokenizer of a validation process, loaded by its initializer.
+_checker: ExampleChecker | None = None
+
+
+# Added to a validation process's nice value: where the replica shares its cores, the
+# scheduler gives generate calls the CPU first and uploads what is left.
+VALIDATION_NICENESS = 10
+
+
+def _load_checker(settings: Settings) -> None:
+    global _checker
+    with contextlib.suppress(OSError):  # not allowed here: it runs at normal priority
+        os.nice(VALIDATION_NICENESS)
+    _checker = ExampleChecker.load(settings)
+
+
+def _count_examples(path: str, max_examples: int) -> int:
+    assert _checker is not None, "a validation process runs _load_checker first"
+    return count_valid_examples(Path(path), _checker, max_examples=max_examples)
+
+
+def _warm() -> bool:
+    return _checker is not None
+
+
+class UploadValidator:
+    """A pool of ``settings.upload_validation_processes`` processes validating uploads. A
+    pool whose process died (killed, out of memory) is replaced; the upload that was on it
+    gets a 503 and may be retried."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._lock = threading.Lock()
+        self._pool: ProcessPoolExecutor | None = None
+
+    def _executor(self) -> ProcessPoolExecutor:
+        with self._lock:
+            if self._pool is None:
+                self._pool = ProcessPoolExecutor(
+                    max_workers=self.settings.upload_validation_processes,
+                    mp_context=multiprocessing.get_context("spawn"),
+                    initializer=_load_checker,
+                    initargs=(self.settings,),
+                )
+            return self._pool
+
+    def warm_up(self) -> None:
+        """Start the processes now (a replica's start), loading their tokenizers in the
+        background, not on the first upload (which waits for them if they are not ready)."""
+        pool = self._executor()
+        for _ in range(self.settings.upload_validation_processes):
+            pool.submit(_warm)
+
+    async def count_examples(self, path: Path, *, max_examples: int) -> int:
+        """:func:`count_valid_examples` of the file at ``path``, in a validation process."""
+        return await self.run(_count_examples, str(path), max_examples)
+
+    async def run(self, function: Callable[..., T], *args: object) -> T:
+        """``function(*args)`` in a validation process (both picklable), awaited."""
+        pool = self._executor()
+        try:
+            return await asyncio.wrap_future(pool.submit(function, *args))
+        except BrokenProcessPool:
+            with self._lock:
+                if self._pool is pool:
+                    self._pool = None
+            pool.shutdown(wait=False, cancel_futures=True)
+            log.warning("an upload validation process died; the pool is replaced")
+            raise ApiError(
+                503, "unavailable", "upload validation failed on the server; retry the upload"
+            ) from None
+
+    def close(self) -> None:
+        with self._lock:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
