@@ -46,7 +46,7 @@ from common.config import Settings, get_settings
 from common.generation import DecodingConfig, generate_texts
 from common.model_loading import ensure_embedded_model_dir, load_model
 from common.prefix_file import Prefix, prefix_from_bytes
-from services.api.routes.generate import MAX_INPUTS
+from services.api.schemas.generation import MAX_INPUTS
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "webnlg"
 WEBNLG = DATA / "dev.json"

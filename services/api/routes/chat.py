@@ -14,76 +14,31 @@ import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator
-from typing import Annotated, Any, Literal
+from typing import Any
 
 from fastapi import APIRouter
 from fastapi.responses import StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 from starlette.concurrency import run_in_threadpool
 
-from common.generation import MAX_SEED
 from services.api.deps import ContextDep, CurrentTenant
 from services.api.errors import ApiError, stream_error_body, to_api_error
 from services.api.routes.generate import (
-    MAX_INPUTS,
     Admission,
-    StopField,
-    StreamOptions,
     _run,
     _sample_seed,
     _sse,
     _usage,
     admit,
-    decoding_config,
     resolve_prefix,
+)
+from services.api.schemas.generation import (
+    ChatCompletionRequest,
+    decoding_config,
     stop_sequences,
 )
 from services.inference.deployment import InferenceRequest, StreamEnd
 
 router = APIRouter(prefix="/v1", tags=["generate"])
-
-Text = Annotated[str, Field(max_length=100_000)]
-
-
-class TextPart(BaseModel):
-    type: Literal["text"]
-    text: Text
-
-
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
-    role: Literal["system", "developer", "user", "assistant"]
-    content: Text | Annotated[list[TextPart], Field(min_length=1, max_length=64)]
-
-    def text(self) -> str:
-        return (
-            self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
-        )
-
-
-class ChatCompletionRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
-    model: str | None = None
-    messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=256)]
-    max_tokens: int | None = Field(default=None, ge=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
-    temperature: float = Field(default=1.0, ge=0, le=2)
-    top_p: float = Field(default=1.0, gt=0, le=1)
-    n: int = Field(default=1, ge=1, le=16)
-    stop: StopField = None
-    seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-
-    @model_validator(mode="after")
-    def consistent(self) -> ChatCompletionRequest:
-        if self.stream and self.n > 1:
-            raise ValueError("stream works with n = 1")
-        if self.n > MAX_INPUTS:
-            raise ValueError(f"n must be at most {MAX_INPUTS}")
-        return self
 
 
 @router.post("/chat/completions")
