@@ -12,9 +12,8 @@ representations the job never saw, and the errors as the SDK raises them.
 The base model's answers to the same prompts are the baseline. The service always applies a
 prefix (a tenant without an active version gets a 409, shown below), so they are decoded in
 this process, before the service starts, by the decoder the service uses
-(``common/generation.py``) on the prompt the chat route builds (``render_chat``): once as
-the template's text alone, once as the service's tokens (that text, then prefixd's
-separator). BLEU (sacrebleu, against all of an MR's references) compares them with the
+(``common/generation.py``) on the tokens the chat route decodes: the chat template's text
+(``render_chat``) as it is. BLEU (sacrebleu, against all of an MR's references) compares them with the
 fine-tuned answers on the held-out MRs.
 
     nice -n 10 .venv/bin/python -m bench.openai_flow [--train 40] [--held-out 6] [--epochs 5]
@@ -41,9 +40,9 @@ from bench.local_service import local_service
 from bench.report import write_section
 from common.chat_format import render_chat
 from common.config import Settings
-from common.data import Example, encode_prompt, separator_id
+from common.data import Example, encode_prompt
 from common.datasets.e2e import MeaningRepresentation, low_data_split, read_e2e
-from common.generation import DecodingConfig, GenerationRow, generate, generate_texts
+from common.generation import DecodingConfig, GenerationRow, generate
 from common.model_loading import EMBEDDED, EMBEDDED_MODEL_ID, ensure_embedded_model_dir, load_model
 
 E2E = Path(__file__).resolve().parents[2] / "shared" / "data" / "e2e" / "dev.txt"
@@ -124,9 +123,7 @@ class BaseAnswers:
 
     prompts: list[str]  # the chat template's text, what the chat route renders
     served_prompt: str  # the first prompt's tokens as the service feeds them, decoded
-    separator: str  # the token prefixd puts between an input and its output
-    served: list[str]  # on the service's tokens: the template's text, then the separator
-    template: list[str]  # on the template's text alone, as the model's own chat format has it
+    template: list[str]  # the answers on those tokens (the model's own chat format)
     seconds: dict[str, float]
 
 
@@ -140,11 +137,9 @@ def base_answers(home: Path, held_out: list[MeaningRepresentation], max_tokens: 
     tokenizer = loaded.tokenizer
     prompts = [render_chat(tokenizer, question(m)) for m in held_out]
     decoding = DecodingConfig(max_new_tokens=max_tokens)
-    # What the service decodes: ``encode_prompt``, the template's text then the separator.
-    served = [generate_texts(loaded, [(None, p)], decoding)[0] for p in prompts]
     template = []
     for prompt in prompts:
-        ids = tokenizer.encode(prompt, add_special_tokens=False)
+        ids = encode_prompt(tokenizer, prompt, chat=True)  # what the chat route decodes
         (output,) = generate(
             loaded.model,
             [GenerationRow(ids, None)],
@@ -156,9 +151,7 @@ def base_answers(home: Path, held_out: list[MeaningRepresentation], max_tokens: 
     done = time.perf_counter()
     return BaseAnswers(
         prompts=prompts,
-        served_prompt=str(tokenizer.decode(encode_prompt(tokenizer, prompts[0]))),
-        separator=str(tokenizer.convert_ids_to_tokens(separator_id(tokenizer))),
-        served=served,
+        served_prompt=str(tokenizer.decode(encode_prompt(tokenizer, prompts[0], chat=True))),
         template=template,
         seconds={"convert": converted - started, "decode": done - converted},
     )
@@ -453,7 +446,6 @@ def report(
     job = out.job
     scores = {
         "template": bleu(base.template, held_out),
-        "served": bleu(base.served, held_out),
         "tuned": bleu(out.chat, held_out),
     }
     command = shlex.join(
@@ -480,8 +472,8 @@ def report(
         for m in out.models_after
     )
     answers = "\n".join(
-        f"| `{cell(m.mr)}` | {cell(m.references[0])} | {cell(t)} | {cell(b)} | {cell(c)} |"
-        for m, t, b, c in zip(held_out, base.template, base.served, out.chat, strict=True)
+        f"| `{cell(m.mr)}` | {cell(m.references[0])} | {cell(t)} | {cell(c)} |"
+        for m, t, c in zip(held_out, base.template, out.chat, strict=True)
     )
     same = sum(c == a for c, a in zip(out.completions, out.chat, strict=True))
     median = sorted(out.chat_seconds)[len(out.chat_seconds) // 2]
@@ -523,24 +515,23 @@ Its events (`list_events`, {len(events)} in all, {"all" if len(shown) == len(eve
 |---|---|---|---|
 {model_rows}
 
-The held-out MRs, greedy, at most {args.max_tokens} tokens. Base model, two prompts: the chat
-template's text alone (the model's own chat format), and the tokens the service decodes
-(`encode_prompt`: that text, then prefixd's separator, for this tokenizer its BOS
-`{base.separator}`, right after the template's generation prompt; see the last block). Fine-tuned: `chat.completions.create` over HTTP (median
+The held-out MRs, greedy, at most {args.max_tokens} tokens. Base model: the tokens the chat
+route decodes, the chat template's text as it is (the last block). Fine-tuned:
+`chat.completions.create` over HTTP (median
 {median:.1f} s a request; the base model's {2 * len(held_out)} answers took
 {base.seconds["decode"]:.0f} s in this process).
 
-| MR (user message) | a reference | base model, template alone | base model, the service's prompt | fine-tuned (`chat.completions`) |
-|---|---|---|---|---|
+| MR (user message) | a reference | base model | fine-tuned (`chat.completions`) |
+|---|---|---|---|
 {answers}
 
 Corpus BLEU against all references of these {len(held_out)} MRs: base model
-**{scores["template"]:.1f}** (template alone) and **{scores["served"]:.1f}** (the service's
-prompt), fine-tuned **{scores["tuned"]:.1f}** ({scores["tuned"] / max(scores["template"], 1e-9):.1f}×
-the better-formatted base). The streamed answer to the first MR, {out.stream["chunks"]} chunks
+**{scores["template"]:.1f}**, fine-tuned **{scores["tuned"]:.1f}**
+({scores["tuned"] / max(scores["template"], 1e-9):.1f}× the base). The streamed answer to the first MR, {out.stream["chunks"]} chunks
 joined: "{cell(out.stream["text"])}" ({"the same text as the plain answer" if out.stream["same"] else "NOT the plain answer's text"}).
 `completions.create` on the template's text (the first MR's, below) gave the chat answer's
-text for {same} of {len(out.chat)} MRs: the chat route is that prompt and the same decoder.
+text for {same} of {len(out.chat)} MRs (completions reads a prompt, then prefixd's separator; chat reads
+the rendered template as it is).
 The service's tokens for it, decoded with special tokens:
 
 ```

@@ -9,7 +9,10 @@ A dataset is JSONL, one object a line (blank lines are ignored), in any of three
 
 An example becomes ``input <sep> output <eos>``: ``<sep>`` is the tokenizer's BOS token
 (EOS when it has none). The model learns ``log p(output, eos | prefix, input)``: input
-tokens, the separator and padding carry no loss (label ``-100``).
+tokens, the separator and padding carry no loss (label ``-100``). A chat prompt takes no
+separator: the template's generation prompt (``assistant:`` in the plain format) already
+opens the answer, so the model reads exactly the standard template, as a prefix or adapter
+trained elsewhere on chat data expects.
 
 A chat line becomes **one example per assistant message** (``weight`` 1, the default; an
 assistant message with ``weight`` 0 is context only): its input is the conversation before
@@ -18,8 +21,8 @@ exactly what ``/v1/chat/completions`` renders for the same messages, so a prefix
 chat data is served through the same template), its output the message's content. So the
 loss is on assistant tokens only, every turn sees the whole conversation before it, and an
 example is byte for byte what the chat route later feeds the model. (One sequence with a
-mask over every assistant turn would be cheaper, but the template renders an earlier
-assistant turn differently from the ``<sep> output <eos>`` a served answer follows.)
+mask over every assistant turn would be cheaper, but a template may render an earlier
+assistant turn differently from the ``output <eos>`` a served answer follows.)
 
 For an encoder-decoder model (``encoder_decoder=True``) the encoder reads ``input <eos>``
 and the decoder ``<decoder start> output`` with targets ``output <eos>``: every decoder
@@ -65,7 +68,7 @@ class Example:
 
 @dataclass(frozen=True)
 class EncodedExample:
-    prompt_ids: list[int]  # input tokens + separator
+    prompt_ids: list[int]  # input tokens + separator (a chat: the rendered template alone)
     target_ids: list[int]  # output tokens + eos
 
     def __len__(self) -> int:
@@ -232,9 +235,17 @@ def separator_id(tokenizer: PreTrainedTokenizerBase) -> int:
 
 
 def encode_prompt(
-    tokenizer: PreTrainedTokenizerBase, text: str, *, encoder_decoder: bool = False
+    tokenizer: PreTrainedTokenizerBase,
+    text: str,
+    *,
+    encoder_decoder: bool = False,
+    chat: bool = False,
 ) -> list[int]:
-    """``input <sep>`` (decoder-only) or the encoder's ``input <eos>`` (encoder-decoder)."""
+    """``input <sep>`` (decoder-only) or the encoder's ``input <eos>`` (encoder-decoder);
+    ``chat``: ``text`` is a rendered chat (:func:`common.chat_format.render_chat`) that ends
+    with the open assistant turn, so a decoder-only model reads it as it is."""
+    if chat and not encoder_decoder:
+        return list(tokenizer.encode(text, add_special_tokens=False))
     if encoder_decoder:
         if tokenizer.eos_token_id is None:
             raise InvalidInputError("the tokenizer has no EOS token")
@@ -251,7 +262,12 @@ def encode_example(
     if eos is None:
         raise InvalidInputError("the tokenizer has no EOS token")
     return EncodedExample(
-        encode_prompt(tokenizer, example.prompt(tokenizer), encoder_decoder=encoder_decoder),
+        encode_prompt(
+            tokenizer,
+            example.prompt(tokenizer),
+            encoder_decoder=encoder_decoder,
+            chat=example.context is not None,
+        ),
         [*tokenizer.encode(example.output, add_special_tokens=False), int(eos)],
     )
 

@@ -42,6 +42,8 @@ class InferenceRequest:
     # A stacked prefix's base prefix (resolved by the ingress); None: the prefix has none.
     base_prefix_id: str | None = None
     base_object_key: str | None = None
+    # The inputs are rendered chats ending with the assistant's open turn: no separator.
+    chat: bool = False
 
 
 @dataclass(frozen=True)
@@ -177,7 +179,10 @@ class InferenceServer:
         rows = []
         for number, text in enumerate(request.inputs, start=1):
             ids = encode_prompt(
-                self.loaded.tokenizer, text, encoder_decoder=is_encoder_decoder(config)
+                self.loaded.tokenizer,
+                text,
+                encoder_decoder=is_encoder_decoder(config),
+                chat=request.chat,
             )
             problem = context_problem(
                 config,

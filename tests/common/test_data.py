@@ -161,10 +161,10 @@ def test_a_chat_line_with_pair_fields_too_is_refused():
 
 def test_chat_loss_is_on_the_assistant_tokens_only_behind_the_chat_routes_prompt(tiny_llama):
     """Each example reads exactly the prompt the chat route builds for the messages before
-    its assistant message (template, then the separator), and only the assistant's tokens
-    and EOS carry a loss."""
+    its assistant message (the template as it is: no separator after its generation
+    prompt), and only the assistant's tokens and EOS carry a loss."""
     from common.chat_format import render_chat
-    from common.data import encode_prompt
+    from common.data import encode_prompt, separator_id
 
     tokenizer = tiny_llama.tokenizer
     tokenizer.chat_template = TINY_CHAT_TEMPLATE
@@ -181,13 +181,14 @@ def test_chat_loss_is_on_the_assistant_tokens_only_behind_the_chat_routes_prompt
     ids = lambda text: tokenizer.encode(text, add_special_tokens=False)  # noqa: E731
     eos = tokenizer.eos_token_id
     for row, (upto, answer) in enumerate([(2, "one two"), (4, "three")]):
-        served = encode_prompt(tokenizer, render_chat(tokenizer, messages[:upto]))
-        assert served[:-1] == ids(render_chat(tokenizer, messages[:upto]))  # the template
+        served = encode_prompt(tokenizer, render_chat(tokenizer, messages[:upto]), chat=True)
+        assert served == ids(render_chat(tokenizer, messages[:upto]))  # the template alone
+        assert served[-1] != separator_id(tokenizer)
         assert encoded[row].prompt_ids == served
         assert encoded[row].target_ids == [*ids(answer), eos]
         labelled = batch.labels[row][batch.labels[row] != IGNORE_INDEX].tolist()
         assert labelled == [*ids(answer), eos]  # the assistant's tokens, nothing else
-        start = len(served) - 1  # labels[t] predicts ids[t + 1]
+        start = len(served) - 1  # labels[t] predicts ids[t + 1]: the answer's first at the last
         assert (batch.labels[row, :start] == IGNORE_INDEX).all()
     # The second turn's context holds the first answer as the template renders it.
     assert tokenizer.decode(encoded[1].prompt_ids).count(": one two </s>") == 1

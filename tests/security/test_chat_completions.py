@@ -41,6 +41,13 @@ def test_chat_completions_with_the_openai_sdk(inproc_inference: InProc) -> None:
     assert plain.object == "chat.completion" and plain.model == f"prefix-{prefix_id}"
     assert plain.usage is not None and 0 < plain.usage.completion_tokens <= 6
     assert plain.usage.total_tokens == plain.usage.prompt_tokens + plain.usage.completion_tokens
+    # The model reads the rendered chat as it is, no separator after the open assistant turn.
+    tokenizer = inproc.loaded.tokenizer
+    rendered = render_chat(
+        tokenizer,
+        [{"role": "system", "content": "alpha beta"}, {"role": "user", "content": "red green"}],
+    )
+    assert plain.usage.prompt_tokens == len(tokenizer.encode(rendered, add_special_tokens=False))
 
     chunks = list(
         sdk.chat.completions.create(

@@ -77,7 +77,7 @@ async def _chat(
         decoding = decoding_config(
             max_tokens, body.temperature, body.top_p, 1, seed, stop=stop_sequences(body.stop)
         )
-        return prefix.request([prompt], decoding)
+        return prefix.request([prompt], decoding, chat=True)
 
     if body.stream:
         include_usage = body.stream_options is not None and body.stream_options.include_usage

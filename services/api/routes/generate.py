@@ -165,7 +165,9 @@ class ServedPrefix:
     def version(self) -> int:
         return self.prefix.version
 
-    def request(self, inputs: list[str], decoding: DecodingConfig) -> InferenceRequest:
+    def request(
+        self, inputs: list[str], decoding: DecodingConfig, *, chat: bool = False
+    ) -> InferenceRequest:
         return InferenceRequest(
             str(self.prefix.id),
             self.prefix.object_key,
@@ -173,6 +175,7 @@ class ServedPrefix:
             decoding,
             base_prefix_id=str(self.base.id) if self.base is not None else None,
             base_object_key=self.base.object_key if self.base is not None else None,
+            chat=chat,
         )
 
 
