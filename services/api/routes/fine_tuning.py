@@ -152,6 +152,20 @@ def _job(out: JobOut, model: str) -> dict[str, Any]:
     }
 
 
+def _event_message(
+    step: int, total_steps: int | None, loss: float | None, val_loss: float | None
+) -> str:
+    """OpenAI's wording (``Step 3/10: training loss=0.52``), naming only the losses measured
+    (an evaluation-only event has no training loss)."""
+    losses = [
+        f"{name}={value:.4f}"
+        for name, value in (("training loss", loss), ("validation loss", val_loss))
+        if value is not None
+    ]
+    where = f"Step {step}" if total_steps is None else f"Step {step}/{total_steps}"
+    return where + (": " + ", ".join(losses) if losses else "")
+
+
 def _served_model(context: Any) -> str:
     from services.api.routes.models import served_model_id
 
@@ -255,7 +269,9 @@ def list_fine_tuning_events(
                 "object": "fine_tuning.job.event",
                 "created_at": int(event.created_at.timestamp()),
                 "level": "info",
-                "message": f"Step {event.step}/{event.total_steps}: training loss={event.loss}",
+                "message": _event_message(
+                    event.step, event.total_steps, event.loss, event.val_loss
+                ),
                 "data": metrics,
                 "type": "metrics",
             }
