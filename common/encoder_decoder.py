@@ -67,8 +67,8 @@ _INSTALLED = "_prefixd_encoder_decoder_hooks"
 
 
 def _encoder_prefix_hook(
-    module: nn.Module, args: tuple, kwargs: dict[str, Any]
-) -> tuple[tuple, dict[str, Any]] | None:
+    module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
     state = _STATE.get()
     if state is None or state.encoder_cache is None:
         return None
@@ -92,7 +92,9 @@ def install_hooks(model: PreTrainedModel) -> None:
             embed = family.position_embedding
             assert embed is not None, "a family with decoder_positions needs position_embedding"
 
-            def positions_hook(module: nn.Module, args: tuple, output: torch.Tensor) -> Any:
+            def positions_hook(
+                module: nn.Module, args: tuple[Any, ...], output: torch.Tensor
+            ) -> Any:
                 state = _STATE.get()
                 if state is None or state.decoder_positions is None:
                     return None
@@ -118,7 +120,7 @@ def encode(
     attention_mask: torch.Tensor,
     encoder_prefix: torch.Tensor | None,
     *,
-    filled: list | None = None,
+    filled: list[Any] | None = None,
 ) -> torch.Tensor:
     """Run the encoder behind its prefix.
 
@@ -240,7 +242,7 @@ def encoder_decoder_text_key_values(model: PreTrainedModel, ids: list[int]) -> t
     device = next(model.parameters()).device
     tokens = torch.tensor([ids], device=device)  # (1, L)
     mask = torch.ones_like(tokens)
-    filled: list = []
+    filled: list[Any] = []
     hidden = encode(model, tokens, mask, None, filled=filled)
     cache = encoder_decoder_cache(None, None)
     decode(

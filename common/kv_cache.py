@@ -24,6 +24,7 @@ every use of it here, behind these few functions.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from transformers import DynamicCache, EncoderDecoderCache, PretrainedConfig
@@ -124,10 +125,10 @@ def cross_attention_ready(cache: EncoderDecoderCache, layers: int) -> bool:
     return all(cache.is_updated.get(layer, False) for layer in range(layers))
 
 
-def _layers(cache: DynamicCache | EncoderDecoderCache) -> list:
+def _layers(cache: DynamicCache | EncoderDecoderCache) -> list[Any]:
     """The self-attention layers: the ones that grow by one slot per decoded token."""
     if isinstance(cache, EncoderDecoderCache):
-        cache = cache.self_attention_cache  # type: ignore[assignment]
+        cache = cache.self_attention_cache
     for layer in cache.layers:
         if type(layer).__name__ != "DynamicLayer":
             # Sliding-window layers drop old positions themselves; merging batches of them
@@ -154,7 +155,7 @@ def trim_left(cache: DynamicCache | EncoderDecoderCache, slots: int) -> None:
         layer.values = layer.values[:, :, slots:]
 
 
-def _cross_layers(cache: EncoderDecoderCache) -> list:
+def _cross_layers(cache: EncoderDecoderCache) -> list[Any]:
     return list(cache.cross_attention_cache.layers)
 
 
@@ -196,8 +197,8 @@ def encoder_decoder_key_values(cache: EncoderDecoderCache) -> tuple[torch.Tensor
     """Self- and cross-attention key/values of a filled decoder cache, each
     ``(decoder layers, 2, B, kv_heads, T, head_dim)``."""
     return (
-        cache_key_values(cache.self_attention_cache),  # type: ignore[arg-type]
-        cache_key_values(cache.cross_attention_cache),  # type: ignore[arg-type]
+        cache_key_values(cache.self_attention_cache),
+        cache_key_values(cache.cross_attention_cache),
     )
 
 

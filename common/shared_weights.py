@@ -35,7 +35,7 @@ class SharedModel:
     tokenizer: PreTrainedTokenizerBase
     fingerprint: str
     source: str
-    weights: ray.ObjectRef  # dict: name -> (dtype, shape, uint8 buffer) for params and buffers
+    weights: ray.ObjectRef[Any]  # dict: name -> (dtype, shape, uint8 buffer) for params and buffers
 
 
 def _tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:

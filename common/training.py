@@ -26,7 +26,7 @@ import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch.nn import functional as F
@@ -118,7 +118,7 @@ class TrainingResult:
     history: list[Progress] = field(default_factory=list)
 
 
-def _prefix_inputs(key_values: torch.Tensor, batch: Batch, config) -> dict:
+def _prefix_inputs(key_values: torch.Tensor, batch: Batch, config: Any) -> dict[str, Any]:
     batch_size, length = batch.input_ids.shape
     prefix_length, device = key_values.shape[-2], key_values.device
     attention_mask = torch.cat(

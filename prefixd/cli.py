@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -20,6 +20,9 @@ from prefixd.cli_peft import peft_app
 from prefixd.cli_support import quiet_libraries, user_errors
 from prefixd.cli_tenants import tenants_app
 
+if TYPE_CHECKING:  # loaded lazily: `prefixd --help` does not import torch
+    from common.model_loading import LoadedModel
+
 app = typer.Typer(
     name="prefixd",
     help="Per-tenant prefix-tuning on one frozen language model.",
@@ -29,7 +32,7 @@ app = typer.Typer(
 )
 
 
-def _load(model: str | None):
+def _load(model: str | None) -> LoadedModel:
     from common.config import get_settings
     from common.model_loading import EMBEDDED, load_model
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import sys
 import textwrap
+from pathlib import Path
 
 import typer
 from tqdm import tqdm
@@ -74,7 +75,7 @@ def run_demo(
     )
 
 
-def plot_losses(history: list[Progress], path):
+def plot_losses(history: list[Progress], path: Path) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")

@@ -631,7 +631,7 @@ def start_scheduler(
     when another start made it. Ray must be initialized. The actor lives as long as the
     process that created it (and is restarted by Ray if its process dies)."""
     token = uuid.uuid4().hex
-    handle: Any = SchedulerActor.options(  # type: ignore[attr-defined]
+    handle: Any = SchedulerActor.options(
         name=SCHEDULER_NAME,
         namespace=settings.scheduler_namespace,
         get_if_exists=True,

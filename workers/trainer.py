@@ -88,9 +88,9 @@ from common.model_loading import LoadedModel
 from common.prefix_file import Prefix, prefix_from_bytes, prefix_to_bytes
 from common.shared_weights import SharedModel, materialize_model
 from common.training import Progress, train_prefix
-from common.training_budget import automatic_validation_split, plan_budget
+from common.training_budget import HASH_SPLIT, automatic_validation_split, plan_budget
 from workers.job_report import Candidate, bare_model, json_safe, personalization_report
-from workers.quality_gate import HASH_SPLIT, GateDecision, hash_split, nightly_quality_gate
+from workers.quality_gate import GateDecision, hash_split, nightly_quality_gate
 
 log = logging.getLogger(__name__)
 

@@ -152,7 +152,7 @@ class TrainerPool:
 
     def _spawn(self, *, prepare: bool = True) -> PooledProcess:
         s = self.settings
-        actor: Any = TrainerProcessActor.options(  # type: ignore[attr-defined]
+        actor: Any = TrainerProcessActor.options(
             num_cpus=s.trainer_num_cpus,
             num_gpus=s.trainer_num_gpus,
             resources=s.trainer_resources or None,

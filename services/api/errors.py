@@ -63,7 +63,7 @@ class ApiError(Exception):
         self.headers = headers
         self.param = param  # the request parameter at fault (OpenAI's ``param``), if one is
 
-    def __reduce__(self) -> tuple:
+    def __reduce__(self) -> tuple[Any, ...]:
         # Raised in an upload validation process (services/api/upload_validation.py) and
         # pickled back: rebuilt with every field, not from ``args`` (the message alone).
         return (
@@ -85,8 +85,8 @@ request_id_var: ContextVar[str | None] = ContextVar("prefixd_request_id", defaul
 REQUEST_ID_HEADER = "X-Request-ID"
 
 
-def error_body(code: str, message: str) -> dict:
-    body: dict = {"code": code, "message": message}
+def error_body(code: str, message: str) -> dict[str, Any]:
+    body: dict[str, Any] = {"code": code, "message": message}
     request_id = request_id_var.get()
     if request_id is not None:
         body["request_id"] = request_id
@@ -130,7 +130,9 @@ def _openai_type(status: int) -> str:
     )
 
 
-def openai_error_body(status: int, code: str, message: str, param: str | None = None) -> dict:
+def openai_error_body(
+    status: int, code: str, message: str, param: str | None = None
+) -> dict[str, Any]:
     """OpenAI's error body for an error of (prefixd's) ``status`` and ``code``."""
     return {
         "error": {
@@ -162,7 +164,7 @@ def error_response(
     return JSONResponse(error_body(code, message), status_code=status, headers=headers)
 
 
-def stream_error_body(error: ApiError, *, openai: bool) -> dict:
+def stream_error_body(error: ApiError, *, openai: bool) -> dict[str, Any]:
     """The event a stream sends when it fails after its answer began."""
     if openai:
         return openai_error_body(error.status, error.code, error.message, error.param)
@@ -356,7 +358,7 @@ def is_replica_failure(error: BaseException) -> bool:
 _UNION_MEMBER = re.compile(r"[\[\]-]|^(str|int|float|bool|list|dict|none)$")
 
 
-def _field_path(location: tuple) -> list[str | int]:
+def _field_path(location: tuple[str | int, ...]) -> list[str | int]:
     """The fields of a pydantic error location: without where it was (body, query…) and
     without the union member that was tried."""
     return [
@@ -367,7 +369,7 @@ def _field_path(location: tuple) -> list[str | int]:
     ]
 
 
-def _validation_param(location: tuple) -> str | None:
+def _validation_param(location: tuple[str | int, ...]) -> str | None:
     """``("body", "messages", 0, "role")`` → ``messages[0].role`` (OpenAI's ``param``)."""
     parts = _field_path(location)
     param = ""

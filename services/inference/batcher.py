@@ -29,6 +29,7 @@ import threading
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -66,7 +67,7 @@ class _Request:
     row: GenerationRow
     decoding: DecodingConfig
     loop: asyncio.AbstractEventLoop
-    out: asyncio.Queue
+    out: asyncio.Queue[Any]
     generator: torch.Generator | None = None
     produced: int = 0
     cancelled: bool = False
@@ -184,7 +185,7 @@ class ContinuousBatcher:
                     return
                 if isinstance(item, BaseException):
                     raise item
-                yield int(item)  # type: ignore[call-overload]
+                yield int(item)
         finally:
             request.cancelled = True  # a client that went away stops costing work
 

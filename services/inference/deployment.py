@@ -13,6 +13,7 @@ import asyncio
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import torch
 from ray import serve
@@ -93,7 +94,7 @@ class InferenceServer:
         self.replica_id = uuid.uuid4().hex[:8]
         self.blob_reads = 0
         self.forget_calls = 0
-        self._sweeper: asyncio.Task | None = None
+        self._sweeper: asyncio.Task[None] | None = None
 
     # --- prefixes ------------------------------------------------------------------------
 
@@ -256,7 +257,7 @@ class InferenceServer:
     async def evict(self, prefix_ids: list[str]) -> int:
         return self.cache.evict(prefix_ids)
 
-    async def forget(self, prefix_ids: list[str]) -> dict:
+    async def forget(self, prefix_ids: list[str]) -> dict[str, Any]:
         """Drop these prefixes (an erased tenant's) and say which of them this replica still
         holds: none, unless a load of one is in flight (then ask again; with its blob gone,
         no new load can succeed). ``common.erasure.ServeReplicaEvictor`` asks every replica."""
@@ -265,7 +266,7 @@ class InferenceServer:
         held = [p for p in prefix_ids if p in self.cache or self.cache.loading(p)]
         return {"replica": self.replica_id, "held": held}
 
-    async def stats(self) -> dict:
+    async def stats(self) -> dict[str, Any]:
         return {
             "replica": self.replica_id,
             "engine": asdict(self.batcher.stats),
