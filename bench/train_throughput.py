@@ -20,6 +20,7 @@ import random
 import statistics
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import torch
 from peft import PrefixTuningConfig, get_peft_model
@@ -49,8 +50,10 @@ def ours(
     seed: int,
     *,
     compute_dtype: str = "auto",
+    losses: list[float] | None = None,
 ) -> float:
-    """tokens/s of common.training.train_prefix over ``steps`` optimizer steps."""
+    """tokens/s of common.training.train_prefix over ``steps`` optimizer steps; each step's
+    training loss is appended to ``losses`` when given."""
     config = TrainingConfig(
         compute_dtype=compute_dtype,  # type: ignore[arg-type]
         prefix_length=PREFIX_LENGTH,
@@ -62,6 +65,8 @@ def ours(
         warmup_ratio=0.0,
     )
     result = train_prefix(loaded, examples[: steps * batch_size], config)
+    if losses is not None:
+        losses.extend(p.loss for p in result.history)
     return result.history[-1].tokens_per_second
 
 
@@ -101,6 +106,31 @@ def peft(step, encoded: Sequence[EncodedExample], batch_size: int, steps: int) -
     return tokens / (time.perf_counter() - started)
 
 
+LOSS_PLOT = Path(__file__).resolve().parent.parent / "docs" / "bf16_loss_curves.png"
+
+
+def plot_loss_curves(curves: dict[str, list[list[float]]], compute: str, path: Path) -> None:
+    """The two prefixd sides' training losses, float32 and ``compute``, side by side."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, 2, figsize=(10, 3.6), sharey=True)
+    for axis, (key, title) in zip(
+        axes, (("float32", "float32"), ("auto", f"{compute} autocast")), strict=True
+    ):
+        for round_, losses in enumerate(curves[key]):
+            axis.plot(range(1, len(losses) + 1), losses, marker="o", label=f"round {round_ + 1}")
+        axis.set_title(f"prefixd training loss, {title}")
+        axis.set_xlabel("optimizer step (same batches in both panels)")
+        axis.grid(alpha=0.3)
+        axis.legend()
+    axes[0].set_ylabel("training loss (token mean)")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+
+
 def padding_share(batches: Sequence[Sequence[EncodedExample]]) -> float:
     """Padding positions / all positions of right-padded ``batches``."""
     real = sum(len(e) for batch in batches for e in batch)
@@ -131,13 +161,32 @@ def main() -> None:
     ours(loaded, split.train, args.batch_size, 1, seed=0, compute_dtype="float32")
 
     results: dict[str, list[float]] = {"prefixd": [], "prefixd float32": [], "PEFT": []}
+    # per round, each step's loss of the two prefixd sides: same seed, so the same batches
+    curves: dict[str, list[list[float]]] = {"auto": [], "float32": []}
     for round_ in range(args.rounds):
+        curves["auto"].append([])
         results["prefixd"].append(
-            ours(loaded, split.train, args.batch_size, args.steps, seed=round_)
+            ours(
+                loaded,
+                split.train,
+                args.batch_size,
+                args.steps,
+                seed=round_,
+                losses=curves["auto"][-1],
+            )
         )
         results["PEFT"].append(peft(peft_step, encoded, args.batch_size, args.steps))
+        curves["float32"].append([])
         results["prefixd float32"].append(
-            ours(loaded, split.train, args.batch_size, args.steps, round_, compute_dtype="float32")
+            ours(
+                loaded,
+                split.train,
+                args.batch_size,
+                args.steps,
+                round_,
+                compute_dtype="float32",
+                losses=curves["float32"][-1],
+            )
         )
         print(f"round {round_ + 1}: " + ", ".join(f"{k} {v[-1]:.0f}" for k, v in results.items()))
 
@@ -151,6 +200,18 @@ def main() -> None:
         for rows in length_grouped_batches(lengths, args.batch_size, random.Random(0))
     ]
     compute = resolved_compute_dtype(loaded.model, "auto")
+    differences = [
+        abs(a - b) / b
+        for auto, fp32 in zip(curves["auto"], curves["float32"], strict=True)
+        for a, b in zip(auto, fp32, strict=True)
+    ]
+    if not args.no_write:
+        plot_loss_curves(curves, compute, LOSS_PLOT)
+    loss_rows = "\n".join(
+        f"| {round_ + 1} | {step + 1} | {fp32:.4f} | {auto:.4f} |"
+        for round_, (autos, fp32s) in enumerate(zip(curves["auto"], curves["float32"], strict=True))
+        for step, (auto, fp32) in enumerate(zip(autos, fp32s, strict=True))
+    )
     body = f"""Prefix-tuning training throughput on `{loaded.source.rsplit("/", 1)[-1]}` (prefix length
 {PREFIX_LENGTH}, MLP {MID_DIM}, batch {args.batch_size}, the same {len(encoded)} E2E examples
 for every side): {args.rounds} alternating rounds of {args.steps} optimizer steps per side;
@@ -165,11 +226,20 @@ tokens/s counts real (non-padding) tokens.
 **Ratio prefixd / PEFT: {statistics.median(ratios):.2f}×** (per round: {", ".join(f"{r:.2f}" for r in ratios)}; target ≥ 1.3: {"met" if statistics.median(ratios) >= 1.3 else "missed"}).
 prefixd in float32 / PEFT: {statistics.median(fp32_ratios):.2f}× (per round: {", ".join(f"{r:.2f}" for r in fp32_ratios)}).
 
+Equal loss: the two prefixd sides of a round train on the same batches from the same seed,
+so their per-step training losses compare directly (side by side:
+[bf16_loss_curves.png](bf16_loss_curves.png)); the {compute} loss differs from the float32
+one by {statistics.median(differences):.2%} in the median step, {max(differences):.2%} at most.
+
+| round | step | float32 loss | {compute} loss |
+|---|---|---|---|
+{loss_rows}
+
 What is compared: the same examples, batch size, steps, loss and optimizer; each side batches
 and computes as it ships. prefixd's batches are grouped by length (`common.training.length_grouped_batches`,
 on by default) where PEFT's loader takes them in order, and prefixd's frozen model runs under
 bfloat16 autocast on this CPU (AVX512-BF16; `compute_dtype="auto"`), where PEFT's runs in
-float32 (the loss curves of the two precisions: "bfloat16 training loss" below). Other
+float32. Other
 differences: prefixd runs the vocabulary projection (49,152 × 576 on this model) only at
 output-token positions (`common.training.prefix_output_loss`), where PEFT computes logits for
 every position; and prefixd computes the prefix once per step and expands it over the batch
