@@ -167,7 +167,15 @@ def test_length_grouping_batches_every_example_once_with_less_padding():
 def test_grouped_and_plain_batches_reach_the_same_loss(tiny_llama):
     """Grouping reorders which rows share a batch, not what a row computes: on the same data
     both orders train to a loss within noise of each other."""
-    mixed = TASK + [Example("epsilon zeta eta theta", "a b c d e f"), Example("iota", "z")]
+    mixed = [*TASK, Example("epsilon zeta eta theta", "a b c d e f"), Example("iota", "z")]
+    # One batch of every row, in another order: the first loss is the same number.
+    first = {}
+    for grouped in (True, False):
+        config = TrainingConfig(
+            **{**FAST, "epochs": 1, "group_by_length": grouped, "compute_dtype": "float32"}
+        )
+        first[grouped] = train_prefix(tiny_llama, mixed, config).history[0].loss
+    assert first[True] == pytest.approx(first[False], rel=1e-5)
     final = {}
     for grouped in (True, False):
         config = TrainingConfig(
