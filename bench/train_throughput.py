@@ -106,7 +106,7 @@ def peft(step, encoded: Sequence[EncodedExample], batch_size: int, steps: int) -
     return tokens / (time.perf_counter() - started)
 
 
-LOSS_PLOT = Path(__file__).resolve().parent.parent / "docs" / "bf16_loss_curves.png"
+LOSS_PLOT = Path(__file__).resolve().parent.parent / "docs" / "img" / "bf16_loss_curves.png"
 
 
 def plot_loss_curves(curves: dict[str, list[list[float]]], compute: str, path: Path) -> None:
@@ -228,7 +228,7 @@ prefixd in float32 / PEFT: {statistics.median(fp32_ratios):.2f}× (per round: {"
 
 Equal loss: the two prefixd sides of a round train on the same batches from the same seed,
 so their per-step training losses compare directly (side by side:
-[bf16_loss_curves.png](bf16_loss_curves.png)); the {compute} loss differs from the float32
+[img/bf16_loss_curves.png](img/bf16_loss_curves.png)); the {compute} loss differs from the float32
 one by {statistics.median(differences):.2%} in the median step, {max(differences):.2%} at most.
 
 | round | step | float32 loss | {compute} loss |
