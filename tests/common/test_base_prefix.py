@@ -142,7 +142,11 @@ def test_check_base_and_inference_prefix_name_expected_and_got():
 @pytest.mark.parametrize("reparameterize", [True, False])
 def test_warm_start_begins_exactly_at_the_base(tiny_model, reparameterize):
     base = random_base(tiny_model)
-    config = TrainingConfig(**{**FAST, "epochs": 2, "reparameterize": reparameterize})
+    # float32 compute: the comparison below is exact, and bfloat16 autocast ("auto" on a CPU
+    # with native bfloat16) would round the training loss but not the float32 evaluation's
+    config = TrainingConfig(
+        **{**FAST, "epochs": 2, "reparameterize": reparameterize, "compute_dtype": "float32"}
+    )
     result = train_prefix(
         tiny_model, TASK, config, base=base, base_mode="warm_start", base_prefix_id="base-1"
     )

@@ -140,3 +140,78 @@ def test_output_only_projection_gives_the_full_logits_loss(tiny_model, reduction
     (grad_fast,) = torch.autograd.grad(fast, prefix)
     (grad_full,) = torch.autograd.grad(full, prefix)
     torch.testing.assert_close(grad_fast, grad_full)
+
+
+def test_length_grouping_batches_every_example_once_with_less_padding():
+    import random
+
+    from common.training import length_grouped_batches, shuffled_batches
+
+    lengths = [random.Random(i).randint(5, 90) for i in range(203)]
+    grouped = length_grouped_batches(lengths, 8, random.Random(0))
+    plain = shuffled_batches(len(lengths), 8, random.Random(0))
+    assert sorted(i for batch in grouped for i in batch) == list(range(203))
+    assert len(grouped) == len(plain) == 26
+    assert sum(len(batch) < 8 for batch in grouped) == 1  # only the last pool's tail
+
+    def padded_positions(batches):
+        return sum(
+            len(b) * max(lengths[i] for i in b) - sum(lengths[i] for i in b) for b in batches
+        )
+
+    assert padded_positions(grouped) < 0.2 * padded_positions(plain)
+    # a different epoch (the generator moved on) groups differently: rows still mix
+    assert length_grouped_batches(lengths, 8, random.Random(1)) != grouped
+
+
+def test_grouped_and_plain_batches_reach_the_same_loss(tiny_llama):
+    """Grouping reorders which rows share a batch, not what a row computes: on the same data
+    both orders train to a loss within noise of each other."""
+    mixed = [*TASK, Example("epsilon zeta eta theta", "a b c d e f"), Example("iota", "z")]
+    # One batch of every row, in another order: the first loss is the same number.
+    first = {}
+    for grouped in (True, False):
+        config = TrainingConfig(
+            **{**FAST, "epochs": 1, "group_by_length": grouped, "compute_dtype": "float32"}
+        )
+        first[grouped] = train_prefix(tiny_llama, mixed, config).history[0].loss
+    assert first[True] == pytest.approx(first[False], rel=1e-5)
+    final = {}
+    for grouped in (True, False):
+        config = TrainingConfig(
+            **{**FAST, "epochs": 30, "batch_size": 2, "group_by_length": grouped}
+        )
+        final[grouped] = train_prefix(tiny_llama, mixed, config).history[-1].loss
+    assert final[True] < 0.3 and final[False] < 0.3, final
+
+
+def test_bfloat16_compute_trains_a_finite_prefix_that_loads(tiny_model, tmp_path):
+    from common.prefix_file import load_prefix, save_prefix
+
+    losses = {}
+    for compute_dtype in ("float32", "bfloat16"):
+        config = TrainingConfig(**{**FAST, "epochs": 1, "compute_dtype": compute_dtype})
+        result = train_prefix(tiny_model, TASK, config)
+        assert result.prefix.hyperparameters["compute_dtype"] == compute_dtype
+        losses[compute_dtype] = result.history[0].loss  # same seed, before any update
+    assert losses["bfloat16"] == pytest.approx(losses["float32"], rel=0.02)
+
+    config = TrainingConfig(**{**FAST, "epochs": 20, "compute_dtype": "bfloat16"})
+    result = train_prefix(tiny_model, TASK * 2, config)
+    assert all(torch.isfinite(torch.tensor(e.loss)) for e in result.history)
+    assert result.history[-1].loss < 0.5 * result.history[0].loss
+    assert result.prefix.key_values.dtype == torch.float32  # the stored dtype, not compute's
+    assert torch.isfinite(result.prefix.key_values).all()
+    path = save_prefix(result.prefix, tmp_path / "bf16.safetensors")
+    loaded = load_prefix(path, expected_fingerprint=tiny_model.fingerprint)
+    assert torch.equal(loaded.key_values, result.prefix.key_values)
+
+
+def test_auto_compute_dtype_is_bfloat16_only_on_a_native_bfloat16_cpu(tiny_llama):
+    from common.training import cpu_has_native_bfloat16, resolved_compute_dtype
+
+    expected = "bfloat16" if cpu_has_native_bfloat16() else "float32"
+    assert resolved_compute_dtype(tiny_llama.model, "auto") == expected
+    assert resolved_compute_dtype(tiny_llama.model, "float32") == "float32"
+    with pytest.raises(InvalidInputError, match="compute dtype must be auto, float32 or bfloat16"):
+        train_prefix(tiny_llama, TASK, TrainingConfig(**{**FAST, "compute_dtype": "fp8"}))

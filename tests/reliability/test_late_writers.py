@@ -66,9 +66,13 @@ def test_a_late_write_is_swept_when_the_stalled_trainer_of_an_erased_tenant_ends
         timeout=60,
         what="the sweep after the trainer ended",
     )
-    wait_for(lambda: not env.store.exists(kept.object_key), timeout=60, what="the retry")
-    with Session(env.engine) as session:
-        assert crud.list_pending_blob_deletes(session=session) == []
+
+    def retried() -> bool:  # the blob goes first, then its pending row: wait for both
+        with Session(env.engine) as session:
+            pending = crud.list_pending_blob_deletes(session=session)
+        return not env.store.exists(kept.object_key) and pending == []
+
+    wait_for(retried, timeout=60, what="the retry to delete the blob and its pending row")
 
 
 def test_a_trainer_stalled_past_its_runtime_is_stopped_and_the_job_failed(
