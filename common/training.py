@@ -172,7 +172,7 @@ def resolved_compute_dtype(model: PreTrainedModel, compute_dtype: str) -> str:
 
 def compute_precision(
     model: PreTrainedModel, compute_dtype: str
-) -> contextlib.AbstractContextManager:
+) -> contextlib.AbstractContextManager[Any]:
     """The context the frozen model's training forward runs in: bfloat16 autocast on a CPU
     model when :func:`resolved_compute_dtype` says so (its backward follows the forward's
     dtypes), else nothing. Autocast leaves softmax, normalization and the loss in float32."""
