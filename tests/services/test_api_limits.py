@@ -188,10 +188,11 @@ def test_a_chat_line_counts_its_trained_turns_and_a_long_turn_is_named(
     so a late turn can outgrow the context; the error names the line and the message."""
     words = "alpha beta gamma"  # "user: alpha beta gamma" is 4 tokens
     turn = [{"role": "user", "content": words}, {"role": "assistant", "content": words}]
-    row = json.dumps({"messages": turn * 2}).encode()  # message 4: 3 × 4 + 1, sep, 3, eos
+    row = json.dumps({"messages": turn * 2}).encode()  # message 4: 3 × 4 + 1, 3, eos
     assert count_valid_examples(write(tmp_path, row), checker, max_examples=5) == 2
-    long = json.dumps({"messages": turn * 3}).encode()  # message 6: 5 × 4 + 1 + 5
-    with pytest.raises(InvalidInputError, match=r"^line 2, message 6: the example has 26 tokens"):
+    # message 6: 5 × 4 + 1 ("assistant:"), no separator (a chat prompt is read as it is), 3, eos
+    long = json.dumps({"messages": turn * 3}).encode()
+    with pytest.raises(InvalidInputError, match=r"^line 2, message 6: the example has 25 tokens"):
         count_valid_examples(write(tmp_path, row + b"\n" + long), checker, max_examples=9)
 
 
