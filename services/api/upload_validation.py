@@ -19,6 +19,7 @@ errors come back as raised (:class:`InvalidInputError` naming the line, the 413
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import logging
 import multiprocessing
@@ -84,12 +85,16 @@ class UploadValidator:
                 )
             return self._pool
 
-    def warm_up(self) -> None:
-        """Start the processes now (a replica's start), loading their tokenizers in the
-        background, not on the first upload (which waits for them if they are not ready)."""
+    def warm_up(self, *, timeout: float | None = None) -> bool:
+        """Start the processes now (a replica's start), not on the first upload, and wait up
+        to ``timeout`` seconds for their tokenizers to load (on a loaded machine spawning
+        them takes tens of seconds, which an upload should not pay). True when every one is
+        ready; otherwise they finish loading in the background and the first upload waits
+        for them."""
         pool = self._executor()
-        for _ in range(self.settings.upload_validation_processes):
-            pool.submit(_warm)
+        warming = [pool.submit(_warm) for _ in range(self.settings.upload_validation_processes)]
+        done, _ = concurrent.futures.wait(warming, timeout=timeout)
+        return len(done) == len(warming)
 
     async def count_examples(self, path: Path, *, max_examples: int) -> int:
         """:func:`count_valid_examples` of the file at ``path``, in a validation process."""

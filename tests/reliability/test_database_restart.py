@@ -165,7 +165,7 @@ def test_postgres_restart_gives_503_then_recovers_and_loses_no_job(
     from workers.scheduler import start_scheduler, stop_scheduler, wait_until_ready
 
     stack = db_stack
-    http = httpx.Client(base_url=stack.url, timeout=30)
+    http = httpx.Client(base_url=stack.url, timeout=120)
     shape = prefix_shape(stack.loaded.model.config)
     tenants = []
     for seed in (1, 2):
