@@ -93,6 +93,7 @@ from common.training import (
 TITLE = "E2E low-data quality (bench/e2e_quality.py)"
 METHODS = (
     "prefix-random",
+    "prefix-auto",
     "prefix-text",
     "prefix-warm",
     "prefix-stack",
@@ -100,7 +101,7 @@ METHODS = (
     "finetune",
     "in-context",
 )
-OURS = ("prefix-random", "prefix-text", "prefix-warm", "prefix-stack")
+OURS = ("prefix-random", "prefix-auto", "prefix-text", "prefix-warm", "prefix-stack")
 IN_CONTEXT_K = 4  # tenant examples nearest to the input, in the bare model's prompt
 RESULTS = Path("bench/out/e2e_quality.json")
 BASE_PREFIX = Path("bench/out/e2e_base_prefix.safetensors")
@@ -134,6 +135,7 @@ class Trained:
     prefix: Prefix | None
     best_epoch: int
     demonstrations: list[Example] = field(default_factory=list)  # in-context: the pool
+    passes: float | None = None  # epochs actually run, when a budget decided (prefix-auto)
 
 
 def training_config(args: argparse.Namespace, seed: int, *, init: str = "random") -> TrainingConfig:
@@ -145,11 +147,12 @@ def training_config(args: argparse.Namespace, seed: int, *, init: str = "random"
         warmup_ratio=args.warmup_ratio,
         seed=seed,
         loss_reduction="token_mean",
+        group_by_length=args.batching == "grouped",
     )
 
 
-def real_tokens(encoded: Sequence[EncodedExample], epochs: int) -> int:
-    return epochs * sum(len(e) for e in encoded)
+def real_tokens(encoded: Sequence[EncodedExample], epochs: float) -> int:
+    return round(epochs * sum(len(e) for e in encoded))
 
 
 # --- ours --------------------------------------------------------------------------------
@@ -187,7 +190,9 @@ def train_ours(
         (p.validation_loss, p.epoch) for p in result.history if p.validation_loss is not None
     ]
     best_epoch = min(validation)[1] if validation else (config.epochs or 0)
-    return Trained(loaded, result.prefix, best_epoch)
+    steps_per_epoch = math.ceil(len(train) / config.batch_size)
+    passes = result.history[-1].step / steps_per_epoch if result.history else 0.0
+    return Trained(loaded, result.prefix, best_epoch, passes=passes)
 
 
 def train_base(loaded: LoadedModel, mrs: list[MeaningRepresentation], args) -> Prefix:
@@ -495,6 +500,7 @@ TRAINERS: dict[
     str, Callable[[LoadedModel, list[Example], list[Example], TrainingConfig], Trained]
 ] = {
     "prefix-random": train_ours,
+    "prefix-auto": train_ours,
     "prefix-text": train_ours,
     "peft-prefix": train_peft,
     "finetune": train_finetune,
@@ -514,6 +520,8 @@ def run_one(
     config = training_config(args, seed, init=TEXT_INIT if method == "prefix-text" else "random")
     if method == "finetune":
         config.learning_rate = args.lr_finetune
+    if method == "prefix-auto":  # what a job that sets no epochs gets: the automatic budget
+        config.epochs = None  # (common/training_budget.py), early-stopped on the dev pairs
     started = time.perf_counter()
     if method in ("prefix-warm", "prefix-stack"):
         assert base is not None
@@ -522,7 +530,7 @@ def run_one(
     else:
         trained = TRAINERS[method](loaded, split.train, split.dev, config)
     train_seconds = time.perf_counter() - started
-    passes = 0 if method == "in-context" else (config.epochs or 0)
+    passes = 0 if method == "in-context" else (trained.passes or config.epochs or 0)
     tokens = real_tokens(encode(loaded, split.train, 0), passes)
     decoding = DecodingConfig(max_new_tokens=args.max_new_tokens, num_beams=args.num_beams)
     started = time.perf_counter()
@@ -706,6 +714,7 @@ def parse_args(argv: Iterable[str] | None = None) -> argparse.Namespace:
         "--results", type=Path, default=RESULTS, help="JSON of finished runs (resumable)"
     )
     parser.add_argument("--batch-size", type=int, default=8)
+    add_batching_argument(parser)
     parser.add_argument("--warmup-ratio", type=float, default=0.1)
     parser.add_argument("--lr-prefix", type=float, default=5e-4, help="ours and PEFT's")
     parser.add_argument("--lr-finetune", type=float, default=5e-5)
@@ -745,11 +754,27 @@ def _run_of(record: dict[str, Any]) -> Run:
     return Run(**{**record, "samples": [tuple(s) for s in record["samples"]]})
 
 
+def add_batching_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--batching",
+        choices=("grouped", "shuffled"),
+        default="grouped",
+        help="our prefix rows' batches: length-grouped (the service's default) or a plain "
+        "shuffle each epoch (what the PEFT and fine-tuning rows use)",
+    )
+
+
+def batching_signature(args: argparse.Namespace) -> str:
+    """Empty for the default, so records made before the option still match."""
+    return "" if args.batching == "grouped" else f" batching={args.batching}"
+
+
 def run_signature(args: argparse.Namespace) -> str:
     return (
         f"test_mrs={args.test_mrs} epochs={args.epochs} beams={args.num_beams} "
         f"max_new={args.max_new_tokens} batch={args.batch_size} warmup={args.warmup_ratio} "
         f"lr={args.lr_prefix}/{args.lr_finetune} model={args.model} base={base_signature(args)}"
+        + batching_signature(args)
     )
 
 

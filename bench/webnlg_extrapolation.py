@@ -34,7 +34,16 @@ from typing import Any
 
 import torch
 
-from bench.e2e_quality import TRAINERS, corpus_bleu, decode, encode, real_tokens, training_config
+from bench.e2e_quality import (
+    TRAINERS,
+    add_batching_argument,
+    batching_signature,
+    corpus_bleu,
+    decode,
+    encode,
+    real_tokens,
+    training_config,
+)
 from bench.report import BENCHMARKS, write_section
 from bench.run_records import append_record, load_records
 from bench.tenants_webnlg import WEBNLG, Entry, load_categories
@@ -235,6 +244,7 @@ def parse_args(argv: Iterable[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--num-beams", type=int, default=1, help="1: greedy (the paper: 5)")
     parser.add_argument("--batch-size", type=int, default=8)
+    add_batching_argument(parser)
     parser.add_argument("--warmup-ratio", type=float, default=0.1)
     parser.add_argument("--lr-prefix", type=float, default=5e-4)
     parser.add_argument("--lr-finetune", type=float, default=5e-5)
@@ -261,6 +271,7 @@ def run_signature(args: argparse.Namespace) -> str:
         f"seen={sorted(args.seen)} n={args.n} eval={args.eval_entries} epochs={args.epochs} "
         f"beams={args.num_beams} max_new={args.max_new_tokens} batch={args.batch_size} "
         f"warmup={args.warmup_ratio} lr={args.lr_prefix}/{args.lr_finetune} model={args.model}"
+        + batching_signature(args)
     )
 
 

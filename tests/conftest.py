@@ -1,6 +1,18 @@
 """Shared fixtures: tiny random models built from configs (tests/fixtures/models.py) and the
 real services — PostgreSQL, an S3 server over HTTP (tests/fixtures/services.py)."""
 
+import os
+
+# Ray Serve's controller gives a starting HTTP proxy 5 s per readiness check and kills it
+# after three misses; on this 2-core machine, with two pytest workers and their trainers,
+# a proxy can take longer to start, and `serve.start` then fails with ActorDiedError.
+# Every Ray this suite starts (in-process, `prefixd up`, `ray start`) inherits these.
+for _name, _seconds in (
+    ("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "60"),
+    ("RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S", "60"),
+):
+    os.environ.setdefault(_name, _seconds)
+
 pytest_plugins = [
     "tests.fixtures.models",
     "tests.fixtures.services",

@@ -112,7 +112,7 @@ async def upload_operator_dataset(
     finally:
         remove_spooled(spooled)
     log.info("operator uploaded dataset %s (%d examples)", dataset.id, examples)
-    return OperatorDatasetOut.of(dataset)
+    return OperatorDatasetOut.of(dataset, name=dataset.name)
 
 
 def _store(context: Any, spooled: Spooled, examples: int, name: str | None) -> OperatorDataset:
@@ -150,7 +150,7 @@ def list_operator_datasets(
 ) -> Any:
     """Operator datasets, newest first."""
     rows = crud.list_operator_datasets(session=session, offset=offset, limit=limit)
-    return Page[OperatorDatasetOut](data=[OperatorDatasetOut.of(d) for d in rows])
+    return Page[OperatorDatasetOut](data=[OperatorDatasetOut.of(d, name=d.name) for d in rows])
 
 
 @router.delete("/datasets/{dataset_id}", status_code=204, responses={404: {}, 409: {}})

@@ -10,31 +10,17 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from common.db.models import (
     BasePrefix,
-    OperatorDataset,
 )
 from common.hyperparameters import Hyperparameters
+from services.api.schemas.datasets import DatasetOut
 from services.api.schemas.fields import Name
 from services.api.schemas.jobs import JobOut
 
 
-class OperatorDatasetOut(BaseModel):
-    id: uuid.UUID
-    name: str | None
-    examples: int
-    bytes: int
-    sha256: str
-    created_at: datetime
+class OperatorDatasetOut(DatasetOut):
+    """An operator dataset: a tenant dataset's body plus the name the operator gave it."""
 
-    @classmethod
-    def of(cls, dataset: OperatorDataset) -> OperatorDatasetOut:
-        return cls(
-            id=dataset.id,
-            name=dataset.name,
-            examples=dataset.example_count,
-            bytes=dataset.size_bytes,
-            sha256=dataset.sha256,
-            created_at=dataset.created_at,
-        )
+    name: str | None
 
 
 class BasePrefixOut(BaseModel):
