@@ -50,7 +50,7 @@ from common.db.models import (
     TrainingJobCreate,
 )
 from common.errors import InvalidInputError, PrefixdError
-from common.training_budget import EPOCHS_WITH_VALIDATION, HASH_SPLIT
+from common.training_budget import AUTOMATIC_EPOCHS, HASH_SPLIT
 
 log = logging.getLogger(__name__)
 
@@ -143,7 +143,7 @@ def estimate_tokens(size_bytes: int, params: dict[str, Any]) -> int:
     """Training tokens of a job: its data's bytes / ``BYTES_PER_TOKEN``, less the
     held-out part, times the epochs (the automatic budget's nominal epochs when unset: an
     estimate, as its floor and ceiling and early stopping move the real count)."""
-    epochs = int(params.get("epochs") or EPOCHS_WITH_VALIDATION)
+    epochs = int(params.get("epochs") or AUTOMATIC_EPOCHS)
     held_out = float(params.get("validation_split") or 0.0)
     return round(size_bytes * (1.0 - held_out) / BYTES_PER_TOKEN) * epochs
 

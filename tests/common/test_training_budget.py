@@ -23,10 +23,10 @@ def test_tiny_datasets_get_the_floor_large_ones_the_ceiling():
     assert huge.total_steps == MAX_STEPS
 
 
-def test_with_validation_the_budget_is_larger_and_checked_often():
+def test_with_validation_the_budget_is_checked_often():
     budget = plan_budget(200, 8, epochs=None, has_validation=True)
-    assert budget.total_steps == 10 * 25
-    assert budget.evaluate_every == 16  # ceil(250 / 16): 16 validations, not 10 epochs' worth
+    assert budget.total_steps == 5 * 25  # the same schedule as without validation
+    assert budget.evaluate_every == 8  # ceil(125 / 16): 16 validations, not 5 epochs' worth
     assert budget.patience == 3
     assert plan_budget(200, 8, epochs=None, has_validation=True, patience=5).patience == 5
 

@@ -30,7 +30,7 @@ from common.db.models import (
 )
 from common.db.types import utcnow
 from common.errors import InvalidInputError
-from common.training_budget import DEFAULT_BATCH_SIZE, EPOCHS_WITH_VALIDATION, plan_budget
+from common.training_budget import AUTOMATIC_EPOCHS, DEFAULT_BATCH_SIZE, plan_budget
 
 # Idempotency keys of this prefix belong to the nightly planner (``nightly-<date>``, one
 # nightly job per tenant and night); a tenant's own job may not take one.
@@ -47,8 +47,8 @@ BYTES_PER_TOKEN = 4  # a rough average of English text in a BPE vocabulary
 def estimate_job_tokens(size_bytes: int, hyperparameters: dict[str, Any]) -> int:
     """Training tokens of a job: its data's bytes / ``BYTES_PER_TOKEN``, less the held-out
     part, times the epochs."""
-    # Epochs unset: the automatic budget, at most EPOCHS_WITH_VALIDATION passes over the data.
-    epochs = int(hyperparameters.get("epochs") or EPOCHS_WITH_VALIDATION)
+    # Epochs unset: the automatic budget, at most AUTOMATIC_EPOCHS passes over the data.
+    epochs = int(hyperparameters.get("epochs") or AUTOMATIC_EPOCHS)
     held_out = float(hyperparameters.get("validation_split") or 0.0)
     return round(size_bytes * (1.0 - held_out) / BYTES_PER_TOKEN) * epochs
 
