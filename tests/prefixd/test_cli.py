@@ -55,7 +55,8 @@ def test_train_local_without_epochs_uses_the_automatic_budget(runner, tmp_path, 
     assert "holding out 7 of the 45 examples for validation" in result.stderr
     metrics = load_prefix(out).metrics
     assert metrics["automatic_budget"] is True and metrics["validation_examples"] == 7
-    assert metrics["examples"] == 38 and metrics["planned_steps"] == 50  # 10 × ceil(38 / 8)
+    # 5 × ceil(38 / 8) = 25 steps, raised to the 40-step floor
+    assert metrics["examples"] == 38 and metrics["planned_steps"] == 40
 
 
 def test_train_then_generate(runner, data_file, tmp_path, tiny_model_dirs):
