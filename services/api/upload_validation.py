@@ -88,9 +88,10 @@ class UploadValidator:
     def warm_up(self, *, timeout: float | None = None) -> bool:
         """Start the processes now (a replica's start), not on the first upload, and wait up
         to ``timeout`` seconds for their tokenizers to load (on a loaded machine spawning
-        them takes tens of seconds, which an upload should not pay). True when every one is
-        ready; otherwise they finish loading in the background and the first upload waits
-        for them."""
+        them takes tens of seconds, which an upload should not pay). True when the warming
+        tasks finished, i.e. a process holds its tokenizer (the pool may hand both tasks to the
+        first process up); otherwise loading goes on in the background and the first upload
+        waits for it."""
         pool = self._executor()
         warming = [pool.submit(_warm) for _ in range(self.settings.upload_validation_processes)]
         done, _ = concurrent.futures.wait(warming, timeout=timeout)
