@@ -704,7 +704,10 @@ def not_run(runs: Sequence[Run]) -> str:
 def parse_args(argv: Iterable[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--n", type=int, nargs="+", default=[50], help="training-set sizes")
-    parser.add_argument("--seeds", type=int, default=2, help="seeds 0 … S-1 (split and training)")
+    parser.add_argument("--seeds", type=int, default=2, help="how many seeds (split and training)")
+    parser.add_argument(
+        "--first-seed", type=int, default=0, help="seeds are FIRST … FIRST+S-1 (more seeds later)"
+    )
     parser.add_argument("--test-mrs", type=int, default=40, help="held-out MRs to evaluate on")
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
@@ -759,7 +762,8 @@ def add_batching_argument(parser: argparse.ArgumentParser) -> None:
         "--batching",
         choices=("grouped", "shuffled"),
         default="grouped",
-        help="our prefix rows' batches: length-grouped (the service's default) or a plain "
+        help="our prefix rows' batches: the service's default (length-grouped from two "
+        "grouping pools, 256 examples at batch 8; a plain shuffle below) or always a plain "
         "shuffle each epoch (what the PEFT and fine-tuning rows use)",
     )
 
@@ -792,7 +796,7 @@ def main(argv: Iterable[str] | None = None) -> None:
     init_tokens = len(
         loaded.tokenizer.encode(TEXT_INIT.removeprefix("text:"), add_special_tokens=False)
     )
-    seeds = list(range(args.seeds))
+    seeds = list(range(args.first_seed, args.first_seed + args.seeds))
     runs = load_runs(args.results, args)
     if args.report_only:
         report(runs, args, init_tokens)
