@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import itertools
 import random
 import statistics
 import time
@@ -32,6 +33,8 @@ from common.data import EncodedExample, collate, encode_examples
 from common.datasets.e2e import low_data_split, read_e2e
 from common.model_loading import LoadedModel, load_model
 from common.training import (
+    GROUPING_MIN_POOLS,
+    GROUPING_POOL_BATCHES,
     TrainingConfig,
     length_grouped_batches,
     output_loss,
@@ -52,8 +55,9 @@ def ours(
     compute_dtype: str = "auto",
     losses: list[float] | None = None,
 ) -> float:
-    """tokens/s of common.training.train_prefix over ``steps`` optimizer steps; each step's
-    training loss is appended to ``losses`` when given."""
+    """tokens/s of common.training.train_prefix over its first ``steps`` optimizer steps on
+    ``examples`` (the whole dataset decides its batching, as in a job); each step's training
+    loss is appended to ``losses`` when given."""
     config = TrainingConfig(
         compute_dtype=compute_dtype,  # type: ignore[arg-type]
         prefix_length=PREFIX_LENGTH,
@@ -64,7 +68,8 @@ def ours(
         seed=seed,
         warmup_ratio=0.0,
     )
-    result = train_prefix(loaded, examples[: steps * batch_size], config)
+    polls = itertools.count()  # polled once before every step
+    result = train_prefix(loaded, examples, config, should_stop=lambda: next(polls) >= steps)
     if losses is not None:
         losses.extend(p.loss for p in result.history)
     return result.history[-1].tokens_per_second
@@ -149,7 +154,10 @@ def main() -> None:
 
     settings = get_settings()
     loaded = load_model(args.model, settings=settings)
-    split = low_data_split(read_e2e(), n_train=args.steps * args.batch_size, n_test=1, seed=0)
+    # The smallest dataset that ships length-grouped (smaller ones get a plain shuffle:
+    # common.training.epoch_batches); PEFT takes its first steps × batch examples in order.
+    n_train = max(args.steps, GROUPING_MIN_POOLS * GROUPING_POOL_BATCHES) * args.batch_size
+    split = low_data_split(read_e2e(), n_train=n_train, n_test=1, seed=0)
     encoded = encode_examples(
         loaded.tokenizer, split.train, max_tokens=max_positions(loaded.model.config) - PREFIX_LENGTH
     )
@@ -213,9 +221,9 @@ def main() -> None:
         for step, (auto, fp32) in enumerate(zip(autos, fp32s, strict=True))
     )
     body = f"""Prefix-tuning training throughput on `{loaded.source.rsplit("/", 1)[-1]}` (prefix length
-{PREFIX_LENGTH}, MLP {MID_DIM}, batch {args.batch_size}, the same {len(encoded)} E2E examples
-for every side): {args.rounds} alternating rounds of {args.steps} optimizer steps per side;
-tokens/s counts real (non-padding) tokens.
+{PREFIX_LENGTH}, MLP {MID_DIM}, batch {args.batch_size}, one dataset of {len(encoded)} E2E examples
+for every side, the smallest that prefixd groups by length): {args.rounds} alternating rounds
+of {args.steps} optimizer steps per side; tokens/s counts real (non-padding) tokens.
 
 | side | batches | compute | tokens/s per round | median |
 |---|---|---|---|---|
@@ -226,8 +234,10 @@ tokens/s counts real (non-padding) tokens.
 **Ratio prefixd as shipped / PEFT: {statistics.median(fp32_ratios):.2f}×** (per round: {", ".join(f"{r:.2f}" for r in fp32_ratios)}; target ≥ 1.3: {"met" if statistics.median(fp32_ratios) >= 1.3 else "missed"}).
 With `compute_dtype="auto"` ({compute} autocast) / PEFT: {statistics.median(ratios):.2f}× (per round: {", ".join(f"{r:.2f}" for r in ratios)}).
 
-Equal loss: the two prefixd sides of a round train on the same batches from the same seed,
-so their per-step training losses compare directly (side by side:
+Loss: the two prefixd sides of a round train on the same batches from the same seed, so
+their per-step training losses compare directly (from the second step on, the two
+trajectories drift apart; bfloat16's effect on a whole run's quality is not measured, so it
+stays opt-in; side by side:
 [img/bf16_loss_curves.png](img/bf16_loss_curves.png)); the {compute} loss differs from the float32
 one by {statistics.median(differences):.2%} in the median step, {max(differences):.2%} at most.
 
@@ -235,9 +245,11 @@ one by {statistics.median(differences):.2%} in the median step, {max(differences
 |---|---|---|---|
 {loss_rows}
 
-What is compared: the same examples, batch size, steps, loss and optimizer; each side batches
+What is compared: the same dataset, batch size, steps, loss and optimizer; each side batches
 and computes as it ships. prefixd's batches are grouped by length (`common.training.length_grouped_batches`,
-on by default) where PEFT's loader takes them in order; both compute in float32 (bfloat16
+on by default for datasets of two pools, 256 examples at batch 8, and more; smaller ones get a
+plain shuffle, as fast as PEFT's batches, because grouping one pool cost quality) where PEFT's
+loader takes them in order; both compute in float32 (bfloat16
 autocast is opt-in in prefixd until its effect on quality is measured). Other
 differences: prefixd runs the vocabulary projection (49,152 × 576 on this model) only at
 output-token positions (`common.training.prefix_output_loss`), where PEFT computes logits for

@@ -14,9 +14,11 @@ with the best validation loss. How many steps, and how often validation runs, is
 :func:`common.training_budget.plan_budget`: ``epochs`` given, that many epochs validated at
 each epoch's end; ``epochs=None`` (the default), an automatic budget from the data size.
 
-Speed (``bench/train_throughput.py``): each epoch's batches are grouped by length
-(:func:`length_grouped_batches`: a shuffled pool of batches is sorted by length, cut into
-batches, and the batches shuffled), so fewer padding positions are computed; and on a CPU
+Speed (``bench/train_throughput.py``): from 256 examples up (two pools at batch 8), each
+epoch's batches are grouped by length (:func:`length_grouped_batches`: a shuffled pool of
+batches is sorted by length, cut into batches, and the batches shuffled), so fewer padding
+positions are computed; smaller datasets get a plain shuffle (:func:`epoch_batches` says
+why); and on a CPU
 with native bfloat16 (AVX512-BF16 or AMX) the frozen model's forward and backward can run
 under bfloat16 autocast (``compute_dtype="auto"`` or ``"bfloat16"``, opt-in; float32 by
 default; :func:`compute_precision`), while the trained
@@ -84,7 +86,8 @@ class TrainingConfig:
     # float32 by default: bfloat16 matched float32's loss over the benchmark's steps, but its
     # effect on a whole run's quality (E2E BLEU) is not measured yet.
     compute_dtype: Literal["auto", "float32", "bfloat16"] = "float32"
-    # batches of similar lengths (less padding); False: plain shuffled batches
+    # batches of similar lengths (less padding) for datasets of two grouping pools and more
+    # (epoch_batches); False: plain shuffled batches whatever the size
     group_by_length: bool = True
 
     def validate(self) -> None:
@@ -145,6 +148,25 @@ def length_grouped_batches(
         batches.extend(pool[i : i + batch_size] for i in range(0, len(pool), batch_size))
     order.shuffle(batches)
     return batches
+
+
+# Length grouping only for datasets of at least this many pools. A dataset that fits in one
+# pool is sorted whole, so every epoch trains on the same batches in a new order; at N = 50
+# and 100 that cost 2.0 BLEU against a plain shuffle, paired over four seeds
+# (docs/BENCHMARKS.md, "Length grouping and quality"). From two pools up, which rows share a
+# pool changes every epoch.
+GROUPING_MIN_POOLS = 2
+
+
+def epoch_batches(
+    lengths: Sequence[int], batch_size: int, order: random.Random, *, group_by_length: bool
+) -> list[list[int]]:
+    """One epoch's batches: length-grouped when asked and the dataset spans at least
+    ``GROUPING_MIN_POOLS`` pools, a plain shuffle otherwise."""
+    pools = len(lengths) / (batch_size * GROUPING_POOL_BATCHES)
+    if group_by_length and pools >= GROUPING_MIN_POOLS:
+        return length_grouped_batches(lengths, batch_size, order)
+    return shuffled_batches(len(lengths), batch_size, order)
 
 
 def shuffled_batches(count: int, batch_size: int, order: random.Random) -> list[list[int]]:
@@ -424,10 +446,9 @@ def train_prefix(
     lengths = [len(example) for example in train_set]
     while step < total_steps and not (stopped or validation_stopped):
         epoch += 1
-        if config.group_by_length:
-            batches = length_grouped_batches(lengths, config.batch_size, order)
-        else:
-            batches = shuffled_batches(len(train_set), config.batch_size, order)
+        batches = epoch_batches(
+            lengths, config.batch_size, order, group_by_length=config.group_by_length
+        )
         for position, rows in enumerate(batches):
             if should_stop is not None and should_stop():
                 stopped = True

@@ -164,9 +164,36 @@ def test_length_grouping_batches_every_example_once_with_less_padding():
     assert length_grouped_batches(lengths, 8, random.Random(1)) != grouped
 
 
-def test_grouped_and_plain_batches_reach_the_same_loss(tiny_llama):
+def test_only_datasets_of_two_pools_and_more_are_grouped_by_length():
+    """A dataset that fits in one pool would get the same batches every epoch: it is
+    shuffled plainly; from two pools up the epoch is length-grouped."""
+    import random
+
+    from common.training import (
+        GROUPING_MIN_POOLS,
+        GROUPING_POOL_BATCHES,
+        epoch_batches,
+        length_grouped_batches,
+        shuffled_batches,
+    )
+
+    two_pools = GROUPING_MIN_POOLS * GROUPING_POOL_BATCHES * 8
+    for count, grouped in ((two_pools - 1, False), (two_pools, True), (40, False)):
+        lengths = [random.Random(i).randint(5, 90) for i in range(count)]
+        made = epoch_batches(lengths, 8, random.Random(3), group_by_length=True)
+        if grouped:
+            assert made == length_grouped_batches(lengths, 8, random.Random(3))
+        else:
+            assert made == shuffled_batches(count, 8, random.Random(3))
+        assert epoch_batches(
+            lengths, 8, random.Random(3), group_by_length=False
+        ) == shuffled_batches(count, 8, random.Random(3))
+
+
+def test_grouped_and_plain_batches_reach_the_same_loss(tiny_llama, monkeypatch):
     """Grouping reorders which rows share a batch, not what a row computes: on the same data
     both orders train to a loss within noise of each other."""
+    monkeypatch.setattr("common.training.GROUPING_MIN_POOLS", 0)  # group even these 4 rows
     mixed = [*TASK, Example("epsilon zeta eta theta", "a b c d e f"), Example("iota", "z")]
     # One batch of every row, in another order: the first loss is the same number.
     first = {}
