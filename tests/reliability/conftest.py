@@ -286,16 +286,19 @@ def fault_env(
     s3_proxy: SwitchableProxy,
     boto_session: Any,
     tiny_model_dirs: dict[str, Path],
-    tmp_path: Path,
+    worker_home: Path,
 ) -> WorkerEnv:
     settings = Settings(
-        home=tmp_path / "home",
+        home=worker_home,
         model=str(tiny_model_dirs["llama"]),
         database_url=pg_engine.url.render_as_string(hide_password=False),
         blob_url=f"s3://{make_bucket()}/prefixd",
         s3_endpoint_url=s3_proxy.url,
         scheduler_namespace=f"prefixd-faults-{uuid.uuid4().hex[:10]}",
         trainer_slots=3,
+        # No spare trainer kept started: a test runs a job or two, and a spare is one more
+        # process start (torch, the model) per scheduler; test_trainer_pool.py asks for them.
+        trainer_warm_processes=0,
         **FAULT_TIMINGS,
     )
     # The test's own view of the bucket goes around the proxy: it still sees while S3 is down.

@@ -79,10 +79,12 @@ def test_a_trainer_stalled_past_its_runtime_is_stopped_and_the_job_failed(
     fault_env, run_scheduler
 ) -> None:
     env = fault_env
-    # A lease longer than limit + grace (4 s + 30 s + 3 heartbeats): the frozen trainer keeps
-    # its job, as a trainer stuck inside one step while its heartbeat thread runs does.
+    # A lease longer than limit + grace (10 s + 30 s + 3 heartbeats): the frozen trainer keeps
+    # its job, as a trainer stuck inside one step while its heartbeat thread runs does. The
+    # limit leaves room for the first step on a loaded machine (a step may take seconds): a
+    # trainer still running at the limit stops itself, which is another test's path.
     settings = env.settings.model_copy(
-        update={"job_max_runtime_seconds": 4.0, "job_lease_seconds": 300.0}
+        update={"job_max_runtime_seconds": 10.0, "job_lease_seconds": 300.0}
     )
     job = env.submit(env.tenant().id, long_job(3000), max_attempts=3)
     handle = run_scheduler(settings)
@@ -91,6 +93,6 @@ def test_a_trainer_stalled_past_its_runtime_is_stopped_and_the_job_failed(
     os.kill(pid, signal.SIGSTOP)  # stuck: it can no longer stop itself at the limit
     done = wait_for(lambda: finished(env, job.id), timeout=120, what="the job to end")
     assert done.state == JobState.failed and done.attempts == 1, done
-    assert "ran past job_max_runtime_seconds (4 s)" in (done.error or "")
+    assert "ran past job_max_runtime_seconds (10 s)" in (done.error or "")
     # Force-stopped: the frozen process itself is gone, not just its job failed.
     wait_for(lambda: process_gone(pid), timeout=60, what="the frozen trainer to be killed")

@@ -187,17 +187,20 @@ def worker_env(
     s3_endpoint_url: str,
     boto_session: Any,
     tiny_model_dirs: dict[str, Path],
-    tmp_path: Path,
+    worker_home: Path,
 ) -> WorkerEnv:
     bucket = make_bucket()
     settings = Settings(
-        home=tmp_path / "home",
+        home=worker_home,
         model=str(tiny_model_dirs["llama"]),
         database_url=pg_engine.url.render_as_string(hide_password=False),
         blob_url=f"s3://{bucket}/prefixd",
         s3_endpoint_url=s3_endpoint_url,
         scheduler_namespace=f"prefixd-test-{uuid.uuid4().hex[:10]}",
         trainer_slots=3,
+        # No spare trainer kept started: a test runs a job or two, and a spare is one more
+        # process start (torch, the model) per scheduler; test_trainer_pool.py asks for them.
+        trainer_warm_processes=0,
         job_lease_seconds=6.0,
         job_heartbeat_seconds=0.5,
         trainer_start_timeout_seconds=120.0,
