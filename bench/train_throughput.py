@@ -33,10 +33,9 @@ from common.data import EncodedExample, collate, encode_examples
 from common.datasets.e2e import low_data_split, read_e2e
 from common.model_loading import LoadedModel, load_model
 from common.training import (
-    GROUPING_MIN_POOLS,
-    GROUPING_POOL_BATCHES,
     TrainingConfig,
     length_grouped_batches,
+    min_grouped_examples,
     output_loss,
     resolved_compute_dtype,
     train_prefix,
@@ -156,7 +155,7 @@ def main() -> None:
     loaded = load_model(args.model, settings=settings)
     # The smallest dataset that ships length-grouped (smaller ones get a plain shuffle:
     # common.training.epoch_batches); PEFT takes its first steps × batch examples in order.
-    n_train = max(args.steps, GROUPING_MIN_POOLS * GROUPING_POOL_BATCHES) * args.batch_size
+    n_train = max(args.steps * args.batch_size, min_grouped_examples(args.batch_size))
     split = low_data_split(read_e2e(), n_train=n_train, n_test=1, seed=0)
     encoded = encode_examples(
         loaded.tokenizer, split.train, max_tokens=max_positions(loaded.model.config) - PREFIX_LENGTH

@@ -83,8 +83,8 @@ class TrainingConfig:
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"  # of the stored prefix
     # the frozen model's compute on a CPU: "auto" is bfloat16 autocast where the CPU has
     # native bfloat16 (compute_precision), else float32. A GPU model already runs in its dtype.
-    # float32 by default: bfloat16 matched float32's loss over the benchmark's steps, but its
-    # effect on a whole run's quality (E2E BLEU) is not measured yet.
+    # float32 by default: bfloat16's loss drifts from float32's over a run's steps
+    # (bench/train_throughput.py), and its effect on quality (E2E BLEU) is not measured yet.
     compute_dtype: Literal["auto", "float32", "bfloat16"] = "float32"
     # batches of similar lengths (less padding) for datasets of two grouping pools and more
     # (epoch_batches); False: plain shuffled batches whatever the size
@@ -158,13 +158,17 @@ def length_grouped_batches(
 GROUPING_MIN_POOLS = 2
 
 
+def min_grouped_examples(batch_size: int) -> int:
+    """The smallest dataset that :func:`epoch_batches` groups by length (256 at batch 8)."""
+    return GROUPING_MIN_POOLS * GROUPING_POOL_BATCHES * batch_size
+
+
 def epoch_batches(
     lengths: Sequence[int], batch_size: int, order: random.Random, *, group_by_length: bool
 ) -> list[list[int]]:
-    """One epoch's batches: length-grouped when asked and the dataset spans at least
-    ``GROUPING_MIN_POOLS`` pools, a plain shuffle otherwise."""
-    pools = len(lengths) / (batch_size * GROUPING_POOL_BATCHES)
-    if group_by_length and pools >= GROUPING_MIN_POOLS:
+    """One epoch's batches: length-grouped when asked and the dataset has at least
+    :func:`min_grouped_examples`, a plain shuffle otherwise."""
+    if group_by_length and len(lengths) >= min_grouped_examples(batch_size):
         return length_grouped_batches(lengths, batch_size, order)
     return shuffled_batches(len(lengths), batch_size, order)
 

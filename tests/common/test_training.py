@@ -174,10 +174,12 @@ def test_only_datasets_of_two_pools_and_more_are_grouped_by_length():
         GROUPING_POOL_BATCHES,
         epoch_batches,
         length_grouped_batches,
+        min_grouped_examples,
         shuffled_batches,
     )
 
     two_pools = GROUPING_MIN_POOLS * GROUPING_POOL_BATCHES * 8
+    assert min_grouped_examples(8) == two_pools == 256
     for count, grouped in ((two_pools - 1, False), (two_pools, True), (40, False)):
         lengths = [random.Random(i).randint(5, 90) for i in range(count)]
         made = epoch_batches(lengths, 8, random.Random(3), group_by_length=True)
