@@ -78,6 +78,7 @@ from common.data import (
     encode_prompt,
 )
 from common.datasets.e2e import LowDataSplit, MeaningRepresentation, low_data_split, read_e2e
+from common.devices import Placement, place
 from common.generation import DecodingConfig, GenerationRow, generate, generate_texts
 from common.kv_cache import expand_prefix
 from common.model_loading import LoadedModel, load_model
@@ -104,7 +105,7 @@ METHODS = (
 OURS = ("prefix-random", "prefix-auto", "prefix-text", "prefix-warm", "prefix-stack")
 IN_CONTEXT_K = 4  # tenant examples nearest to the input, in the bare model's prompt
 RESULTS = Path("bench/out/e2e_quality.json")
-BASE_PREFIX = Path("bench/out/e2e_base_prefix.safetensors")
+BASE_PREFIX = Path("bench/out/e2e_base_prefix-{fingerprint}.safetensors")  # one per model
 # Operator data for the base prefix: these MRs are removed before every (N, seed) split, so
 # the base never saw a test MR nor a tenant example, at any N.
 BASE_MRS, BASE_EXAMPLES, BASE_EPOCHS, BASE_SEED = 60, 120, 3, 1234
@@ -197,9 +198,10 @@ def train_ours(
 
 def train_base(loaded: LoadedModel, mrs: list[MeaningRepresentation], args) -> Prefix:
     """The operator's base prefix, trained once on ``BASE_EXAMPLES`` pairs of the reserved
-    MRs and cached at ``BASE_PREFIX`` (keyed by the model's fingerprint)."""
-    if BASE_PREFIX.exists():
-        cached = load_prefix(BASE_PREFIX, expected_fingerprint=loaded.fingerprint)
+    MRs and cached at ``BASE_PREFIX`` (one file per model fingerprint)."""
+    path = Path(str(BASE_PREFIX).format(fingerprint=loaded.fingerprint[:12]))
+    if path.exists():
+        cached = load_prefix(path, expected_fingerprint=loaded.fingerprint)
         if cached.hyperparameters.get("bench_base") == base_signature(args):
             return cached
     pairs = [Example(m.mr, ref) for m in mrs for ref in m.references]
@@ -209,7 +211,7 @@ def train_base(loaded: LoadedModel, mrs: list[MeaningRepresentation], args) -> P
     tqdm.write(f"training the base prefix on {BASE_EXAMPLES} operator examples ...")
     result = train_prefix(loaded, pairs[:BASE_EXAMPLES], config)
     result.prefix.hyperparameters["bench_base"] = base_signature(args)
-    save_prefix(result.prefix, BASE_PREFIX)
+    save_prefix(result.prefix, path)
     return result.prefix
 
 
@@ -355,6 +357,43 @@ def encode(
     return encode_examples(loaded.tokenizer, examples, max_tokens=limit)
 
 
+def model_inputs(batch: Batch, loaded: LoadedModel) -> dict[str, torch.Tensor]:
+    """A plain forward's inputs on the model's device (batches are collated on the CPU)."""
+    device = loaded.model.device
+    return {
+        "input_ids": batch.input_ids.to(device),
+        "attention_mask": batch.attention_mask.to(device),
+    }
+
+
+def placed(loaded: LoadedModel, device: str) -> LoadedModel:
+    """The model on ``device`` in float32 (on a GPU too, so its rows compare with the CPU's
+    rows by precision; the service itself runs bfloat16 there)."""
+    if device == "cpu":
+        return loaded
+    return place(loaded, Placement(torch.device(device), torch.float32))
+
+
+def add_device_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--device",
+        default="cpu",
+        help="where every method trains and decodes: cpu or cuda (float32 on both)",
+    )
+
+
+def device_signature(args: argparse.Namespace) -> str:
+    """Empty on the CPU, so records made before the option still match; GPU runs are kept
+    apart (other kernels, other numbers at the last decimal, so other greedy outputs)."""
+    return "" if args.device == "cpu" else f" device={args.device}"
+
+
+def where_it_ran(args: argparse.Namespace) -> str:
+    if args.device == "cpu":
+        return f"{os.cpu_count()} CPU cores shared with other work, no GPU."
+    return f"trained and decoded on `{args.device}` in float32; seconds are that device's."
+
+
 def pad_id_of(loaded: LoadedModel) -> int:
     tokenizer = loaded.tokenizer
     return int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
@@ -377,7 +416,7 @@ def train_peft(
     materialize = torch.no_grad()(lambda: peft_key_values(model, loaded, config.prefix_length))
 
     def logits_of(batch: Batch) -> torch.Tensor:
-        return model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        return model(**model_inputs(batch, loaded)).logits
 
     pad_id = pad_id_of(loaded)
     train_set = encode(loaded, train, config.prefix_length)
@@ -404,7 +443,8 @@ def peft_key_values(peft_model: PeftModel, loaded: LoadedModel, length: int) -> 
     ``(P, layers·2·kv_heads·hs)`` is laid out as ``(P, layers, 2, kv_heads, hs)``
     (tests/common/test_peft_equivalence.py proves it)."""
     s = prefix_shape(loaded.model.config)
-    tokens = peft_model.prompt_tokens["default"][:length].unsqueeze(0)  # (1, P)
+    tokens = peft_model.prompt_tokens["default"][:length].unsqueeze(0)  # (1, P), on the CPU
+    tokens = tokens.to(loaded.model.device)
     flat = peft_model.prompt_encoder["default"](tokens)[0]  # (P, layers·2·kv_heads·hs)
     return (
         flat.view(length, s.layers, 2, s.kv_heads, s.head_dim).permute(1, 2, 3, 0, 4).contiguous()
@@ -424,8 +464,8 @@ def check_layout(
     batch = collate(examples, pad_id=pad_id)
     key_values = expand_prefix(peft_key_values(peft_model, loaded, length), len(batch.labels))
     ours = prefix_logits(loaded.model, key_values, batch)
-    theirs = peft_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-    mask = batch.attention_mask.bool()
+    theirs = peft_model(**model_inputs(batch, loaded)).logits
+    mask = batch.attention_mask.bool().to(theirs.device)
     torch.testing.assert_close(ours[mask], theirs[mask], rtol=1e-3, atol=1e-3)
 
 
@@ -440,9 +480,7 @@ def train_finetune(
     model.train()
 
     def logits_of(batch: Batch) -> torch.Tensor:
-        return model(
-            input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
-        ).logits
+        return model(**model_inputs(batch, loaded), use_cache=False).logits
 
     def snapshot() -> dict[str, torch.Tensor]:
         return {name: t.detach().clone() for name, t in model.state_dict().items()}
@@ -674,8 +712,7 @@ def section(runs: Sequence[Run], args: argparse.Namespace, init_tokens: int) -> 
         samples += [f"- {r.method}: {r.samples[0][1]}" for r in first]
     image = os.path.relpath(args.plot.resolve(), args.out.resolve().parent)
     parts = [
-        f"Model: SmolLM2-135M-Instruct (`{args.model}`); {os.cpu_count()} CPU cores shared "
-        "with other work, no GPU.",
+        f"Model: SmolLM2-135M-Instruct (`{args.model}`); " + where_it_ran(args),
         f"Reproduce (results accumulate in `{args.results}`; a rerun skips the runs it holds):"
         f"\n\n    {command}",
         protocol,
@@ -718,6 +755,7 @@ def parse_args(argv: Iterable[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--batch-size", type=int, default=8)
     add_batching_argument(parser)
+    add_device_argument(parser)
     parser.add_argument("--warmup-ratio", type=float, default=0.1)
     parser.add_argument("--lr-prefix", type=float, default=5e-4, help="ours and PEFT's")
     parser.add_argument("--lr-finetune", type=float, default=5e-5)
@@ -779,6 +817,7 @@ def run_signature(args: argparse.Namespace) -> str:
         f"max_new={args.max_new_tokens} batch={args.batch_size} warmup={args.warmup_ratio} "
         f"lr={args.lr_prefix}/{args.lr_finetune} model={args.model} base={base_signature(args)}"
         + batching_signature(args)
+        + device_signature(args)
     )
 
 
@@ -801,6 +840,7 @@ def main(argv: Iterable[str] | None = None) -> None:
     if args.report_only:
         report(runs, args, init_tokens)
         return
+    loaded = placed(loaded, args.device)  # after --report-only, which needs no device
     done = {(r.n, r.seed, r.method) for r in runs}
     base = None
     if {"prefix-warm", "prefix-stack"} & set(args.methods):

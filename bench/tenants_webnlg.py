@@ -40,6 +40,7 @@ import sacrebleu
 
 from bench.local_service import local_service
 from bench.report import write_section
+from bench.webnlg_data import OPERATOR_DATA, WEBNLG, Entry, load_categories, load_entries
 from common.blobstore import build_blob_store
 from common.blobstore.keys import base_prefix_key
 from common.config import Settings, get_settings
@@ -48,9 +49,6 @@ from common.model_loading import ensure_embedded_model_dir, load_model
 from common.prefix_file import Prefix, prefix_from_bytes
 from services.api.schemas.generation import MAX_INPUTS
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "webnlg"
-WEBNLG = DATA / "dev.json"
-OPERATOR_DATA = DATA / "train.json"
 IMG_DIR = Path(__file__).resolve().parent.parent / "docs" / "img"
 IMG = IMG_DIR / "webnlg_tenants.png"  # the no-base table's heatmap
 TITLE = "Tenants on WebNLG (bench/tenants_webnlg.py)"
@@ -58,45 +56,6 @@ TITLE_BASE = "Tenants on WebNLG with a base prefix (bench/tenants_webnlg.py, iss
 BASE_ROW = "base alone"
 TARGET_RATIO = 1.3  # issue 20: diagonal mean BLEU at least 1.3× the base prefix alone's
 DECODE_CHUNK = 8  # inputs per in-process decoding call (the base-alone row)
-
-
-@dataclass(frozen=True)
-class Entry:
-    """One WebNLG entry: its category, the linearized triples and every reference."""
-
-    category: str
-    input: str
-    references: tuple[str, ...]
-    triples: frozenset[tuple[str, str, str]]
-
-
-def triples_text(entry: dict) -> str:
-    return " ; ".join(
-        f"{t['subject'].replace('_', ' ')} | {t['property']} | {t['object'].replace('_', ' ')}"
-        for t in entry["modifiedtripleset"]
-    )
-
-
-def load_entries(path: Path) -> list[Entry]:
-    """Every entry with at least one reference, in file order."""
-    data = json.loads(path.read_text())
-    entries = []
-    for wrapper in data["entries"]:
-        (entry,) = wrapper.values()
-        references = tuple(lex["lex"] for lex in entry["lexicalisations"])
-        if references:
-            triples = frozenset(
-                (t["subject"], t["property"], t["object"]) for t in entry["modifiedtripleset"]
-            )
-            entries.append(Entry(entry["category"], triples_text(entry), references, triples))
-    return entries
-
-
-def load_categories(path: Path) -> dict[str, list[Entry]]:
-    categories: dict[str, list[Entry]] = {}
-    for entry in load_entries(path):
-        categories.setdefault(entry.category, []).append(entry)
-    return categories
 
 
 def operator_slice(

@@ -21,7 +21,6 @@ run keeps what it finished and a rerun skips them.
 from __future__ import annotations
 
 import argparse
-import os
 import random
 import shlex
 import statistics
@@ -37,16 +36,20 @@ import torch
 from bench.e2e_quality import (
     TRAINERS,
     add_batching_argument,
+    add_device_argument,
     batching_signature,
     corpus_bleu,
     decode,
+    device_signature,
     encode,
+    placed,
     real_tokens,
     training_config,
+    where_it_ran,
 )
 from bench.report import BENCHMARKS, write_section
 from bench.run_records import append_record, load_records
-from bench.tenants_webnlg import WEBNLG, Entry, load_categories
+from bench.webnlg_data import WEBNLG, Entry, load_categories
 from common.config import Settings
 from common.datasets.e2e import MeaningRepresentation, low_data_split
 from common.generation import DecodingConfig
@@ -218,8 +221,7 @@ def section(runs: Sequence[Run], args: argparse.Namespace, split: Split) -> str:
         if r.samples
     ]
     parts = [
-        f"Model: SmolLM2-135M-Instruct (`{args.model}`); {os.cpu_count()} CPU cores shared "
-        "with other work, no GPU.",
+        f"Model: SmolLM2-135M-Instruct (`{args.model}`); " + where_it_ran(args),
         f"Reproduce (results accumulate in `{args.results}`; a rerun skips the runs it holds):"
         f"\n\n    {command}",
         protocol,
@@ -245,6 +247,7 @@ def parse_args(argv: Iterable[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--num-beams", type=int, default=1, help="1: greedy (the paper: 5)")
     parser.add_argument("--batch-size", type=int, default=8)
     add_batching_argument(parser)
+    add_device_argument(parser)
     parser.add_argument("--warmup-ratio", type=float, default=0.1)
     parser.add_argument("--lr-prefix", type=float, default=5e-4)
     parser.add_argument("--lr-finetune", type=float, default=5e-5)
@@ -272,6 +275,7 @@ def run_signature(args: argparse.Namespace) -> str:
         f"beams={args.num_beams} max_new={args.max_new_tokens} batch={args.batch_size} "
         f"warmup={args.warmup_ratio} lr={args.lr_prefix}/{args.lr_finetune} model={args.model}"
         + batching_signature(args)
+        + device_signature(args)
     )
 
 
@@ -300,7 +304,7 @@ def main(argv: Iterable[str] | None = None) -> None:
     }
     runs = load_runs(args.results, args)
     if not args.report_only:
-        loaded = load_model(args.model, settings=Settings())
+        loaded = placed(load_model(args.model, settings=Settings()), args.device)
         done = {(r.seed, r.method) for r in runs}
         for seed, split in splits.items():
             for method in args.methods:

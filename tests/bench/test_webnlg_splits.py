@@ -3,7 +3,8 @@ tenants uploaded or what is scored, and the extrapolation's unseen side is never
 
 from __future__ import annotations
 
-from bench.tenants_webnlg import Entry, operator_slice
+from bench.tenants_webnlg import operator_slice
+from bench.webnlg_data import Entry
 from bench.webnlg_extrapolation import split_categories
 
 
