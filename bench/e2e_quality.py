@@ -149,6 +149,7 @@ def training_config(args: argparse.Namespace, seed: int, *, init: str = "random"
         seed=seed,
         loss_reduction="token_mean",
         group_by_length=args.batching == "grouped",
+        prefix_length=args.prefix_length,
     )
 
 
@@ -216,7 +217,10 @@ def train_base(loaded: LoadedModel, mrs: list[MeaningRepresentation], args) -> P
 
 
 def base_signature(args) -> str:
-    return f"mrs={BASE_MRS} examples={BASE_EXAMPLES} epochs={BASE_EPOCHS} lr={args.lr_prefix}"
+    length = "" if args.prefix_length == 10 else f" length={args.prefix_length}"
+    return (
+        f"mrs={BASE_MRS} examples={BASE_EXAMPLES} epochs={BASE_EPOCHS} lr={args.lr_prefix}{length}"
+    )
 
 
 def reserve_base_mrs(
@@ -374,7 +378,11 @@ def placed(loaded: LoadedModel, device: str) -> LoadedModel:
     return place(loaded, Placement(torch.device(device), torch.float32))
 
 
-def add_device_argument(parser: argparse.ArgumentParser) -> None:
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options both in-process quality benchmarks take: the prefix length and the device."""
+    parser.add_argument(
+        "--prefix-length", type=int, default=10, help="positions of the trained prefix (and PEFT's)"
+    )
     parser.add_argument(
         "--device",
         default="cpu",
@@ -382,10 +390,12 @@ def add_device_argument(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def device_signature(args: argparse.Namespace) -> str:
-    """Empty on the CPU, so records made before the option still match; GPU runs are kept
-    apart (other kernels, other numbers at the last decimal, so other greedy outputs)."""
-    return "" if args.device == "cpu" else f" device={args.device}"
+def model_signature(args: argparse.Namespace) -> str:
+    """Empty for the defaults (length 10, the CPU), so records made before these options
+    still match; GPU runs are kept apart (other kernels, other last bits, so other greedy
+    outputs)."""
+    length = "" if args.prefix_length == 10 else f" prefix_length={args.prefix_length}"
+    return length + ("" if args.device == "cpu" else f" device={args.device}")
 
 
 def where_it_ran(args: argparse.Namespace) -> str:
@@ -691,7 +701,8 @@ def section(runs: Sequence[Run], args: argparse.Namespace, init_tokens: int) -> 
         f"Every trained method: {args.epochs} epochs, batch {args.batch_size}, AdamW, linear "
         f"warmup ({args.warmup_ratio:.0%}) then decay, clipping 1.0, token-mean loss on "
         "output tokens, the best dev-loss epoch kept. Learning rate "
-        f"{args.lr_prefix:g} for the prefix rows (length 10, 512-wide reparameterization "
+        f"{args.lr_prefix:g} for the prefix rows (length {args.prefix_length}, 512-wide "
+        "reparameterization "
         f"MLP; `prefix-text` starts from the activations of "
         f"`{TEXT_INIT.removeprefix('text:')}`, so its length is {init_tokens}; `prefix-warm` "
         "starts exactly at the base prefix and keeps its length; `prefix-stack` trains 10 "
@@ -755,7 +766,7 @@ def parse_args(argv: Iterable[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--batch-size", type=int, default=8)
     add_batching_argument(parser)
-    add_device_argument(parser)
+    add_model_arguments(parser)
     parser.add_argument("--warmup-ratio", type=float, default=0.1)
     parser.add_argument("--lr-prefix", type=float, default=5e-4, help="ours and PEFT's")
     parser.add_argument("--lr-finetune", type=float, default=5e-5)
@@ -817,7 +828,7 @@ def run_signature(args: argparse.Namespace) -> str:
         f"max_new={args.max_new_tokens} batch={args.batch_size} warmup={args.warmup_ratio} "
         f"lr={args.lr_prefix}/{args.lr_finetune} model={args.model} base={base_signature(args)}"
         + batching_signature(args)
-        + device_signature(args)
+        + model_signature(args)
     )
 
 

@@ -36,12 +36,12 @@ import torch
 from bench.e2e_quality import (
     TRAINERS,
     add_batching_argument,
-    add_device_argument,
+    add_model_arguments,
     batching_signature,
     corpus_bleu,
     decode,
-    device_signature,
     encode,
+    model_signature,
     placed,
     real_tokens,
     training_config,
@@ -247,7 +247,7 @@ def parse_args(argv: Iterable[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--num-beams", type=int, default=1, help="1: greedy (the paper: 5)")
     parser.add_argument("--batch-size", type=int, default=8)
     add_batching_argument(parser)
-    add_device_argument(parser)
+    add_model_arguments(parser)
     parser.add_argument("--warmup-ratio", type=float, default=0.1)
     parser.add_argument("--lr-prefix", type=float, default=5e-4)
     parser.add_argument("--lr-finetune", type=float, default=5e-5)
@@ -275,7 +275,7 @@ def run_signature(args: argparse.Namespace) -> str:
         f"beams={args.num_beams} max_new={args.max_new_tokens} batch={args.batch_size} "
         f"warmup={args.warmup_ratio} lr={args.lr_prefix}/{args.lr_finetune} model={args.model}"
         + batching_signature(args)
-        + device_signature(args)
+        + model_signature(args)
     )
 
 
