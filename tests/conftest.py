@@ -19,3 +19,14 @@ pytest_plugins = [
     "tests.fixtures.ray_cluster",
     "tests.fixtures.stack",
 ]
+
+
+def pytest_collection_modifyitems(config, items):
+    """Modules with slow tests first, the rest after, each in its collected order.
+
+    ``make test`` runs ``--dist loadfile``: xdist hands whole modules to its two workers in
+    collection order, so a long integration module collected last (``tests/workers/`` sorts
+    late) ran alone for minutes while the other worker sat idle. Longest first is the
+    classic fix for that tail; the ``slow`` mark is the durations we already keep."""
+    slow_modules = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in slow_modules)  # stable: False (slow) first
