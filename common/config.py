@@ -134,7 +134,12 @@ class Settings(BaseSettings):
     job_max_runtime_seconds: float = Field(
         default=6 * 3600.0,
         gt=0,
-        description="Longest one attempt of a job may train: the trainer stops between two steps and the job fails without retry; the scheduler force-stops a trainer still running a grace period later.",
+        description="Longest one attempt of a job may train: the trainer stops between two steps and the job fails without retry; the scheduler force-stops a trainer still running trainer_stop_grace_seconds later.",
+    )
+    trainer_stop_grace_seconds: float = Field(
+        default=30.0,
+        ge=0,
+        description="How long a trainer has to stop by itself (past job_max_runtime_seconds, or once its job is no longer its own: reclaimed, cancelled, erased), plus three heartbeats, before the scheduler force-stops its process.",
     )
 
     # --- Nightly retraining (workers/nightly.py, workers/quality_gate.py) ---------------

@@ -467,11 +467,17 @@ class Scheduler:
             f"({limit:g} s) and was stopped; not retried (ask for fewer epochs or less data)"
         )
 
+    def _stop_grace(self) -> float:
+        """Seconds a trainer gets to stop by itself before it is force-stopped: the
+        setting, plus three heartbeats (it notices at its next one)."""
+        settings = self.settings
+        return settings.trainer_stop_grace_seconds + 3 * settings.job_heartbeat_seconds
+
     def _stop_over_runtime(self, entries: list[_Running], now: float) -> None:
         """The backstop of the runtime limit: the trainer stops itself between two steps
         at ``job_max_runtime_seconds``; one still running a grace period later (stuck in a
         step, frozen) is force-stopped here and its job failed without retry."""
-        grace = 30.0 + 3 * self.settings.job_heartbeat_seconds
+        grace = self._stop_grace()
         limit = self.settings.job_max_runtime_seconds
         for entry in entries:
             if entry.over_runtime or entry.force_stopped:
@@ -505,7 +511,7 @@ class Scheduler:
             return
         with session_scope(self._engine) as session:
             owners = crud.job_lease_owners(session=session, job_ids=[e.job_id for e in entries])
-        grace = 30.0 + 3 * self.settings.job_heartbeat_seconds
+        grace = self._stop_grace()
         now = time.monotonic()
         self._stop_over_runtime(entries, now)
         for entry in entries:

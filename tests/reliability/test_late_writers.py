@@ -79,12 +79,17 @@ def test_a_trainer_stalled_past_its_runtime_is_stopped_and_the_job_failed(
     fault_env, run_scheduler
 ) -> None:
     env = fault_env
-    # A lease longer than limit + grace (10 s + 30 s + 3 heartbeats): the frozen trainer keeps
+    # A lease longer than limit + grace (10 s + 2 s + 3 heartbeats): the frozen trainer keeps
     # its job, as a trainer stuck inside one step while its heartbeat thread runs does. The
     # limit leaves room for the first step on a loaded machine (a step may take seconds): a
-    # trainer still running at the limit stops itself, which is another test's path.
+    # trainer still running at the limit stops itself, which is another test's path. The
+    # grace is short because a frozen trainer cannot use it (the default waits 30 s).
     settings = env.settings.model_copy(
-        update={"job_max_runtime_seconds": 10.0, "job_lease_seconds": 300.0}
+        update={
+            "job_max_runtime_seconds": 10.0,
+            "job_lease_seconds": 300.0,
+            "trainer_stop_grace_seconds": 2.0,
+        }
     )
     job = env.submit(env.tenant().id, long_job(3000), max_attempts=3)
     handle = run_scheduler(settings)
