@@ -53,6 +53,7 @@ IMG_DIR = Path(__file__).resolve().parent.parent / "docs" / "img"
 IMG = IMG_DIR / "webnlg_tenants.png"  # the no-base table's heatmap
 TITLE = "Tenants on WebNLG (bench/tenants_webnlg.py)"
 TITLE_BASE = "Tenants on WebNLG with a base prefix (bench/tenants_webnlg.py, issue 20)"
+TITLE_WARM = "Tenants on WebNLG warm-started from a base prefix (bench/tenants_webnlg.py, issue 20)"
 BASE_ROW = "base alone"
 TARGET_RATIO = 1.3  # issue 20: diagonal mean BLEU at least 1.3× the base prefix alone's
 DECODE_CHUNK = 8  # inputs per in-process decoding call (the base-alone row)
@@ -430,7 +431,8 @@ def write(
         plot(matrix, rows, names, path, title)
     body = report(tables, names, base_row, base_info, removed, operator, args, started)
     print(body)
-    print("wrote", write_section(TITLE if args.base == "none" else TITLE_BASE, body))
+    title = {"none": TITLE, "stack": TITLE_BASE, "warm_start": TITLE_WARM}[args.base]
+    print("wrote", write_section(title, body))
 
 
 def report(
