@@ -110,6 +110,7 @@ BASE_PREFIX = Path("bench/out/e2e_base_prefix-{fingerprint}.safetensors")  # one
 # the base never saw a test MR nor a tenant example, at any N.
 BASE_MRS, BASE_EXAMPLES, BASE_EPOCHS, BASE_SEED = 60, 120, 3, 1234
 TEXT_INIT = "text:table-to-text:"
+PREFIX_LENGTH = TrainingConfig.prefix_length  # the service's default; other lengths are signed
 PLOT = BENCHMARKS.parent / "img" / "e2e_quality.png"
 
 
@@ -217,7 +218,7 @@ def train_base(loaded: LoadedModel, mrs: list[MeaningRepresentation], args) -> P
 
 
 def base_signature(args) -> str:
-    length = "" if args.prefix_length == 10 else f" length={args.prefix_length}"
+    length = "" if args.prefix_length == PREFIX_LENGTH else f" length={args.prefix_length}"
     return (
         f"mrs={BASE_MRS} examples={BASE_EXAMPLES} epochs={BASE_EPOCHS} lr={args.lr_prefix}{length}"
     )
@@ -381,7 +382,10 @@ def placed(loaded: LoadedModel, device: str) -> LoadedModel:
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """Options both in-process quality benchmarks take: the prefix length and the device."""
     parser.add_argument(
-        "--prefix-length", type=int, default=10, help="positions of the trained prefix (and PEFT's)"
+        "--prefix-length",
+        type=int,
+        default=PREFIX_LENGTH,
+        help="positions of the trained prefix (and PEFT's)",
     )
     parser.add_argument(
         "--device",
@@ -394,7 +398,7 @@ def model_signature(args: argparse.Namespace) -> str:
     """Empty for the defaults (length 10, the CPU), so records made before these options
     still match; GPU runs are kept apart (other kernels, other last bits, so other greedy
     outputs)."""
-    length = "" if args.prefix_length == 10 else f" prefix_length={args.prefix_length}"
+    length = "" if args.prefix_length == PREFIX_LENGTH else f" prefix_length={args.prefix_length}"
     return length + ("" if args.device == "cpu" else f" device={args.device}")
 
 
@@ -702,11 +706,11 @@ def section(runs: Sequence[Run], args: argparse.Namespace, init_tokens: int) -> 
         f"warmup ({args.warmup_ratio:.0%}) then decay, clipping 1.0, token-mean loss on "
         "output tokens, the best dev-loss epoch kept. Learning rate "
         f"{args.lr_prefix:g} for the prefix rows (length {args.prefix_length}, 512-wide "
-        "reparameterization "
-        f"MLP; `prefix-text` starts from the activations of "
+        "reparameterization MLP; `prefix-text` starts from the activations of "
         f"`{TEXT_INIT.removeprefix('text:')}`, so its length is {init_tokens}; `prefix-warm` "
-        "starts exactly at the base prefix and keeps its length; `prefix-stack` trains 10 "
-        "positions behind the frozen base and decodes with `stack_prefixes(base, tenant)`), "
+        "starts exactly at the base prefix and keeps its length; `prefix-stack` trains "
+        f"{args.prefix_length} positions behind the frozen base and decodes with "
+        "`stack_prefixes(base, tenant)`), "
         f"{args.lr_finetune:g} for full fine-tuning. `in-context`: the bare model, no "
         f"training, with the {IN_CONTEXT_K} training examples whose input shares the most "
         "words with the test input (Jaccard) before it, in the training format "
