@@ -75,12 +75,14 @@ class BodySizeLimitMiddleware:
             return
 
         received = 0
+        body_unread = _has_body(scope, declared)
 
         async def counting_receive() -> Message:
-            nonlocal received
+            nonlocal received, body_unread
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
+                body_unread = body_unread and message.get("more_body", False)
                 if received > limit.max_bytes:
                     raise BodyTooLargeError(limit)
             return message
@@ -91,6 +93,8 @@ class BodySizeLimitMiddleware:
             nonlocal started
             if message["type"] == "http.response.start":
                 started = True
+                if body_unread and message["status"] >= 400:
+                    message = _closing(message)
             await send(message)
 
         try:
@@ -99,6 +103,24 @@ class BodySizeLimitMiddleware:
             if started:
                 raise
             await _too_large(limit, scope)(scope, receive, send)
+
+
+def _has_body(scope: Scope, declared: int | None) -> bool:
+    if declared is not None:
+        return declared > 0
+    return any(
+        name == b"transfer-encoding" and b"chunked" in value.lower()
+        for name, value in scope.get("headers", [])
+    )
+
+
+def _closing(start: Message) -> Message:
+    """An error answered before its request's body was read (a 429 or 401 to an upload,
+    say) closes the connection: keeping it alive would mean reading, and throwing away,
+    the rest of a body of up to ``max_dataset_bytes`` on the HTTP proxy that every tenant's
+    requests go through."""
+    headers = [(k, v) for k, v in start.get("headers", []) if k.lower() != b"connection"]
+    return {**start, "headers": [*headers, (b"connection", b"close")]}
 
 
 def _content_length(scope: Scope) -> int | None:

@@ -110,6 +110,7 @@ def test_per_tenant_caps_on_open_streams_and_uploads(inproc_inference: InProc) -
         assert error(upload)[:2] == (429, "too_many_concurrent")
         assert "tenant_max_concurrent_uploads" in error(upload)[2]
         assert upload.headers["retry-after"] == "1"
+        assert upload.headers["connection"] == "close"  # the unread body is not drained
         assert inproc.dataset_rows(tenant_id) == rows_before  # refused before reading
         # Another tenant streams and uploads as usual.
         other = _generate(inproc, other_key, max_new_tokens=3, stream=True)

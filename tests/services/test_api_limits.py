@@ -35,6 +35,15 @@ def limited_client() -> TestClient:
     async def echo(body: dict) -> dict:
         return body
 
+    @app.post("/refuse")
+    async def refuse() -> dict:
+        raise ApiError(429, "too_many_concurrent", "too many at once")
+
+    @app.post("/read-then-refuse")
+    async def read_then_refuse(request: Request) -> dict:
+        await request.body()
+        raise ApiError(422, "invalid_input", "line 1: invalid JSON")
+
     @app.post("/upload")
     async def upload(request: Request) -> dict:
         size = 0
@@ -79,6 +88,22 @@ def test_a_chunked_body_is_counted_while_it_streams(limited_client: TestClient) 
         "/echo", content=json_chunks, headers={"content-type": "application/json"}
     )
     assert response.status_code == 413
+
+
+def test_an_error_before_the_body_is_read_closes_the_connection(
+    limited_client: TestClient,
+) -> None:
+    """Keeping the connection alive would mean reading (and dropping) the rest of the body
+    on the HTTP proxy every tenant shares: up to max_dataset_bytes per refused upload."""
+    refused = limited_client.post("/refuse", content=b"y" * 90)
+    assert refused.status_code == 429
+    assert refused.headers["connection"] == "close"
+    too_large = limited_client.post("/upload", content=b"y" * 1001)  # by Content-Length
+    assert too_large.headers["connection"] == "close"
+    # Nothing left unread: the connection stays open.
+    assert "connection" not in limited_client.post("/read-then-refuse", content=b"{").headers
+    assert "connection" not in limited_client.post("/refuse").headers  # no body at all
+    assert "connection" not in limited_client.post("/upload", content=b"y" * 10).headers
 
 
 # --- token bucket ---------------------------------------------------------------------------
