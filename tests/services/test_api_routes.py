@@ -525,6 +525,10 @@ def test_limits_answer_413_and_429_naming_the_limit(stack, api):
     assert (status, code) == (413, "quota_exceeded")
     assert "tenant_dataset_bytes_quota" in message
     assert len(api.get("/v1/datasets", key).json()["data"]) == 2
+    # Refused before its body was read: the connection is closed, through Serve's HTTP
+    # proxy too, rather than the rest of the body read there and dropped.
+    refused = api.upload("not-a-key", chunk)
+    assert refused.status_code == 401 and refused.headers["connection"] == "close"
 
     # Generate: a token bucket per tenant (burst 4, 0.5/s); one tenant's 429s are its own.
     _, key = api.new_tenant()
