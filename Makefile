@@ -39,10 +39,10 @@ format: install
 PYTEST_WORKERS ?= 2
 
 test: install services
-	$(BIN)/pytest -q -ra -n $(PYTEST_WORKERS) --dist loadfile --durations=15
+	$(BIN)/pytest -q -ra -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=15
 
 test-fast: install services
-	$(BIN)/pytest -q -ra -n $(PYTEST_WORKERS) --dist loadfile -m "not slow"
+	$(BIN)/pytest -q -ra -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder -m "not slow"
 
 bench: install
 	$(BIN)/python -m bench.train_throughput

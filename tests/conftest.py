@@ -27,6 +27,8 @@ def pytest_collection_modifyitems(config, items):
     ``make test`` runs ``--dist loadfile``: xdist hands whole modules to its two workers in
     collection order, so a long integration module collected last (``tests/workers/`` sorts
     late) ran alone for minutes while the other worker sat idle. Longest first is the
-    classic fix for that tail; the ``slow`` mark is the durations we already keep."""
+    classic fix for that tail; the ``slow`` mark is the durations we already keep. xdist
+    reorders modules by their number of tests unless told not to (``--no-loadscope-reorder``
+    in the Makefile): that put the few-but-long modules (two nodes, `prefixd up`) last."""
     slow_modules = {item.path for item in items if item.get_closest_marker("slow")}
     items.sort(key=lambda item: item.path not in slow_modules)  # stable: False (slow) first
