@@ -127,7 +127,6 @@ class Recorder:
         self.latencies: dict[str, list[float]] = defaultdict(list)
         self.statuses: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
         self.lock = threading.Lock()
-        self.rounds: list[tuple[float, float]] = []  # (quiet p95, noisy p95) per round
 
     def call(
         self, kind: str, client: httpx.Client, method: str, path: str, **kw: Any
@@ -349,7 +348,7 @@ def drive(
             intact += 1
         else:
             damaged.append(dataset_id)
-    quiet, quiet_seconds, noisy, noisy_seconds, noise = neighbour_phases(
+    quiet, quiet_seconds, noisy, noisy_seconds, noise, rounds = neighbour_phases(
         args, tenants, client, auth
     )
     client.close()
@@ -359,6 +358,7 @@ def drive(
         "noisy": noisy,
         "noisy_seconds": noisy_seconds,
         "noise": noise,
+        "rounds": rounds,
         "baseline": baseline,
         "baseline_seconds": baseline_seconds,
         "load": load,
@@ -378,7 +378,7 @@ def neighbour_phases(
     tenants: list[tuple[str, str]],
     client: httpx.Client,
     auth: dict[str, dict[str, str]],
-) -> tuple[Recorder, float, Recorder, float, Recorder]:
+) -> tuple[Recorder, float, Recorder, float, Recorder, list[tuple[float, float]]]:
     """The others generate for a phase with the noisy tenant quiet, then one with it loud.
     The noisy tenant is a client process of its own, as another tenant's client is: in this
     process its uploads would take the measuring clients' interpreter lock."""
@@ -428,7 +428,8 @@ def neighbour_phases(
                     future.result()
                 seconds = time.perf_counter() - started
             if loud_run is not None:
-                noise.latencies, statuses = loud_run.result()
+                latencies, statuses = loud_run.result()
+                noise.latencies.update(latencies)
                 for kind, counts in statuses.items():
                     noise.statuses[kind].update(counts)
         return seconds, noise
@@ -438,7 +439,7 @@ def neighbour_phases(
     # both sides; the ratio is of the pooled phases, each round's is reported beside it.
     quiet, noisy, noise = Recorder(), Recorder(), Recorder()
     quiet_seconds = noisy_seconds = 0.0
-    rounds = []
+    rounds = []  # (quiet p95, noisy p95) of each round
     for _ in range(args.neighbour_rounds):
         calm, loud = Recorder(), Recorder()
         seconds, _ = phase(calm, False)
@@ -450,8 +451,7 @@ def neighbour_phases(
         )
         for into, part in ((quiet, calm), (noisy, loud), (noise, made)):
             into.absorb(part)
-    noisy.rounds = rounds
-    return quiet, quiet_seconds, noisy, noisy_seconds, noise
+    return quiet, quiet_seconds, noisy, noisy_seconds, noise, rounds
 
 
 def noisy_tenant_ready() -> bool:
@@ -652,7 +652,7 @@ ratios, not the absolute figures.
   seed 2**64, top_p 5e-324 ten times a second, 16-beam × 64-token requests back to back and
   requests over the cost cap, {args.noisy_uploads} concurrent {args.noisy_upload_mb:g} MB uploads
   in a loop; {args.neighbour_rounds} rounds of a quiet then a noisy phase): the others' p95 **{quiet_p95 * 1000:.0f} ms quiet → {noisy_p95 * 1000:.0f} ms noisy
-  ({noisy_p95 / quiet_p95:.2f}×, target ≤ 2×)** over the rounds pooled; round by round {", ".join(f"{b / a:.2f}×" for a, b in result["noisy"].rounds)}; their errors **{noisy_bad}/{noisy_total}** 5xx or
+  ({noisy_p95 / quiet_p95:.2f}×, target ≤ 2×)** over the rounds pooled; round by round {", ".join(f"{b / a:.2f}×" for a, b in result["rounds"])}; their errors **{noisy_bad}/{noisy_total}** 5xx or
   connection, {noisy_4xx} non-200 in all.
 - Error rate over the whole mix: **{all_bad}/{all_total} ({all_bad / max(all_total, 1):.2%})**.
 - Jobs: {len(result["job_states"])} accepted; {final} reached a final state
