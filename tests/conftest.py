@@ -7,11 +7,15 @@ import os
 # after three misses; on this 2-core machine, with two pytest workers and their trainers,
 # a proxy can take longer to start, and `serve.start` then fails with ActorDiedError.
 # Every Ray this suite starts (in-process, `prefixd up`, `ray start`) inherits these.
-for _name, _seconds in (
+for _name, _value in (
     ("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "60"),
     ("RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S", "60"),
+    # A raylet starts one idle worker per logical CPU when the first driver connects; the
+    # suite's actors (schedulers, trainers, replicas) each get a process of their own, so
+    # those idle workers were only CPU spent importing Ray (about 4 s each, 12 per run).
+    ("RAY_prestart_worker_first_driver", "0"),
 ):
-    os.environ.setdefault(_name, _seconds)
+    os.environ.setdefault(_name, _value)
 
 pytest_plugins = [
     "tests.fixtures.models",

@@ -31,7 +31,7 @@ import torch
 from common.architectures import prefix_shape
 from common.config import Settings
 from common.db.models import JobState
-from tests.fixtures.stack import Stack, _boto_session
+from tests.fixtures.stack import ServeInstance, Stack, _boto_session
 from tests.reliability.checks import assert_nothing_lost_or_duplicated, describe
 from tests.reliability.conftest import FAULT_TIMINGS, PrivateCluster
 from tests.workers.conftest import S3_TEST_ENV, examples, wait_for
@@ -44,48 +44,36 @@ LONG = {"prefix_length": 4, "epochs": 8, "batch_size": 1, "learning_rate": 0.01}
 
 @pytest.fixture(scope="module")
 def db_stack(
-    ray_session,
+    serve_instance: ServeInstance,
+    service_settings: Settings,
     private_postgres: PrivateCluster,
     make_bucket,
-    s3_endpoint_url,
-    tiny_model_dirs,
-    tmp_path_factory,
 ) -> Iterator[Stack]:
-    import ray
-    from ray import serve
-
     from common.blobstore import build_blob_store
     from common.db.engine import create_db_engine
     from common.model_loading import load_model
-    from common.shared_weights import holder_name
-    from services.app_builder import APP_NAME, build_app_from_settings
-    from tests.fixtures.services import free_port
 
-    settings = Settings(
-        home=tmp_path_factory.mktemp("db-restart-home"),
-        model=str(tiny_model_dirs["llama"]),
-        database_url=private_postgres.url.render_as_string(hide_password=False),
-        blob_url=f"s3://{make_bucket(versioned=True)}/prefixd",
-        s3_endpoint_url=s3_endpoint_url,
-        admin_token="test-admin-token-" + uuid.uuid4().hex,
-        inference_replicas=1,
-        inference_num_cpus=0.5,
-        batch_wait_ms=20,
-        scheduler_namespace=f"prefixd-faults-{uuid.uuid4().hex[:10]}",
-        trainer_slots=2,
-        **FAULT_TIMINGS,
+    # The session's home (and so the model holder every stack shares) on this module's
+    # PostgreSQL cluster and bucket.
+    settings = service_settings.model_copy(
+        update=dict(
+            database_url=private_postgres.url.render_as_string(hide_password=False),
+            blob_url=f"s3://{make_bucket(versioned=True)}/prefixd",
+            inference_replicas=1,
+            batch_wait_ms=20,
+            scheduler_namespace=f"prefixd-faults-{uuid.uuid4().hex[:10]}",
+            trainer_slots=2,
+            **FAULT_TIMINGS,
+        )
     )
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app_from_settings(settings), name=APP_NAME, route_prefix="/")
+    serve_instance.deploy(settings)
     db = create_db_engine(settings)
     blobs = build_blob_store(settings, boto_session=_boto_session())
     loaded = load_model(settings.model, settings=settings)
     try:
-        yield Stack(settings, f"http://127.0.0.1:{port}", db, blobs, loaded)
+        yield Stack(settings, serve_instance.url, db, blobs, loaded)
     finally:
-        serve.shutdown()
-        ray.kill(ray.get_actor(holder_name(settings)))
+        serve_instance.remove()  # its database goes away with this module
         db.dispose()
 
 

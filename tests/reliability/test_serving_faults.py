@@ -116,10 +116,7 @@ def test_a_killed_inference_replica_is_replaced_and_requests_succeed_after(stack
     http.close()
 
 
-def test_api_killed_and_app_redeployed_while_jobs_are_queued(stack):
-    from ray import serve
-
-    from services.app_builder import APP_NAME, build_app_from_settings
+def test_api_killed_and_app_redeployed_while_jobs_are_queued(stack, serve_instance):
     from workers.scheduler import start_scheduler, stop_scheduler, wait_until_ready
 
     _, key = stack.tenant()
@@ -169,8 +166,8 @@ def test_api_killed_and_app_redeployed_while_jobs_are_queued(stack):
         # `prefixd up` stopped (Ctrl-C: its scheduler releases running jobs, Serve goes
         # away) and started again on the same database and bucket.
         stop_scheduler(scheduler, release=True, timeout=60)
-        serve.delete("prefixd")
-        serve.run(build_app_from_settings(stack.settings), name=APP_NAME, route_prefix="/")
+        serve_instance.remove()
+        serve_instance.deploy(stack.settings)
         scheduler, _ = start_scheduler(settings, runtime_env={"env_vars": S3_TEST_ENV})
         wait_until_ready(scheduler, timeout=120)
         wait_for(
