@@ -257,7 +257,7 @@ class Settings(BaseSettings):
     upload_validation_processes: int = Field(
         default=2,
         ge=1,
-        description="Processes per API replica that parse and tokenize uploaded datasets (each holds the tokenizer), so a large upload never holds the interpreter that serves generate calls; more uploads wait for one.",
+        description="Processes per API replica that parse and tokenize uploaded datasets (each holds the tokenizer), so a large upload never holds the interpreter that serves generate calls; more uploads wait for one. One tenant uses all but one of them at once (all when there is one), so another tenant's upload never waits behind its uploads.",
     )
 
     # --- API ingress (services/app_builder.py, services/api) ----------------------------

@@ -6,10 +6,12 @@ that serves every tenant's generate calls (measured: docs/BENCHMARKS.md, "Load: 
 So each API replica keeps a small pool of processes (``upload_validation_processes``),
 started with ``spawn`` (never ``fork``: the replica is a multi-threaded Ray worker), each
 holding the base model's tokenizer (:class:`ExampleChecker`), loaded once per process, and
-in the idle scheduling class (:func:`lower_priority`).
+in the idle scheduling class (:func:`lower_priority`). One tenant's uploads hold at most all
+but one of the processes at once (:class:`OwnerShares`): the rest of its uploads wait their
+turn, so another tenant's upload never queues behind a tenant sending large files.
 
     validator = UploadValidator(settings)
-    examples = await validator.count_examples(spooled.path, max_examples=...)
+    examples = await validator.count_examples(spooled.path, max_examples=..., owner=tenant.id)
 
 The spooled file is on this machine's disk, so only its path crosses to the process; the
 errors come back as raised (:class:`InvalidInputError` naming the line, the 413
@@ -25,7 +27,7 @@ import logging
 import multiprocessing
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable, Hashable
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
@@ -76,15 +78,47 @@ def _warm() -> bool:
     return _checker is not None
 
 
+class OwnerShares:
+    """At most ``share`` validations of one owner (a tenant, the operator) at once; its
+    further ones wait, in the order they came, while other owners' go ahead.
+
+    Without it a tenant sending as many uploads as there are processes held all of them,
+    and every other tenant's upload queued behind those. Used from one event loop (the
+    replica's), so it needs no lock; an owner with nothing running or waiting is forgotten."""
+
+    def __init__(self, share: int) -> None:
+        self.share = share
+        self._gates: dict[Hashable, tuple[asyncio.Semaphore, int]] = {}  # gate, users
+
+    @contextlib.asynccontextmanager
+    async def slot(self, owner: Hashable) -> AsyncIterator[None]:
+        gate, users = self._gates.get(owner) or (asyncio.Semaphore(self.share), 0)
+        self._gates[owner] = (gate, users + 1)
+        try:
+            async with gate:
+                yield
+        finally:
+            gate, users = self._gates[owner]
+            if users == 1:
+                del self._gates[owner]
+            else:
+                self._gates[owner] = (gate, users - 1)
+
+    def owners(self) -> int:
+        return len(self._gates)
+
+
 class UploadValidator:
-    """A pool of ``settings.upload_validation_processes`` processes validating uploads. A
-    pool whose process died (killed, out of memory) is replaced; the upload that was on it
-    gets a 503 and may be retried."""
+    """A pool of ``settings.upload_validation_processes`` processes validating uploads, of
+    which one owner uses all but one at once (all of them when there is only one). A pool
+    whose process died (killed, out of memory) is replaced; the upload that was on it gets a
+    503 and may be retried."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self._lock = threading.Lock()
         self._pool: ProcessPoolExecutor | None = None
+        self.shares = OwnerShares(max(1, settings.upload_validation_processes - 1))
 
     def _executor(self) -> ProcessPoolExecutor:
         with self._lock:
@@ -109,12 +143,18 @@ class UploadValidator:
         done, _ = concurrent.futures.wait(warming, timeout=timeout)
         return len(done) == len(warming)
 
-    async def count_examples(self, path: Path, *, max_examples: int) -> int:
-        """:func:`count_valid_examples` of the file at ``path``, in a validation process."""
-        return await self.run(_count_examples, str(path), max_examples)
+    async def count_examples(self, path: Path, *, max_examples: int, owner: Hashable) -> int:
+        """:func:`count_valid_examples` of the file at ``path``, in a validation process, in
+        ``owner``'s share of them."""
+        return await self.run(_count_examples, str(path), max_examples, owner=owner)
 
-    async def run(self, function: Callable[..., T], *args: object) -> T:
-        """``function(*args)`` in a validation process (both picklable), awaited."""
+    async def run(self, function: Callable[..., T], *args: object, owner: Hashable) -> T:
+        """``function(*args)`` in a validation process (both picklable), awaited, once
+        ``owner`` has a free share of the processes."""
+        async with self.shares.slot(owner):
+            return await self._run(function, *args)
+
+    async def _run(self, function: Callable[..., T], *args: object) -> T:
         pool = self._executor()
         try:
             return await asyncio.wrap_future(pool.submit(function, *args))

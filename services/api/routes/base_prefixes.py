@@ -44,6 +44,8 @@ log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/admin", tags=["admin: base prefixes"])
 
 OPERATOR_DATASETS_PATH = "/v1/admin/datasets"
+# The operator's share of the upload validation processes, beside the tenants' (their ids).
+OPERATOR = "operator"
 
 
 def _outs(session: Session, jobs: list[TrainingJob]) -> list[BasePrefixJobOut]:
@@ -106,7 +108,7 @@ async def upload_operator_dataset(
             body_chunks(request), max_bytes=settings.max_dataset_bytes, too_large=over_size
         )
         examples = await context.validation.count_examples(
-            spooled.path, max_examples=settings.max_dataset_examples
+            spooled.path, max_examples=settings.max_dataset_examples, owner=OPERATOR
         )
         dataset = await run_in_threadpool(_store, context, spooled, examples, name)
     finally:

@@ -122,7 +122,7 @@ async def _upload(request: Request, tenant: Any, context: Any) -> Any:
         )
         # Parsed and tokenized in a validation process: never on this event loop's GIL.
         examples = await context.validation.count_examples(
-            spooled.path, max_examples=settings.max_dataset_examples
+            spooled.path, max_examples=settings.max_dataset_examples, owner=tenant.id
         )
         dataset = await run_in_threadpool(
             store_dataset,
