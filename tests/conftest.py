@@ -10,9 +10,9 @@ import os
 for _name, _value in (
     ("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "60"),
     ("RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S", "60"),
-    # A raylet starts one idle worker per logical CPU when the first driver connects; the
-    # suite's actors (schedulers, trainers, replicas) each get a process of their own, so
-    # those idle workers were only CPU spent importing Ray (about 4 s each, 12 per run).
+    # A raylet prestarts idle workers when the first driver connects (3 here, 1 without);
+    # the suite's actors (schedulers, trainers, replicas) each get a process of their own,
+    # so those were mostly CPU spent importing Ray, on a machine the suite keeps busy.
     ("RAY_prestart_worker_first_driver", "0"),
 ):
     os.environ.setdefault(_name, _value)
