@@ -159,6 +159,10 @@ def test_jobs_train_on_the_trainer_node_and_share_one_weights_object(
         "PREFIXD_TRAINER_NUM_CPUS": "0.5",
         "PREFIXD_INFERENCE_NUM_CPUS": "0.5",
         "PREFIXD_SCHEDULER_NAMESPACE": "two-node",
+        # Two jobs: no spare trainer process or second validation process to start (each is
+        # torch imported once more); `tests/prefixd/test_up.py` runs with the defaults.
+        "PREFIXD_TRAINER_WARM_PROCESSES": "0",
+        "PREFIXD_UPLOAD_VALIDATION_PROCESSES": "1",
     }
     process = subprocess.Popen(
         [str(Path(sys.executable).parent / "prefixd"), "up", "--port", str(port)],
