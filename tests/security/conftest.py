@@ -166,6 +166,7 @@ def inproc_settings(
         admin_token=ADMIN_TOKEN,
         inference_num_cpus=1,
         batch_wait_ms=0,
+        upload_validation_processes=1,  # one process start (torch, the tokenizer) less per module
         **LIMITS,
     )
 
