@@ -36,6 +36,7 @@ import threading
 import time
 import uuid
 from collections import defaultdict
+from collections.abc import Mapping
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -143,11 +144,14 @@ class Recorder:
             self.statuses[kind][status] += 1
         return response
 
-    def absorb(self, other: Recorder) -> None:
-        """Add ``other``'s calls to this one's."""
-        for kind, values in other.latencies.items():
+    def absorb(
+        self, latencies: Mapping[str, list[float]], statuses: Mapping[str, Mapping[str, int]]
+    ) -> None:
+        """Add these calls (another Recorder's, or those a client process returned) to this
+        one's."""
+        for kind, values in latencies.items():
             self.latencies[kind] += values
-        for kind, counts in other.statuses.items():
+        for kind, counts in statuses.items():
             for status, count in counts.items():
                 self.statuses[kind][status] += count
 
@@ -428,10 +432,7 @@ def neighbour_phases(
                     future.result()
                 seconds = time.perf_counter() - started
             if loud_run is not None:
-                latencies, statuses = loud_run.result()
-                noise.latencies.update(latencies)
-                for kind, counts in statuses.items():
-                    noise.statuses[kind].update(counts)
+                noise.absorb(*loud_run.result())
         return seconds, noise
 
     # Quiet and noisy phases alternate for --neighbour-rounds rounds: the machine's own
@@ -450,7 +451,7 @@ def neighbour_phases(
             (percentile(calm.latencies["generate"], 95), percentile(loud.latencies["generate"], 95))
         )
         for into, part in ((quiet, calm), (noisy, loud), (noise, made)):
-            into.absorb(part)
+            into.absorb(part.latencies, part.statuses)
     return quiet, quiet_seconds, noisy, noisy_seconds, noise, rounds
 
 
