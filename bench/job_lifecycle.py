@@ -234,8 +234,9 @@ def embedded_job(examples: int, max_steps: int = 0) -> dict[str, Any]:
     from common.data import encode_example
     from common.datasets.e2e import low_data_split, read_e2e
     from common.model_loading import EMBEDDED, load_model
-    from common.training import TrainingConfig, train_prefix
+    from common.training import train_prefix
     from common.training_budget import automatic_validation_split
+    from common.training_config import TrainingConfig
     from workers.quality_gate import evaluate_prefix
 
     torch.set_num_threads(1)

@@ -30,7 +30,8 @@ from common.datasets.e2e import low_data_split, read_e2e
 from common.generation import DecodingConfig, generate_texts
 from common.model_loading import load_model
 from common.prefix_file import Prefix
-from common.training import TrainingConfig, evaluate_loss, output_loss
+from common.training import evaluate_loss, output_loss
+from common.training_config import TrainingConfig
 
 OUT = Path("bench/out/fragility.json")
 

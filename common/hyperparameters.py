@@ -2,10 +2,10 @@
 parse from the stored JSON.
 
     spec = parse_hyperparameters({"epochs": 3, "learning_rate": 1e-3})
-    spec.config                # a TrainingConfig (common/training.py)
+    spec.config                # a TrainingConfig (common/training_config.py)
     spec.validation_split      # None: automatic (common/training_budget.py)
 
-:class:`Hyperparameters` declares every :class:`~common.training.TrainingConfig` field (with
+:class:`Hyperparameters` declares every :class:`~common.training_config.TrainingConfig` field (with
 its default, type and limits) plus how the job's examples are split and which base prefix it
 trains from. Types are strict, as a JSON user would expect: ``"3"`` is not a number and
 ``true`` is not 1 (an int is still accepted where a float is expected); unknown names are
@@ -34,7 +34,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 
 from common.db.types import storable_text
 from common.errors import InvalidInputError
-from common.training import TrainingConfig
+from common.training_config import TrainingConfig
 
 _DEFAULTS = TrainingConfig()
 

@@ -92,8 +92,9 @@ def train_local(
 
     from common.data import read_jsonl
     from common.prefix_file import save_prefix
-    from common.training import Progress, TrainingConfig, train_prefix
+    from common.training import Progress, train_prefix
     from common.training_budget import automatic_validation_split
+    from common.training_config import TrainingConfig
 
     if dtype not in ("float32", "float16", "bfloat16"):
         raise typer.BadParameter(

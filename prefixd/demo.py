@@ -20,7 +20,8 @@ from common.datasets.e2e import low_data_split, read_e2e
 from common.generation import DecodingConfig, generate_texts
 from common.model_loading import LoadedModel
 from common.prefix_file import save_prefix
-from common.training import Progress, TrainingConfig, train_prefix
+from common.training import Progress, train_prefix
+from common.training_config import TrainingConfig
 
 
 def run_demo(

@@ -14,7 +14,8 @@ from common.data import Example, encode_examples
 from common.errors import IncompatiblePrefixError, InvalidInputError
 from common.generation import DecodingConfig, generate_texts
 from common.prefix_file import Prefix, prefix_from_bytes, prefix_to_bytes
-from common.training import TrainingConfig, evaluate_loss, train_prefix
+from common.training import evaluate_loss, train_prefix
+from common.training_config import TrainingConfig
 
 TASK = [
     Example("alpha", "red green blue"),

@@ -207,7 +207,8 @@ def test_a_template_that_refuses_the_conversation_is_a_clear_error(tiny_llama):
 
 def test_a_prefix_trains_on_chat_data(tiny_llama):
     """Chat examples go through train_prefix like pairs (the trainer's path)."""
-    from common.training import TrainingConfig, train_prefix
+    from common.training import train_prefix
+    from common.training_config import TrainingConfig
 
     tiny_llama.tokenizer.chat_template = TINY_CHAT_TEMPLATE
     line = chat_line(

@@ -19,7 +19,8 @@ def test_half_precision_placement_trains_and_generates(tiny_llama):
     from common.data import Example
     from common.devices import Placement
     from common.generation import DecodingConfig, generate_texts
-    from common.training import TrainingConfig, train_prefix
+    from common.training import train_prefix
+    from common.training_config import TrainingConfig
 
     placed = place(tiny_llama, Placement(torch.device("cpu"), torch.bfloat16))
     assert next(placed.model.parameters()).dtype == torch.bfloat16

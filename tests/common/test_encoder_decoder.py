@@ -18,7 +18,8 @@ from common.prefix_file import (
     prefix_to_bytes,
     save_prefix,
 )
-from common.training import Progress, TrainingConfig, train_prefix
+from common.training import Progress, train_prefix
+from common.training_config import TrainingConfig
 
 TASK = [
     Example("alpha", "red green blue"),

@@ -11,7 +11,8 @@ from common.errors import IncompatiblePrefixError
 from common.kv_cache import expand_prefix
 from common.model_loading import fingerprint_model
 from common.prefix_file import Prefix, load_prefix, prefix_from_bytes, prefix_to_bytes, save_prefix
-from common.training import TrainingConfig, prefix_logits, train_prefix
+from common.training import prefix_logits, train_prefix
+from common.training_config import TrainingConfig
 
 
 def trained_prefix(loaded, dtype="float32") -> Prefix:

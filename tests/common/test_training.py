@@ -4,7 +4,8 @@ import torch
 from common.data import Example
 from common.errors import InvalidInputError
 from common.generation import DecodingConfig, generate_texts
-from common.training import Progress, TrainingConfig, train_prefix
+from common.training import Progress, train_prefix
+from common.training_config import TrainingConfig
 
 # A small learnable task: each input word maps to its own output.
 TASK = [

@@ -3,7 +3,7 @@
 import pytest
 
 from common.data import Example
-from common.training import TrainingConfig, train_prefix
+from common.training import train_prefix
 from common.training_budget import (
     MAX_STEPS,
     MIN_STEPS,
@@ -11,6 +11,7 @@ from common.training_budget import (
     automatic_validation_split,
     plan_budget,
 )
+from common.training_config import TrainingConfig
 
 
 def test_tiny_datasets_get_the_floor_large_ones_the_ceiling():

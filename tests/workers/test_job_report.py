@@ -12,7 +12,8 @@ from common.architectures import prefix_shape
 from common.data import IGNORE_INDEX, Example, collate, encode_examples
 from common.errors import InvalidInputError
 from common.hyperparameters import parse_hyperparameters
-from common.training import TrainingConfig, train_prefix
+from common.training import train_prefix
+from common.training_config import TrainingConfig
 from workers.job_report import (
     NO_VALIDATION,
     Candidate,

@@ -24,7 +24,7 @@ from common.db.errors import NotFoundError
 from common.db.models import JobState, TrainingJob
 from common.errors import InvalidInputError
 from common.hyperparameters import Hyperparameters
-from common.training import TrainingConfig
+from common.training_config import TrainingConfig
 from services.api.deps import ContextDep, CurrentTenant, SessionDep
 from services.api.errors import ApiError
 from services.api.routes import datasets as dataset_routes

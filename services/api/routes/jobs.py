@@ -18,7 +18,7 @@ from common.db.models import JobEventPublic, JobState, TrainingJob, TrainingJobC
 from common.errors import InvalidInputError
 from common.hyperparameters import Hyperparameters
 from common.prefix_init import TEXT_INIT
-from common.training import TrainingConfig
+from common.training_config import TrainingConfig
 from services.api.context import ApiContext
 from services.api.deps import ContextDep, CurrentTenant, SessionDep
 from services.api.errors import ApiError
