@@ -11,12 +11,14 @@ Example::
 
     shared = share_model(load_model(settings=settings))   # once, in a long-lived process
     loaded = materialize_model(shared)                      # in any worker, any node
+
+The long-lived process is the model's holder actor (:mod:`common.model_holder`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 
 import numpy as np
 import ray
@@ -119,43 +121,3 @@ def materialize_model(shared: SharedModel) -> LoadedModel:
     return LoadedModel(
         freeze(model), shared.tokenizer, shared.fingerprint, shared.source, zero_copy=zero_copy
     )
-
-
-class _ModelHolder:
-    """Loads the model once and owns its object-store copy for as long as it lives."""
-
-    def __init__(self, settings: Any) -> None:
-        from common.model_loading import load_model
-
-        self.shared = share_model(load_model(settings=settings))
-
-    def get(self) -> SharedModel:
-        return self.shared
-
-
-def holder_name(settings: Any) -> str:
-    """Stable across processes (unlike ``hash()``): one holder per model and data dir."""
-    import hashlib
-
-    digest = hashlib.sha256(f"{settings.model}|{settings.home_dir}".encode()).hexdigest()
-    return f"prefixd-model-{digest[:16]}"
-
-
-def get_shared_model(settings: Any, *, namespace: str | None = None) -> SharedModel:
-    """The model of ``settings`` in the object store, loaded once per cluster.
-
-    The object's owner must outlive every user of it, so the weights are put by a detached,
-    named actor (``prefixd-model-…``) rather than by whichever short-lived process asked
-    first; the scheduler, its trainers and every inference replica get the same object."""
-    holder = (
-        ray.remote(_ModelHolder)
-        .options(
-            name=holder_name(settings),
-            namespace=namespace,
-            get_if_exists=True,
-            lifetime="detached",
-            num_cpus=0,
-        )
-        .remote(settings)
-    )
-    return cast(SharedModel, ray.get(holder.get.remote()))  # type: ignore[attr-defined]

@@ -12,7 +12,7 @@ from pydantic import BaseModel
 from ray.serve import Application
 
 from common.config import Settings
-from common.shared_weights import get_shared_model
+from common.model_holder import get_shared_model
 from services.api.ingress import ApiIngress
 from services.inference.deployment import InferenceDeployment
 

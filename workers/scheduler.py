@@ -6,9 +6,11 @@ queue (the database) on trainer processes.
     ...
     stop_scheduler(handle)                          # running jobs go back to the queue
 
-At start the actor checks the schema and the blob store and gets the frozen weights with
-:func:`get_shared_model` (one object-store copy per cluster, shared with the inference
-replicas); every trainer maps that :class:`SharedModel` zero-copy.
+At start the actor checks the schema and the blob store and gets a reference to the frozen
+weights from the model's holder (:mod:`common.model_holder`: one object-store copy per
+cluster, shared with the inference replicas); every trainer maps that
+:class:`~common.shared_weights.SharedModel` zero-copy. The scheduler itself never unpickles
+it, and imports neither torch nor transformers.
 
 Trainers are processes of a :class:`~workers.trainer_pool.TrainerPool`: Ray actors that
 each run exactly one job and are then killed (``ray.kill``), never reused; the pool keeps
@@ -76,7 +78,7 @@ from ray.exceptions import (
     WorkerCrashedError,
 )
 
-from common.blob_deletes import drain_pending_blob_deletes
+from common.blob_deletes import delete_orphan_prefix_blobs, drain_pending_blob_deletes
 from common.blobstore import BlobStore, build_blob_store
 from common.config import Settings
 from common.db import crud
@@ -92,9 +94,9 @@ from common.erasure import (
 )
 from common.errors import InvalidInputError, PrefixdError
 from common.hyperparameters import parse_hyperparameters
-from common.shared_weights import SharedModel, get_shared_model
-from workers.trainer import TrainerReport, delete_orphan_prefix_blobs
+from common.model_holder import model_holder
 from workers.trainer_pool import PooledProcess, TrainerPool, error_line
+from workers.trainer_report import Outcome, TrainerReport
 
 log = logging.getLogger(__name__)
 
@@ -167,7 +169,7 @@ class Scheduler:
         self.host = socket.gethostname()
         self.pid = os.getpid()
         self.incarnation = uuid.uuid4().hex[:8]
-        self.shared: SharedModel | None = None
+        self.weights_id: str | None = None  # the frozen weights' object id, once set up
         self._pool: TrainerPool | None = None
         self._lock = threading.RLock()
         # Keyed by lease owner, not job id: a trainer that lost its lease (frozen past it)
@@ -211,7 +213,7 @@ class Scheduler:
                 "error": None if self._error is None else str(self._error),
                 "stopping": self._stopping.is_set(),
                 "slots": self._slots_or_none(),
-                "weights_object_id": None if self.shared is None else self.shared.weights.hex(),
+                "weights_object_id": self.weights_id,
                 "warm_processes": self.settings.trainer_warm_processes,
                 "trainer_pool": None if self._pool is None else self._pool.status(),
                 "running": [r.public() for r in self._running.values()],
@@ -273,7 +275,7 @@ class Scheduler:
             "scheduler %s ready (slots %s, weights %s)",
             self.incarnation,
             self._slots_or_none(),
-            self.shared.weights.hex() if self.shared else None,
+            self.weights_id,
         )
         while not self._stopping.is_set():
             try:
@@ -294,10 +296,14 @@ class Scheduler:
         self._store: BlobStore = build_blob_store(s)
         self._store.check()
         # The same object-store copy as the inference replicas': one per cluster, owned by
-        # a detached holder actor, mapped zero-copy by every trainer.
-        self.shared = get_shared_model(s)
+        # a detached holder actor, mapped zero-copy by every trainer. Only a reference
+        # here: Ray resolves it in each trainer process (unpickling the tokenizer would
+        # import transformers and torch into this process, seconds of CPU at every start).
+        holder = model_holder(s)
+        shared = holder.get.remote()
+        self.weights_id = ray.get(holder.weights_id.remote())
         self._self_handle = ray.get_runtime_context().current_actor
-        self._pool = TrainerPool(s, self.shared)
+        self._pool = TrainerPool(s, shared)
         self._maintain_pool()  # the warm processes start now, before any job is claimed
 
     def _tick(self) -> None:
@@ -590,7 +596,7 @@ class Scheduler:
                     error=str(error),
                     retry=False,
                 )
-            report = asdict(TrainerReport(job_id=str(job.id), owner=owner, outcome="failed"))
+            report = asdict(TrainerReport(job_id=str(job.id), owner=owner, outcome=Outcome.FAILED))
             report |= {"error": str(error), "attempt": job.attempts}
             with self._lock:
                 self._reports.append(report | {"finished_at": utcnow().isoformat()})

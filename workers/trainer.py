@@ -47,7 +47,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy.engine import Engine
@@ -55,15 +55,14 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from common.architectures import prefix_shape
 from common.base_prefix import inference_prefix
+from common.blob_deletes import delete_orphan_prefix_blobs
 from common.blobstore import BlobNotFoundError, BlobStore, build_blob_store
 from common.blobstore.base import sha256_hex
 from common.blobstore.keys import (
     OPERATOR_ROOT,
     base_prefix_key,
-    base_prefixes_key_prefix,
     key_belongs_to_tenant,
     prefix_key,
-    prefixes_key_prefix,
 )
 from common.config import Settings
 from common.data import Example, parse_jsonl
@@ -91,6 +90,7 @@ from common.training import Progress, train_prefix
 from common.training_budget import HASH_SPLIT, automatic_validation_split, plan_budget
 from workers.job_report import Candidate, bare_model, json_safe, personalization_report
 from workers.quality_gate import GateDecision, hash_split, nightly_quality_gate
+from workers.trainer_report import Outcome, TrainerReport
 
 log = logging.getLogger(__name__)
 
@@ -102,35 +102,6 @@ USER_ERRORS: tuple[type[Exception], ...] = (
     IncompatiblePrefixError,
 )
 _PUBLISH_TRIES = 3
-
-
-class Outcome:
-    SUCCEEDED = "succeeded"
-    FAILED = "failed"  # a user error: the job failed for good
-    RETRYING = "retrying"  # the attempt failed; the job is queued again (or failed when out)
-    CANCELLED = "cancelled"
-    LEASE_LOST = "lease_lost"  # the lease expired and the job went to someone else
-    ERASED = "erased"  # the tenant (and the job with it) is being deleted or is gone
-
-
-@dataclass(frozen=True)
-class TrainerReport:
-    """What a trainer returns to the scheduler (small; no data, no tensors)."""
-
-    job_id: str
-    owner: str
-    outcome: str
-    error: str | None = None
-    pid: int = 0
-    node_id: str | None = None
-    weights_object_id: str | None = None
-    zero_copy: bool | None = None
-    steps: int = 0
-    total_steps: int | None = None
-    prefix_id: str | None = None
-    seconds: float = 0.0
-    warm: bool | None = None  # the process was started (and prepared) before the job's claim
-    phases: dict[str, float] = field(default_factory=dict)  # seconds, see PhaseTimes
 
 
 class PhaseTimes:
@@ -269,31 +240,6 @@ class ProgressWriter:
             return
         self.last_step = progress.step
         self._validation_loss = None
-
-
-def delete_orphan_prefix_blobs(
-    engine: Engine, store: BlobStore, tenant_id: uuid.UUID | None
-) -> int:
-    """Delete prefix blobs of the tenant that have no prefix row: left by an attempt that
-    died between writing its blob and publishing it. Safe only while the caller holds the
-    lease of the tenant's job, because the scheduler runs at most one job per tenant.
-    ``tenant_id`` None: the operator's base-prefix blobs (at most one operator job runs)."""
-    where = prefixes_key_prefix(tenant_id) if tenant_id is not None else base_prefixes_key_prefix()
-    blobs = store.list_objects(where)  # listed before the rows
-    if not blobs:
-        return 0
-    with session_scope(engine) as session:
-        if tenant_id is None:
-            known = {b.object_key for b in crud.list_base_prefixes(session=session)}
-        else:
-            rows = crud.list_prefixes(session=session, tenant_id=tenant_id)
-            known = {p.object_key for p in rows}
-    orphans = [b.key for b in blobs if b.key not in known]
-    for key in orphans:
-        store.delete(key)
-    if orphans:
-        log.info("deleted %d orphan prefix blob(s) of tenant %s", len(orphans), tenant_id)
-    return len(orphans)
 
 
 def load_examples(

@@ -40,14 +40,19 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import ray
 from ray.exceptions import RayActorError
 
 from common.config import Settings
-from common.shared_weights import SharedModel
-from workers.trainer import PreparedTrainer, TrainerReport, prepare_trainer, run_training_job
+from workers.trainer_report import TrainerReport
+
+# The training code (torch, transformers) is imported by the trainer processes only, never
+# by the scheduler that owns the pool (see common/model_holder.py).
+if TYPE_CHECKING:
+    from common.shared_weights import SharedModel
+    from workers.trainer import PreparedTrainer
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +61,7 @@ _LIVENESS_SECONDS = 1.0
 # Longest wait before the next start after starts failed in a row (doubling from 1 s).
 _MAX_BACKOFF_SECONDS = 60.0
 
-JobEntry = Callable[[Settings, SharedModel, str, str, Any, PreparedTrainer | None], Any]
+JobEntry = Callable[[Settings, "SharedModel", str, str, Any, "PreparedTrainer | None"], Any]
 
 
 def run_claimed_job(
@@ -69,6 +74,7 @@ def run_claimed_job(
 ) -> TrainerReport:
     """The job a trainer process runs: :func:`run_training_job`, reporting its start (pid,
     node) to the scheduler."""
+    from workers.trainer import run_training_job
 
     def on_start(info: dict[str, Any]) -> None:
         if scheduler is not None:  # fire and forget: the scheduler may be gone
@@ -84,6 +90,8 @@ class TrainerProcess:
     def __init__(
         self, settings: Settings, shared: SharedModel, entry: JobEntry, prepare: bool = True
     ) -> None:
+        from workers.trainer import prepare_trainer
+
         began = time.monotonic()
         self._settings, self._shared, self._entry = settings, shared, entry
         self._prepared = prepare_trainer(settings, shared) if prepare else None
@@ -135,8 +143,13 @@ class TrainerPool:
     called from the scheduler's threads; a lock keeps the lists consistent."""
 
     def __init__(
-        self, settings: Settings, shared: SharedModel, *, entry: JobEntry = run_claimed_job
+        self,
+        settings: Settings,
+        shared: SharedModel | ray.ObjectRef[Any],
+        *,
+        entry: JobEntry = run_claimed_job,
     ) -> None:
+        # ``shared``: the model, or a reference to it that Ray resolves in each process.
         self.settings, self.shared, self.entry = settings, shared, entry
         self.target = settings.trainer_warm_processes
         self._lock = threading.RLock()

@@ -16,7 +16,8 @@ from common.db import crud
 from common.db.models import JobState, PrefixVersion
 from common.shared_weights import share_model
 from tests.workers.conftest import QUICK, S3_TEST_ENV, WorkerEnv, long_job
-from workers.trainer import Outcome, run_training_job
+from workers.trainer import run_training_job
+from workers.trainer_report import Outcome
 
 
 @pytest.fixture

@@ -12,6 +12,7 @@ import pytest
 import torch
 from sqlmodel import Session, select
 
+from common.blob_deletes import delete_orphan_prefix_blobs
 from common.blobstore import dataset_key, prefix_key, prefixes_key_prefix, tenant_key_prefix
 from common.db import crud
 from common.db.errors import LeaseLostError, TenantNotActiveError
@@ -35,7 +36,6 @@ from tests.fixtures.factories import make_dataset, make_job, make_tenant
 from workers.scheduler import describe_trainer_error
 from workers.trainer import (
     ProgressWriter,
-    delete_orphan_prefix_blobs,
     job_examples,
     publish_trained_prefix,
     split_validation,
