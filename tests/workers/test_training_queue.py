@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import uuid
 from typing import Any
 
 import pytest
+import ray
 from sqlmodel import select
 
 from common.architectures import prefix_shape
@@ -105,6 +107,11 @@ def test_jobs_of_three_tenants_each_publish_their_own_prefix(
     assert all(r["zero_copy"] for r in done_reports)
     assert len({r["node_id"] for r in done_reports}) == 1  # one node here
     assert len({r["pid"] for r in done_reports}) == 3  # a process of its own per job
+    # The scheduler handed its trainers a reference and never trains: no torch in it.
+    heavy = ray.get(
+        handle.__ray_call__.remote(lambda _: {"torch", "transformers"} & set(sys.modules))
+    )
+    assert heavy == set()
 
 
 def test_bad_hyperparameters_bad_data_and_foreign_datasets_fail_without_retry(
