@@ -14,6 +14,10 @@ for _name, _value in (
     # the suite's actors (schedulers, trainers, replicas) each get a process of their own,
     # so those were mostly CPU spent importing Ray, on a machine the suite keeps busy.
     ("RAY_prestart_worker_first_driver", "0"),
+    # One torch (OpenMP) thread per process: two pytest workers already fill the two cores,
+    # and more threads than cores spin in OpenMP's barriers and waste CPU (tests/common:
+    # 92 s -> 61 s of CPU). Ray gives its workers one thread per CPU they hold already.
+    ("OMP_NUM_THREADS", "1"),
 ):
     os.environ.setdefault(_name, _value)
 
