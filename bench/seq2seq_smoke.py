@@ -51,12 +51,12 @@ from common.kv_cache import expand_prefix
 from common.model_loading import LoadedModel, load_model
 from common.prefix_encoder import PrefixEncoder
 from common.training import (
-    TrainingConfig,
     compute_precision,
     length_grouped_batches,
     output_loss,
     resolved_compute_dtype,
 )
+from common.training_config import TrainingConfig
 
 D_MODEL, LAYERS, HEADS, FFN = 256, 3, 4, 1024
 

@@ -33,13 +33,13 @@ from common.data import EncodedExample, collate, encode_examples
 from common.datasets.e2e import low_data_split, read_e2e
 from common.model_loading import LoadedModel, load_model
 from common.training import (
-    TrainingConfig,
     length_grouped_batches,
     min_grouped_examples,
     output_loss,
     resolved_compute_dtype,
     train_prefix,
 )
+from common.training_config import TrainingConfig
 
 PREFIX_LENGTH, MID_DIM, LEARNING_RATE = 10, 512, 5e-4
 
