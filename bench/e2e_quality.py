@@ -92,17 +92,6 @@ from common.training import (
 from common.training_config import TrainingConfig
 
 TITLE = "E2E low-data quality (bench/e2e_quality.py)"
-METHODS = (
-    "prefix-random",
-    "prefix-restarts",
-    "prefix-auto",
-    "prefix-text",
-    "prefix-warm",
-    "prefix-stack",
-    "peft-prefix",
-    "finetune",
-    "in-context",
-)
 OURS = (
     "prefix-random",
     "prefix-restarts",
@@ -111,6 +100,7 @@ OURS = (
     "prefix-warm",
     "prefix-stack",
 )
+METHODS = (*OURS, "peft-prefix", "finetune", "in-context")
 IN_CONTEXT_K = 4  # tenant examples nearest to the input, in the bare model's prompt
 RESULTS = Path("bench/out/e2e_quality.json")
 BASE_PREFIX = Path("bench/out/e2e_base_prefix-{fingerprint}.safetensors")  # one per model
