@@ -7,11 +7,11 @@ object's owner must outlive every user of it, so the weights are put by this act
 by whichever short-lived process asked first.
 
     shared = get_shared_model(settings)       # the SharedModel, unpickled here
-    ref = shared_model_ref(settings)          # a reference, resolved where it is passed
+    ref = model_holder(settings).get.remote() # a reference, resolved where it is passed
 
-No torch here, on purpose: the scheduler hands its trainers :func:`shared_model_ref` and
-never unpickles the model's tokenizer itself, so it never imports transformers and torch
-(seconds of CPU at every start, and their memory for the process's life).
+No torch here, on purpose: the scheduler hands its trainers such a reference and never
+unpickles the model's tokenizer itself, so it never imports transformers and torch (seconds
+of CPU at every start, and their memory for the process's life).
 """
 
 from __future__ import annotations
@@ -63,13 +63,8 @@ def model_holder(settings: Any, *, namespace: str | None = None) -> Any:
     )
 
 
-def shared_model_ref(settings: Any, *, namespace: str | None = None) -> ray.ObjectRef[Any]:
-    """A reference to the :class:`SharedModel`: passed as a task or actor argument, Ray
-    resolves it in the receiving process, and this one never unpickles the model."""
-    return cast(ray.ObjectRef[Any], model_holder(settings, namespace=namespace).get.remote())
-
-
 def get_shared_model(settings: Any, *, namespace: str | None = None) -> SharedModel:
     """The model of ``settings`` in the object store, loaded once per cluster; the scheduler,
     its trainers and every inference replica get the same object."""
-    return cast("SharedModel", ray.get(shared_model_ref(settings, namespace=namespace)))
+    holder = model_holder(settings, namespace=namespace)
+    return cast("SharedModel", ray.get(holder.get.remote()))
