@@ -127,14 +127,25 @@ def test_serve_config_deploys_with_serve_deploy_and_answers(
         )
 
 
-def scheduler_reports(address: str, namespace: str) -> list[dict]:
-    """The scheduler's trainer reports, read by a separate driver on the cluster."""
+def scheduler_reports(address: str, namespace: str, job_ids: set[str]) -> list[dict]:
+    """The scheduler's reports of ``job_ids``, read by a separate driver on the cluster.
+
+    A trainer commits its job's state before the scheduler collects its report (in its next
+    round), so a job the API shows finished may not be reported yet: the driver asks until
+    every job has a report, for at most a minute."""
     script = textwrap.dedent(
         f"""
-        import json, ray
+        import json, time, ray
         ray.init(address={address!r}, namespace={namespace!r}, log_to_driver=False)
-        status = ray.get(ray.get_actor("prefixd-scheduler").status.remote())
-        print("REPORTS" + json.dumps(status["reports"]))
+        scheduler = ray.get_actor("prefixd-scheduler")
+        deadline = time.monotonic() + 60
+        while True:
+            reports = ray.get(scheduler.status.remote())["reports"]
+            reported = {{r["job_id"] for r in reports}}
+            if reported >= set({sorted(job_ids)!r}) or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        print("REPORTS" + json.dumps(reports))
         """
     )
     result = subprocess.run(
@@ -142,7 +153,7 @@ def scheduler_reports(address: str, namespace: str) -> list[dict]:
     )
     match = re.search(r"REPORTS(.*)", result.stdout)
     assert match, result.stdout + result.stderr
-    return json.loads(match.group(1))
+    return [r for r in json.loads(match.group(1)) if r["job_id"] in job_ids]
 
 
 def test_jobs_train_on_the_trainer_node_and_share_one_weights_object(
@@ -212,10 +223,9 @@ def test_jobs_train_on_the_trainer_node_and_share_one_weights_object(
             )
             assert generated.status_code == 200, generated.text
 
-        reports = [
-            r for r in scheduler_reports(cluster.address, "two-node") if r["outcome"] == "succeeded"
-        ]
-        assert {r["job_id"] for r in reports} == {job_id for _, job_id in jobs}
+        job_ids = {job_id for _, job_id in jobs}
+        reports = scheduler_reports(cluster.address, "two-node", job_ids)
+        assert {r["job_id"] for r in reports if r["outcome"] == "succeeded"} == job_ids
         assert {r["node_id"] for r in reports} == {trainer_node_id}  # placed by the resource
         assert len({r["weights_object_id"] for r in reports}) == 1  # one object for every trainer
         assert all(r["zero_copy"] for r in reports)  # mapped from the node's object store
