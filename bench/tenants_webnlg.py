@@ -426,12 +426,15 @@ def write(
             path = IMG
             title = "WebNLG: 10 tenants × 10 prefixes"
         else:
-            path = IMG_DIR / f"webnlg_tenants_{args.base}_{table.size}.png"
+            seed = f"_seed{args.seed}" if args.seed else ""  # seed 0 keeps its old file
+            path = IMG_DIR / f"webnlg_tenants_{args.base}_{table.size}{seed}.png"
             title = f"WebNLG tenants, {table.size} entries, {args.base} on a base"
         plot(matrix, rows, names, path, title)
     body = report(tables, names, base_row, base_info, removed, operator, args, started)
     print(body)
     title = {"none": TITLE, "stack": TITLE_BASE, "warm_start": TITLE_WARM}[args.base]
+    if args.seed:  # a section per seed: another seed's run adds to seed 0's, never replaces it
+        title = f"{title[:-1]}, seed {args.seed})"
     print("wrote", write_section(title, body))
 
 
