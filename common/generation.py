@@ -10,7 +10,8 @@ Example::
 Rows are laid out as in :mod:`common.kv_cache` (prefixes padded to the longest with masked
 slots, inputs left-padded, positions starting at each row's own prefix length), so a row's
 output does not depend on its batch; decoding is greedy, sampling (temperature, top-p, a
-seeded generator per row) or beam search. :class:`DecodeBatch` (and
+seeded generator per row) or beam search, each with OpenAI's presence and frequency
+penalties on the tokens a row has generated (:func:`penalize`). :class:`DecodeBatch` (and
 :class:`EncoderDecoderBatch` for BART, T5; :func:`decode_batch` picks one) is the step-wise
 form the inference batcher uses: rows join and leave between steps.
 
@@ -63,6 +64,8 @@ GREEDY_BELOW_TEMPERATURE = 1e-4
 # Seeds are what a torch generator takes without wrapping: 0 … 2**63 - 1 (signed 64-bit,
 # what every JSON client can send exactly).
 MAX_SEED = 2**63 - 1
+# OpenAI's range for presence_penalty and frequency_penalty.
+MAX_PENALTY = 2.0
 
 
 @dataclass(frozen=True)
@@ -76,6 +79,14 @@ class DecodingConfig:
     seed: int | None = None
     # Text that ends a row (common/stop_sequences.py); it and what follows is not returned.
     stop: tuple[str, ...] = ()
+    # OpenAI's penalties on tokens the row already generated (:func:`penalize`): positive
+    # values discourage repeating them, negative ones encourage it.
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+
+    @property
+    def penalizes(self) -> bool:
+        return self.presence_penalty != 0 or self.frequency_penalty != 0
 
     def validate(self) -> None:
         if self.max_new_tokens < 1:
@@ -91,6 +102,12 @@ class DecodingConfig:
             raise InvalidInputError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.seed is not None and not 0 <= self.seed <= MAX_SEED:
             raise InvalidInputError(f"seed must be in [0, {MAX_SEED}], got {self.seed}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not -MAX_PENALTY <= value <= MAX_PENALTY:  # NaN fails too
+                raise InvalidInputError(
+                    f"{name} must be in [{-MAX_PENALTY}, {MAX_PENALTY}], got {value}"
+                )
         validate_stops(self.stop)
 
     def normalized(self) -> DecodingConfig:
@@ -358,6 +375,36 @@ def row_generator(decoding: DecodingConfig) -> torch.Generator | None:
     return torch.Generator().manual_seed(seed)
 
 
+def penalize(
+    logits: torch.Tensor,
+    decodings: Sequence[DecodingConfig],
+    counts: Sequence[torch.Tensor | None],
+) -> torch.Tensor:
+    """OpenAI's presence and frequency penalties: each row's logits ``(B, vocab)`` minus
+    ``frequency_penalty * count + presence_penalty * (count > 0)`` per token, where
+    ``counts[i]`` ``(vocab,)`` counts the tokens row ``i`` has generated (None: nothing to
+    penalize). Rows without penalties are left as they are; ``logits`` is not modified."""
+    rows = [i for i, d in enumerate(decodings) if d.penalizes and counts[i] is not None]
+    if not rows:
+        return logits
+    logits = logits.clone()
+    for i in rows:
+        count = counts[i]
+        assert count is not None
+        decoding = decodings[i]
+        logits[i] -= decoding.frequency_penalty * count + decoding.presence_penalty * (count > 0)
+    return logits
+
+
+def count_token(counts: torch.Tensor | None, token: int, vocab: int) -> torch.Tensor:
+    """``counts`` ``(vocab,)`` of a row's generated tokens with ``token`` added (a new
+    tensor of zeros when None)."""
+    if counts is None:
+        counts = torch.zeros(vocab)
+    counts[token] += 1
+    return counts
+
+
 def _unusable_rows(logits: torch.Tensor) -> torch.Tensor:
     """``(B,)`` True where a row's logits ``(B, vocab)`` cannot be decoded from: a NaN or
     +inf anywhere, or nothing above -inf."""
@@ -436,14 +483,19 @@ def _sample_or_greedy(
     generators = [row_generator(decoding) for _ in rows]
     state = decode_batch(model, pad_id)
     outputs: list[list[int]] = [[] for _ in rows]
+    counts: list[torch.Tensor | None] = [None] * len(rows)  # generated tokens, when penalized
     running = torch.arange(len(rows))  # original index of each row still in the batch
     logits = state.add(rows)
     for step in range(decoding.max_new_tokens):
-        tokens = choose_tokens(logits, [decoding] * len(running), [generators[i] for i in running])
+        decodings = [decoding] * len(running)
+        logits = penalize(logits, decodings, [counts[i] for i in running])
+        tokens = choose_tokens(logits, decodings, [generators[i] for i in running])
         keep = tokens != eos_id
         for index, (row, token) in enumerate(zip(running.tolist(), tokens.tolist(), strict=True)):
             if token != eos_id:
                 outputs[row].append(token)
+                if decoding.penalizes:
+                    counts[row] = count_token(counts[row], token, logits.shape[-1])
                 if stop_hit is not None and stop_hit(outputs[row]):
                     keep[index] = False  # its text now holds a stop sequence: it is done
         if step + 1 == decoding.max_new_tokens or not keep.any():
@@ -483,6 +535,9 @@ def _beam_search(
         return score / (length**decoding.length_penalty)
 
     logits = state.add([row for row in rows for _ in range(beams)])  # B·K rows
+    vocab = logits.shape[-1]
+    # Tokens each hypothesis generated, for the penalties: (B·K, vocab), or None without.
+    counts = torch.zeros((batch * beams, vocab)) if decoding.penalizes else None
     for step in range(decoding.max_new_tokens):
         if should_stop is not None and should_stop():
             raise GenerationCancelledError(f"beam search cancelled after {step} steps")
@@ -490,8 +545,9 @@ def _beam_search(
             raise DecodingFailedError(
                 "decoding failed: the model's scores for this input are not finite"
             )
+        if counts is not None:
+            logits = penalize(logits, [decoding] * len(counts), list(counts))
         log_probs = F.log_softmax(logits, dim=-1)  # (B·K, vocab)
-        vocab = log_probs.shape[-1]
         candidates = (scores.view(-1, 1) + log_probs).view(batch, beams * vocab)
         top_scores, top_index = candidates.topk(min(2 * beams, beams * vocab), dim=1)
         next_scores = torch.full((batch, beams), float("-inf"))
@@ -530,6 +586,9 @@ def _beam_search(
             break
         flat_origins = origins.view(-1)
         sequences = torch.cat([sequences[flat_origins], next_tokens.view(-1, 1)], dim=1)
+        if counts is not None:  # each beam inherits its origin's counts, plus its new token
+            counts = counts[flat_origins]
+            counts[torch.arange(batch * beams), next_tokens.view(-1)] += 1
         scores = next_scores
         state.select(flat_origins)
         logits = state.step(next_tokens.view(-1))

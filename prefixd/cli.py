@@ -172,6 +172,14 @@ def generate_local(
     temperature: Annotated[float, typer.Option("--temperature")] = 1.0,
     top_p: Annotated[float, typer.Option("--top-p")] = 1.0,
     seed: Annotated[int, typer.Option("--seed")] = 0,
+    presence_penalty: Annotated[
+        float,
+        typer.Option("--presence-penalty", help="OpenAI's: against tokens already output."),
+    ] = 0.0,
+    frequency_penalty: Annotated[
+        float,
+        typer.Option("--frequency-penalty", help="OpenAI's: against tokens, per repeat."),
+    ] = 0.0,
     as_json: Annotated[
         bool, typer.Option("--json", help="Print a JSON list of {input, output}.")
     ] = False,
@@ -188,6 +196,8 @@ def generate_local(
         temperature=temperature,
         top_p=top_p,
         seed=seed,
+        presence_penalty=presence_penalty,
+        frequency_penalty=frequency_penalty,
     )
     decoding.validate()
     quiet_libraries()

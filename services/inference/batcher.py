@@ -38,8 +38,10 @@ from common.generation import (
     GenerationCancelledError,
     GenerationRow,
     choose_tokens_per_row,
+    count_token,
     decode_batch,
     generate,
+    penalize,
     row_generator,
 )
 from common.model_loading import LoadedModel
@@ -76,6 +78,7 @@ class _Request:
     # woken once per request instead of once per token (each wake-up is a thread hand-off).
     whole: bool = False
     ids: list[int] = field(default_factory=list)  # what it produced (whole or stop_hit)
+    counts: torch.Tensor | None = None  # (vocab,) its tokens so far, when its decoding penalizes
 
     def emit(self, item: object) -> None:
         try:
@@ -293,8 +296,10 @@ class ContinuousBatcher:
         try:
             # A row that cannot be decoded (non-finite scores, sampling failed) fails alone:
             # its error goes to its request and it leaves the batch like a finished row.
+            decodings = [r.decoding for r in requests]
+            logits = penalize(running.logits, decodings, [r.counts for r in requests])
             tokens, failed = choose_tokens_per_row(
-                running.logits, [r.decoding for r in requests], [r.generator for r in requests]
+                logits, decodings, [r.generator for r in requests]
             )
             keep = []
             for index, (request, token) in enumerate(zip(requests, tokens.tolist(), strict=True)):
@@ -307,6 +312,8 @@ class ContinuousBatcher:
                     request.produced += 1
                     self.stats.tokens += 1
                     request.token(token)
+                    if request.decoding.penalizes:
+                        request.counts = count_token(request.counts, token, logits.shape[-1])
                     finished = request.produced >= request.decoding.max_new_tokens
                     if request.stop_hit is not None and request.stop_hit(request.ids):
                         finished = True

@@ -4,7 +4,13 @@ import torch
 from common.architectures import prefix_shape
 from common.base_prefix import stack_prefixes
 from common.errors import InvalidInputError
-from common.generation import DecodingConfig, GenerationRow, generate, generate_texts
+from common.generation import (
+    DecodingConfig,
+    GenerationRow,
+    generate,
+    generate_texts,
+    penalize,
+)
 from common.kv_cache import prefix_cache
 from common.prefix_file import Prefix
 
@@ -165,6 +171,39 @@ def test_sampling_is_seeded_and_top_p_near_zero_is_greedy(tiny_model):
     assert run(tiny_model, rows, nucleus) == run(tiny_model, rows, DecodingConfig(max_new_tokens=8))
 
 
+def counts_of(tokens: list[int], vocab: int) -> torch.Tensor:
+    return torch.bincount(torch.tensor(tokens, dtype=torch.long), minlength=vocab).float()
+
+
+def test_penalties_lower_the_scores_of_generated_tokens_as_openai_defines_them():
+    logits = torch.tensor([[1.0, 2.0, 3.0, 4.0], [1.0, 2.0, 3.0, 4.0]])
+    counts = [counts_of([3, 3, 1], 4), counts_of([3], 4)]
+    decodings = [DecodingConfig(frequency_penalty=0.5, presence_penalty=0.25), DecodingConfig()]
+    penalized = penalize(logits, decodings, counts)
+    # mu[j] - c[j] * frequency - (c[j] > 0) * presence; a row without penalties is untouched.
+    assert penalized.tolist() == [[1.0, 1.25, 3.0, 2.75], [1.0, 2.0, 3.0, 4.0]]
+    assert logits[0, 3] == 4.0  # the caller's logits are not modified
+    assert penalize(logits, decodings, [None, None]) is logits  # nothing generated yet
+
+
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_penalties_change_repetitive_outputs_and_keep_rows_independent(tiny_llama, num_beams):
+    rows = mixed_rows(tiny_llama)
+    plain = DecodingConfig(max_new_tokens=12, num_beams=num_beams)
+    penalized = DecodingConfig(
+        max_new_tokens=12, num_beams=num_beams, frequency_penalty=2.0, presence_penalty=2.0
+    )
+    before, after = run(tiny_llama, rows, plain), run(tiny_llama, rows, penalized)
+    repeats = lambda outputs: sum(len(o) - len(set(o)) for o in outputs)  # noqa: E731
+    assert repeats(before) > 0  # a random tiny model repeats itself
+    assert repeats(after) < repeats(before)
+    # A penalized row's output does not depend on its batch.
+    assert after == [run(tiny_llama, [row], penalized)[0] for row in rows]
+    # Encouraging repetition (negative values) is allowed too, as in OpenAI's range.
+    encouraged = DecodingConfig(max_new_tokens=12, num_beams=num_beams, frequency_penalty=-2.0)
+    assert repeats(run(tiny_llama, rows, encouraged)) >= repeats(before)
+
+
 def test_generation_stops_at_eos_and_max_new_tokens(tiny_llama):
     rows = mixed_rows(tiny_llama)
     outputs = run(tiny_llama, rows, DecodingConfig(max_new_tokens=3))
@@ -181,6 +220,8 @@ def test_generation_stops_at_eos_and_max_new_tokens(tiny_llama):
         (DecodingConfig(do_sample=True, num_beams=2), "sampling or beam search"),
         (DecodingConfig(do_sample=True, temperature=0), "temperature must be positive"),
         (DecodingConfig(do_sample=True, top_p=1.5), r"top_p must be in \(0, 1\]"),
+        (DecodingConfig(presence_penalty=2.5), r"presence_penalty must be in \[-2.0, 2.0\]"),
+        (DecodingConfig(frequency_penalty=float("nan")), "frequency_penalty must be in"),
     ],
 )
 def test_bad_decoding_settings_are_refused(tiny_llama, decoding, message):

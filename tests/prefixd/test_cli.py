@@ -119,6 +119,12 @@ def test_train_then_generate(runner, data_file, tmp_path, tiny_model_dirs):
     )
     assert result.exit_code == 0 and result.stdout.strip()
 
+    penalized = ["generate-local", "--prefix", str(out), "--model", model, "alpha"]
+    result = runner.invoke(app, [*penalized, "--presence-penalty", "1.5"])
+    assert result.exit_code == 0 and result.stdout.strip()
+    result = runner.invoke(app, [*penalized, "--frequency-penalty", "3"])
+    user_error(result, "frequency_penalty must be in [-2.0, 2.0], got 3.0")
+
 
 def user_error(result, message: str) -> None:
     assert result.exit_code == 2, result.output

@@ -15,6 +15,7 @@ from common.stop_sequences import StopStreamer, cut_at_stop
 from tests.fixtures.models import tiny_tokenizer
 from tests.security.conftest import InProc
 
+PROMPT = "red green"
 MESSAGES = [
     {"role": "system", "content": "alpha beta"},
     {"role": "user", "content": [{"type": "text", "text": "red green"}]},
@@ -90,6 +91,47 @@ def test_chat_completions_with_the_openai_sdk(inproc_inference: InProc) -> None:
     _, untrained = inproc.new_tenant()
     with pytest.raises(openai.ConflictError):
         client(inproc, untrained).chat.completions.create(model="default", messages=MESSAGES)
+
+
+def test_presence_and_frequency_penalties_reach_the_decoder_on_every_route(
+    inproc_inference: InProc,
+) -> None:
+    """OpenAI's penalties are applied, never silently ignored: they change the greedy text on
+    chat, completions and generate (negative values, which favour the tokens already in the
+    output: the tiny model's short answers have no repeats for positive ones to act on)."""
+    inproc = inproc_inference
+    tenant_id, key = inproc.new_tenant()
+    inproc.publish(tenant_id, length=2, seed=5)
+    sdk = client(inproc, key)
+    penalties = {"frequency_penalty": -2.0, "presence_penalty": -2.0}
+    common = {"model": "default", "max_tokens": 16, "temperature": 0}
+
+    def chat(**extra: float) -> str:
+        answer = sdk.chat.completions.create(messages=MESSAGES, **common, **extra)
+        return answer.choices[0].message.content or ""
+
+    def completion(**extra: float) -> str:
+        return sdk.completions.create(prompt=PROMPT, **common, **extra).choices[0].text
+
+    def generate(**extra: float) -> str:
+        body = {"input": PROMPT, "max_new_tokens": 16, **extra}
+        response = inproc.request("POST", "/v1/generate", key, json=body)
+        assert response.status_code == 200, response.text
+        return str(response.json()["outputs"][0])
+
+    for route in (chat, completion, generate):
+        assert route(**penalties) != route(), route.__name__
+    # Out of OpenAI's range [-2, 2], or not a number (Python's JSON reads NaN): refused.
+    for value in ("2.5", "NaN"):
+        refused = inproc.request(
+            "POST",
+            "/v1/generate",
+            key,
+            content=f'{{"input": "a", "frequency_penalty": {value}}}',
+            headers={"Content-Type": "application/json"},
+        )
+        assert refused.status_code == 422, refused.text
+        assert "frequency_penalty" in refused.json()["error"]["message"], refused.text
 
 
 def test_chat_prompt_without_a_template_is_the_plain_format() -> None:
@@ -269,6 +311,8 @@ def test_openai_routes_answer_errors_in_openai_shape(inproc_inference: InProc) -
         ({"temperature": 5}, "temperature"),
         ({"messages": [{"role": "robot", "content": "hi"}]}, "messages[0].role"),
         ({"n": 0}, "n"),
+        ({"frequency_penalty": 2.5}, "frequency_penalty"),
+        ({"presence_penalty": -3}, "presence_penalty"),
     ):
         with pytest.raises(openai.BadRequestError) as refused:
             sdk.chat.completions.create(**{"model": "default", "messages": MESSAGES, **bad})

@@ -74,6 +74,8 @@ def test_mixed_decoding_settings_in_one_batch(tiny_llama, batcher):
         DecodingConfig(max_new_tokens=6, do_sample=True, temperature=1.3, seed=7),
         DecodingConfig(max_new_tokens=3, do_sample=True, top_p=0.5, seed=8),
         DecodingConfig(max_new_tokens=6, num_beams=3),
+        DecodingConfig(max_new_tokens=6, frequency_penalty=1.5, presence_penalty=0.5),
+        DecodingConfig(max_new_tokens=6, do_sample=True, seed=9, frequency_penalty=-1.0),
     ]
 
     async def main():
@@ -82,6 +84,26 @@ def test_mixed_decoding_settings_in_one_batch(tiny_llama, batcher):
     outputs = asyncio.run(main())
     # Per-row generators: a sampled row gives what it gives alone, whatever its batch.
     assert outputs == [solo(tiny_llama, row, d) for d in settings]
+
+
+def test_penalized_rows_share_the_batch_and_get_their_solo_outputs(tiny_llama, batcher):
+    rows = [
+        GenerationRow([10 + i, 11], random_prefix(tiny_llama, 2 + i, seed=30 + i)) for i in range(4)
+    ]
+    plain = DecodingConfig(max_new_tokens=12)
+    penalized = DecodingConfig(max_new_tokens=12, frequency_penalty=2.0, presence_penalty=2.0)
+    decodings = [penalized, plain, penalized, plain]
+
+    async def main():
+        return await asyncio.gather(
+            *(batcher.generate(r, d) for r, d in zip(rows, decodings, strict=True))
+        )
+
+    outputs = asyncio.run(main())
+    assert outputs == [solo(tiny_llama, r, d) for r, d in zip(rows, decodings, strict=True)]
+    # The penalties changed what the penalized rows say (so the batcher really applied them).
+    assert any(outputs[i] != solo(tiny_llama, rows[i], plain) for i in (0, 2))
+    assert batcher.stats.max_rows_in_batch > 1
 
 
 def test_streaming_yields_the_same_tokens(tiny_llama, batcher):

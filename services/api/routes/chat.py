@@ -75,7 +75,13 @@ async def _chat(
 
     def request(seed: int | None) -> InferenceRequest:
         decoding = decoding_config(
-            max_tokens, body.temperature, body.top_p, 1, seed, stop=stop_sequences(body.stop)
+            max_tokens,
+            body.temperature,
+            body.top_p,
+            1,
+            seed,
+            stop=stop_sequences(body.stop),
+            **body.penalties(),
         )
         return prefix.request([prompt], decoding, chat=True)
 

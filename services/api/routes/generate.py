@@ -314,7 +314,7 @@ async def _completions(
     stop = stop_sequences(body.stop)
     if body.stream:
         decoding = decoding_config(
-            max_tokens, body.temperature, body.top_p, 1, body.seed, stop=stop
+            max_tokens, body.temperature, body.top_p, 1, body.seed, stop=stop, **body.penalties()
         )
         return _stream(
             context,
@@ -328,7 +328,10 @@ async def _completions(
     seeds = [_sample_seed(body.seed, sample) for sample in range(body.n)]
     requests = [
         prefix.request(
-            prompts, decoding_config(max_tokens, body.temperature, body.top_p, 1, seed, stop=stop)
+            prompts,
+            decoding_config(
+                max_tokens, body.temperature, body.top_p, 1, seed, stop=stop, **body.penalties()
+            ),
         )
         for seed in seeds
     ]

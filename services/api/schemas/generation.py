@@ -8,7 +8,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from common.generation import MAX_SEED, DecodingConfig
+from common.generation import MAX_PENALTY, MAX_SEED, DecodingConfig
 from common.stop_sequences import MAX_STOP_CHARS, MAX_STOP_SEQUENCES
 from services.api.errors import ApiError
 
@@ -28,6 +28,30 @@ StopField = Annotated[
 ]
 
 
+class Penalties(BaseModel):
+    """The repetition penalties every generation route takes, with OpenAI's names and range."""
+
+    presence_penalty: float = Field(
+        default=0.0,
+        ge=-MAX_PENALTY,
+        le=MAX_PENALTY,
+        description="subtracted from the score of every token the output already holds; 0: off",
+    )
+    frequency_penalty: float = Field(
+        default=0.0,
+        ge=-MAX_PENALTY,
+        le=MAX_PENALTY,
+        description="times the number of times a token is in the output so far, subtracted "
+        "from its score; 0: off",
+    )
+
+    def penalties(self) -> dict[str, float]:
+        return {
+            "presence_penalty": self.presence_penalty,
+            "frequency_penalty": self.frequency_penalty,
+        }
+
+
 def stop_sequences(stop: str | list[str] | None) -> tuple[str, ...]:
     return (stop,) if isinstance(stop, str) else tuple(stop or ())
 
@@ -36,7 +60,7 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class GenerateRequest(BaseModel):
+class GenerateRequest(Penalties):
     model_config = ConfigDict(extra="forbid")
 
     input: str | None = Field(default=None, min_length=1, max_length=100_000)
@@ -83,6 +107,7 @@ class GenerateRequest(BaseModel):
             self.num_beams,
             self.seed,
             stop=stop_sequences(self.stop),
+            **self.penalties(),
         )
 
 
@@ -94,6 +119,8 @@ def decoding_config(
     seed: int | None,
     *,
     stop: tuple[str, ...] = (),
+    presence_penalty: float = 0.0,
+    frequency_penalty: float = 0.0,
 ) -> DecodingConfig:
     sample = (temperature or 0) > 0 or (top_p is not None and top_p < 1)
     if sample and num_beams > 1:
@@ -108,6 +135,8 @@ def decoding_config(
         top_p=top_p if top_p is not None else 1.0,
         seed=seed,
         stop=stop,
+        presence_penalty=presence_penalty,
+        frequency_penalty=frequency_penalty,
     )
 
 
@@ -125,7 +154,7 @@ class GenerateResponse(BaseModel):
     usage: Usage
 
 
-class CompletionRequest(BaseModel):
+class CompletionRequest(Penalties):
     """The OpenAI completions request; ``model`` picks one of the caller's versions
     (``GET /v1/models``), the active one when absent or the base model's id."""
 
@@ -181,7 +210,7 @@ class ChatMessage(BaseModel):
         )
 
 
-class ChatCompletionRequest(BaseModel):
+class ChatCompletionRequest(Penalties):
     model_config = ConfigDict(extra="ignore")
 
     model: str | None = None
