@@ -593,7 +593,8 @@ def run_one(
     split: LowDataSplit,
     args: argparse.Namespace,
     base: Prefix | None = None,
-) -> Run:
+) -> list[Run]:
+    """One training, decoded once per ``--frequency-penalty`` value (a run each)."""
     config = training_config(args, seed, init=TEXT_INIT if method == "prefix-text" else "random")
     if method == "finetune":
         config.learning_rate = args.lr_finetune
@@ -609,21 +610,30 @@ def run_one(
     train_seconds = time.perf_counter() - started
     passes = 0 if method == "in-context" else (trained.passes or config.epochs or 0)
     tokens = real_tokens(encode(loaded, split.train, 0), passes)
-    decoding = DecodingConfig(max_new_tokens=args.max_new_tokens, num_beams=args.num_beams)
-    started = time.perf_counter()
-    outputs = decode(trained, split.test, decoding, args.decode_batch)
-    decode_seconds = time.perf_counter() - started
-    return Run(
-        n=n,
-        seed=seed,
-        method=method,
-        bleu=corpus_bleu(outputs, split.test),
-        tokens_per_second=tokens / max(train_seconds, 1e-9),
-        train_seconds=train_seconds,
-        decode_seconds=decode_seconds,
-        best_epoch=trained.best_epoch,
-        samples=[(mr.mr, out) for mr, out in zip(split.test[:2], outputs[:2], strict=True)],
-    )
+    runs = []
+    for penalty in args.frequency_penalty:
+        decoding = DecodingConfig(
+            max_new_tokens=args.max_new_tokens,
+            num_beams=args.num_beams,
+            frequency_penalty=penalty,
+        )
+        started = time.perf_counter()
+        outputs = decode(trained, split.test, decoding, args.decode_batch)
+        decode_seconds = time.perf_counter() - started
+        runs.append(
+            Run(
+                n=n,
+                seed=seed,
+                method=method,
+                bleu=corpus_bleu(outputs, split.test),
+                tokens_per_second=tokens / max(train_seconds, 1e-9),
+                train_seconds=train_seconds,
+                decode_seconds=decode_seconds,
+                best_epoch=trained.best_epoch,
+                samples=[(mr.mr, out) for mr, out in zip(split.test[:2], outputs[:2], strict=True)],
+            )
+        )
+    return runs
 
 
 # --- report ------------------------------------------------------------------------------
@@ -791,6 +801,14 @@ def parse_args(argv: Iterable[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--num-beams", type=int, default=1, help="1: greedy (the paper: 5)")
     parser.add_argument(
+        "--frequency-penalty",
+        type=float,
+        nargs="+",
+        default=[0.0],
+        help="OpenAI's frequency penalty at decoding; several values decode each trained "
+        "model once per value, each kept as a configuration of its own (the first is reported)",
+    )
+    parser.add_argument(
         "--results", type=Path, default=RESULTS, help="JSON of finished runs (resumable)"
     )
     parser.add_argument("--batch-size", type=int, default=8)
@@ -851,19 +869,23 @@ def batching_signature(args: argparse.Namespace) -> str:
     return "" if args.batching == "grouped" else f" batching={args.batching}"
 
 
-def run_signature(args: argparse.Namespace) -> str:
+def run_signature(args: argparse.Namespace, frequency_penalty: float | None = None) -> str:
+    """The configuration a run belongs to; ``frequency_penalty`` defaults to the first of
+    ``--frequency-penalty`` (0, the default, adds nothing: older records still match)."""
+    penalty = args.frequency_penalty[0] if frequency_penalty is None else frequency_penalty
     return (
         f"test_mrs={args.test_mrs} epochs={args.epochs} beams={args.num_beams} "
         f"max_new={args.max_new_tokens} batch={args.batch_size} warmup={args.warmup_ratio} "
         f"lr={args.lr_prefix}/{args.lr_finetune} model={args.model} base={base_signature(args)}"
         + batching_signature(args)
         + model_signature(args)
+        + (f" frequency_penalty={penalty}" if penalty else "")
     )
 
 
-def save_run(path: Path, run: Run, args: argparse.Namespace) -> None:
+def save_run(path: Path, run: Run, args: argparse.Namespace, frequency_penalty: float) -> None:
     """Append under a lock: several processes (e.g. one per method group) may share a file."""
-    append_record(path, asdict(run), run_signature(args))
+    append_record(path, asdict(run), run_signature(args, frequency_penalty))
 
 
 def main(argv: Iterable[str] | None = None) -> None:
@@ -881,7 +903,14 @@ def main(argv: Iterable[str] | None = None) -> None:
         report(runs, args, init_tokens)
         return
     loaded = placed(loaded, args.device)  # after --report-only, which needs no device
-    done = {(r.n, r.seed, r.method) for r in runs}
+    penalties = args.frequency_penalty
+    done = {
+        penalty: {
+            (r.n, r.seed, r.method)
+            for r in load_records(args.results, run_signature(args, penalty), _run_of)
+        }
+        for penalty in penalties
+    }
     base = None
     if {"prefix-warm", "prefix-stack"} & set(args.methods):
         base = train_base(loaded, operator_mrs, args)
@@ -892,17 +921,22 @@ def main(argv: Iterable[str] | None = None) -> None:
                 split = low_data_split(mrs, n_train=n, n_test=args.test_mrs, seed=seed)
                 for method in args.methods:
                     overall.update(1)
-                    if (n, seed, method) in done:
+                    if all((n, seed, method) in done[p] for p in penalties):
                         continue
                     overall.set_postfix_str(f"N={n} seed={seed} {method}")
-                    run = run_one(loaded, method, n, seed, split, args, base)
-                    runs.append(run)
-                    save_run(args.results, run, args)
-                    tqdm.write(
-                        f"N={n} seed={seed} {method:13s} BLEU {run.bleu:5.1f}  "
-                        f"best epoch {run.best_epoch}  {run.tokens_per_second:4.0f} tok/s  "
-                        f"train {run.train_seconds:4.0f}s decode {run.decode_seconds:4.0f}s"
-                    )
+                    trained = run_one(loaded, method, n, seed, split, args, base)
+                    for penalty, run in zip(penalties, trained, strict=True):
+                        if (n, seed, method) in done[penalty]:
+                            continue
+                        if penalty == penalties[0]:
+                            runs.append(run)
+                        save_run(args.results, run, args, penalty)
+                        tqdm.write(
+                            f"N={n} seed={seed} {method:13s} BLEU {run.bleu:5.1f}  "
+                            f"best epoch {run.best_epoch}  {run.tokens_per_second:4.0f} tok/s  "
+                            f"train {run.train_seconds:4.0f}s decode {run.decode_seconds:4.0f}s"
+                            + (f"  frequency penalty {penalty}" if penalty else "")
+                        )
                     if not args.no_write:  # after every run: a cut run keeps what it did
                         plot(runs, args.plot)
                         write_section(TITLE, section(runs, args, init_tokens), args.out)
