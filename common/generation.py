@@ -391,9 +391,13 @@ def penalize(
     for i in rows:
         count = counts[i]
         assert count is not None
-        decoding = decodings[i]
-        logits[i] -= decoding.frequency_penalty * count + decoding.presence_penalty * (count > 0)
+        logits[i] -= _penalty(count, decodings[i])
     return logits
+
+
+def _penalty(counts: torch.Tensor, decoding: DecodingConfig) -> torch.Tensor:
+    """What the penalties subtract from logits, for token counts of any shape ``(..., vocab)``."""
+    return decoding.frequency_penalty * counts + decoding.presence_penalty * (counts > 0)
 
 
 def count_token(counts: torch.Tensor | None, token: int, vocab: int) -> torch.Tensor:
@@ -545,8 +549,8 @@ def _beam_search(
             raise DecodingFailedError(
                 "decoding failed: the model's scores for this input are not finite"
             )
-        if counts is not None:
-            logits = penalize(logits, [decoding] * len(counts), list(counts))
+        if counts is not None:  # one decoding for every hypothesis: all rows at once
+            logits = logits - _penalty(counts, decoding)
         log_probs = F.log_softmax(logits, dim=-1)  # (B·K, vocab)
         candidates = (scores.view(-1, 1) + log_probs).view(batch, beams * vocab)
         top_scores, top_index = candidates.topk(min(2 * beams, beams * vocab), dim=1)
