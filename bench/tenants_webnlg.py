@@ -408,6 +408,14 @@ def summary(table: Table, names: list[str], base_row: list[float]) -> dict[str, 
     return out
 
 
+def image_path(args: argparse.Namespace, size: int) -> Path:
+    """The heatmap of one table: seed 0 keeps its old file name, another seed gets its own."""
+    if args.base == "none":
+        return IMG
+    seed = f"_seed{args.seed}" if args.seed else ""
+    return IMG_DIR / f"webnlg_tenants_{args.base}_{size}{seed}.png"
+
+
 def write(
     tables: list[Table],
     names: list[str],
@@ -423,13 +431,10 @@ def write(
         matrix = table.matrix + ([base_row] if base_row else [])
         rows += [BASE_ROW] if base_row else []
         if args.base == "none":
-            path = IMG
             title = "WebNLG: 10 tenants × 10 prefixes"
         else:
-            seed = f"_seed{args.seed}" if args.seed else ""  # seed 0 keeps its old file
-            path = IMG_DIR / f"webnlg_tenants_{args.base}_{table.size}{seed}.png"
             title = f"WebNLG tenants, {table.size} entries, {args.base} on a base"
-        plot(matrix, rows, names, path, title)
+        plot(matrix, rows, names, image_path(args, table.size), title)
     body = report(tables, names, base_row, base_info, removed, operator, args, started)
     print(body)
     title = {"none": TITLE, "stack": TITLE_BASE, "warm_start": TITLE_WARM}[args.base]
@@ -500,7 +505,7 @@ its blob with the service's decoder (`common.generation.generate_texts`, greedy,
                 f"**{s['ratio']:.2f}×**). The own prefix beats the base alone in "
                 f"{s['beats_base']} of {n} columns."
             )
-        image = IMG.name if args.base == "none" else f"webnlg_tenants_{args.base}_{table.size}.png"
+        image = image_path(args, table.size).name
         parts.append(
             f"""### {table.size} entries per tenant
 
