@@ -439,7 +439,8 @@ def write(
         if args.base == "none":
             title = "WebNLG: 10 tenants × 10 prefixes"
         else:
-            title = f"WebNLG tenants, {table.size} entries, {args.base} on a base"
+            budget = f"{args.epochs} epochs" if args.epochs else "automatic budget"
+            title = f"WebNLG tenants, {table.size} entries, {args.base} on a base, {budget}"
         plot(matrix, rows, names, image_path(args, table.size), title)
     body = report(tables, names, base_row, base_info, removed, operator, args, started)
     print(body)
