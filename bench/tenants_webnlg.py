@@ -47,6 +47,13 @@ from common.config import Settings, get_settings
 from common.generation import DecodingConfig, generate_texts
 from common.model_loading import ensure_embedded_model_dir, load_model
 from common.prefix_file import Prefix, prefix_from_bytes
+from common.training_budget import (
+    AUTOMATIC_EPOCHS,
+    EVALUATIONS,
+    MIN_STEPS,
+    VALIDATION_FRACTION,
+    VALIDATION_FROM,
+)
 from services.api.schemas.generation import MAX_INPUTS
 
 IMG_DIR = Path(__file__).resolve().parent.parent / "docs" / "img"
@@ -473,8 +480,9 @@ def report(
     budget = (
         f"{args.epochs} epochs"
         if args.epochs
-        else "no epochs given (the service's automatic budget: 5 epochs' worth, at least 40 "
-        "optimizer steps; from 40 entries a 15% validation split and the best of 16 checks kept)"
+        else f"no epochs given (the service's automatic budget: {AUTOMATIC_EPOCHS} epochs' worth, "
+        f"at least {MIN_STEPS} optimizer steps; from {VALIDATION_FROM} entries a "
+        f"{VALIDATION_FRACTION:.0%} validation split and the best of {EVALUATIONS} checks kept)"
     )
     parts = [
         f"""The whole service on the embedded model (`prefixd up`: Ray, Serve, the scheduler with
