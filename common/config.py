@@ -272,6 +272,10 @@ class Settings(BaseSettings):
         ge=-1,
         description="Requests waiting for an API ingress replica beyond max_ongoing_requests (-1: no limit; the proxy answers 503 beyond).",
     )
+    serve_high_throughput: bool = Field(
+        default=True,
+        description="Ray Serve's high-throughput mode on a Ray that `prefixd up` starts: HAProxy instead of the Python HTTP proxy, gRPC between replicas, one event loop per replica (services/serve_mode.py). On a cluster (RAY_ADDRESS) the operator sets it on `ray start` (deploy/).",
+    )
     api_key_cache_seconds: float = Field(
         default=2.0,
         ge=0,

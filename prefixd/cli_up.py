@@ -109,6 +109,13 @@ def up(
     store = build_blob_store(settings)
     store.check()
 
+    if not settings.ray_address:
+        # Read by Ray Serve when its processes import it: set before `ray` starts them, and
+        # before this process imports Serve.
+        from services.serve_mode import serve_environment
+
+        os.environ.update(serve_environment(settings))
+
     import ray
     from ray import serve
 

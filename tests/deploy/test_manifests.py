@@ -63,8 +63,12 @@ def test_secrets_are_referenced_never_inlined():
             assert f"{name}:" not in text.replace("# ", ""), f"{path.name} sets {name} inline"
         if "containers" in text:
             assert "secretRef: {name: prefixd-secrets}" in text
+    from services.serve_mode import HIGH_THROUGHPUT_ENV
+
     config_maps = [d for _, d in all_documents() if d["kind"] == "ConfigMap"]
+    # Settings, and Ray Serve's switches that `ray start` reads on each pod.
     settings_vars = {f"PREFIXD_{name.upper()}" for name in Settings.model_fields}
+    settings_vars |= set(HIGH_THROUGHPUT_ENV)
     for config_map in config_maps:
         unknown = set(config_map["data"]) - settings_vars
         assert not unknown, f"ConfigMap sets variables no setting reads: {unknown}"
@@ -98,6 +102,28 @@ def test_compose_names_every_service_with_health_checks():
     assert "prefixd up" in services["ray-head"]["command"]
     assert "--address=ray-head:6379" in services["ray-worker"]["command"]
     assert "prefixd up" in services["ray-head"]["command"]
+
+
+def test_every_node_runs_serve_in_the_mode_prefixd_up_starts():
+    """Ray reads Serve's switches on each node when `ray start` starts it, so deploy/ sets on
+    every node exactly what `prefixd up` sets on the Ray it starts itself."""
+    from services.serve_mode import HIGH_THROUGHPUT_ENV
+
+    compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
+    for name in ("ray-head", "ray-worker"):
+        environment = compose["services"][name]["environment"]
+        assert {k: environment.get(k) for k in HIGH_THROUGHPUT_ENV} == HIGH_THROUGHPUT_ENV, name
+    # In its container the API must listen beyond loopback for the published port to reach it.
+    assert "prefixd up --host 0.0.0.0" in compose["services"]["ray-head"]["command"]
+    config = next(d for n, d in all_documents() if n == "configmap.yaml:ConfigMap")
+    assert {k: config["data"].get(k) for k in HIGH_THROUGHPUT_ENV} == HIGH_THROUGHPUT_ENV
+    service = next(d for n, d in all_documents() if n == "rayservice.yaml:RayService")
+    cluster = service["spec"]["rayClusterConfig"]
+    pods = [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]
+    for pod in pods:
+        for container in pod["template"]["spec"]["containers"]:
+            sources = [s.get("configMapRef", {}).get("name") for s in container["envFrom"]]
+            assert config["metadata"]["name"] in sources, container["name"]
 
 
 def test_dockerfile_installs_the_package_and_the_embedded_model():
