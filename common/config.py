@@ -276,6 +276,11 @@ class Settings(BaseSettings):
         default=True,
         description="Ray Serve's high-throughput mode on a Ray that `prefixd up` starts: HAProxy instead of the Python HTTP proxy, gRPC between replicas, one event loop per replica (services/serve_mode.py). On a cluster (RAY_ADDRESS) the operator sets it on `ray start` (deploy/).",
     )
+    serve_drain_seconds: float = Field(
+        default=2.0,
+        ge=0,
+        description="In high-throughput mode on a Ray that `prefixd up` starts: how long a stopping API replica keeps answering while HAProxy stops sending it requests (Ray's default of 30 s waits for load balancers on other nodes; here HAProxy is on the same node and learns of it within a controller broadcast).",
+    )
     api_key_cache_seconds: float = Field(
         default=2.0,
         ge=0,

@@ -38,6 +38,9 @@ HIGH_THROUGHPUT_ENV = {
     # prefixd calls handles from synchronous code too (the erasure's replica evictor, in
     # the scheduler and the CLI), which that refuses ("No event loop running").
     "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "1",
+    # And it would buffer a replica's log lines by the thousand, losing them when the
+    # replica dies: the lines that say why, with the request id an error body returns.
+    "RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": "1",
 }
 
 
@@ -49,13 +52,16 @@ def _free_port() -> int:
 
 def serve_environment(settings: Settings) -> dict[str, str]:
     """The environment a Ray about to be started needs for ``settings.serve_high_throughput``
-    (only that field is read): the variables to add before ``ray.init``. With the mode off,
+    and ``settings.serve_drain_seconds``: the variables to add before ``ray.init``. With the mode off,
     Serve's two switches are set to ``"0"``, so a shell's own setting cannot turn it on behind the
     setting's back."""
     if not settings.serve_high_throughput:
         return {"RAY_SERVE_ENABLE_HA_PROXY": "0", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "0"}
     return {
         **HIGH_THROUGHPUT_ENV,
+        # Ray's default holds every stopped ingress replica open for 30 s, and each
+        # `serve.shutdown` or redeployment with it.
+        "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": str(settings.serve_drain_seconds),
         # Fixed by default (HAProxy's statistics page 8404 and Prometheus counters 9101, the
         # head node's fallback Python proxy, used while no ingress replica is up, 8500 and
         # 9500): a second Ray on the machine would fail to start its HAProxy. Its files are

@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import socket
 import time
 import uuid
 from collections.abc import Iterator
@@ -496,6 +497,25 @@ def test_every_route_checks_who_is_calling(stack, api):
 # --- limits and metrics ---------------------------------------------------------------------
 
 
+def refused_before_the_body(base_url: str, path: str, key: str, length: int) -> bytes:
+    """Send a request's head announcing ``length`` bytes and a quarter of its body, never the
+    rest. Returns the answer's status line and headers, which must come without the rest
+    (a server that waits for the whole body times out here after 10 s)."""
+    url = httpx.URL(base_url)
+    head = (
+        f"POST {path} HTTP/1.1\r\nHost: {url.host}\r\nAuthorization: Bearer {key}\r\n"
+        f"Content-Type: application/jsonl\r\nContent-Length: {length}\r\n\r\n"
+    )
+    with socket.create_connection((url.host, url.port), timeout=10) as connection:
+        connection.sendall(head.encode() + b"x" * (length // 4))
+        received = b""
+        while b"\r\n\r\n" not in received:
+            chunk = connection.recv(65536)
+            assert chunk, f"closed without an answer: {received!r}"
+            received += chunk
+    return received.partition(b"\r\n\r\n")[0]
+
+
 def test_limits_answer_413_and_429_naming_the_limit(stack, api):
     _, key = api.new_tenant()
     # A JSON body over max_request_bytes, refused from its Content-Length.
@@ -525,10 +545,12 @@ def test_limits_answer_413_and_429_naming_the_limit(stack, api):
     assert (status, code) == (413, "quota_exceeded")
     assert "tenant_dataset_bytes_quota" in message
     assert len(api.get("/v1/datasets", key).json()["data"]) == 2
-    # Refused before its body was read: the connection is closed, through Serve's HTTP
-    # proxy too, rather than the rest of the body read there and dropped.
-    refused = api.upload("not-a-key", chunk)
-    assert refused.status_code == 401 and refused.headers["connection"] == "close"
+    # Refused before its body was read: the answer comes without the rest of the body. (The
+    # ingress then closes the connection; Serve's Python proxy closes it to the client, where
+    # HAProxy drains the rest in C instead of Python reading it.)
+    limit = LIMITS["max_dataset_bytes"]
+    head = refused_before_the_body(stack.url, "/v1/datasets", "not-a-key", limit)
+    assert head.startswith(b"HTTP/1.1 401"), head
 
     # Generate: a token bucket per tenant (burst 4, 0.5/s); one tenant's 429s are its own.
     _, key = api.new_tenant()
