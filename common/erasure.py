@@ -126,9 +126,12 @@ class ReplicaEvictor(Protocol):
 
 class ServeReplicaEvictor:
     """Asks every replica of the inference deployment to drop prefix ids
-    (``InferenceServer.forget``). A handle call lands on one replica, chosen at random:
-    calls are repeated until as many distinct replicas answered as Serve reports running.
-    Needs Ray to be initialized (it is, inside an API replica or the scheduler)."""
+    (``InferenceServer.forget``) with Serve's ``broadcast``, which calls every replica the
+    handle's router knows. A replica it does not know yet (just started) is asked by the
+    next tries, until as many distinct replicas answered as Serve reports running. (Repeated
+    routed calls, before, counted on the router spreading them at random: it need not; in
+    Serve's high-throughput mode 100 calls all reached the same replica.) Needs Ray to be
+    initialized (it is, inside an API replica or the scheduler)."""
 
     def __init__(
         self,
@@ -137,11 +140,12 @@ class ServeReplicaEvictor:
         app_name: str = SERVE_APP_NAME,
         deployment: str = INFERENCE_DEPLOYMENT,
         call_timeout_s: float = 30.0,
-        calls_per_replica: int = 50,
+        tries: int = 10,
+        retry_seconds: float = 0.5,
     ) -> None:
         self.handle = handle
         self.app_name, self.deployment = app_name, deployment
-        self.call_timeout_s, self.calls_per_replica = call_timeout_s, calls_per_replica
+        self.call_timeout_s, self.tries, self.retry_seconds = call_timeout_s, tries, retry_seconds
 
     def running_replicas(self) -> int:
         from ray import serve
@@ -162,9 +166,12 @@ class ServeReplicaEvictor:
 
             handle = serve.get_deployment_handle(self.deployment, app_name=self.app_name)
         seen: dict[str, list[str]] = {}
-        for _ in range(expected * self.calls_per_replica):
-            answer = handle.forget.remote(list(prefix_ids)).result(timeout_s=self.call_timeout_s)
-            seen[str(answer["replica"])] = list(answer["held"])
+        for attempt in range(self.tries):
+            if attempt:
+                time.sleep(self.retry_seconds)
+            answers = handle.broadcast("forget", list(prefix_ids))
+            for answer in answers.results(timeout_s=self.call_timeout_s):
+                seen[str(answer["replica"])] = list(answer["held"])
             if len(seen) >= expected:
                 break
         if len(seen) < expected:

@@ -5,16 +5,15 @@ environment variables that its controller, proxies and replicas read when they i
 Serve: ``RAY_SERVE_ENABLE_HA_PROXY`` (HAProxy, in C, takes the API port and forwards each
 request straight to an ingress replica's own HTTP server, instead of Serve's Python proxy
 and one more process hop) and ``RAY_SERVE_THROUGHPUT_OPTIMIZED`` (gRPC between replicas,
-user code on the replica's event loop, buffered request logs). On this project's load
-benchmark it is the difference between missing and meeting issue 16's throughput and
-overhead targets (docs/BENCHMARKS.md, "Load").
+user code on the replica's event loop; two more of its changes are undone below). What it
+buys on this project's load benchmark: docs/BENCHMARKS.md, "Load".
 
 Variables that Ray reads at process start must be in the environment of the process that
 starts Ray, before ``ray.init``; that is what :func:`serve_environment` is for. Its side
 ports are free ports, because Ray's fixed defaults would collide between two Rays on one
 machine (two test workers, a benchmark beside the tests). On a cluster that ``ray start``
-started, the operator sets the two switches on every node (``deploy/compose.yaml``,
-``deploy/kuberay``).
+started, the operator sets :data:`HIGH_THROUGHPUT_ENV` on every node
+(``deploy/compose.yaml``, ``deploy/kuberay``; a test keeps them equal).
 
     os.environ.update(serve_environment(settings))  # then ray.init(), serve.start()
 
@@ -51,10 +50,10 @@ def _free_port() -> int:
 
 
 def serve_environment(settings: Settings) -> dict[str, str]:
-    """The environment a Ray about to be started needs for ``settings.serve_high_throughput``
-    and ``settings.serve_drain_seconds``: the variables to add before ``ray.init``. With the mode off,
-    Serve's two switches are set to ``"0"``, so a shell's own setting cannot turn it on behind the
-    setting's back."""
+    """The variables to add to the environment before ``ray.init`` for a Ray about to be
+    started, from ``settings.serve_high_throughput`` and ``settings.serve_drain_seconds``.
+    With the mode off, Serve's two switches are set to ``"0"``, so a shell's own setting
+    cannot turn it on behind the setting's back."""
     if not settings.serve_high_throughput:
         return {"RAY_SERVE_ENABLE_HA_PROXY": "0", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "0"}
     return {
