@@ -550,7 +550,7 @@ def big_dataset(megabytes: float) -> bytes:
     return line * max(1, int(megabytes * 1024 * 1024 / len(line)))
 
 
-def model_p50(model_dir: Path, max_new_tokens: int, calls: int = 30) -> float:
+def model_p50(model_dir: Path, max_new_tokens: int, calls: int = 60, warmup: int = 5) -> float:
     """p50 seconds of one generate call of the load's shape in this process (the model's own
     time, batching and HTTP excluded): the baseline the per-call overhead is measured from."""
     import torch
@@ -568,11 +568,12 @@ def model_p50(model_dir: Path, max_new_tokens: int, calls: int = 30) -> float:
     prefix = Prefix(values, loaded.fingerprint, loaded.architecture)
     rng = random.Random(1)
     times = []
-    for _ in range(calls):
+    for index in range(warmup + calls):  # the first calls pay for torch's lazy set-up
         text = generate_body(rng, max_new_tokens)["input"]
         started = time.perf_counter()
         generate_texts(loaded, [(prefix, text)], DecodingConfig(max_new_tokens=max_new_tokens))
-        times.append(time.perf_counter() - started)
+        if index >= warmup:
+            times.append(time.perf_counter() - started)
     return percentile(times, 50)
 
 

@@ -254,6 +254,12 @@ class Settings(BaseSettings):
         ge=1,
         description="Dataset uploads one tenant may send at once, per API replica (429 beyond).",
     )
+    upload_refusal_delay_seconds: float = Field(
+        default=1.0,
+        ge=0,
+        le=30,
+        description="How long an upload over tenant_max_concurrent_uploads waits for its 429, its body unread: a client that ignores Retry-After and resends at once otherwise has the front proxy take in and drop its bodies many times a second, on the cores that serve everyone.",
+    )
     upload_validation_processes: int = Field(
         default=2,
         ge=1,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import uuid
 from collections.abc import Iterator
@@ -118,6 +119,19 @@ def too_many_at_once(what: str, setting: str, limit: int) -> ApiError:
         "too_many_concurrent",
         f"too many {what} of this tenant at once: {setting} is {limit}",
         headers=retry_after_header(1),
+    )
+
+
+async def take_upload_slot(tenant_id: uuid.UUID, context: ApiContext, what: str) -> None:
+    """One of the tenant's `tenant_max_concurrent_uploads` upload slots (give it back with
+    ``context.open_uploads.release``), or a 429 after `upload_refusal_delay_seconds`. The
+    delay is a tarpit: the body stays unread meanwhile (flow control stops the client),
+    so a client resending at once is slowed to one refusal per delay and slot it holds."""
+    if context.open_uploads.try_acquire(tenant_id):
+        return
+    await asyncio.sleep(context.settings.upload_refusal_delay_seconds)
+    raise too_many_at_once(
+        what, "tenant_max_concurrent_uploads", context.settings.tenant_max_concurrent_uploads
     )
 
 

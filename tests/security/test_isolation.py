@@ -5,6 +5,7 @@ but no internal detail."""
 
 from __future__ import annotations
 
+import time
 import uuid
 from typing import Any
 
@@ -106,7 +107,10 @@ def test_per_tenant_caps_on_open_streams_and_uploads(inproc_inference: InProc) -
         stream = _generate(inproc, key, max_new_tokens=3, stream=True)
         assert error(stream)[:2] == (429, "too_many_concurrent")
         assert "tenant_max_concurrent_streams" in error(stream)[2]
+        started = time.monotonic()
         upload = inproc.upload(key, b'{"input": "a", "output": "b"}\n')
+        # The tarpit: an over-cap upload waits for its 429, so resending at once is slowed.
+        assert time.monotonic() - started >= settings.upload_refusal_delay_seconds > 0
         assert error(upload)[:2] == (429, "too_many_concurrent")
         assert "tenant_max_concurrent_uploads" in error(upload)[2]
         assert upload.headers["retry-after"] == "1"

@@ -20,7 +20,7 @@ from common.blob_deletes import delete_blob
 from common.db import crud
 from common.db.errors import NotFoundError
 from common.erasure import sweep_if_not_active
-from services.api.deps import ContextDep, CurrentTenant, SessionDep, too_many_at_once
+from services.api.deps import ContextDep, CurrentTenant, SessionDep, take_upload_slot
 from services.api.errors import ApiError
 from services.api.schemas import DatasetDeletePending, DatasetOut, Page
 from services.api.uploads import (
@@ -74,13 +74,8 @@ async def upload_dataset(request: Request, tenant: CurrentTenant, context: Conte
     """Upload a dataset. Every line is checked (UTF-8, an object with non-empty `input`
     and `output` strings, within the model's context minus the longest prefix); the first
     bad line's number is in the error, and a rejected upload leaves nothing behind. A tenant
-    sends at most `tenant_max_concurrent_uploads` at once (429 beyond, before reading)."""
-    if not context.open_uploads.try_acquire(tenant.id):
-        raise too_many_at_once(
-            "dataset uploads",
-            "tenant_max_concurrent_uploads",
-            context.settings.tenant_max_concurrent_uploads,
-        )
+    sends at most `tenant_max_concurrent_uploads` at once (429 beyond, after `upload_refusal_delay_seconds`, its body unread)."""
+    await take_upload_slot(tenant.id, context, "dataset uploads")
     try:
         return await _upload(request, tenant, context)
     finally:

@@ -23,7 +23,7 @@ from common.errors import IncompatiblePrefixError
 from common.model_loading import EMBEDDED, EMBEDDED_MODEL_ID
 from common.peft_adapter import peft_adapter_files, peft_adapter_zip
 from common.prefix_file import prefix_from_bytes
-from services.api.deps import ContextDep, CurrentTenant, SessionDep, too_many_at_once
+from services.api.deps import ContextDep, CurrentTenant, SessionDep, take_upload_slot
 from services.api.errors import ApiError
 from services.api.prefix_import import (
     ARCHIVE_MEDIA_TYPES,
@@ -139,12 +139,7 @@ async def import_peft_adapter(
     adapter saved without projection for this base model's layers and shapes, finite
     values, at most `max_prefix_length` virtual tokens. A refused upload leaves nothing
     behind. A tenant sends at most `tenant_max_concurrent_uploads` at once."""
-    if not context.open_uploads.try_acquire(tenant.id):
-        raise too_many_at_once(
-            "uploads",
-            "tenant_max_concurrent_uploads",
-            context.settings.tenant_max_concurrent_uploads,
-        )
+    await take_upload_slot(tenant.id, context, "uploads")
     try:
         data = await adapter_archive(request, max_bytes=context.settings.max_peft_adapter_bytes)
         prefix = await run_in_threadpool(validated_adapter, data, context)
