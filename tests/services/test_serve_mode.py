@@ -19,7 +19,8 @@ SIDE_PORTS = (
 
 
 def test_the_mode_sets_serves_switches_and_free_side_ports(tmp_path):
-    environment = serve_environment(Settings(home=tmp_path, serve_drain_seconds=1.5))
+    settings = Settings(home=tmp_path, serve_high_throughput=True, serve_drain_seconds=1.5)
+    environment = serve_environment(settings)
     assert {k: environment[k] for k in HIGH_THROUGHPUT_ENV} == HIGH_THROUGHPUT_ENV
     assert environment["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"] == "1.5"
     ports = [int(environment[name]) for name in SIDE_PORTS]
