@@ -42,10 +42,11 @@ def two_node_cluster():
     # Its nodes inherit this environment, and the test Ray's HAProxy holds the ports in it.
     # Serve's Python proxy here: two nodes on one machine cannot each hold HAProxy's ports
     # (a node's are fixed by the environment, the API port included).
-    saved = os.environ.copy()
-    os.environ.update(serve_environment(Settings(serve_high_throughput=False)))
+    environment = pytest.MonkeyPatch()
+    for name, value in serve_environment(Settings(serve_high_throughput=False)).items():
+        environment.setenv(name, value)
     for name in [k for k in os.environ if k.startswith("RAY_SERVE_HAPROXY_")]:
-        del os.environ[name]
+        environment.delenv(name)
     cluster = Cluster(
         initialize_head=True,
         head_node_args={
@@ -61,8 +62,7 @@ def two_node_cluster():
         yield cluster, trainer_node.node_id
     finally:
         cluster.shutdown()
-        os.environ.clear()
-        os.environ.update(saved)
+        environment.undo()
 
 
 def test_serve_config_deploys_with_serve_deploy_and_answers(
