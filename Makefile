@@ -35,7 +35,9 @@ format: install
 
 # Two pytest workers (pytest-xdist), whole modules to one worker so that module fixtures (a
 # Serve deployment, a scheduler) start once: most slow tests wait on Ray processes, so two
-# workers use the two cores that one leaves half idle. The slowest tests are listed.
+# workers use the two cores that one leaves half idle. The modules that deploy the Serve
+# application run as one unit on one worker (tests/conftest.py: SERVE_APP_MODULES). The
+# slowest tests are listed.
 PYTEST_WORKERS ?= 2
 
 test: install services
