@@ -139,7 +139,14 @@ def prepare_trainer(settings: Settings, shared: SharedModel) -> PreparedTrainer:
     import torch
 
     torch.set_num_threads(max(1, int(settings.trainer_num_cpus)))
-    engine = create_db_engine(settings, pool_size=2, max_overflow=2)
+    # A session idle inside a transaction for a lease is ended by the server: a trainer
+    # frozen mid-transaction must not keep its job row locked past the lease it lost.
+    engine = create_db_engine(
+        settings,
+        pool_size=2,
+        max_overflow=2,
+        idle_in_transaction_timeout_s=settings.job_lease_seconds,
+    )
     try:
         with engine.connect():
             pass

@@ -84,8 +84,15 @@ def create_db_engine(
     pool_size: int = 5,
     max_overflow: int = 10,
     connect_timeout_s: int = 10,
+    idle_in_transaction_timeout_s: float | None = None,
 ) -> Engine:
-    """Build the engine (no connection is made yet; see :func:`check_connection`)."""
+    """Build the engine (no connection is made yet; see :func:`check_connection`).
+
+    ``idle_in_transaction_timeout_s`` (PostgreSQL): the server ends a session of this
+    engine that sits that long inside a transaction, and with it the row locks it holds. A
+    trainer passes its lease: a process frozen between two statements of a transaction
+    (SIGSTOP, a paused VM) would otherwise keep its job row locked, and the scheduler, which
+    skips locked rows, would never give the job back to the queue."""
     raw = source.resolved_database_url if isinstance(source, Settings) else source
     url = parse_database_url(raw)
     if url.get_backend_name() == "sqlite":
@@ -101,6 +108,13 @@ def create_db_engine(
         engine = sa.create_engine(url, **kwargs)
         event.listen(engine, "connect", _sqlite_on_connect)
         return engine
+    connect_args: dict[str, Any] = {
+        "connect_timeout": connect_timeout_s,
+        "application_name": "prefixd",
+    }
+    if idle_in_transaction_timeout_s is not None:
+        milliseconds = max(1, round(idle_in_transaction_timeout_s * 1000))
+        connect_args["options"] = f"-c idle_in_transaction_session_timeout={milliseconds}"
     return sa.create_engine(
         url,
         pool_size=pool_size,
@@ -108,7 +122,7 @@ def create_db_engine(
         pool_pre_ping=True,
         pool_recycle=1800,
         pool_timeout=30,
-        connect_args={"connect_timeout": connect_timeout_s, "application_name": "prefixd"},
+        connect_args=connect_args,
     )
 
 

@@ -503,3 +503,37 @@ def test_list_all_jobs_filters_by_tenant_and_state(session: Session) -> None:
     crud.cancel_job(session=session, job_id=a_job.id)
     cancelled = crud.list_all_jobs(session=session, state=JobState.cancelled)
     assert [j.id for j in cancelled] == [a_job.id]
+
+
+def test_a_trainer_frozen_inside_a_transaction_loses_its_job_once_its_lease_ends(
+    pg_engine: Engine,
+) -> None:
+    """A trainer frozen (SIGSTOP, a paused VM) between two statements of a transaction keeps
+    its job row locked; the sweep skips locked rows, so without the server ending that
+    session the job would never go back to the queue. The trainer's engine asks PostgreSQL
+    to end a session idle in a transaction for as long as a lease."""
+    from common.db.models import JobEvent
+
+    with Session(pg_engine) as session:
+        job = make_job(session, make_tenant(session))
+        assert crud.claim_oldest_job(session=session, owner="frozen", lease_seconds=1)
+    trainer_engine = create_db_engine(pg_engine.url, idle_in_transaction_timeout_s=1.0)
+    frozen = Session(trainer_engine)
+    try:
+        # Mid-transaction: a progress event holds a lock on the job row; no commit comes.
+        frozen.add(JobEvent(job_id=job.id, step=1, total_steps=10, loss=1.0, tokens_per_second=1))
+        frozen.flush()
+        reclaimed = 0
+        deadline = datetime.now(UTC) + timedelta(seconds=20)
+        while not reclaimed and datetime.now(UTC) < deadline:
+            with Session(pg_engine) as session:
+                reclaimed = crud.reclaim_expired_jobs(session=session)
+        assert reclaimed == 1, "the job stayed locked by the frozen trainer's transaction"
+        with Session(pg_engine) as session:
+            back = crud.get_job(session=session, job_id=job.id)
+            assert back is not None and back.state == JobState.queued
+    finally:
+        with pytest.raises(sa.exc.DBAPIError):  # the server ended the frozen session
+            frozen.commit()
+        frozen.close()
+        trainer_engine.dispose()
