@@ -12,7 +12,6 @@ from typing import Annotated
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlmodel import Session
-from starlette.concurrency import run_in_threadpool
 
 from common.db import crud
 from common.db.models import Tenant
@@ -54,7 +53,7 @@ async def current_tenant(context: ContextDep, credentials: Credentials) -> Tenan
     cached = context.api_keys.get(key_hash)
     if isinstance(cached, Tenant):
         return cached
-    tenant = await run_in_threadpool(_tenant_of_key, context, credentials.credentials)
+    tenant = await context.run_blocking(_tenant_of_key, context, credentials.credentials)
     if tenant is None:  # unknown, revoked, or its tenant is being deleted: same answer
         raise _unauthorized("invalid API key")
     context.api_keys.put(key_hash, tenant, tenant.id)

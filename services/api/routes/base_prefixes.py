@@ -14,7 +14,6 @@ from typing import Any
 
 from fastapi import APIRouter, Query, Request, Response
 from sqlmodel import Session
-from starlette.concurrency import run_in_threadpool
 
 from common.blobstore.keys import operator_dataset_key
 from common.db import crud
@@ -110,7 +109,7 @@ async def upload_operator_dataset(
         examples = await context.validation.count_examples(
             spooled.path, max_examples=settings.max_dataset_examples, owner=OPERATOR
         )
-        dataset = await run_in_threadpool(_store, context, spooled, examples, name)
+        dataset = await context.run_blocking(_store, context, spooled, examples, name)
     finally:
         remove_spooled(spooled)
     log.info("operator uploaded dataset %s (%d examples)", dataset.id, examples)

@@ -18,7 +18,6 @@ from typing import Any
 
 from fastapi import APIRouter
 from fastapi.responses import StreamingResponse
-from starlette.concurrency import run_in_threadpool
 
 from services.api.deps import ContextDep, CurrentTenant
 from services.api.errors import ApiError, stream_error_body, to_api_error
@@ -63,10 +62,10 @@ async def _chat(
     context: Any,
     admission: Admission,
 ) -> Any:
-    prefix = await run_in_threadpool(resolve_prefix, context, tenant.id, body.model)
-    checker = await run_in_threadpool(context.example_checker)
+    prefix = await context.run_blocking(resolve_prefix, context, tenant.id, body.model)
+    checker = await context.run_blocking(context.example_checker)
     messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-    prompt = await run_in_threadpool(checker.chat_prompt, messages)
+    prompt = await context.run_blocking(checker.chat_prompt, messages)
     head = {
         "id": f"chatcmpl-{uuid.uuid4().hex}",
         "created": int(time.time()),

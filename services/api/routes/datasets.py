@@ -14,7 +14,6 @@ from typing import Any
 from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import JSONResponse
 from sqlmodel import Session
-from starlette.concurrency import run_in_threadpool
 
 from common.blob_deletes import delete_blob
 from common.db import crud
@@ -84,7 +83,7 @@ async def upload_dataset(request: Request, tenant: CurrentTenant, context: Conte
 
 async def _upload(request: Request, tenant: Any, context: Any) -> Any:
     settings = context.settings
-    used = await run_in_threadpool(_stored_bytes, context, tenant.id)
+    used = await context.run_blocking(_stored_bytes, context, tenant.id)
     remaining = settings.tenant_dataset_bytes_quota - used
 
     def over_quota() -> ApiError:
@@ -119,7 +118,7 @@ async def _upload(request: Request, tenant: Any, context: Any) -> Any:
         examples = await context.validation.count_examples(
             spooled.path, max_examples=settings.max_dataset_examples, owner=tenant.id
         )
-        dataset = await run_in_threadpool(
+        dataset = await context.run_blocking(
             store_dataset,
             engine=context.db,
             blobs=context.blobs,
@@ -131,7 +130,7 @@ async def _upload(request: Request, tenant: Any, context: Any) -> Any:
     finally:
         remove_spooled(spooled)
         # A tenant erased while its upload ran: whatever the upload wrote goes again.
-        await run_in_threadpool(_sweep_if_erased, context, tenant.id)
+        await context.run_blocking(_sweep_if_erased, context, tenant.id)
     log.info("tenant %s uploaded dataset %s (%d examples)", tenant.id, dataset.id, examples)
     return DatasetOut.of(dataset)
 

@@ -19,7 +19,6 @@ from typing import Any
 from fastapi import APIRouter
 from fastapi.responses import StreamingResponse
 from sqlmodel import Session
-from starlette.concurrency import run_in_threadpool
 
 from common.db import crud
 from common.db.models import BasePrefix, PrefixVersion
@@ -258,7 +257,7 @@ async def generate(body: GenerateRequest, tenant: CurrentTenant, context: Contex
     cost = len(body.texts()) * decoding.num_beams * decoding.max_new_tokens
     admission = admit(context, tenant.id, cost, stream=body.stream)
     try:
-        prefix = await run_in_threadpool(resolve_prefix, context, tenant.id)
+        prefix = await context.run_blocking(resolve_prefix, context, tenant.id)
         request = prefix.request(body.texts(), decoding)
         if body.stream:
             head = {"prefix_id": str(prefix.id)}
@@ -302,7 +301,7 @@ async def _completions(
     context: Any,
     admission: Admission,
 ) -> Any:
-    prefix = await run_in_threadpool(resolve_prefix, context, tenant.id, body.model)
+    prefix = await context.run_blocking(resolve_prefix, context, tenant.id, body.model)
     head = {
         "id": f"cmpl-{uuid.uuid4().hex}",
         "object": "text_completion",

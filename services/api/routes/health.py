@@ -8,7 +8,6 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
-from starlette.concurrency import run_in_threadpool
 
 from common.db.engine import check_connection
 from services.api.deps import ContextDep
@@ -59,7 +58,7 @@ async def _probe(context: Any) -> tuple[bool, dict[str, str]]:
         ("blob_store", context.blobs.check),
     ):
         try:
-            await run_in_threadpool(check)
+            await context.run_blocking(check)
             checks[name] = "ok"
         except Exception as error:  # report which dependency is down, not a 500
             checks[name] = f"unavailable: {type(error).__name__}"

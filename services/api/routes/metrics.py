@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from starlette.concurrency import run_in_threadpool
 
 from services.api.deps import AdminDep
 
@@ -21,5 +20,6 @@ async def metrics(request: Request, _: AdminDep) -> Response:
     admin token (Prometheus: `authorization: {credentials_file: ...}`): the API port is the
     one port published, and the job gauge reads the database on every scrape."""
     registry = request.app.state.metrics.registry
-    body = await run_in_threadpool(generate_latest, registry)  # the job gauge reads the database
+    # The job gauge reads the database.
+    body = await request.app.state.context.run_blocking(generate_latest, registry)
     return Response(body, media_type=CONTENT_TYPE_LATEST)

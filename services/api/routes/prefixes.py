@@ -12,7 +12,6 @@ import uuid
 from typing import Any
 
 from fastapi import APIRouter, Query, Request, Response
-from starlette.concurrency import run_in_threadpool
 
 from common.blob_deletes import delete_blob
 from common.db import crud
@@ -142,8 +141,8 @@ async def import_peft_adapter(
     await take_upload_slot(tenant.id, context, "uploads")
     try:
         data = await adapter_archive(request, max_bytes=context.settings.max_peft_adapter_bytes)
-        prefix = await run_in_threadpool(validated_adapter, data, context)
-        row = await run_in_threadpool(
+        prefix = await context.run_blocking(validated_adapter, data, context)
+        row = await context.run_blocking(
             store_imported_prefix,
             engine=context.db,
             blobs=context.blobs,
@@ -154,7 +153,7 @@ async def import_peft_adapter(
     finally:
         context.open_uploads.release(tenant.id)
         # A tenant erased while its import ran: whatever the import wrote goes again.
-        await run_in_threadpool(_sweep_if_erased, context, tenant.id)
+        await context.run_blocking(_sweep_if_erased, context, tenant.id)
     log.info("tenant %s imported prefix version %s from a PEFT adapter", tenant.id, row.id)
     return PrefixVersionPublic.model_validate(row)
 
