@@ -65,7 +65,8 @@ class ApiContext:
         self.validation = UploadValidator(self.settings)
 
     async def run_blocking(self, function: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        """``function(*args, **kwargs)`` on the replica's ``blocking`` threads, in the caller's context.
+        """``function(*args, **kwargs)`` on the replica's ``blocking`` threads, in the
+        caller's context.
 
         Not Starlette's ``run_in_threadpool``: anyio ties its worker threads to the event
         loop's root task, finds none in a Ray Serve replica (its loop runs forever) and ties

@@ -34,6 +34,7 @@ from tests.fixtures.factories import (
     make_published_prefix,
     make_tenant,
 )
+from tests.workers.conftest import wait_for
 
 T = TypeVar("T")
 T0 = datetime(2030, 1, 1, tzinfo=UTC)
@@ -523,12 +524,15 @@ def test_a_trainer_frozen_inside_a_transaction_loses_its_job_once_its_lease_ends
         # Mid-transaction: a progress event holds a lock on the job row; no commit comes.
         frozen.add(JobEvent(job_id=job.id, step=1, total_steps=10, loss=1.0, tokens_per_second=1))
         frozen.flush()
-        reclaimed = 0
-        deadline = datetime.now(UTC) + timedelta(seconds=20)
-        while not reclaimed and datetime.now(UTC) < deadline:
+
+        def reclaim() -> int:
             with Session(pg_engine) as session:
-                reclaimed = crud.reclaim_expired_jobs(session=session)
-        assert reclaimed == 1, "the job stayed locked by the frozen trainer's transaction"
+                return crud.reclaim_expired_jobs(session=session)
+
+        reclaimed = wait_for(
+            reclaim, timeout=20, every=0.1, what="the job locked by the frozen trainer's session"
+        )
+        assert reclaimed == 1
         with Session(pg_engine) as session:
             back = crud.get_job(session=session, job_id=job.id)
             assert back is not None and back.state == JobState.queued

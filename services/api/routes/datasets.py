@@ -73,7 +73,8 @@ async def upload_dataset(request: Request, tenant: CurrentTenant, context: Conte
     """Upload a dataset. Every line is checked (UTF-8, an object with non-empty `input`
     and `output` strings, within the model's context minus the longest prefix); the first
     bad line's number is in the error, and a rejected upload leaves nothing behind. A tenant
-    sends at most `tenant_max_concurrent_uploads` at once (429 beyond, after `upload_refusal_delay_seconds`, its body unread)."""
+    sends at most `tenant_max_concurrent_uploads` at once (429 beyond, after
+    `upload_refusal_delay_seconds`, its body unread)."""
     await take_upload_slot(tenant.id, context, "dataset uploads")
     try:
         return await _upload(request, tenant, context)
